@@ -1,0 +1,244 @@
+"""Typed quantization settings.
+
+These dataclasses are the one description of "how to quantize" used everywhere:
+`prepare()` reads them, recipes load into them (they work as omegaconf structured
+configs), and export records them. Every invalid value raises `ConfigError` naming
+the field and the values it accepts.
+
+Example:
+    >>> spec = QuantSpec(weight=QuantizerConfig(bits=4, group_size=64),
+    ...                  rules=[QuantRule(name="lm_head", skip=True)])
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
+
+GRANULARITIES = ("tensor", "channel", "group")
+QUANTIZERS = ("lsq", "lsq_plus", "observer")
+INITS = ("minmax", "percentile", "mse")
+SUPPORTED_TYPES = ("Linear", "Conv2d", "Embedding")
+MIN_BITS, MAX_BITS = 2, 8
+MIN_GROUP, MAX_GROUP = 16, 256
+
+
+class ConfigError(ValueError):
+    """A quantization setting or recipe value is invalid; the message names the field."""
+
+
+def _check_choice(owner: str, name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        raise ConfigError(f"{owner}.{name}={value!r} is not valid; allowed: {choices}")
+
+
+def _check_bits(owner: str, name: str, bits: int) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"{owner}.{name}={bits!r} is not valid; allowed: integers {MIN_BITS}..{MAX_BITS}")
+
+
+def _check_group_size(owner: str, group_size: int) -> None:
+    ok = isinstance(group_size, int) and MIN_GROUP <= group_size <= MAX_GROUP
+    if not ok or group_size & (group_size - 1):
+        raise ConfigError(
+            f"{owner}.group_size={group_size!r} is not valid; allowed: powers of two "
+            f"{MIN_GROUP}..{MAX_GROUP} (use granularity='channel' for one group per row)"
+        )
+
+
+@dataclass
+class QuantizerConfig:
+    """How one tensor (a weight or an activation) is fake-quantized.
+
+    Attributes:
+        bits: code width, 2..8.
+        symmetric: zero point fixed at 0 (True) or a zero point per scale (False).
+        signed: signed codes [-2^(b-1), 2^(b-1)-1] or unsigned [0, 2^b-1];
+            None picks signed for symmetric and unsigned for asymmetric.
+        granularity: 'tensor' (one scale), 'channel' (one per output channel; for
+            activations one per feature) or 'group' (one per `group_size` consecutive
+            inputs of each output row).
+        group_size: inputs per scale with granularity='group'; a power of two 16..256.
+        quantizer: 'lsq' (learnable scale), 'lsq_plus' (learnable scale and zero point)
+            or 'observer' (range follows an observer, nothing learned).
+        init: range initialization: 'minmax', 'percentile' or 'mse' (clipping search).
+        percentile: the percentile used by init='percentile', in (50, 100].
+        ema_decay: 0 keeps the running min/max over calibration; in (0, 1) an
+            exponential moving average with this decay.
+    """
+
+    bits: int = 4
+    symmetric: bool = True
+    signed: Optional[bool] = None
+    granularity: str = "group"
+    group_size: int = 128
+    quantizer: str = "lsq"
+    init: str = "mse"
+    percentile: float = 99.99
+    ema_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        owner = "QuantizerConfig"
+        _check_bits(owner, "bits", self.bits)
+        _check_choice(owner, "granularity", self.granularity, GRANULARITIES)
+        _check_choice(owner, "quantizer", self.quantizer, QUANTIZERS)
+        _check_choice(owner, "init", self.init, INITS)
+        if self.granularity == "group":
+            _check_group_size(owner, self.group_size)
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ConfigError(f"{owner}.percentile={self.percentile!r} is not valid; allowed: (50, 100]")
+        if not 0.0 <= float(self.ema_decay) < 1.0:
+            raise ConfigError(f"{owner}.ema_decay={self.ema_decay!r} is not valid; allowed: [0, 1)")
+        if self.quantizer == "lsq_plus" and self.symmetric:
+            raise ConfigError(
+                f"{owner}.quantizer='lsq_plus' learns a zero point and needs symmetric=False"
+            )
+
+    @property
+    def is_signed(self) -> bool:
+        """Whether codes are signed (the `signed` field, or its default)."""
+        return self.symmetric if self.signed is None else self.signed
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.is_signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.is_signed else 2**self.bits - 1
+
+
+def default_weight_config() -> QuantizerConfig:
+    """4-bit symmetric LSQ weights, groups of 128 inputs, MSE range init."""
+    return QuantizerConfig()
+
+
+def default_activation_config(bits: int = 8) -> QuantizerConfig:
+    """Asymmetric per-tensor LSQ+ activations with min-max range init."""
+    return QuantizerConfig(
+        bits=bits, symmetric=False, granularity="tensor", quantizer="lsq_plus", init="minmax"
+    )
+
+
+@dataclass
+class QuantRule:
+    """Override the default setting for the layers it matches.
+
+    A rule matches a layer when `name` (a regular expression, matched against the whole
+    qualified module name) and `type` (a class name: Linear, Conv2d, Embedding) both
+    match; a missing one matches everything. Fields left at None change nothing.
+
+    Example:
+        >>> QuantRule(name=r"lm_head", skip=True)
+        >>> QuantRule(type="Conv2d", bits=8, granularity="channel")
+    """
+
+    name: Optional[str] = None
+    type: Optional[str] = None
+    skip: Optional[bool] = None
+    bits: Optional[int] = None
+    group_size: Optional[int] = None
+    granularity: Optional[str] = None
+    symmetric: Optional[bool] = None
+    activation_bits: Optional[int] = None
+    quantize_activations: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        owner = "QuantRule"
+        if self.name is None and self.type is None:
+            raise ConfigError(f"{owner} needs `name` (a regex) or `type` ({', '.join(SUPPORTED_TYPES)})")
+        if self.name is not None:
+            try:
+                re.compile(self.name)
+            except re.error as err:
+                raise ConfigError(f"{owner}.name={self.name!r} is not a valid regex: {err}") from None
+        if self.type is not None:
+            _check_choice(owner, "type", self.type, SUPPORTED_TYPES)
+        if self.bits is not None:
+            _check_bits(owner, "bits", self.bits)
+        if self.activation_bits is not None:
+            _check_bits(owner, "activation_bits", self.activation_bits)
+        if self.granularity is not None:
+            _check_choice(owner, "granularity", self.granularity, GRANULARITIES)
+        if self.group_size is not None:
+            _check_group_size(owner, self.group_size)
+
+    def matches(self, name: str, type_name: str) -> bool:
+        """True when this rule applies to module `name` of class `type_name`."""
+        if self.type is not None and self.type != type_name:
+            return False
+        return self.name is None or re.fullmatch(self.name, name) is not None
+
+    def describe(self) -> str:
+        parts = [f"name={self.name!r}"] if self.name is not None else []
+        if self.type is not None:
+            parts.append(f"type={self.type}")
+        return "rule(" + ", ".join(parts) + ")"
+
+
+@dataclass
+class LayerConfig:
+    """The resolved setting of one layer: weight and input-activation quantizers."""
+
+    weight: Optional[QuantizerConfig]
+    activation: Optional[QuantizerConfig]
+
+
+@dataclass
+class QuantSpec:
+    """What `prepare()` does to a model: a default setting plus ordered rules.
+
+    Rules apply in order; each matching rule overrides the fields it sets, so a later
+    rule wins over an earlier one. `strict=True` turns a group size that does not
+    divide a layer into an error instead of a skip recorded in the report.
+
+    Example:
+        >>> QuantSpec(activation=default_activation_config(8),
+        ...           rules=[QuantRule(name="features\\\\.0", skip=True)])
+    """
+
+    weight: Optional[QuantizerConfig] = field(default_factory=default_weight_config)
+    activation: Optional[QuantizerConfig] = None
+    rules: List[QuantRule] = field(default_factory=list)
+    strict: bool = False
+
+    def resolve(self, name: str, type_name: str) -> tuple[Optional[LayerConfig], list[str]]:
+        """The setting for one layer (None when skipped) and the rules that matched it."""
+        weight, activation, skip = self.weight, self.activation, False
+        matched = []
+        for rule in self.rules:
+            if not rule.matches(name, type_name):
+                continue
+            matched.append(rule.describe())
+            skip = rule.skip if rule.skip is not None else skip
+            weight = _override_weight(weight, rule)
+            activation = _override_activation(activation, rule)
+        if skip or (weight is None and activation is None):
+            return None, matched
+        return LayerConfig(weight=weight, activation=activation), matched
+
+
+def _override_weight(weight: Optional[QuantizerConfig], rule: QuantRule) -> Optional[QuantizerConfig]:
+    changes = {
+        key: getattr(rule, key)
+        for key in ("bits", "group_size", "granularity", "symmetric")
+        if getattr(rule, key) is not None
+    }
+    if not changes:
+        return weight
+    base = weight if weight is not None else default_weight_config()
+    return replace(base, **changes)
+
+
+def _override_activation(
+    activation: Optional[QuantizerConfig], rule: QuantRule
+) -> Optional[QuantizerConfig]:
+    if rule.quantize_activations is False:
+        return None
+    if rule.activation_bits is None and not rule.quantize_activations:
+        return activation
+    base = activation if activation is not None else default_activation_config()
+    bits = rule.activation_bits if rule.activation_bits is not None else base.bits
+    return replace(base, bits=bits)

@@ -1,0 +1,162 @@
+"""Quantized layers: float layers whose weight and input pass through fake-quantizers.
+
+Each class is made from its float counterpart with `from_float(module, layer_config)`,
+sharing the float module's parameters (so an optimizer built before the swap still
+sees them), and turned back with `to_float()`; `to_float(fold=True)` writes the
+fake-quantized weight into the float layer.
+
+Example:
+    >>> qlin = QuantLinear.from_float(nn.Linear(256, 64), LayerConfig(weight=QuantizerConfig(), activation=None))
+    >>> y = qlin(x)                              # x: (B, 256) -> y: (B, 64)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qat.config import LayerConfig
+from qat.fake_quant import FakeQuantizer, activation_quantizer, weight_quantizer
+from qat.functional import check_finite
+
+
+class QuantModule:
+    """Behaviour shared by the quantized layers (a mixin over the float layer class)."""
+
+    float_class: type[nn.Module]
+    layer_config: LayerConfig
+    weight_quantizer: Optional[FakeQuantizer]
+    input_quantizer: Optional[FakeQuantizer]
+    activation_axis: int = -1
+
+    def _attach_quantizers(self, config: LayerConfig, channels: int) -> None:
+        self.layer_config = config
+        check_finite(self.weight, "weight")
+        self.weight_quantizer = weight_quantizer(config.weight, self.weight.detach()) if config.weight else None
+        self.input_quantizer = (
+            activation_quantizer(config.activation, channels, self.activation_axis) if config.activation else None
+        )
+
+    def quantized_weight(self) -> Tensor:
+        """The weight the layer computes with (fake-quantized when its quantizer is on)."""
+        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    @torch.no_grad()
+    def init_weight_qparams(self) -> None:
+        """Re-run range initialization of the weight quantizer on the current weight."""
+        if self.weight_quantizer is not None:
+            self.weight_quantizer.init_from(self.weight)
+
+    def _float_kwargs(self) -> dict:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def to_float(self, fold: bool = False) -> nn.Module:
+        """The float layer, sharing parameters; with `fold`, holding the fake-quantized weight."""
+        module = self.float_class(**self._float_kwargs(), device="meta")
+        module.weight = self.weight
+        if getattr(self, "bias", None) is not None:
+            module.bias = self.bias
+        if fold and self.weight_quantizer is not None:
+            module.weight = nn.Parameter(self.weight_quantizer(self.weight).detach().clone())
+        return module.train(self.training)
+
+
+class QuantLinear(QuantModule, nn.Linear):
+    """nn.Linear with a fake-quantized weight (N, K) and, optionally, input (..., K)."""
+
+    float_class = nn.Linear
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, config: LayerConfig) -> QuantLinear:
+        qmod = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        qmod.weight, qmod.bias = module.weight, module.bias
+        qmod._attach_quantizers(config, module.in_features)
+        return qmod.train(module.training)
+
+    def _float_kwargs(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(QuantModule, nn.Conv2d):
+    """nn.Conv2d with a fake-quantized weight (O, I/groups, kh, kw), grouped along I*kh*kw."""
+
+    float_class = nn.Conv2d
+    activation_axis = 1
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, config: LayerConfig) -> QuantConv2d:
+        qmod = cls(**cls._conv_kwargs(module), device="meta")
+        qmod.weight, qmod.bias = module.weight, module.bias
+        qmod._attach_quantizers(config, module.in_channels)
+        return qmod.train(module.training)
+
+    @staticmethod
+    def _conv_kwargs(module: nn.Conv2d) -> dict:
+        return {
+            "in_channels": module.in_channels,
+            "out_channels": module.out_channels,
+            "kernel_size": module.kernel_size,
+            "stride": module.stride,
+            "padding": module.padding,
+            "dilation": module.dilation,
+            "groups": module.groups,
+            "bias": module.bias is not None,
+            "padding_mode": module.padding_mode,
+        }
+
+    def _float_kwargs(self) -> dict:
+        return self._conv_kwargs(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantEmbedding(QuantModule, nn.Embedding):
+    """nn.Embedding with a fake-quantized table (num_embeddings, dim), grouped along dim."""
+
+    float_class = nn.Embedding
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding, config: LayerConfig) -> QuantEmbedding:
+        qmod = cls(**cls._embedding_kwargs(module), device="meta")
+        qmod.weight = module.weight
+        qmod._attach_quantizers(LayerConfig(weight=config.weight, activation=None), 0)
+        return qmod.train(module.training)
+
+    @staticmethod
+    def _embedding_kwargs(module: nn.Embedding) -> dict:
+        return {
+            "num_embeddings": module.num_embeddings,
+            "embedding_dim": module.embedding_dim,
+            "padding_idx": module.padding_idx,
+            "max_norm": module.max_norm,
+            "norm_type": module.norm_type,
+            "scale_grad_by_freq": module.scale_grad_by_freq,
+            "sparse": module.sparse,
+        }
+
+    def _float_kwargs(self) -> dict:
+        return self._embedding_kwargs(self)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(
+            ids, self.quantized_weight(), self.padding_idx, self.max_norm,
+            self.norm_type, self.scale_grad_by_freq, self.sparse,
+        )
+
+
+QUANT_MODULES: dict[type[nn.Module], type[QuantModule]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv2d: QuantConv2d,
+    nn.Embedding: QuantEmbedding,
+}
