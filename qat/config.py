@@ -16,9 +16,14 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import List, Optional
 
+import torch
+
+from qat.functional import SCALE_DTYPES
+
 GRANULARITIES = ("tensor", "channel", "group")
 QUANTIZERS = ("lsq", "lsq_plus", "observer")
 INITS = ("minmax", "percentile", "mse")
+SCALE_DTYPE_NAMES = ("float16", "bfloat16", "float32")
 SUPPORTED_TYPES = ("Linear", "Conv2d", "Embedding")
 MIN_BITS, MAX_BITS = 2, 8
 MIN_GROUP, MAX_GROUP = 16, 256
@@ -67,6 +72,9 @@ class QuantizerConfig:
         percentile: the percentile used by init='percentile', in (50, 100].
         ema_decay: 0 keeps the running min/max over calibration; in (0, 1) an
             exponential moving average with this decay.
+        scale_dtype: the dtype scales are rounded to during training and stored in at
+            export: 'float16' (default; 4.125 bits per weight at group size 128),
+            'bfloat16' or 'float32'.
     """
 
     bits: int = 4
@@ -78,9 +86,11 @@ class QuantizerConfig:
     init: str = "mse"
     percentile: float = 99.99
     ema_decay: float = 0.0
+    scale_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         owner = "QuantizerConfig"
+        _check_choice(owner, "scale_dtype", self.scale_dtype, SCALE_DTYPE_NAMES)
         _check_bits(owner, "bits", self.bits)
         _check_choice(owner, "granularity", self.granularity, GRANULARITIES)
         _check_choice(owner, "quantizer", self.quantizer, QUANTIZERS)
@@ -102,6 +112,10 @@ class QuantizerConfig:
         return self.symmetric if self.signed is None else self.signed
 
     @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    @property
     def qmin(self) -> int:
         return -(2 ** (self.bits - 1)) if self.is_signed else 0
 
@@ -118,7 +132,7 @@ def default_weight_config() -> QuantizerConfig:
 def default_activation_config(bits: int = 8) -> QuantizerConfig:
     """Asymmetric per-tensor LSQ+ activations with min-max range init."""
     return QuantizerConfig(
-        bits=bits, symmetric=False, granularity="tensor", quantizer="lsq_plus", init="minmax"
+        bits=bits, symmetric=False, granularity="tensor", quantizer="lsq_plus", init="minmax", scale_dtype="float32"
     )
 
 

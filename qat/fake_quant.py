@@ -106,7 +106,8 @@ class FakeQuantizer(nn.Module):
     # ---- forward ----------------------------------------------------------------------
     def qparams(self) -> tuple[Tensor, Tensor]:
         """The (scale, zero_point) applied, detached, in the stored qparam shape."""
-        s, z = effective_qparams(self.scale, self.zero_point, self.config.qmin, self.config.qmax)
+        c = self.config
+        s, z = effective_qparams(self.scale, self.zero_point, c.qmin, c.qmax, c.torch_scale_dtype)
         return s.detach(), z.detach()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -127,8 +128,9 @@ class FakeQuantizer(nn.Module):
         scale = expand_qparam(self.scale, self.granularity, view.dim(), self.axis)
         zero = expand_qparam(self.zero_point, self.granularity, view.dim(), self.axis)
         per_scale = max(1, x.numel() // max(1, self.scale.numel()))
-        factor = lsq_grad_factor(per_scale, self.config.qmax)
-        return lsq_fake_quantize(view, scale, zero, self.config.qmin, self.config.qmax, factor).view_as(x)
+        c = self.config
+        factor = lsq_grad_factor(per_scale, c.qmax)
+        return lsq_fake_quantize(view, scale, zero, c.qmin, c.qmax, factor, c.torch_scale_dtype).view_as(x)
 
     # ---- state ------------------------------------------------------------------------
     def get_extra_state(self) -> dict:

@@ -56,7 +56,7 @@ def qparam_shape(shape: torch.Size | tuple, granularity: str, group_size: int = 
         return (shape[axis],)
     inputs = math.prod(shape[1:])
     if group_size <= 0 or inputs % group_size:
-        raise ValueError(f"group_size={group_size} does not divide the input dimension {inputs} of shape {tuple(shape)}")
+        raise ValueError(f"group_size={group_size} does not divide input dimension {inputs} (shape {tuple(shape)})")
     return (shape[0], inputs // group_size)
 
 
@@ -132,9 +132,19 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
 
 
-def effective_qparams(scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
-    """The qparams actually applied: scale >= SCALE_EPS, zero point rounded into [qmin, qmax].
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-    Learnable qparams are stored raw; training and export both go through this function.
+
+def effective_qparams(
+    scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, scale_dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """The qparams actually applied, from the raw (learnable) ones.
+
+    The scale is clamped to [max(SCALE_EPS, smallest normal of scale_dtype), largest
+    finite of scale_dtype] and rounded to `scale_dtype` (the dtype export stores it in),
+    then computed with in float32; the zero point is rounded into [qmin, qmax].
+    Training and export both go through this function, so they agree bit for bit.
     """
-    return scale.clamp_min(SCALE_EPS), torch.round(zero_point).clamp(qmin, qmax)
+    info = torch.finfo(scale_dtype)
+    s = scale.float().clamp(min=max(SCALE_EPS, info.tiny), max=info.max).to(scale_dtype).float()
+    return s, torch.round(zero_point.float()).clamp(qmin, qmax)

@@ -137,7 +137,7 @@ def unprepare(model: nn.Module, fold: bool = False) -> nn.Module:
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     if not name:
-        raise ValueError("the model itself is a single layer; wrap it in a container (e.g. nn.Sequential) to prepare it")
+        raise ValueError("the model is a single layer; wrap it in a container (e.g. nn.Sequential) to prepare it")
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

@@ -38,8 +38,8 @@ def round_ste(x: Tensor) -> Tensor:
 
 class _LSQFakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
-        s, z = effective_qparams(scale, zero_point, qmin, qmax)
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor, scale_dtype):
+        s, z = effective_qparams(scale, zero_point, qmin, qmax, scale_dtype)
         ctx.save_for_backward(x, s, z)
         ctx.qrange = (qmin, qmax)
         ctx.grad_factor = grad_factor
@@ -66,18 +66,25 @@ class _LSQFakeQuantize(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dz = torch.where(inside, torch.zeros_like(v), -s.expand_as(v))
             grad_zero = (grad * dz).sum_to_size(zero_shape) * ctx.grad_factor
-        return grad_x, grad_scale, grad_zero, None, None, None
+        return grad_x, grad_scale, grad_zero, None, None, None, None
 
 
 def lsq_fake_quantize(
-    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, grad_factor: float = 1.0
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    grad_factor: float = 1.0,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Fake-quantize `x` with learnable `scale` (and `zero_point`, if it requires grad).
 
     `scale` and `zero_point` must broadcast against `x` (see `functional.grouped_view`).
-    The forward value equals `functional.fake_quantize(x, *effective_qparams(...))`.
+    The forward value equals `functional.fake_quantize(x, *effective_qparams(...))`; the
+    scale's rounding to `scale_dtype` and its clamping pass the gradient straight through.
     """
-    return _LSQFakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_factor)
+    return _LSQFakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_factor, scale_dtype)
 
 
 def lsq_grad_factor(elements_per_scale: int, qmax: int) -> float:
