@@ -44,7 +44,8 @@ class _LSQFakeQuantize(torch.autograd.Function):
         ctx.qrange = (qmin, qmax)
         ctx.grad_factor = grad_factor
         ctx.shapes = (scale.shape, zero_point.shape)
-        out = dequantize(quantize(x, s, z, qmin, qmax), s, z)
+        # x.float(): a 0-dim (per-tensor) scale would not promote a bf16 / fp16 x to float32
+        out = dequantize(quantize(x.float(), s, z, qmin, qmax), s, z)
         return out.to(x.dtype)
 
     @staticmethod
@@ -52,7 +53,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
         x, s, z = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         scale_shape, zero_shape = ctx.shapes
-        v = x / s
+        v = x.float() / s
         r = torch.round(v)
         c = r + z
         below, above = c < qmin, c > qmax
