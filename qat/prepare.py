@@ -74,6 +74,17 @@ def _describe(config: Optional[LayerConfig]) -> str:
     return "-" if config is None else f"W: {one(config.weight)}  A: {one(config.activation)}"
 
 
+# Layers that are kept in float by design (not reported as unsupported).
+_FLOAT_BY_DESIGN = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+def _worth_reporting(name: str, module: nn.Module) -> bool:
+    """A parameter-holding leaf layer that qat cannot quantize (norm layers stay float by design)."""
+    if not name or isinstance(module, _FLOAT_BY_DESIGN) or any(True for _ in module.children()):
+        return False
+    return any(True for _ in module.parameters(recurse=False))
+
+
 def _input_size(module: nn.Module) -> int:
     return module.weight[0].numel()
 
@@ -106,7 +117,7 @@ def prepare(model: nn.Module, spec: Optional[QuantSpec] = None) -> tuple[nn.Modu
     for name, module in model.named_modules():
         kind = type(module)
         if kind not in QUANT_MODULES:
-            if name and not list(module.children()) and any(True for _ in module.parameters(recurse=False)):
+            if _worth_reporting(name, module):
                 report.layers.append(LayerReport(name, kind.__name__, "unsupported", "no quantized version"))
             continue
         config, rules = spec.resolve(name, kind.__name__)

@@ -1,0 +1,61 @@
+"""The `qat` command: `qat train | export | inspect | bench`.
+
+Example:
+    $ qat train recipes/digits_w4a4.yaml optimizer.lr=3e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from qat.config import ConfigError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from qat.recipe import load_recipe
+    from qat.runner import train
+
+    recipe_path, overrides = args.recipe, list(args.overrides)
+    if recipe_path is not None and "=" in recipe_path:  # `qat train key=value` with the default recipe
+        recipe_path, overrides = None, [recipe_path, *overrides]
+    recipe = load_recipe(recipe_path or DEFAULT_RECIPE, overrides)
+    train(recipe)
+    return 0
+
+
+DEFAULT_RECIPE = "recipes/digits_w4a4.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qat", description="Quantization-aware training down to 4 bits.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="run a recipe: qat train [RECIPE.yaml] [key=value ...]")
+    train.add_argument("recipe", nargs="?", help=f"recipe YAML (default: {DEFAULT_RECIPE})")
+    train.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optimizer.lr=1e-3")
+    train.set_defaults(func=_train)
+    _add_optional_commands(commands)
+    return parser
+
+
+def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
+    try:
+        from qat.export.commands import add_export_parser, add_inspect_parser
+    except ImportError:
+        return
+    add_export_parser(commands)
+    add_inspect_parser(commands)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"qat: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

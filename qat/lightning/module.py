@@ -1,0 +1,172 @@
+"""The LightningModule that trains any model (float, or prepared for QAT) with any loss.
+
+Quantizer scales and zero points get their own optimizer group (own learning rate, no
+weight decay); biases and norm parameters get no weight decay either. Metrics come from
+torchmetrics: accuracy and expected calibration error for classifiers, perplexity for
+language models. The checkpoint carries the RNG states, the recipe and its hashes.
+
+Example:
+    >>> module = QATModule(prepared_model, task="classification", num_classes=10)
+    >>> pl.Trainer(max_epochs=3).fit(module, datamodule=dm)
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from qat.config import ConfigError
+from qat.control import quantizer_parameters
+from qat.recipe import OptimizerConfig
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _numpy_state() -> list:
+    """numpy's global RNG state with its key array as a tensor (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross entropy over the last dim for (B, C) or (B, T, C) logits."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class QATModule(pl.LightningModule):
+    """Wraps `model` for training; `evaluate` computes the task metrics on a loader.
+
+    Args:
+        model: any nn.Module mapping a batch's input to logits.
+        task: 'classification' (batches (x, label)) or 'language_model' (batches (tokens, targets)).
+        num_classes: classes for the classification metrics.
+        optimizer: the optimizer settings (a recipe's `optimizer` section).
+        loss_fn: loss(logits, targets); cross entropy by default.
+        checkpoint_info: extra entries stored under "qat" in every checkpoint (recipe, hashes).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str = "classification",
+        num_classes: Optional[int] = None,
+        optimizer: Optional[OptimizerConfig] = None,
+        loss_fn: LossFn = cross_entropy,
+        checkpoint_info: Optional[dict] = None,
+    ) -> None:
+        super().__init__()
+        self.model, self.task, self.loss_fn = model, task, loss_fn
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.checkpoint_info = dict(checkpoint_info or {})
+        self.val_metrics = self._make_metrics(task, num_classes)
+
+    @staticmethod
+    def _make_metrics(task: str, num_classes: Optional[int]) -> torchmetrics.MetricCollection:
+        if task == "language_model":
+            return torchmetrics.MetricCollection({"ppl": torchmetrics.text.Perplexity()})
+        if not num_classes:
+            raise ConfigError("classification needs num_classes (from the data module or the recipe)")
+        return torchmetrics.MetricCollection({
+            "acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro"),
+            "ece": torchmetrics.classification.MulticlassCalibrationError(num_classes, n_bins=15),
+        })
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _update_metrics(self, metrics: torchmetrics.MetricCollection, logits: Tensor, targets: Tensor) -> None:
+        if self.task == "language_model":
+            metrics.update(logits.float(), targets)
+        else:
+            metrics.update(logits.float().softmax(-1), targets)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = self.loss_fn(self(x), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", self.loss_fn(logits, y), on_epoch=True, sync_dist=True)
+        self._update_metrics(self.val_metrics, logits, y)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
+        self.val_metrics.reset()
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable) -> dict[str, float]:
+        """Task metrics and mean loss over `batches`, in eval mode, outside the Trainer."""
+        was_training = self.training
+        self.eval()
+        metrics = self.val_metrics.clone().to(self.device)
+        metrics.reset()
+        total, count = 0.0, 0
+        for x, y in batches:
+            x, y = x.to(self.device), y.to(self.device)
+            logits = self(x)
+            total += float(self.loss_fn(logits, y)) * len(x)
+            count += len(x)
+            self._update_metrics(metrics, logits, y)
+        self.train(was_training)
+        result = {k: float(v) for k, v in metrics.compute().items()}
+        result["loss"] = total / max(count, 1)
+        return result
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_config
+        quant_ids = {id(p) for p in quantizer_parameters(self.model)}
+        decay, no_decay, quant = [], [], []
+        for param in self.model.parameters():
+            if id(param) in quant_ids:
+                quant.append(param)
+            elif param.requires_grad:
+                (decay if param.dim() >= 2 else no_decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay, "name": "weights"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "biases_norms"},
+            {"params": quant, "weight_decay": 0.0, "lr": cfg.quantizer_lr or cfg.lr, "name": "quantizers"},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if cfg.name == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        else:
+            optimizer_class = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+            optimizer = optimizer_class(groups, lr=cfg.lr)
+        if cfg.schedule == "constant":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoint extras --------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["qat"] = {
+            **self.checkpoint_info,
+            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("qat", {})
+        mine = self.checkpoint_info.get("quant_spec_hash")
+        theirs = saved.get("quant_spec_hash")
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ConfigError(
+                "cannot resume: the recipe's quantization spec (quant.*) differs from the checkpoint's "
+                f"(hash {mine} vs {theirs}); resume with the original spec or start a new run"
+            )
+        rng = saved.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            name, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(rng["python"])

@@ -1,0 +1,61 @@
+"""Small reference models for recipes and tests.
+
+Example:
+    >>> DigitsCNN()(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for 8x8 digits: two 3x3 convs with BatchNorm, a pool, two linear layers."""
+
+    def __init__(self, channels: int = 32, hidden: int = 128, classes: int = 10, dropout: float = 0.1):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels * 2, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels * 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 2C, 4, 4)
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * 2 * 16, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 1, 8, 8) -> (B, classes)
+        return self.classifier(self.features(x))
+
+
+class TinyLM(nn.Module):
+    """A one-block causal transformer language model (embedding, attention, MLP, head)."""
+
+    def __init__(self, vocab_size: int = 64, dim: int = 64, heads: int = 4, seq_len: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.zeros(seq_len, dim))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.lm_head = nn.Linear(dim, vocab_size)
+        self.heads = heads
+
+    def forward(self, tokens: Tensor) -> Tensor:  # (B, T) -> (B, T, vocab)
+        b, t = tokens.shape
+        x = self.embed(tokens) + self.pos[:t]  # (B, T, C)
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+        attn = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, t, -1))
+        x = x + self.mlp(self.norm2(x))
+        return self.lm_head(x)
