@@ -63,6 +63,9 @@ class ResumableLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, **kwargs: Any):
         self.epoch_sampler = EpochSampler(len(dataset), shuffle, seed)
+        # An own generator: creating an iterator must not draw from the global RNG, or a resumed
+        # run (which creates one more iterator) would see different dropout masks.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
         super().__init__(dataset, batch_size=batch_size, sampler=self.epoch_sampler, **kwargs)
         self.progress: Optional[Callable[[], tuple[int, int]]] = None
         self._resume_epoch: Optional[int] = None

@@ -22,6 +22,8 @@ class DigitsDataModule(pl.LightningDataModule):
     A fixed stratified split (`val_fraction`, `split_seed`) gives train and validation sets.
     """
 
+    num_classes = 10
+
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, split_seed: int = 0, seed: int = 0):
         super().__init__()
         self.batch_size, self.val_fraction, self.split_seed, self.seed = batch_size, val_fraction, split_seed, seed
@@ -57,7 +59,7 @@ class DigitsDataModule(pl.LightningDataModule):
         return ResumableLoader(self.train_set, batch_size=self.batch_size, shuffle=True, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256)
+        return DataLoader(self.val_set, batch_size=256, generator=torch.Generator())
 
 
 class SyntheticTokensDataModule(pl.LightningDataModule):
@@ -93,4 +95,4 @@ class SyntheticTokensDataModule(pl.LightningDataModule):
         return ResumableLoader(self.train_set, batch_size=self.batch_size, shuffle=True, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
+        return DataLoader(self.val_set, batch_size=self.batch_size, generator=torch.Generator())
