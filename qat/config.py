@@ -44,6 +44,20 @@ def _check_bits(owner: str, name: str, bits: int) -> None:
         raise ConfigError(f"{owner}.{name}={bits!r} is not valid; allowed: integers {MIN_BITS}..{MAX_BITS}")
 
 
+def _check_bool(owner: str, name: str, value: object, optional: bool = False) -> None:
+    if not isinstance(value, bool) and not (optional and value is None):
+        allowed = "true, false or null" if optional else "true or false"
+        raise ConfigError(f"{owner}.{name}={value!r} is not valid; allowed: {allowed}")
+
+
+def _check_interval(owner: str, name: str, value: object, lo: float, hi: float, closed_low: bool) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    inside = number and (lo <= value < hi if closed_low else lo < value <= hi)
+    if not inside:
+        interval = f"[{lo:g}, {hi:g})" if closed_low else f"({lo:g}, {hi:g}]"
+        raise ConfigError(f"{owner}.{name}={value!r} is not valid; allowed: {interval}")
+
+
 def _check_group_size(owner: str, group_size: int) -> None:
     ok = isinstance(group_size, int) and MIN_GROUP <= group_size <= MAX_GROUP
     if not ok or group_size & (group_size - 1):
@@ -92,15 +106,15 @@ class QuantizerConfig:
         owner = "QuantizerConfig"
         _check_choice(owner, "scale_dtype", self.scale_dtype, SCALE_DTYPE_NAMES)
         _check_bits(owner, "bits", self.bits)
+        _check_bool(owner, "symmetric", self.symmetric)
+        _check_bool(owner, "signed", self.signed, optional=True)
         _check_choice(owner, "granularity", self.granularity, GRANULARITIES)
         _check_choice(owner, "quantizer", self.quantizer, QUANTIZERS)
         _check_choice(owner, "init", self.init, INITS)
         if self.granularity == "group":
             _check_group_size(owner, self.group_size)
-        if not 50.0 < float(self.percentile) <= 100.0:
-            raise ConfigError(f"{owner}.percentile={self.percentile!r} is not valid; allowed: (50, 100]")
-        if not 0.0 <= float(self.ema_decay) < 1.0:
-            raise ConfigError(f"{owner}.ema_decay={self.ema_decay!r} is not valid; allowed: [0, 1)")
+        _check_interval(owner, "percentile", self.percentile, 50, 100, closed_low=False)
+        _check_interval(owner, "ema_decay", self.ema_decay, 0, 1, closed_low=True)
         if self.quantizer == "lsq_plus" and self.symmetric:
             raise ConfigError(
                 f"{owner}.quantizer='lsq_plus' learns a zero point and needs symmetric=False"
@@ -163,6 +177,10 @@ class QuantRule:
         owner = "QuantRule"
         if self.name is None and self.type is None:
             raise ConfigError(f"{owner} needs `name` (a regex) or `type` ({', '.join(SUPPORTED_TYPES)})")
+        for flag in ("skip", "symmetric", "quantize_activations"):
+            _check_bool(owner, flag, getattr(self, flag), optional=True)
+        if self.name is not None and not isinstance(self.name, str):
+            raise ConfigError(f"{owner}.name={self.name!r} is not valid; allowed: a regular expression string")
         if self.name is not None:
             try:
                 re.compile(self.name)
