@@ -1,0 +1,182 @@
+"""`qat.load`: a qat int4 checkpoint -> an nn.Module ready for inference.
+
+Steps: validate the header and metadata (nothing trusted yet); rebuild the architecture
+on the meta device; swap packed layers in for the quantized ones; match every
+parameter and buffer of the skeleton to a file tensor (names, shapes) before reading
+any payload; then read each tensor once, check its SHA-256 and values, and place it.
+Peak memory stays near the file size: no float copy of a quantized weight is made.
+
+Example:
+    >>> model = qat.load("model.safetensors", device="cpu", dtype=torch.bfloat16)
+    >>> logits = model(tokens)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from qat.export.architecture import build_architecture
+from qat.export.format import ArchitectureError, TensorMismatchError, layer_tensor
+from qat.export.manifest import Manifest, read_manifest
+from qat.export.reader import Header, read_header, read_tensors
+from qat.export.runtime import PACKED_LAYERS, InputQuantizer, _PackedWeight
+from qat.export.spec import LayerSpec
+from qat.export.state import Slot, state_slots
+from qat.export.values import check_values
+
+FLOAT_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
+
+
+def load(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    *,
+    model: Optional[nn.Module] = None,
+    dynamic_activation_bits: Optional[int] = None,
+) -> nn.Module:
+    """Load a checkpoint written by `qat.export_model` for inference (eval mode, no gradients).
+
+    Args:
+        path: the .safetensors file.
+        device: where every tensor goes.
+        dtype: floating dtype for the plain tensors (biases, norms, skipped layers) and for
+            embedding outputs; None keeps the stored dtypes. Scales and codes never change.
+        model: a float skeleton of the architecture to fill instead of rebuilding the one
+            the file records (nothing is imported then). It is modified in place.
+        dynamic_activation_bits: if set (8 is typical), quantized Linear layers without
+            static input quantization fake-quantize their input per token to this many bits.
+
+    Raises a `CheckpointError` subclass naming the problem for any bad file.
+    """
+    path = os.fspath(path)
+    if dynamic_activation_bits is not None and dynamic_activation_bits not in range(2, 9):
+        raise ValueError(f"dynamic_activation_bits={dynamic_activation_bits!r}; allowed: 2..8 or None")
+    header = read_header(path)
+    manifest = read_manifest(header)
+    skeleton = model if model is not None else build_architecture(manifest.architecture, path)
+    install_layers(skeleton, manifest, path, dtype)
+    plan = plan_fill(skeleton, header, manifest)
+    fill(plan, header, manifest, torch.device(device), dtype)
+    for module in skeleton.modules():
+        if isinstance(module, _PackedWeight):
+            module.finish_loading()
+            if module.input_quantizer is None and dynamic_activation_bits and module.spec.type == "Linear":
+                module.dynamic_activation_bits = dynamic_activation_bits
+    return skeleton.eval().requires_grad_(False)
+
+
+# ---- skeleton -------------------------------------------------------------------------------
+def install_layers(skeleton: nn.Module, manifest: Manifest, path: str, dtype: Optional[torch.dtype]) -> None:
+    """Swap a packed layer (meta buffers) in for each quantized layer of the skeleton."""
+    for name, spec in manifest.layers.items():
+        module = _float_layer(skeleton, name, spec, path)
+        if spec.weight is None:
+            _attach_input_quantizer(module, spec)
+            continue
+        kwargs = {"dtype": dtype} if spec.type == "Embedding" else {}
+        packed = PACKED_LAYERS[spec.type](module, spec, device="meta", **kwargs)
+        parent_name, _, child = name.rpartition(".")
+        setattr(skeleton.get_submodule(parent_name) if parent_name else skeleton, child, packed)
+
+
+def _float_layer(skeleton: nn.Module, name: str, spec: LayerSpec, path: str) -> nn.Module:
+    where = f"{path}: layer '{name}'"
+    try:
+        module = skeleton.get_submodule(name) if name else None
+    except AttributeError:
+        module = None
+    if module is None:
+        raise ArchitectureError(f"{where} does not exist in the architecture")
+    if type(module) is not FLOAT_TYPES[spec.type]:
+        raise ArchitectureError(f"{where} is a {type(module).__name__} in the architecture, the file has {spec.type}")
+    if spec.weight is not None and tuple(module.weight.shape) != spec.weight.shape:
+        raise ArchitectureError(f"{where} has weight shape {list(module.weight.shape)} in the architecture, "
+                                f"the file has {list(spec.weight.shape)}")
+    if spec.conv is not None:
+        from qat.export.pack import conv_spec  # the same description export wrote
+
+        if conv_spec(module) != spec.conv:
+            raise ArchitectureError(f"{where} has conv settings {conv_spec(module)}, the file has {spec.conv}")
+    return module
+
+
+def _apply_input_quantizer(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_quantizer(args[0]), *args[1:])
+
+
+def _attach_input_quantizer(module: nn.Module, spec: LayerSpec) -> None:
+    """A float layer whose input was fake-quantized in training: same fake-quant, as a pre-hook."""
+    module.input_quantizer = InputQuantizer(spec.input, device="meta")
+    module.register_forward_pre_hook(_apply_input_quantizer)
+
+
+# ---- matching and filling --------------------------------------------------------------------
+@dataclass
+class FillPlan:
+    """Which skeleton slots each file tensor fills."""
+
+    targets: dict[str, list[Slot]] = field(default_factory=dict)
+
+
+def plan_fill(skeleton: nn.Module, header: Header, manifest: Manifest) -> FillPlan:
+    """Match skeleton slots to file tensors by name (ties by the file's map or the skeleton's sharing)."""
+    plan, source_of_tensor, missing = FillPlan(), {}, []
+    for slot in state_slots(skeleton):
+        source = slot.name if slot.name in header.tensors else manifest.tied.get(slot.name)
+        source = source or source_of_tensor.get(id(slot.tensor))
+        if source is None:
+            missing.append(slot.name)
+            continue
+        source_of_tensor.setdefault(id(slot.tensor), source)
+        plan.targets.setdefault(source, []).append(slot)
+    unexpected = sorted(set(header.tensors) - set(plan.targets))
+    if missing or unexpected:
+        raise TensorMismatchError(f"{header.path}: the file does not fit the architecture: "
+                                  f"missing tensors {_few(missing)}, unexpected tensors {_few(unexpected)}")
+    for source, slots in plan.targets.items():
+        entry = header.tensors[source]
+        for slot in slots:
+            same_kind = slot.tensor.is_floating_point() == entry.dtype.is_floating_point
+            if tuple(slot.tensor.shape) != entry.shape or not same_kind:
+                raise TensorMismatchError(
+                    f"{header.path}: tensor '{source}' is {entry.st_dtype}{list(entry.shape)} in the file; "
+                    f"'{slot.name}' in the architecture is {slot.tensor.dtype}{list(slot.tensor.shape)}"
+                )
+    return plan
+
+
+def _few(names: list[str]) -> str:
+    return "[]" if not names else "[" + ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") + "]"
+
+
+def fill(
+    plan: FillPlan, header: Header, manifest: Manifest, device: torch.device, dtype: Optional[torch.dtype]
+) -> None:
+    """Read every tensor once (checksum and values checked) and place it in its slots."""
+    owners = {layer_tensor(name, suffix): (name, suffix, spec)
+              for name, spec in manifest.layers.items() for suffix in spec.tensor_shapes()}
+    for name, tensor in read_tensors(header, manifest.checksums):
+        owner = owners.get(name)
+        if owner is not None:
+            check_values(header.path, name, owner[1], owner[2], tensor)
+        elif dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensor = tensor.to(device)
+        _place(plan.targets[name], tensor)
+
+
+def _place(slots: list[Slot], tensor: Tensor) -> None:
+    parameter: Optional[nn.Parameter] = None
+    for slot in slots:
+        if slot.is_parameter:
+            parameter = parameter if parameter is not None else nn.Parameter(tensor, requires_grad=False)
+            slot.module._parameters[slot.attr] = parameter
+        else:
+            slot.module._buffers[slot.attr] = tensor
+

@@ -1,0 +1,197 @@
+"""Inference layers that hold only packed codes, scales and zeros (no float weight).
+
+`qat.load` swaps these in for the quantized layers of a rebuilt model. Their buffers
+have the names of the file's tensors (`weight_packed` or `weight_codes`,
+`weight_scales`, `weight_zeros`, `input_quantizer.scale` / `.zero_point`, `bias`), so
+a layer's state is exactly its slice of the file.
+
+    PackedLinear     int4 layout -> qat.kernels.dispatch.int4_linear; uint8 layout -> dequantize + F.linear
+    PackedConv2d     dequantize (O, I*kh*kw) -> (O, I, kh, kw), then conv2d
+    PackedEmbedding  gathers the packed rows of the ids, dequantizes only those
+
+Example:
+    >>> model = qat.load("model.safetensors")
+    >>> model.fc                 # PackedLinear(in_features=256, out_features=64, int4, bits=4, group_size=128)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qat.export.format import FLOAT_DTYPE_NAMES, LAYOUT_INT4, ST_TO_TORCH, ZEROS
+from qat.export.pack import dequantize_codes
+from qat.export.spec import InputSpec, LayerSpec, WeightSpec
+from qat.functional import SCALE_EPS, expand_qparam, fake_quantize
+from qat.kernels import dispatch
+from qat.kernels.reference import SYMMETRIC_ZERO, unpack_int4
+
+
+class InputQuantizer(nn.Module):
+    """Static fake-quantization of a layer's input with recorded scale / zero point.
+
+    Computes exactly what the training quantizer's forward computes:
+    dequantize(quantize(x, s, z)) in float32, cast back to x's dtype.
+    """
+
+    def __init__(self, spec: InputSpec, device: torch.device | str = "meta") -> None:
+        super().__init__()
+        self.spec = spec
+        (shape, st_dtype), (zero_shape, _) = spec.tensor_shapes().values()
+        self.register_buffer("scale", torch.empty(shape, dtype=ST_TO_TORCH[st_dtype], device=device))
+        self.register_buffer("zero_point", torch.empty(zero_shape, dtype=torch.int32, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        spec = self.spec
+        scale = expand_qparam(self.scale.float(), spec.granularity, x.dim(), spec.axis)
+        zero = expand_qparam(self.zero_point.float(), spec.granularity, x.dim(), spec.axis)
+        qmin, qmax = spec.qrange
+        return fake_quantize(x, scale, zero, qmin, qmax).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"bits={s.bits}, {'' if s.symmetric else 'a'}symmetric, {s.granularity}"
+
+
+def dynamic_per_token(x: Tensor, bits: int = 8) -> Tensor:
+    """Symmetric fake-quantization of each token (last-dim row) of `x` to `bits` bits.
+
+    scale = max|row| / (2^(bits-1) - 1) (at least SCALE_EPS), codes = clamp(round(x / scale)),
+    computed in float32 and cast back to x's dtype.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(SCALE_EPS)
+    return fake_quantize(x.float(), scale, torch.zeros_like(scale), -qmax - 1, qmax).to(x.dtype)
+
+
+class _PackedWeight(nn.Module):
+    """Buffers and dequantization shared by the packed layers."""
+
+    def _init_packed(self, spec: LayerSpec, device: torch.device | str) -> None:
+        self.spec = spec
+        weight: WeightSpec = spec.weight
+        for suffix, (shape, st_dtype) in weight.tensor_shapes().items():
+            self.register_buffer(suffix, torch.empty(shape, dtype=ST_TO_TORCH[st_dtype], device=device))
+        if ZEROS not in weight.tensor_shapes():
+            self.weight_zeros = None
+        self.input_quantizer = InputQuantizer(spec.input, device) if spec.input is not None else None
+        self.dynamic_activation_bits: Optional[int] = None
+
+    @property
+    def weight_spec(self) -> WeightSpec:
+        return self.spec.weight
+
+    def finish_loading(self) -> None:
+        """Called once the buffers hold the file's data: adds the kernel's zeros where needed."""
+        w = self.weight_spec
+        if w.layout == LAYOUT_INT4 and not w.zeros and w.implied_zero != SYMMETRIC_ZERO:
+            zeros = torch.full((w.rows, w.groups), w.implied_zero, dtype=torch.uint8, device=self.weight_scales.device)
+            self.register_buffer("kernel_zeros", zeros, persistent=False)
+
+    def kernel_zeros_or_none(self) -> Optional[Tensor]:
+        """Zeros in the form the int4 kernel takes: stored zeros, or None meaning 8."""
+        if self.weight_zeros is not None:
+            return self.weight_zeros
+        return getattr(self, "kernel_zeros", None)
+
+    def dequantized_weight(self) -> Tensor:
+        """The float32 weight (the float layer's shape): (u - zero) * scale, computed on the fly."""
+        w = self.weight_spec
+        codes = unpack_int4(self.weight_packed) if w.layout == LAYOUT_INT4 else self.weight_codes
+        flat = dequantize_codes(codes, self.weight_scales, self.weight_zeros, w.implied_zero, w.group_size)
+        return flat.reshape(w.shape)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if self.dynamic_activation_bits is not None:
+            x = dynamic_per_token(x, self.dynamic_activation_bits)
+        return x
+
+    def _describe(self) -> str:
+        w = self.weight_spec
+        return f"{w.layout}, bits={w.bits}, group_size={w.group_size}, scales={w.scale_dtype}"
+
+
+class PackedLinear(_PackedWeight):
+    """y = x @ W.T + b with W stored packed; int4-layout layers run `dispatch.int4_linear`."""
+
+    def __init__(self, skeleton: nn.Linear, spec: LayerSpec, device: torch.device | str = "meta") -> None:
+        super().__init__()
+        self.in_features, self.out_features = skeleton.in_features, skeleton.out_features
+        self._init_packed(spec, device)
+        self.bias = skeleton.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.quantize_input(x)
+        w = self.weight_spec
+        if w.layout == LAYOUT_INT4:
+            return dispatch.int4_linear(
+                x, self.weight_packed, self.weight_scales, self.kernel_zeros_or_none(), w.group_size, self.bias
+            )
+        weight = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._describe()}"
+
+
+class PackedConv2d(_PackedWeight):
+    """Conv2d whose weight is dequantized from packed codes at each call."""
+
+    def __init__(self, skeleton: nn.Conv2d, spec: LayerSpec, device: torch.device | str = "meta") -> None:
+        super().__init__()
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(self, attr, getattr(skeleton, attr))
+        self._init_packed(spec, device)
+        self.bias = skeleton.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.quantize_input(x)
+        weight = self.dequantized_weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.padding_mode != "zeros":  # as nn.Conv2d._conv_forward
+            padded = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, {self._describe()}")
+
+
+class PackedEmbedding(_PackedWeight):
+    """Embedding lookup that unpacks and dequantizes only the looked-up rows."""
+
+    def __init__(self, skeleton: nn.Embedding, spec: LayerSpec, device: torch.device | str = "meta",
+                 dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = skeleton.num_embeddings, skeleton.embedding_dim
+        self.padding_idx = skeleton.padding_idx
+        self._init_packed(spec, device)
+        self.output_dtype = dtype or FLOAT_DTYPE_NAMES[spec.weight.dtype]
+
+    def forward(self, ids: Tensor) -> Tensor:
+        w = self.weight_spec
+        flat = ids.reshape(-1)
+        data = self.weight_packed if w.layout == LAYOUT_INT4 else self.weight_codes
+        rows = torch.index_select(data, 0, flat)  # index_select rejects negative / out-of-range ids
+        codes = unpack_int4(rows) if w.layout == LAYOUT_INT4 else rows
+        scales = torch.index_select(self.weight_scales, 0, flat)
+        zeros = None if self.weight_zeros is None else torch.index_select(self.weight_zeros, 0, flat)
+        values = dequantize_codes(codes, scales, zeros, w.implied_zero, w.group_size)  # (T, D)
+        return values.to(self.output_dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self._describe()}"
+
+
+PACKED_LAYERS: dict[str, type[_PackedWeight]] = {
+    "Linear": PackedLinear,
+    "Conv2d": PackedConv2d,
+    "Embedding": PackedEmbedding,
+}

@@ -1,0 +1,160 @@
+"""`export_model`: a prepared (fake-quant) model -> one deployable .safetensors file.
+
+Example:
+    >>> report = export_model(model, "model.safetensors",
+    ...                       architecture={"_target_": "my_pkg.Model", "width": 256}, recipe_hash="3f2a...")
+    >>> print(report)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from qat.export.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    KEY_ARCHITECTURE,
+    KEY_CHECKSUMS,
+    KEY_FORMAT,
+    KEY_HEADER_DIGEST,
+    KEY_LAYERS,
+    KEY_LIBRARY,
+    KEY_RECIPE,
+    KEY_TIED,
+    KEY_VERSION,
+    TORCH_TO_ST,
+    ExportError,
+    layer_tensor,
+)
+from qat.export.manifest import header_digest, read_manifest
+from qat.export.pack import pack_layer
+from qat.export.reader import read_header
+from qat.export.report import SizeReport, size_report
+from qat.export.spec import LayerSpec
+from qat.export.state import state_slots
+from qat.modules import QuantModule
+
+
+def tensor_sha256(tensor: Tensor) -> str:
+    """SHA-256 (hex) of a tensor's payload as stored: its raw little-endian bytes in row-major order."""
+    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(raw.numpy()).hexdigest()
+
+
+def write_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` and `metadata` as safetensors, adding per-tensor checksums and the header digest.
+
+    The file appears atomically (written next to `path`, then renamed over it).
+    """
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    metadata = dict(metadata)
+    metadata[KEY_CHECKSUMS] = json.dumps({name: tensor_sha256(t) for name, t in sorted(tensors.items())})
+    index = {name: (TORCH_TO_ST[t.dtype], tuple(t.shape)) for name, t in tensors.items()}
+    metadata[KEY_HEADER_DIGEST] = header_digest(metadata, index)
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def check_architecture(architecture: Any) -> Optional[dict]:
+    """`architecture` must be None, {"_target_": "pkg.module.Class", **json_kwargs} or {"hf_config": {...}}."""
+    if architecture is None:
+        return None
+    if not isinstance(architecture, dict):
+        raise ExportError(f"architecture must be a dict, got {type(architecture).__name__}")
+    target, hf = architecture.get("_target_"), architecture.get("hf_config")
+    if isinstance(target, str) and target and hf is None:
+        pass
+    elif isinstance(hf, dict) and set(architecture) == {"hf_config"}:
+        if not isinstance(hf.get("model_type"), str):
+            raise ExportError("architecture['hf_config'] needs a 'model_type' string (a config.to_dict())")
+    else:
+        raise ExportError("architecture must be {'_target_': 'pkg.module.Class', **kwargs} or {'hf_config': {...}}")
+    try:
+        json.dumps(architecture, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ExportError(f"architecture must be JSON-serializable: {err}") from None
+    return architecture
+
+
+def collect_tensors(model: nn.Module) -> tuple[dict[str, LayerSpec], dict[str, Tensor], dict[str, str]]:
+    """(layer specs, every tensor to store by file name, ties {alias: stored name}) of a prepared model."""
+    layers: dict[str, LayerSpec] = {}
+    tensors: dict[str, Tensor] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantModule):
+            spec, packed = pack_layer(module, name)
+            layers[name] = spec
+            tensors.update({layer_tensor(name, suffix): t for suffix, t in packed.items()})
+    if not layers:
+        raise ExportError("the model has no quantized layers; run qat.prepare(model, spec) and train it first")
+
+    def skip(module: nn.Module, attr: str) -> bool:
+        if not isinstance(module, QuantModule):
+            return False
+        quantized_weight = attr == "weight" and module.weight_quantizer is not None
+        return quantized_weight or attr in ("weight_quantizer", "input_quantizer")
+
+    first_name: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for slot in state_slots(model, skip=skip):
+        key = id(slot.tensor)
+        if key in first_name:
+            tied[slot.name] = first_name[key]
+            continue
+        first_name[key] = slot.name
+        if slot.name in tensors:
+            raise ExportError(f"tensor name {slot.name!r} of the model collides with a quantized layer's tensor")
+        tensors[slot.name] = slot.tensor.detach().clone()
+    return layers, tensors, tied
+
+
+def export_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    architecture: Optional[dict] = None,
+    recipe_hash: Optional[str] = None,
+) -> SizeReport:
+    """Write `model` (prepared with `qat.prepare`, trained) to `path` as a qat int4 checkpoint.
+
+    Quantized layers are stored as packed codes, scales and zeros taken from their own
+    quantizers (they dequantize bit for bit to the fake-quant weights); every other
+    parameter and buffer is stored as a plain tensor. `architecture` tells `qat.load` how
+    to rebuild the model: {"_target_": "pkg.module.Class", **json_kwargs} (the class is
+    called with the kwargs) or {"hf_config": config.to_dict()} for Hugging Face models;
+    None means `qat.load(path, model=...)` must be given a skeleton. `recipe_hash` is
+    recorded as given. Returns the `SizeReport` of the written file.
+    """
+    import qat  # late: qat/__init__ imports this package
+
+    architecture = check_architecture(architecture)
+    if recipe_hash is not None and not isinstance(recipe_hash, str):
+        raise ExportError(f"recipe_hash must be a string, got {type(recipe_hash).__name__}")
+    with torch.no_grad():
+        layers, tensors, tied = collect_tensors(model)
+    metadata = {
+        KEY_FORMAT: FORMAT_NAME,
+        KEY_VERSION: str(FORMAT_VERSION),
+        KEY_LIBRARY: str(qat.__version__),
+        KEY_ARCHITECTURE: json.dumps(architecture, sort_keys=True),
+        KEY_RECIPE: recipe_hash or "",
+        KEY_LAYERS: json.dumps({name: spec.to_json() for name, spec in layers.items()}, sort_keys=True),
+        KEY_TIED: json.dumps(tied, sort_keys=True),
+    }
+    write_checkpoint(path, tensors, metadata)
+    header = read_header(path)
+    return size_report(header, read_manifest(header))
