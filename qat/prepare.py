@@ -121,6 +121,8 @@ def prepare(model: nn.Module, spec: Optional[QuantSpec] = None) -> tuple[nn.Modu
                 report.layers.append(LayerReport(name, kind.__name__, "unsupported", "no quantized version"))
             continue
         config, rules = spec.resolve(name, kind.__name__)
+        if kind is nn.Embedding and config is not None:  # its input is ids: only the table is quantized
+            config = LayerConfig(weight=config.weight, activation=None) if config.weight is not None else None
         entry = LayerReport(name, kind.__name__, "skipped", rules=rules)
         if config is None:
             entry.reason = f"skipped by {rules[-1]}" if rules else "no weight or activation quantization set"
