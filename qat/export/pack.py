@@ -2,7 +2,7 @@
 
 Codes come from the layer's own quantizer: `FakeQuantizer.qparams()` gives the scale
 and zero point training applies, and `qat.functional.quantize` the codes, computed on
-the weight in its own dtype exactly as the fake-quant forward does. Stored codes are
+the weight in float32 exactly as the fake-quant forward does. Stored codes are
 u = q - qmin in [0, 2^bits - 1]; stored zeros are z - qmin (uint8); scales are stored
 in the quantizer's scale dtype, which they already hold exactly. So
 
@@ -42,10 +42,11 @@ def quantized_codes(quantizer: FakeQuantizer, weight: Tensor) -> tuple[Tensor, T
     """Stored codes u (uint8 (N, K)), scales (float32 (N, G)) and stored zeros (float32 (N, G))."""
     config = quantizer.config
     scale, zero = quantizer.qparams()  # the qparams the fake-quant forward applies
-    view = grouped_view(weight.detach(), quantizer.granularity, quantizer.group_size, quantizer.axis)
+    # float32, as the fake-quant forward (qat.ste) computes for every weight dtype
+    view = grouped_view(weight.detach().float(), quantizer.granularity, quantizer.group_size, quantizer.axis)
     s = expand_qparam(scale, quantizer.granularity, view.dim(), quantizer.axis)
     z = expand_qparam(zero, quantizer.granularity, view.dim(), quantizer.axis)
-    codes = quantize(view, s, z, config.qmin, config.qmax)  # same op, same dtypes as training
+    codes = quantize(view, s, z, config.qmin, config.qmax)  # the op training uses
     rows = weight.shape[0]
     stored = (codes.float() - config.qmin).to(torch.uint8).reshape(rows, -1)
     return stored, _per_row(scale, rows), _per_row(zero - config.qmin, rows)

@@ -34,7 +34,7 @@ class InputQuantizer(nn.Module):
     """Static fake-quantization of a layer's input with recorded scale / zero point.
 
     Computes exactly what the training quantizer's forward computes:
-    dequantize(quantize(x, s, z)) in float32, cast back to x's dtype.
+    dequantize(quantize(x.float(), s, z)) in float32, cast back to x's dtype.
     """
 
     def __init__(self, spec: InputSpec, device: torch.device | str = "meta") -> None:
@@ -49,7 +49,7 @@ class InputQuantizer(nn.Module):
         scale = expand_qparam(self.scale.float(), spec.granularity, x.dim(), spec.axis)
         zero = expand_qparam(self.zero_point.float(), spec.granularity, x.dim(), spec.axis)
         qmin, qmax = spec.qrange
-        return fake_quantize(x, scale, zero, qmin, qmax).to(x.dtype)
+        return fake_quantize(x.float(), scale, zero, qmin, qmax).to(x.dtype)  # float32, as qat.ste
 
     def extra_repr(self) -> str:
         s = self.spec
