@@ -128,11 +128,21 @@ def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -
     return Run(recipe, run_dir, model, report, module, datamodule, schedule, trainer, resume_from)
 
 
+def _strategy(name: str) -> Any:
+    """Lightning's strategy; plain 'ddp' lets parameters go unused, which the QAT schedule needs:
+    quantizer scales take no part in the loss during FP warm-up, and none once frozen."""
+    if name == "ddp":
+        from pytorch_lightning.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=True)
+    return name
+
+
 def trainer_kwargs(recipe: Recipe, run_dir: Path, callbacks: list[pl.Callback]) -> dict[str, Any]:
     t = recipe.trainer
     kwargs: dict[str, Any] = {
         "max_epochs": t.max_epochs, "max_steps": t.max_steps, "accelerator": t.accelerator,
-        "devices": t.devices, "strategy": t.strategy, "precision": t.precision,
+        "devices": t.devices, "strategy": _strategy(t.strategy), "precision": t.precision,
         "gradient_clip_val": t.gradient_clip_val, "log_every_n_steps": t.log_every_n_steps,
         "deterministic": t.deterministic, "default_root_dir": str(run_dir), "callbacks": callbacks,
         "logger": make_loggers(run_dir, recipe.logging.wandb, recipe.logging.wandb_project,

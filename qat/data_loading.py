@@ -96,6 +96,11 @@ class LoaderProgress(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loops = trainer.fit_loop
+        # Lightning restores loader states in `setup_data`, which returns early when the loader was
+        # already made to estimate the number of steps (the cosine schedule asks for it before the
+        # checkpoint is restored), so the saved position would be lost. Restore it here instead;
+        # the call is a no-op unless a restart has states waiting.
+        loops._load_combined_loader_states()
 
         def progress() -> tuple[int, int]:
             return trainer.current_epoch, loops.epoch_loop.batch_progress.current.processed

@@ -60,7 +60,7 @@ def train(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None, q
     if not quiet and run.trainer.is_global_zero:
         print(run.report)
     start = time.perf_counter()
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.resume_from)
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.resume_from, weights_only=True)
     summary = summarize(run, time.perf_counter() - start)
     if run.trainer.is_global_zero:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -88,8 +88,17 @@ class QuantizationSchedule(pl.Callback):
         self.quantized = True
         if self.evaluate and val_batches is not None:
             self.ptq_metrics = pl_module.evaluate(val_batches)
-            pl_module.log_dict({f"ptq/{k}": v for k, v in self.ptq_metrics.items()}, rank_zero_only=True)
-            pl_module.log_dict({f"fp/{k}": v for k, v in self.fp_metrics.items()}, rank_zero_only=True)
+            self._log(trainer, {**self._prefixed("fp", self.fp_metrics), **self._prefixed("ptq", self.ptq_metrics)})
+
+    @staticmethod
+    def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+        return {f"{prefix}/{key}": value for key, value in metrics.items()}
+
+    @staticmethod
+    def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        if trainer.is_global_zero:  # straight to the loggers: this happens once, not on a logging step
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def _calibration_batches(self, trainer: pl.Trainer, device: torch.device) -> list:
         datamodule = trainer.datamodule
