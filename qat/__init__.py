@@ -25,6 +25,7 @@ from qat.control import (
     quantizers,
     set_fake_quant,
 )
+from qat.export import CheckpointError, ExportError, SizeReport, export_model, load
 from qat.fake_quant import FakeQuantizer
 from qat.functional import NonFiniteError
 from qat.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
@@ -33,7 +34,9 @@ from qat.prepare import GroupSizeError, PrepareReport, prepare, unprepare
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
+    "ExportError",
     "FakeQuantizer",
     "GroupSizeError",
     "LayerConfig",
@@ -46,12 +49,15 @@ __all__ = [
     "QuantRule",
     "QuantSpec",
     "QuantizerConfig",
+    "SizeReport",
     "calibrate",
     "calibration",
     "default_activation_config",
     "default_weight_config",
+    "export_model",
     "freeze",
     "init_weight_ranges",
+    "load",
     "prepare",
     "quantizer_parameters",
     "quantizers",
