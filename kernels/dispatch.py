@@ -1,31 +1,166 @@
 """One entry point for int4 linear layers: picks a backend by device, M and shape.
 
-`QAT_KERNEL_BACKEND=<name>` in the environment, or `backend=<name>`, forces one.
-Backends register themselves in `BACKENDS`; every one has the signature of
-`reference.int4_linear_reference` and is tested against it.
+Two ways to call it:
+
+* tensors, as stored: ``int4_linear(x, packed, scales, zeros, group_size, bias, backend=None)``.
+  Repacked forms are cached on the `packed` tensor (built on first call, rebuilt if it is
+  written in place), so calling this per step costs the repack once.
+* a prepared layer: ``weight = prepare_weights(packed, scales, zeros, group_size, bias=bias)``
+  at load time (weights.py), then ``weight(x)`` or ``int4_linear_prepared(x, weight)``.
+
+`backend=<name>` or the environment variable QAT_KERNEL_BACKEND=<name> forces a backend
+(`auto` or unset: pick). A forced backend that cannot run these inputs raises (no silent
+fallback); an unknown name raises listing the available ones. Backends:
+
+    reference       reference.py, exact, any device (slow: the specification)
+    dequant         dequantize to x's dtype + dense matmul, exact (bit-identical to reference)
+    dequant_cached  the same with the dequantized weight kept per layer (2-4 bytes per weight)
+    cpu_int4pack    torch's CPU int4pack kernel, bf16 compute, documented tolerance
+    triton          fused Triton kernels on CUDA: GEMV / GEMM / dequant+dense by M
+    triton_gemv     the split-K GEMV kernel alone (any M)
+    triton_gemm     the fused tensor-core GEMM kernel alone (any M)
+
+Automatic choice: CUDA -> `triton` if importable, else `dequant`. CPU -> `cpu_int4pack`
+when its kernel is available and the layer's group size is a multiple of 32, else
+`dequant`. On CPU, `cpu_int4pack` is faster than the fp32 dense layer at every M measured
+(benchmarks/kernels-cpu.md); pass backend="dequant" or "reference" for bit-exact results.
 
 Example:
     >>> y = int4_linear(x, packed, scales, zeros, group_size=128)
+    >>> y = int4_linear(x, packed, scales, zeros, group_size=128, backend="dequant")   # exact
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from torch import Tensor
 
+from . import cpu
 from .reference import int4_linear_reference
+from .weights import PackedInt4Weight, cached_weight, check_activation
 
-Int4Linear = Callable[..., Tensor]
-
-BACKENDS: dict[str, Int4Linear] = {"reference": int4_linear_reference}
 ENV_VAR = "QAT_KERNEL_BACKEND"
+AUTO = "auto"
+
+RunFn = Callable[[Tensor, PackedInt4Weight, Optional[Tensor]], Tensor]
 
 
-def choose_backend(x: Tensor, packed: Tensor, group_size: int) -> str:
-    """The backend name for these inputs (the fastest correct one available)."""
-    return "reference"
+@dataclass(frozen=True)
+class Backend:
+    """A way to run an int4 linear layer.
+
+    run(x, weight, bias) computes the layer; unsupported(x, weight) returns why it cannot run
+    these inputs (None if it can); prepare(weight) builds its load-time form ahead of use.
+    """
+
+    name: str
+    run: RunFn
+    unsupported: Callable[[Tensor, PackedInt4Weight], Optional[str]]
+    prepare: Callable[[PackedInt4Weight], None] = lambda weight: None
+    exact: bool = False
+
+
+def triton_available() -> bool:
+    """Whether triton is installed (imported only when a Triton backend first runs)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_module():
+    from . import triton_int4  # imports triton; TRITON_INTERPRET must be set before this first import
+
+    return triton_int4
+
+
+def _triton_unsupported(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
+    if not triton_available():
+        return "triton is not installed (pip install 'qat[triton]')"
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return f"it needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}"
+    return None
+
+
+def _int4pack_unsupported(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"it needs CPU tensors, got {x.device}"
+    if not cpu.int4pack_available():
+        return "this torch build or CPU has no vectorized int4pack kernel"
+    if cpu.int4pack_kernel_group_size(weight.group_size) is None:
+        return f"it needs a group size divisible by 32, got {weight.group_size}"
+    return None
+
+
+def _anywhere(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
+    return None
+
+
+def _reference(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor]) -> Tensor:
+    return int4_linear_reference(x, weight.packed, weight.scales, weight.zeros, weight.group_size, bias)
+
+
+def _triton_backend(name: str, function: str) -> Backend:
+    def run(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor]) -> Tensor:
+        return getattr(_triton_module(), function)(x, weight, bias)
+
+    return Backend(name, run, _triton_unsupported)
+
+
+BACKENDS: dict[str, Backend] = {
+    backend.name: backend
+    for backend in (
+        Backend("reference", _reference, _anywhere, exact=True),
+        Backend("dequant", lambda x, w, b: cpu.linear_dequantized(x, w, b, cache=False), _anywhere, exact=True),
+        Backend("dequant_cached", lambda x, w, b: cpu.linear_dequantized(x, w, b, cache=True), _anywhere, exact=True),
+        Backend(
+            "cpu_int4pack",
+            cpu.linear_int4pack,
+            _int4pack_unsupported,
+            prepare=lambda w: w.form("cpu_int4pack", cpu.build_int4pack),
+        ),
+        _triton_backend("triton", "linear_auto"),
+        _triton_backend("triton_gemv", "linear_gemv"),
+        _triton_backend("triton_gemm", "linear_gemm"),
+    )
+}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called `name`; a ValueError listing the available ones if there is none."""
+    if name not in BACKENDS:
+        raise ValueError(
+            f"unknown int4 kernel backend {name!r} (from backend= or ${ENV_VAR}); "
+            f"available: {', '.join([AUTO, *sorted(BACKENDS)])}"
+        )
+    return BACKENDS[name]
+
+
+def choose_backend(x: Tensor, weight: PackedInt4Weight) -> str:
+    """The backend name for these inputs: the fastest one that can run them (see module docstring)."""
+    if x.device.type == "cuda":
+        return "triton" if _triton_unsupported(x, weight) is None else "dequant"
+    if x.device.type == "cpu" and _int4pack_unsupported(x, weight) is None:
+        return "cpu_int4pack"
+    return "dequant"
+
+
+def _run(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
+    check_activation(x, weight.in_features, bias, weight.out_features)
+    name = backend or os.environ.get(ENV_VAR) or AUTO
+    if name == AUTO:
+        name = choose_backend(x, weight)
+    chosen = get_backend(name)
+    reason = chosen.unsupported(x, weight)
+    if reason is not None:
+        raise ValueError(f"int4 kernel backend {name!r} cannot run this layer: {reason}")
+    return chosen.run(x, weight, bias)
+
+
+def int4_linear_prepared(x: Tensor, weight: PackedInt4Weight, backend: Optional[str] = None) -> Tensor:
+    """y = x @ W.T + weight.bias for a layer made by weights.prepare_weights."""
+    return _run(x, weight, weight.bias, backend)
 
 
 def int4_linear(
@@ -37,8 +172,8 @@ def int4_linear(
     bias: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """y = x @ W.T + bias for int4 weights in the canonical layout (see reference.py)."""
-    name = backend or os.environ.get(ENV_VAR) or choose_backend(x, packed, group_size)
-    if name not in BACKENDS:
-        raise ValueError(f"unknown int4 kernel backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name](x, packed, scales, zeros, group_size, bias)
+    """y = x @ W.T + bias for int4 weights in the canonical layout (see reference.py).
+
+    x (..., K) -> (..., N) in x's dtype. Forms a backend needs are cached on `packed`.
+    """
+    return _run(x, cached_weight(packed, scales, zeros, group_size), bias, backend)

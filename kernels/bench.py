@@ -1,0 +1,256 @@
+"""Side-by-side timings of the int4 backends: `python -m qat.kernels.bench [--help]`.
+
+Prints shape, M, backend, median time and the ratios against the dense layer and against
+torch's built-in int4 op, then writes benchmarks/kernels-<device>.md with the machine and the
+command. The machine may be shared: every round times each method in turn (interleaved) and
+the table reports medians over rounds plus the spread, so noise shows up instead of hiding.
+Weights rotate over several copies totalling more than the last-level cache, so every call
+reads its weight from memory as a model's forward pass does (on a GPU this also flushes L2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import cpu
+from .dispatch import int4_linear_prepared
+from .reference import dequantize_int4, int4_linear_reference, pack_int4
+from .weights import PackedInt4Weight
+
+ROTATION_BYTES = 160 * 2**20  # > 4x a 32 MiB L3 / 50 MiB H100 L2
+TORCH_INT4 = "torch int4 op"
+
+
+@dataclass
+class Layer:
+    """One copy of a benchmark layer in every form a method needs."""
+
+    weight: PackedInt4Weight
+    dense: Optional[Tensor] = None  # the dequantized weight in the activation dtype
+
+
+def make_layer(n: int, k: int, group_size: int, device: str, generator: torch.Generator) -> PackedInt4Weight:
+    """A random asymmetric int4 layer (N, K) with fp16 scales."""
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
+    scales = torch.rand(n, k // group_size, generator=generator).mul_(0.02).add_(0.001).half()
+    zeros = torch.randint(0, 16, (n, k // group_size), dtype=torch.uint8, generator=generator)
+    return PackedInt4Weight(pack_int4(codes).to(device), scales.to(device), zeros.to(device), group_size)
+
+
+def copies_needed(bytes_per_copy: int) -> int:
+    return max(2, math.ceil(ROTATION_BYTES / bytes_per_copy))
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _torch_int4_method(layers: list[Layer], device: str) -> Optional[Callable[[Tensor, Layer], Tensor]]:
+    """torch's own int4 op (CPU int4pack or CUDA tinygemm, bf16 compute) on forms built up front; None if absent."""
+    if device == "cpu":
+        for layer in layers:
+            layer.weight.form("cpu_int4pack", cpu.build_int4pack)
+        return lambda x, layer: cpu.linear_int4pack(x, layer.weight)
+    forms = {}
+    try:
+        for layer in layers:  # CUDA tinygemm: bytes with the even k in the HIGH nibble; (K/g, N, 2) bf16
+            w = layer.weight
+            swapped = ((w.packed & 0x0F) << 4) | (w.packed >> 4)
+            tiles = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), 8)
+            offsets = (8 - w.zeros.float()) * w.scales.float()
+            pairs = torch.stack((w.scales.float(), offsets), -1).transpose(0, 1).to(torch.bfloat16).contiguous()
+            forms[id(layer)] = (tiles, pairs)
+    except (RuntimeError, AttributeError) as error:
+        print(f"torch's CUDA int4 op unavailable here ({error}); its column is left empty", file=sys.stderr)
+        return None
+
+    def run(x: Tensor, layer: Layer) -> Tensor:
+        tiles, pairs = forms[id(layer)]
+        return torch.ops.aten._weight_int4pack_mm(x.bfloat16(), tiles, layer.weight.group_size, pairs)
+
+    return run
+
+
+Method = Callable[[Tensor, Layer], Tensor]
+SLOW_METHODS = ("reference", "torch dyn_quant_4bit (int8 act)")  # timed once per round
+
+
+def methods_for(device: str, layers: list[Layer], rows: int) -> dict[str, Method]:
+    """Name -> function(x, layer) for every method timed on this device at this M (besides dense)."""
+    def backend(name: str) -> Method:
+        return lambda x, layer: int4_linear_prepared(x, layer.weight, backend=name)
+
+    methods: dict[str, Method] = {}
+    torch_int4 = _torch_int4_method(layers, device)
+    if torch_int4 is not None:
+        methods[TORCH_INT4] = torch_int4
+    methods |= {
+        "auto (dispatch)": lambda x, layer: int4_linear_prepared(x, layer.weight),
+        "dequant": backend("dequant"),
+        "dequant_cached": backend("dequant_cached"),
+    }
+    if device == "cpu":
+        methods["cpu_int4pack"] = backend("cpu_int4pack")
+        if rows == 1:
+            methods["reference"] = lambda x, layer: int4_linear_reference(
+                x, layer.weight.packed, layer.weight.scales, layer.weight.zeros, layer.weight.group_size)
+            if hasattr(torch.ops.aten, "_dyn_quant_matmul_4bit") and x_is_fp32(layers):
+                methods["torch dyn_quant_4bit (int8 act)"] = _dyn_quant_method(layers)
+    else:
+        methods.update({name: backend(name) for name in ("triton", "triton_gemv", "triton_gemm")})
+    return methods
+
+
+def x_is_fp32(layers: list[Layer]) -> bool:
+    return layers[0].dense is not None and layers[0].dense.dtype == torch.float32
+
+
+def _dyn_quant_method(layers: list[Layer]) -> Method:
+    """torch's int8-activation int4 op. Timing only: it is symmetric (ignores zero points)."""
+    w = layers[0].weight
+    form = torch.ops.aten._dyn_quant_pack_4bit_weight(
+        w.packed, w.scales.float(), None, w.group_size, w.in_features, w.out_features)
+    return lambda x, layer: torch.ops.aten._dyn_quant_matmul_4bit(
+        x, form, w.group_size, w.in_features, w.out_features)
+
+
+def time_methods(methods: dict[str, tuple[Method, list[Layer]]], x: Tensor, device: str, rounds: int,
+                 reps: int) -> dict[str, tuple[float, float]]:
+    """name -> (median seconds per call, (max - min) / median) over interleaved rounds."""
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for method, rotation in methods.values():  # warm-up: builds cached forms, autotunes
+        for layer in rotation:
+            method(x, layer)
+    for _ in range(rounds):
+        for name, (method, rotation) in methods.items():
+            calls = 1 if name in SLOW_METHODS else reps
+            _synchronize(device)
+            start = time.perf_counter()
+            for call in range(calls):
+                method(x, rotation[call % len(rotation)])
+            _synchronize(device)
+            samples[name].append((time.perf_counter() - start) / calls)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return {name: (medians[name], (max(values) - min(values)) / medians[name]) for name, values in samples.items()}
+
+
+def bench_shape(n: int, k: int, args: argparse.Namespace, device: str) -> list[dict]:
+    """Result rows for one (N, K) shape over every M in args.rows."""
+    generator = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    layers = [Layer(make_layer(n, k, args.group_size, device, generator)) for _ in range(copies_needed(n * k // 2))]
+    dense_layers = layers[: copies_needed(n * k * dtype.itemsize)]
+    for layer in dense_layers:
+        w = layer.weight
+        layer.dense = dequantize_int4(w.packed, w.scales, w.zeros, w.group_size).to(device=device, dtype=dtype)
+    results = []
+    for rows in args.rows:
+        x = torch.randn(rows, k, generator=generator).to(device=device, dtype=dtype)
+        methods = {"dense": ((lambda x, layer: F.linear(x, layer.dense)), dense_layers)}
+        methods.update({name: (method, layers) for name, method in methods_for(device, layers, rows).items()})
+        reps = max(3, min(args.reps, int(args.budget_flop / (2 * rows * n * k))))
+        timed = time_methods(methods, x, device, args.rounds, reps)
+        for name, (seconds, spread) in timed.items():
+            row = {"shape": f"{n}x{k}", "M": rows, "method": name, "ms": seconds * 1e3, "spread": spread,
+                   "vs_dense": timed["dense"][0] / seconds,
+                   "vs_torch": timed[TORCH_INT4][0] / seconds if TORCH_INT4 in timed else None}
+            results.append(row)
+            print(format_row(row), flush=True)
+        for layer in layers:  # free the dequantized copies dequant_cached made for this dtype
+            layer.weight.drop_forms()
+    return results
+
+
+HEADER = "| shape (NxK) | M | method | median ms | vs dense | vs torch int4 op | spread |"
+
+
+def format_row(row: dict) -> str:
+    vs_torch = "n/a" if row["vs_torch"] is None else f"{row['vs_torch']:.2f}x"
+    return (f"| {row['shape']} | {row['M']} | {row['method']} | {row['ms']:.3f} | {row['vs_dense']:.2f}x | "
+            f"{vs_torch} | {row['spread'] * 100:.0f}% |")
+
+
+def machine_description(device: str, threads: int) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (f"{model}, {torch.get_num_threads()} of {torch.multiprocessing.cpu_count()} threads used "
+            f"(--threads {threads}), ATen CPU capability {capability}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def write_markdown(path: Path, results: list[dict], args: argparse.Namespace, device: str, seconds: float) -> None:
+    """The results table with the machine and the exact command that made it."""
+    command = "python -m qat.kernels.bench " + " ".join(sys.argv[1:])
+    lines = [
+        f"# int4 kernels on {device}",
+        "",
+        f"Machine: {machine_description(device, args.threads)}.",
+        f"Command: `{command}` ({seconds:.0f} s, {time.strftime('%Y-%m-%d %H:%M %Z')}).",
+        f"Activations {args.dtype}, weights int4 with group size {args.group_size}, asymmetric (uint8 zeros), "
+        "fp16 scales. Ratios are time(dense) / time(method) and time(torch int4 op) / time(method) "
+        "from the same run; medians over interleaved rounds; spread = (max - min) / median over rounds.",
+        "",
+        HEADER,
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *[format_row(row) for row in results],
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m qat.kernels.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="4096x4096,11008x4096", help="comma-separated NxK (out x in features)")
+    parser.add_argument("--rows", default="1,4,16,64,256", help="comma-separated M (rows of x)")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--dtype", default=None, help="activation dtype (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (the median is over these)")
+    parser.add_argument("--reps", type=int, default=20, help="calls per method per round (fewer for large M)")
+    parser.add_argument("--budget-flop", type=float, default=2e9, help="caps calls per round: reps * 2MNK <= this")
+    parser.add_argument("--output", default=None, help="markdown file (default benchmarks/kernels-<device>.md)")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    args.rows = [int(value) for value in args.rows.split(",")]
+    args.shapes = [tuple(int(part) for part in shape.split("x")) for shape in args.shapes.split(",")]
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    print(HEADER, flush=True)
+    results = [row for n, k in args.shapes for row in bench_shape(n, k, args, device)]
+    if not args.no_write:
+        path = Path(args.output or f"benchmarks/kernels-{device}.md")
+        write_markdown(path, results, args, device, time.perf_counter() - start)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
