@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from qat.export.architecture import build_architecture
 from qat.export.format import ArchitectureError, TensorMismatchError, layer_tensor
 from qat.export.manifest import Manifest, read_manifest
+from qat.export.pack import conv_spec
 from qat.export.reader import Header, read_header, read_tensors
 from qat.export.runtime import PACKED_LAYERS, InputQuantizer, _PackedWeight
 from qat.export.spec import LayerSpec
@@ -39,6 +40,7 @@ def load(
     *,
     model: Optional[nn.Module] = None,
     dynamic_activation_bits: Optional[int] = None,
+    kernel_backend: Optional[str] = None,
 ) -> nn.Module:
     """Load a checkpoint written by `qat.export_model` for inference (eval mode, no gradients).
 
@@ -51,6 +53,9 @@ def load(
             the file records (nothing is imported then). It is modified in place.
         dynamic_activation_bits: if set (8 is typical), quantized Linear layers without
             static input quantization fake-quantize their input per token to this many bits.
+        kernel_backend: the `qat.kernels.dispatch` backend of the int4 Linear layers; None lets
+            dispatch choose (fastest available; not always bit-exact). "reference" gives the
+            outputs of the fake-quant model bit for bit.
 
     Raises a `CheckpointError` subclass naming the problem for any bad file.
     """
@@ -66,6 +71,7 @@ def load(
     for module in skeleton.modules():
         if isinstance(module, _PackedWeight):
             module.finish_loading()
+            module.kernel_backend = kernel_backend
             if module.input_quantizer is None and dynamic_activation_bits and module.spec.type == "Linear":
                 module.dynamic_activation_bits = dynamic_activation_bits
     return skeleton.eval().requires_grad_(False)
@@ -98,11 +104,13 @@ def _float_layer(skeleton: nn.Module, name: str, spec: LayerSpec, path: str) -> 
     if spec.weight is not None and tuple(module.weight.shape) != spec.weight.shape:
         raise ArchitectureError(f"{where} has weight shape {list(module.weight.shape)} in the architecture, "
                                 f"the file has {list(spec.weight.shape)}")
-    if spec.conv is not None:
-        from qat.export.pack import conv_spec  # the same description export wrote
-
-        if conv_spec(module) != spec.conv:
-            raise ArchitectureError(f"{where} has conv settings {conv_spec(module)}, the file has {spec.conv}")
+    if spec.conv is not None and conv_spec(module) != spec.conv:
+        raise ArchitectureError(f"{where} has conv settings {conv_spec(module)}, the file has {spec.conv}")
+    if spec.input is not None:
+        axis, channels = (-1, module.in_features) if spec.type == "Linear" else (1, module.in_channels)
+        if spec.input.axis != axis or spec.input.channels not in (0, channels):
+            raise ArchitectureError(f"{where} takes {channels} input channels on axis {axis}; the file's input "
+                                    f"quantizer has {spec.input.channels} on axis {spec.input.axis}")
     return module
 
 

@@ -83,18 +83,15 @@ def sniff(first: bytes) -> Optional[str]:
 def read_header(path: str | os.PathLike) -> Header:
     """Open `path` and validate its safetensors header; raises a `CheckpointError` subclass."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(min(size, 8))
-            if (kind := sniff(prefix)) is not None:
-                raise NotSafetensorsError(f"{path}: this is {kind}, not safetensors; qat never unpickles files")
-            if size < 8:
-                raise TruncatedError(f"{path}: {size} byte(s) is too short for a safetensors file (needs 8+)")
-            header_size = int.from_bytes(prefix, "little")
-            raw = _read_header_bytes(handle, path, size, header_size)
-    except OSError as err:
-        raise NotSafetensorsError(f"{path}: cannot read the file: {err}") from None
+    with open(path, "rb") as handle:  # OS errors (missing file, no permission) propagate as they are
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(min(size, 8))
+        if (kind := sniff(prefix)) is not None:
+            raise NotSafetensorsError(f"{path}: this is {kind}, not safetensors; qat never unpickles files")
+        if size < 8:
+            raise TruncatedError(f"{path}: {size} byte(s) is too short for a safetensors file (needs 8+)")
+        header_size = int.from_bytes(prefix, "little")
+        raw = _read_header_bytes(handle, path, size, header_size)
     header = Header(path=path, file_size=size, header_size=header_size)
     _parse_entries(header, _parse_json(path, raw))
     return header

@@ -79,6 +79,7 @@ class _PackedWeight(nn.Module):
             self.weight_zeros = None
         self.input_quantizer = InputQuantizer(spec.input, device) if spec.input is not None else None
         self.dynamic_activation_bits: Optional[int] = None
+        self.kernel_backend: Optional[str] = None  # None: dispatch chooses (or $QAT_KERNEL_BACKEND)
 
     @property
     def weight_spec(self) -> WeightSpec:
@@ -130,7 +131,8 @@ class PackedLinear(_PackedWeight):
         w = self.weight_spec
         if w.layout == LAYOUT_INT4:
             return dispatch.int4_linear(
-                x, self.weight_packed, self.weight_scales, self.kernel_zeros_or_none(), w.group_size, self.bias
+                x, self.weight_packed, self.weight_scales, self.kernel_zeros_or_none(), w.group_size, self.bias,
+                backend=self.kernel_backend,
             )
         weight = self.dequantized_weight().to(x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))

@@ -44,6 +44,12 @@ def make_prepared(model: nn.Module, spec: qat.QuantSpec, seed: int, calibrate_wi
     return model.eval()
 
 
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exactness is promised on the reference path; faster backends have their own tolerances."""
+    monkeypatch.setenv("QAT_KERNEL_BACKEND", "reference")
+
+
 @pytest.fixture
 def checkpoint_path(tmp_path: Path) -> Path:
     return tmp_path / "model.safetensors"

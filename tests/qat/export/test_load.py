@@ -13,13 +13,13 @@ import safetensors
 import torch
 from conftest import assert_bitwise_equal, make_prepared
 from export_test_models import MLP, ConvNet, EmbedMLP, TinyLM
+from qat.kernels import dispatch
 from torch import nn
 
 import qat
 from qat import QuantizerConfig, QuantRule, QuantSpec, default_activation_config
 from qat.export import ArchitectureError, PackedConv2d, PackedEmbedding, PackedLinear, export_model
 from qat.export.runtime import InputQuantizer, dynamic_per_token
-from qat.kernels import dispatch
 
 CHANNEL_ACT = QuantizerConfig(bits=8, symmetric=False, granularity="channel", quantizer="lsq_plus", init="minmax",
                               scale_dtype="float32")
@@ -133,7 +133,7 @@ def test_quantized_layers_hold_only_packed_buffers(checkpoint_path):
         assert all(not p.requires_grad for p in module.parameters())
     # The model's tensors are exactly the file's tensors: nothing dequantized is kept.
     with safetensors.safe_open(checkpoint_path, framework="pt") as handle:
-        file_bytes = sum(handle.get_tensor(key).nbytes for key in handle.keys())
+        file_bytes = sum(handle.get_tensor(key).nbytes for key in handle)
     unique = {id(t): t for t in [*loaded.parameters(), *loaded.buffers()]}
     assert sum(t.nbytes for t in unique.values()) == file_bytes
 
@@ -144,23 +144,26 @@ def test_safetensors_library_reads_the_same_tensors(checkpoint_path):
     state = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
     with safetensors.safe_open(checkpoint_path, framework="pt") as handle:
         assert set(handle.keys()) == set(state)
-        for key in handle.keys():
+        for key in handle:
             assert torch.equal(handle.get_tensor(key), state[key])
 
 
 def test_int4_linear_layers_call_the_dispatch_entry_point(checkpoint_path, monkeypatch):
     calls = []
-    reference = dispatch.BACKENDS["reference"]
+    entry_point = dispatch.int4_linear
 
-    def spy(x, packed, scales, zeros, group_size, bias=None):
-        calls.append((packed.dtype, tuple(packed.shape), group_size))
-        return reference(x, packed, scales, zeros, group_size, bias)
+    def spy(x, packed, scales, zeros, group_size, bias=None, backend=None):
+        calls.append((packed.dtype, tuple(packed.shape), group_size, backend))
+        return entry_point(x, packed, scales, zeros, group_size, bias, backend=backend)
 
-    monkeypatch.setitem(dispatch.BACKENDS, "reference", spy)
+    monkeypatch.setattr(dispatch, "int4_linear", spy)
     model = make_prepared(MLP(), MLP_SPECS["int4-g32-sym"], seed=0)
-    _, loaded = roundtrip(model, checkpoint_path, {"_target_": "export_test_models.MLP"})
-    loaded(torch.randn(2, 64))
-    assert calls == [(torch.uint8, (128, 32), 32), (torch.uint8, (128, 64), 32), (torch.uint8, (32, 64), 32)]
+    _, loaded = roundtrip(model, checkpoint_path, {"_target_": "export_test_models.MLP"}, kernel_backend="reference")
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert_bitwise_equal(loaded(x), model(x))
+    assert calls == [(torch.uint8, (128, 32), 32, "reference"), (torch.uint8, (128, 64), 32, "reference"),
+                     (torch.uint8, (32, 64), 32, "reference")]
 
 
 def test_low_bit_symmetric_layers_pass_their_implied_zero_to_the_kernel(checkpoint_path):
@@ -223,7 +226,8 @@ def test_dynamic_per_token_activation_option(checkpoint_path):
     assert loaded.fc1.dynamic_activation_bits == 8
     with torch.no_grad():
         first = loaded.fc1(x)
-        assert torch.equal(first, nn.functional.linear(expected_input, loaded.fc1.dequantized_weight(), loaded.fc1.bias))
+        weight, bias = loaded.fc1.dequantized_weight(), loaded.fc1.bias
+        assert torch.equal(first, nn.functional.linear(expected_input, weight, bias))
         static = qat.load(checkpoint_path)(x)
         # int8 per token: relative error well under 2 % on these random inputs (measured ~0.5 %)
         assert (loaded(x) - static).norm() / static.norm() < 0.02

@@ -9,12 +9,12 @@ from collections import OrderedDict
 import pytest
 import torch
 from conftest import assert_bitwise_equal, perturb_qparams
+from qat.kernels.reference import dequantize_int4, pack_int4, unpack_int4
 from torch import nn
 
 from qat import LayerConfig, QuantConv2d, QuantEmbedding, QuantizerConfig, QuantLinear
 from qat.export.format import CODES, PACKED, SCALES, ZEROS, ExportError
 from qat.export.pack import dequantize_weight, pack_layer
-from qat.kernels.reference import dequantize_int4, pack_int4, unpack_int4
 
 # ---- golden vectors ------------------------------------------------------------------------
 # The worked example of docs/FORMAT.md (test_format_doc.py checks the doc holds these numbers).
