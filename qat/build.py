@@ -7,11 +7,12 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -20,12 +21,15 @@ from torch import nn
 
 from qat.config import ConfigError
 from qat.data_loading import LoaderProgress
+from qat.lightning.distillation import Distillation, make_distillation
 from qat.lightning.loggers import make_loggers
 from qat.lightning.module import QATModule
 from qat.lightning.nonfinite import NonFiniteGuard
+from qat.lightning.pruning import Pruning, pruned_layers
 from qat.lightning.schedule import QuantizationSchedule
 from qat.lightning.telemetry import QuantTelemetry
 from qat.prepare import PrepareReport, prepare
+from qat.prune import attach_masks, remove_masks
 from qat.recipe import Recipe, TargetConfig, quant_spec_hash, recipe_hash, recipe_to_yaml
 
 
@@ -42,6 +46,8 @@ class Run:
     schedule: QuantizationSchedule
     trainer: pl.Trainer
     resume_from: Optional[str]
+    distillation: Optional[Distillation] = None
+    pruning: Optional[Pruning] = None
 
 
 def import_object(path: str, key: str) -> Any:
@@ -64,12 +70,19 @@ def instantiate(target: TargetConfig, key: str, **extra: Any) -> Any:
         raise ConfigError(f"{key}: {target._target_}(**{dict(target.args)}) failed: {err}") from None
 
 
-def build_model(recipe: Recipe) -> tuple[nn.Module, PrepareReport]:
-    """The user's float model from the recipe, prepared with `recipe.quant`."""
+def build_model(recipe: Recipe, on_float: Optional[Callable[[nn.Module], None]] = None,
+                ) -> tuple[nn.Module, PrepareReport]:
+    """The user's float model from the recipe, prepared with `recipe.quant` (and given all-ones
+    pruning masks when `recipe.prune` is on); `on_float` sees the float model before prepare."""
     model = instantiate(recipe.model, "model")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model._target_={recipe.model._target_!r} did not return an nn.Module")
-    return prepare(model, recipe.quant)
+    if on_float is not None:
+        on_float(model)
+    model, report = prepare(model, recipe.quant)
+    if recipe.prune.enabled:
+        attach_masks(model, pruned_layers(model, recipe.prune)[0])
+    return model, report
 
 
 def resolve_run_dir(recipe: Recipe) -> tuple[Path, Optional[str]]:
@@ -114,7 +127,9 @@ def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -
     run_dir, resume_from = resolve_run_dir(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    model, report = build_model(recipe)
+    floats: list[nn.Module] = []
+    keep_float = recipe.distill.enabled and recipe.distill.teacher == "initial"
+    model, report = build_model(recipe, (lambda m: floats.append(copy.deepcopy(m))) if keep_float else None)
     datamodule = instantiate(recipe.data, "data")
     num_classes = getattr(datamodule, "num_classes", None) or recipe.model.args.get("classes", 10)
     info = {"recipe": recipe_to_yaml(recipe), "recipe_hash": recipe_hash(recipe),
@@ -123,9 +138,15 @@ def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -
     schedule = QuantizationSchedule(recipe.schedule)
     if resume_from is None:
         schedule.model_setup(model)
-    trainer = pl.Trainer(**trainer_kwargs(recipe, run_dir, build_callbacks(recipe, run_dir, schedule)
-                                          + list(extra_callbacks or [])))
-    return Run(recipe, run_dir, model, report, module, datamodule, schedule, trainer, resume_from)
+    distillation = make_distillation(recipe, run_dir, floats[0] if floats else None) \
+        if recipe.distill.enabled else None
+    pruning = Pruning(recipe.prune) if recipe.prune.enabled else None
+    callbacks = build_callbacks(recipe, run_dir, schedule)
+    # Right after the schedule, distillation first: its 'warmup' teacher is taken before pruning starts.
+    callbacks[1:1] = [c for c in (distillation, pruning) if c is not None]
+    trainer = pl.Trainer(**trainer_kwargs(recipe, run_dir, callbacks + list(extra_callbacks or [])))
+    return Run(recipe, run_dir, model, report, module, datamodule, schedule, trainer, resume_from, distillation,
+               pruning)
 
 
 def _strategy(name: str) -> Any:
@@ -158,7 +179,8 @@ def trainer_kwargs(recipe: Recipe, run_dir: Path, callbacks: list[pl.Callback]) 
 
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict, str]:
     """(prepared model with trained weights and qparams, architecture dict, recipe hash) from a
-    Lightning checkpoint written by a qat run, or from a run directory (its checkpoints/last.ckpt)."""
+    Lightning checkpoint written by a qat run, or from a run directory (its checkpoints/last.ckpt).
+    Pruning masks are baked into the weights and dropped."""
     from qat.recipe import load_recipe_text
 
     path = Path(path)
@@ -174,5 +196,6 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict, str]:
     model, _ = build_model(recipe)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
-    architecture = {"_target_": recipe.model._target_, "args": dict(recipe.model.args)}
+    remove_masks(model)  # pruned weights are already 0; the masks are training state
+    architecture = {"_target_": recipe.model._target_, **recipe.model.args}  # the form qat.load rebuilds
     return model.eval(), architecture, info.get("recipe_hash", "")

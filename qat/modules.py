@@ -41,8 +41,13 @@ class QuantModule:
         )
 
     def quantized_weight(self) -> Tensor:
-        """The weight the layer computes with (fake-quantized when its quantizer is on)."""
-        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        """The weight the layer computes with: times its `weight_mask` buffer if it has one
+        (pruning, see qat.prune), then fake-quantized when its quantizer is on."""
+        weight = self.weight
+        mask = self._buffers.get("weight_mask")
+        if mask is not None:
+            weight = weight * mask  # before fake-quant: pruned weights quantize to exactly 0
+        return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
 
     def quantized_input(self, x: Tensor) -> Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)

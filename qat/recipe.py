@@ -30,6 +30,9 @@ TASKS = ("classification", "language_model")
 WANDB_MODES = ("offline", "online", "disabled")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
+FEATURE_LOSSES = ("mse", "cosine")
+TEACHER_DTYPES = ("float32", "bfloat16")
+PRUNE_METHODS = ("magnitude", "global_magnitude", "nm")
 
 
 @dataclass
@@ -109,6 +112,92 @@ class ExportConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (see qat.lightning.distillation).
+
+    `teacher`: 'initial' (the float model as built, before prepare: a pretrained model),
+    'warmup' (the float model at the end of FP warm-up; saved once to the run directory),
+    or a path: a qat training checkpoint (.ckpt), a .safetensors state dict of the recipe's
+    model, or a Hugging Face model directory. The loss is
+
+        task_weight * task_loss + w(t) * T^2 * KL(teacher || student at temperature T)
+                                + feature_weight * w(t)/weight * sum of feature losses
+
+    where w(t) ramps linearly from 0 to `weight` over `ramp_steps` from `start_step` (for
+    'warmup', from the end of warm-up at the earliest). `task_weight: 0` is labels-free
+    training. `features` maps student layer names to teacher layer names.
+    """
+
+    enabled: bool = False
+    teacher: str = "initial"
+    temperature: float = 2.0
+    weight: float = 1.0
+    start_step: int = 0
+    ramp_steps: int = 0
+    task_weight: float = 1.0
+    features: Dict[str, str] = field(default_factory=dict)
+    feature_loss: str = "mse"
+    feature_weight: float = 1.0
+    teacher_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _choice("distill.feature_loss", self.feature_loss, FEATURE_LOSSES)
+        _choice("distill.teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature={self.temperature} must be > 0")
+        for key in ("weight", "task_weight", "feature_weight", "start_step", "ramp_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"distill.{key}={getattr(self, key)} must be >= 0")
+        if self.enabled and self.task_weight == 0 and (self.teacher == "warmup" or self.start_step > 0):
+            raise ConfigError("distill.task_weight=0 (labels-free) needs the teacher from step 0: "
+                              "use distill.teacher other than 'warmup' and distill.start_step=0")
+
+
+@dataclass
+class PruneConfig:
+    """Gradual pruning (Zhu & Gupta 2017 cubic schedule, by optimizer step; see qat.prune).
+
+    `method`: 'magnitude' (per layer), 'global_magnitude' or 'nm' (`n`:`m` along the input
+    dimension; final sparsity (m-n)/m). Sparsity goes from `initial_sparsity` at
+    `start_step` to `sparsity` (None: (m-n)/m for 'nm') at `end_step`, updated every
+    `frequency` steps. `layers` / `exclude`: regexes of layer names (no `layers`: every
+    Linear and Conv2d).
+    """
+
+    enabled: bool = False
+    method: str = "nm"
+    sparsity: Optional[float] = None
+    n: int = 2
+    m: int = 4
+    initial_sparsity: float = 0.0
+    start_step: int = 0
+    end_step: int = 0
+    frequency: int = 10
+    layers: List[str] = field(default_factory=list)
+    exclude: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _choice("prune.method", self.method, PRUNE_METHODS)
+        if not 1 <= self.n < self.m:
+            raise ConfigError(f"prune.n={self.n}, prune.m={self.m}: need 1 <= n < m")
+        limit = (self.m - self.n) / self.m if self.method == "nm" else 1.0
+        if self.sparsity is None and self.method != "nm" and self.enabled:
+            raise ConfigError(f"prune.sparsity is required for prune.method={self.method!r}")
+        final = self.final_sparsity
+        if not 0 <= final < 1 or final > limit:
+            raise ConfigError(f"prune.sparsity={final} must be in [0, 1) and <= {limit:g} for {self.method}")
+        if not 0 <= self.initial_sparsity <= final:
+            raise ConfigError(f"prune.initial_sparsity={self.initial_sparsity} must be in [0, prune.sparsity]")
+        if self.start_step < 0 or self.end_step < 0 or self.frequency < 1:
+            raise ConfigError("prune.start_step and prune.end_step must be >= 0 and prune.frequency >= 1")
+
+    @property
+    def final_sparsity(self) -> float:
+        """`sparsity`, or (m - n) / m when it is None."""
+        return (self.m - self.n) / self.m if self.sparsity is None else self.sparsity
+
+
+@dataclass
 class Recipe:
     """A whole QAT run. Every field is documented in the dataclass it belongs to."""
 
@@ -122,6 +211,8 @@ class Recipe:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     resume: Optional[str] = None
 
     def __post_init__(self) -> None:

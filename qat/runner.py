@@ -7,8 +7,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
@@ -34,7 +36,37 @@ def summarize(run: Run, seconds: float) -> dict[str, Any]:
         "seconds": round(seconds, 1),
         "quantized_layers": len(run.report.quantized),
         "skipped_layers": {layer.name: layer.reason for layer in run.report.skipped},
+        **_kd_prune_summary(run),
     }
+
+
+def _kd_prune_summary(run: Run) -> dict[str, Any]:
+    """Distillation (teacher reference) and pruning (per-layer sparsity) figures, when they are on."""
+    extra: dict[str, Any] = {}
+    if run.distillation is not None:
+        extra["distill"] = run.distillation.state_dict()
+    if run.pruning is not None:
+        extra["sparsity"] = run.pruning.summary(run.model)
+    return extra
+
+
+def export_run(run: Run) -> dict[str, Any]:
+    """Write the int4 checkpoint (`recipe.export.path`, default `<run_dir>/model.safetensors`; pruning
+    masks baked into the weights), load it back with `qat.load` and measure it: summary entries."""
+    from qat.export import export_model, load
+    from qat.lightning.module import QATModule
+    from qat.prune import remove_masks
+
+    recipe = run.recipe
+    path = Path(recipe.export.path or run.run_dir / "model.safetensors")
+    model = copy.deepcopy(run.model)
+    remove_masks(model)
+    size = export_model(model, path, architecture={"_target_": recipe.model._target_, **recipe.model.args},
+                        recipe_hash=recipe_hash(recipe))
+    evaluator = QATModule(load(path), recipe.task, getattr(run.datamodule, "num_classes", None)
+                          or recipe.model.args.get("classes", 10))
+    return {"int4": evaluator.evaluate(run.datamodule.val_dataloader()),
+            "export": {"path": str(path), "file_bytes": size.file_bytes, "bits_per_weight": size.bits_per_weight}}
 
 
 def print_summary(summary: dict[str, Any], console: Optional[Console] = None) -> None:
@@ -62,6 +94,8 @@ def train(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None, q
     start = time.perf_counter()
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.resume_from, weights_only=True)
     summary = summarize(run, time.perf_counter() - start)
+    if run.recipe.export.enabled and run.schedule.quantized and run.trainer.is_global_zero:
+        summary.update(export_run(run))
     if run.trainer.is_global_zero:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary, console)

@@ -27,6 +27,9 @@ from qat.control import quantizer_parameters
 from qat.recipe import OptimizerConfig
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+# A loss hook gets (input, logits, targets) of a training batch and returns named, already
+# weighted loss terms to add to the task loss (distillation adds its terms this way).
+LossHook = Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]]
 
 
 def _numpy_state() -> list:
@@ -66,6 +69,8 @@ class QATModule(pl.LightningModule):
         self.optimizer_config = optimizer or OptimizerConfig()
         self.checkpoint_info = dict(checkpoint_info or {})
         self.val_metrics = self._make_metrics(task, num_classes)
+        self.loss_hooks: list[LossHook] = []
+        self.task_loss_weight = 1.0  # 0: labels-free (the loss hooks alone)
 
     @staticmethod
     def _make_metrics(task: str, num_classes: Optional[int]) -> torchmetrics.MetricCollection:
@@ -89,9 +94,26 @@ class QATModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = self.loss_fn(self(x), y)
+        terms = self.loss_terms(x, y, self(x))
+        loss = sum(terms.values()) if len(terms) > 1 else next(iter(terms.values()))
+        if self.loss_hooks:
+            self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, on_step=True,
+                          on_epoch=False)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def loss_terms(self, x: Tensor, y: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        """Named loss terms of a training batch: the task loss (times `task_loss_weight`, left
+        out when that is 0) and those of every `loss_hooks` entry."""
+        terms: dict[str, Tensor] = {}
+        if self.task_loss_weight:
+            task = self.loss_fn(logits, y)
+            terms["task"] = task if self.task_loss_weight == 1.0 else self.task_loss_weight * task
+        for hook in self.loss_hooks:
+            terms.update(hook(x, logits, y))
+        if not terms:
+            raise RuntimeError("no loss term: task_loss_weight is 0 (labels-free) and no loss hook gave a term")
+        return terms
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
