@@ -106,6 +106,24 @@ def test_tied_head_layernorm_and_nonpersistent_buffer(checkpoint_path):
         assert_bitwise_equal(loaded(ids), model(ids))
 
 
+def test_bf16_with_layernorm_stays_within_bf16_rounding_of_autocast(checkpoint_path):
+    # Under autocast LayerNorm keeps float32 parameters; the bf16 model rounds them to bf16. That
+    # rounding (2^-8 relative) through LN and two Linear layers gave at most 0.8 % of the largest
+    # output magnitude over 5 seeds; 3 % leaves room without hiding a real error (a wrong code is
+    # a full quantization step, 10 % or more of a weight).
+    spec = QuantSpec(weight=QuantizerConfig(group_size=16))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = make_prepared(TinyLM(), spec, seed)
+        _, loaded = roundtrip(model, checkpoint_path, {"_target_": "export_test_models.TinyLM"}, dtype=torch.bfloat16)
+        ids = torch.randint(0, 48, (4, 16))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = model(ids).float()
+        with torch.no_grad():
+            actual = loaded(ids).float()
+        assert (actual - expected).abs().max() <= 0.03 * expected.abs().max()
+
+
 def test_ties_recorded_in_the_file_are_restored_on_an_untied_skeleton(checkpoint_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
@@ -229,7 +247,7 @@ def test_dynamic_per_token_activation_option(checkpoint_path):
         weight, bias = loaded.fc1.dequantized_weight(), loaded.fc1.bias
         assert torch.equal(first, nn.functional.linear(expected_input, weight, bias))
         static = qat.load(checkpoint_path)(x)
-        # int8 per token: relative error well under 2 % on these random inputs (measured ~0.5 %)
+        # int8 per token: relative L2 error under 2 % on random inputs (measured 0.8-0.9 %, 5 seeds)
         assert (loaded(x) - static).norm() / static.norm() < 0.02
     with pytest.raises(ValueError, match="dynamic_activation_bits"):
         qat.load(checkpoint_path, dynamic_activation_bits=16)
