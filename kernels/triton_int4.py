@@ -137,8 +137,8 @@ GEMM_CONFIGS = [
         (16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 4), (64, 128, 32, 4, 4),
     )
 ]
-INTERPRETER_GEMV_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64}
-INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+INTERPRETER_GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128}
+INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}
 _TUNING_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE"]
 _autotuned: dict[str, object] = {}
 

@@ -1,0 +1,145 @@
+"""Layers, error bounds and the tolerance table shared by the kernel tests.
+
+Every fast path is compared with reference.int4_linear_reference elementwise against the
+standard forward-error bound of a dot product, so a tolerance scales with the data instead
+of being one magic number:
+
+    |y - y_ref| <= unit * (a * (|x| @ |W|.T + |bias|) + b * (|x| @ S.T)) + 2 * K * 2**-24 * (|x| @ |W|.T)
+
+W is the exact fp32 dequantized weight, S[n, k] the scale of k's group, `unit` the unit
+roundoff of the precision the backend computes in. The last term is fp32 accumulation in any
+order, on both sides (gamma_K). TOLERANCES gives (unit, a, b) per (backend, dtype) with the
+reason; backends not listed there are bit-exact and are compared bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from qat.kernels.reference import dequantize_int4, pack_int4
+from torch import Tensor
+
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+BF16 = UNIT_ROUNDOFF[torch.bfloat16]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    unit: float  # unit roundoff of the compute precision
+    a: float  # multiples of unit * (|x| @ |W|.T): roundings proportional to the weight or the output
+    b: float  # multiples of unit * (|x| @ S.T): weight errors proportional to the group's scale
+    reason: str
+
+
+TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
+    **{
+        (kernel, dtype): Tolerance(
+            UNIT_ROUNDOFF[dtype], 2.0, 0.0,
+            "same fp32 dequant and same rounding of W to x's dtype as the reference (bitwise), products exact "
+            "in fp32; only the fp32 summation order differs (last term), which can move the final rounding of "
+            "y to x's dtype by one unit on either side: 2 units",
+        )
+        for kernel in ("triton_gemv", "triton_gemm")
+        for dtype in (torch.float16, torch.bfloat16)
+    },
+    **{
+        (kernel, torch.float32): Tolerance(
+            UNIT_ROUNDOFF[torch.float32], 2.0, 0.0,
+            "fp32 weights are the reference's bit for bit; summation order only (last term) plus one rounding",
+        )
+        for kernel in ("triton_gemv", "triton_gemm")
+    },
+    ("cpu_int4pack", torch.bfloat16): Tolerance(
+        BF16, 3.0, 16.0,
+        "torch's kernel dequantizes (code - 8) * scale + offset with scale and offset = (8 - zero) * scale "
+        "rounded to bf16: |dW| <= unit * scale * (|code - 8| + |8 - zero|) <= 16 unit S (b = 16); the "
+        "reference rounds W to bf16 (1 unit |W|), both round y to bf16 (2 units): a = 3",
+    ),
+    ("cpu_int4pack", torch.float32): Tolerance(
+        BF16, 4.0, 16.0,
+        "as for bf16 activations, plus x rounded to bf16 (1 unit |x||W|); the fp32 reference rounds nothing",
+    ),
+    ("cpu_int4pack", torch.float16): Tolerance(
+        BF16, 5.0, 16.0,
+        "computes in bf16: x to bf16 (1), W offsets (b = 16), y to bf16 then fp16 (2), and the reference's own "
+        "fp16 roundings of W and y (< 2 bf16 units together)",
+    ),
+}
+
+
+def make_layer(
+    n: int,
+    k: int,
+    group_size: int,
+    scale_dtype: torch.dtype = torch.float16,
+    zero_points: bool = True,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Random packed codes, scales in [0.001, 0.021) and optional zero points for an (n, k) layer."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
+    scales = (torch.rand(n, k // group_size, generator=generator) * 0.02 + 0.001).to(scale_dtype)
+    zeros = torch.randint(0, 16, (n, k // group_size), dtype=torch.uint8, generator=generator) if zero_points else None
+    return pack_int4(codes), scales, zeros
+
+
+def error_bound(
+    x: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    zeros: Optional[Tensor],
+    group_size: int,
+    bias: Optional[Tensor],
+    tolerance: Tolerance,
+) -> Tensor:
+    """The elementwise bound in the module docstring, in float64, shaped like y."""
+    weights = dequantize_int4(packed, scales, zeros, group_size).double()  # (N, K)
+    group_scales = scales.double().repeat_interleave(group_size, dim=1)  # (N, K)
+    magnitude = x.double().abs() @ weights.abs().T  # (..., N)
+    if bias is not None:
+        magnitude = magnitude + bias.double().abs()
+    scale_term = x.double().abs() @ group_scales.T
+    accumulation = 2 * x.shape[-1] * UNIT_ROUNDOFF[torch.float32] * magnitude
+    return tolerance.unit * (tolerance.a * magnitude + tolerance.b * scale_term) + accumulation
+
+
+def assert_within_bound(actual: Tensor, expected: Tensor, bound: Tensor, label: str) -> None:
+    """|actual - expected| <= bound elementwise, both finite; the message names the worst element."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, label
+    assert torch.isfinite(actual).all(), f"{label}: non-finite output"
+    error = (actual.double() - expected.double()).abs()
+    excess = error - bound
+    worst = int(excess.argmax())
+    assert excess.max() <= 0, (
+        f"{label}: error {error.flatten()[worst]:.3e} > bound {bound.flatten()[worst]:.3e} at flat index {worst}"
+    )
+
+
+def assert_bitwise_equal(actual: Tensor, expected: Tensor, label: str = "") -> None:
+    """Same dtype, shape and bits."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, label
+    views = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    mismatched = (actual.contiguous().view(views[actual.dtype]) != expected.contiguous().view(views[actual.dtype]))
+    assert int(mismatched.sum()) == 0, f"{label}: {int(mismatched.sum())} of {actual.numel()} values differ"
+
+
+def make_exact_case(
+    n: int, k: int, group_size: int, rows: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x, packed, scales, zeros whose products and fp32 sums are all exact: any kernel must then agree
+    with the reference bit for bit, so a single misplaced code or scale fails (unlike the bounds above).
+
+    Scales are powers of two (2^-6 .. 2^-3), activations small integers (|x| <= 8), so every weight
+    (code - zero) * scale is exact in bf16/fp16, every product is a multiple of 2^-6 and every partial
+    sum stays below 2^17: exact in fp32 in any order. Only the final rounding of y remains, and both
+    sides round the same exact value.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
+    exponents = torch.randint(3, 7, (n, k // group_size), generator=generator)
+    scales = torch.pow(2.0, -exponents.double()).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (n, k // group_size), dtype=torch.uint8, generator=generator)
+    x = torch.randint(-8, 9, (rows, k), generator=generator).to(dtype)
+    return x, pack_int4(codes), scales, zeros

@@ -1,0 +1,134 @@
+"""Dispatch: automatic choice, forcing by argument or environment, errors, per-layer caches."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from qat.kernels import cpu, dispatch
+from qat.kernels.dispatch import BACKENDS, ENV_VAR, choose_backend, int4_linear
+from qat.kernels.reference import int4_linear_reference
+from qat.kernels.weights import PackedInt4Weight, cached_weight, prepare_weights
+
+from .helpers import assert_bitwise_equal, make_layer
+
+KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
+
+
+@pytest.fixture
+def layer():
+    packed, scales, zeros = make_layer(32, 128, 32)
+    return packed, scales, zeros, 32
+
+
+def test_unknown_backend_lists_the_available_ones(layer, monkeypatch):
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match=r"unknown int4 kernel backend 'tinygemm'.*available: auto, cpu_int4pack"):
+        int4_linear(x, *layer, backend="tinygemm")
+    monkeypatch.setenv(ENV_VAR, "nope")
+    with pytest.raises(ValueError, match=rf"'nope' \(from backend= or \${ENV_VAR}\).*dequant_cached"):
+        int4_linear(x, *layer)
+
+
+def test_environment_forces_a_backend_and_argument_wins(layer, monkeypatch):
+    calls = []
+    monkeypatch.setitem(BACKENDS, "spy", dispatch.Backend("spy", lambda x, w, b: calls.append("spy") or x,
+                                                          lambda x, w: None))
+    monkeypatch.setenv(ENV_VAR, "spy")
+    x = torch.randn(2, 128)
+    int4_linear(x, *layer)
+    assert calls == ["spy"]
+    assert_bitwise_equal(int4_linear(x, *layer, backend="reference"), int4_linear_reference(x, *layer))
+    assert calls == ["spy"]
+    monkeypatch.setenv(ENV_VAR, "auto")
+    int4_linear(x, *layer)
+    assert calls == ["spy"]
+
+
+def test_automatic_choice_on_cpu():
+    packed, scales, zeros = make_layer(32, 128, 32)
+    x = torch.randn(1, 128)
+    expected = "cpu_int4pack" if cpu.int4pack_available() else "dequant"
+    assert choose_backend(x, PackedInt4Weight(packed, scales, zeros, 32)) == expected
+    packed16, scales16, zeros16 = make_layer(32, 128, 16)
+    assert choose_backend(x, PackedInt4Weight(packed16, scales16, zeros16, 16)) == "dequant"
+    assert_bitwise_equal(int4_linear(x, packed16, scales16, zeros16, 16),
+                         int4_linear_reference(x, packed16, scales16, zeros16, 16))
+
+
+def test_forced_backend_that_cannot_run_says_why(layer):
+    with pytest.raises(ValueError, match=r"'triton' cannot run this layer: .*(CUDA|not installed)"):
+        int4_linear(torch.randn(1, 128), *layer, backend="triton")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p, s, z, g: (p.to(torch.int8), s, z, g), "packed must be a 2-D uint8"),
+        (lambda p, s, z, g: (p, s, z, 48), "group_size 48 must be a positive int dividing K = 128"),
+        (lambda p, s, z, g: (p, s[:, :2], z, g), r"scales have shape \(32, 2\), expected \(32, 4\)"),
+        (lambda p, s, z, g: (p, s.to(torch.int32), z, g), "scales must be float16, bfloat16 or float32"),
+        (lambda p, s, z, g: (p, s, z.to(torch.int32), g), "zeros must be uint8"),
+        (lambda p, s, z, g: (p, s, z[:3], g), r"zeros have shape \(3, 4\)"),
+    ],
+)
+def test_bad_layouts_are_named(layer, change, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        int4_linear(torch.randn(1, 128), *change(*layer))
+
+
+def test_bad_activations_and_bias_are_named(layer):
+    with pytest.raises(ValueError, match="last dimension must be K = 128"):
+        int4_linear(torch.randn(1, 64), *layer)
+    with pytest.raises(TypeError, match="floating-point"):
+        int4_linear(torch.ones(1, 128, dtype=torch.int32), *layer)
+    with pytest.raises(ValueError, match=r"bias has shape \(31,\), expected \(32,\)"):
+        int4_linear(torch.randn(1, 128), *layer, bias=torch.randn(31))
+
+
+def test_forms_are_cached_per_layer_and_rebuilt_after_in_place_writes(layer):
+    packed, scales, zeros, group_size = layer
+    x = torch.randn(3, 128)
+    first = int4_linear(x, packed, scales, zeros, group_size, backend="dequant_cached")
+    weight = cached_weight(packed, scales, zeros, group_size)
+    cached = weight.form(f"dequantized:{x.dtype}", lambda w: pytest.fail("should be cached"))
+    int4_linear(x, packed, scales, zeros, group_size, backend="dequant_cached")
+    assert cached_weight(packed, scales, zeros, group_size) is weight
+    assert weight.form(f"dequantized:{x.dtype}", lambda w: None) is cached
+    packed.copy_(packed ^ 0x11)  # a checkpoint loaded in place: every code changes
+    second = int4_linear(x, packed, scales, zeros, group_size, backend="dequant_cached")
+    assert not torch.equal(first, second)
+    assert_bitwise_equal(second, int4_linear_reference(x, packed, scales, zeros, group_size))
+
+
+def test_prepare_weights_builds_the_form_now_and_is_callable():
+    packed, scales, zeros = make_layer(48, 256, 64)
+    bias = torch.randn(48)
+    weight = prepare_weights(packed, scales, zeros, 64, backend="dequant_cached", bias=bias)
+    assert "dequantized:torch.float32" not in repr(weight)  # dequant_cached builds per dtype on first call
+    if cpu.int4pack_available():
+        assert "cpu_int4pack" in repr(prepare_weights(packed, scales, zeros, 64, backend="cpu_int4pack"))
+    x = torch.randn(2, 256)
+    assert_bitwise_equal(weight(x, backend="dequant"), int4_linear_reference(x, packed, scales, zeros, 64, bias))
+    weight.drop_forms()
+    assert "forms=[]" in repr(weight)
+
+
+def test_kernels_import_with_torch_alone():
+    """The kernels folder, loaded as a standalone package, pulls in neither qat nor triton nor Lightning."""
+    script = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("standalone_kernels", {str(KERNELS_DIR / "__init__.py")!r},
+                                              submodule_search_locations=[{str(KERNELS_DIR)!r}])
+module = importlib.util.module_from_spec(spec); sys.modules["standalone_kernels"] = module
+spec.loader.exec_module(module)
+import standalone_kernels.dispatch, standalone_kernels.bench, standalone_kernels.weights, standalone_kernels.cpu
+loaded = sorted(name for name in ("qat", "triton", "lightning", "pytorch_lightning", "omegaconf", "wandb")
+                if name in sys.modules)
+assert not loaded, loaded
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
