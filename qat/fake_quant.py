@@ -126,7 +126,9 @@ class FakeQuantizer(nn.Module):
     def _fake_quantize(self, x: Tensor) -> Tensor:
         view = grouped_view(x, self.granularity, self.group_size, self.axis)
         scale = expand_qparam(self.scale, self.granularity, view.dim(), self.axis)
-        zero = expand_qparam(self.zero_point, self.granularity, view.dim(), self.axis)
+        zero = None  # symmetric settings keep their zero point at 0: None skips its passes
+        if not self.config.symmetric:
+            zero = expand_qparam(self.zero_point, self.granularity, view.dim(), self.axis)
         per_scale = max(1, x.numel() // max(1, self.scale.numel()))
         c = self.config
         factor = lsq_grad_factor(per_scale, c.qmax)

@@ -15,10 +15,12 @@ which is what an integer kernel and exact pruned zeros need.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from qat.functional import dequantize, effective_qparams, quantize
+from qat.functional import effective_qparams
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -37,43 +39,57 @@ def round_ste(x: Tensor) -> Tensor:
 
 
 class _LSQFakeQuantize(torch.autograd.Function):
+    """Forward and backward in a few in-place passes over float32 buffers.
+
+    Measured on the CPU this project runs on: comparisons and `where` that produce or
+    read bool tensors were 4-10x slower per element than float arithmetic, and each new
+    buffer costs about twice an in-place pass. So the clipping mask is a 0/1 float
+    (`torch.eq` into a float buffer), the backward reuses three buffers, and a missing
+    zero point (symmetric codes) skips its two passes. See benchmarks/train_step-cpu.md.
+    """
+
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor, scale_dtype):
-        s, z = effective_qparams(scale, zero_point, qmin, qmax, scale_dtype)
+        zero = zero_point if zero_point is not None else torch.zeros((), device=scale.device)
+        s, z = effective_qparams(scale, zero, qmin, qmax, scale_dtype)
+        z = z if zero_point is not None else None
         ctx.save_for_backward(x, s, z)
         ctx.qrange = (qmin, qmax)
         ctx.grad_factor = grad_factor
-        ctx.shapes = (scale.shape, zero_point.shape)
-        # x.float(): a 0-dim (per-tensor) scale would not promote a bf16 / fp16 x to float32
-        out = dequantize(quantize(x.float(), s, z, qmin, qmax), s, z)
-        return out.to(x.dtype)
+        ctx.shapes = (scale.shape, zero.shape)
+        # functional.fake_quantize's ops, in place. x.float(): a 0-dim (per-tensor) scale
+        # would not promote a bf16 / fp16 x to float32.
+        out = torch.div(x.float(), s).round_()
+        out = out.clamp_(qmin, qmax) if z is None else out.add_(z).clamp_(qmin, qmax).sub_(z)
+        return out.mul_(s).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, s, z = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         scale_shape, zero_shape = ctx.shapes
+        grad = grad.float()
         v = x.float() / s
-        r = torch.round(v)
-        c = r + z
-        below, above = c < qmin, c > qmax
-        inside = ~(below | above)
-        grad_x = grad_scale = grad_zero = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad * inside).to(x.dtype)
+        codes = torch.round(v) if z is None else torch.round(v).add_(z)  # before clamping
+        clamped = codes.clamp(qmin, qmax)
+        inside = torch.eq(codes, clamped, out=codes)  # 1.0 inside, 0.0 where clipped
+        grad_scale = grad_zero = None
         if ctx.needs_input_grad[1]:
-            ds = torch.where(inside, r - v, torch.where(below, qmin - z, qmax - z))
-            grad_scale = (grad * ds).sum_to_size(scale_shape) * ctx.grad_factor
+            ds = clamped if z is None else clamped.sub_(z)
+            ds = ds.sub_(v.mul_(inside))  # r - v inside, qmin - z / qmax - z clipped
+            grad_scale = ds.mul_(grad).sum_to_size(scale_shape) * ctx.grad_factor
+        grad_x = inside.mul_(grad)
         if ctx.needs_input_grad[2]:
-            dz = torch.where(inside, torch.zeros_like(v), -s.expand_as(v))
-            grad_zero = (grad * dz).sum_to_size(zero_shape) * ctx.grad_factor
+            grad_clipped = torch.sub(grad, grad_x, out=v)  # exact: grad where clipped, 0 inside
+            grad_zero = grad_clipped.mul_(s).sum_to_size(zero_shape) * -ctx.grad_factor
+        grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_scale, grad_zero, None, None, None, None
 
 
 def lsq_fake_quantize(
     x: Tensor,
     scale: Tensor,
-    zero_point: Tensor,
+    zero_point: Optional[Tensor],
     qmin: int,
     qmax: int,
     grad_factor: float = 1.0,
@@ -81,7 +97,8 @@ def lsq_fake_quantize(
 ) -> Tensor:
     """Fake-quantize `x` with learnable `scale` (and `zero_point`, if it requires grad).
 
-    `scale` and `zero_point` must broadcast against `x` (see `functional.grouped_view`).
+    `scale` and `zero_point` must broadcast against `x` (see `functional.grouped_view`);
+    `zero_point=None` means a zero point of 0 (symmetric codes) and saves two passes.
     The forward value equals `functional.fake_quantize(x, *effective_qparams(...))`; the
     scale's rounding to `scale_dtype` and its clamping pass the gradient straight through.
     """

@@ -192,3 +192,16 @@ def test_zero_point_gradient_only_when_asked():
     x_req = x.clone().requires_grad_(True)
     lsq_fake_quantize(x_req, scale, torch.tensor(0.0), -8, 7).sum().backward()
     assert x_req.grad is not None and scale.grad is None
+
+
+@pytest.mark.parametrize(("bits", "signed"), [(4, True), (8, False), (2, True)])
+def test_missing_zero_point_equals_a_zero_zero_point(bits, signed):
+    qmin, qmax = quant_range(bits, signed)
+    x, grad = torch.randn(6, 4, 16) * 2, torch.randn(6, 4, 16)
+    scale = torch.rand(6, 4, 1) * 0.5 / qmax + 0.5 / qmax
+    with_zero = run_lsq(x, scale, torch.zeros(6, 4, 1), qmin, qmax, 0.3, grad, learn_zero=False)
+    x_req, scale_req = x.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+    out = lsq_fake_quantize(x_req, scale_req, None, qmin, qmax, 0.3)
+    out.backward(grad)
+    assert torch.equal(out, with_zero[0]) and torch.equal(x_req.grad, with_zero[1])
+    assert torch.equal(scale_req.grad, with_zero[2])
