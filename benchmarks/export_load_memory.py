@@ -4,6 +4,7 @@ Writes an int4 (group 128, fp16 scales) checkpoint of a wide MLP, then, each in 
 process, measures the growth of peak RSS (VmHWM) while loading it:
 
     qat.load                       skeleton on meta, each tensor read once into its final buffer
+    qat.load, warm                 the same after loading a tiny checkpoint (first-call costs paid)
     safetensors.torch.load(bytes)  the whole file in memory plus every tensor (2x file)
     float model                    what the same model costs in float32 (for scale)
 
@@ -51,10 +52,12 @@ def child(mode: str, path: str, layers: int, width: int) -> None:
 
     import qat
 
+    if mode == "qat.load-warm":
+        qat.load(Path(path).with_name("tiny.safetensors"))
     before = peak_rss_bytes()
-    if mode == "qat.load":
+    if mode.startswith("qat.load"):
         model = qat.load(path)
-        assert isinstance(model, WideMLP)
+        assert type(model).__name__ == "WideMLP"  # imported as benchmarks.export_load_memory, not __main__
     elif mode == "safetensors-bytes":
         tensors = safetensors.torch.load(Path(path).read_bytes())
         assert tensors
@@ -69,9 +72,11 @@ def export(path: Path, layers: int, width: int) -> int:
 
     torch.manual_seed(0)
     spec = qat.QuantSpec(weight=qat.QuantizerConfig(init="minmax"))
-    model, _ = qat.prepare(WideMLP(layers, width), spec)
-    report = qat.export_model(model, path, architecture={"_target_": f"{__name__}.WideMLP", "layers": layers,
-                                                         "width": width})
+    for target, size in ((path.with_name("tiny.safetensors"), (1, 256)), (path, (layers, width))):
+        model, _ = qat.prepare(WideMLP(*size), spec)
+        architecture = {"_target_": "benchmarks.export_load_memory.WideMLP", "layers": size[0], "width": size[1]}
+        report = qat.export_model(model, target, architecture=architecture)
+        del model
     print(report)
     return report.file_bytes
 
@@ -90,7 +95,7 @@ def main() -> None:
         file_bytes = export(path, args.layers, args.width)
         print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}")
         print(f"file: {file_bytes / 2**20:.1f} MiB")
-        for mode in ("qat.load", "safetensors-bytes", "float-model"):
+        for mode in ("qat.load", "qat.load-warm", "safetensors-bytes", "float-model"):
             command = [sys.executable, "-m", "benchmarks.export_load_memory", "--layers", str(args.layers),
                        "--width", str(args.width), "--child", mode, str(path)]
             result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
