@@ -145,6 +145,10 @@ def effective_qparams(
     then computed with in float32; the zero point is rounded into [qmin, qmax].
     Training and export both go through this function, so they agree bit for bit.
     """
+    return effective_scale(scale, scale_dtype), torch.round(zero_point.float()).clamp(qmin, qmax)
+
+
+def effective_scale(scale: Tensor, scale_dtype: torch.dtype = torch.float32) -> Tensor:
+    """The scale part of `effective_qparams`: clamped, rounded to `scale_dtype`, as float32."""
     info = torch.finfo(scale_dtype)
-    s = scale.float().clamp(min=max(SCALE_EPS, info.tiny), max=info.max).to(scale_dtype).float()
-    return s, torch.round(zero_point.float()).clamp(qmin, qmax)
+    return scale.float().clamp(min=max(SCALE_EPS, info.tiny), max=info.max).to(scale_dtype).float()

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qat.functional import effective_qparams
+from qat.functional import effective_qparams, effective_scale
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -50,13 +50,14 @@ class _LSQFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor, scale_dtype):
-        zero = zero_point if zero_point is not None else torch.zeros((), device=scale.device)
-        s, z = effective_qparams(scale, zero, qmin, qmax, scale_dtype)
-        z = z if zero_point is not None else None
+        if zero_point is None:
+            s, z = effective_scale(scale, scale_dtype), None
+        else:
+            s, z = effective_qparams(scale, zero_point, qmin, qmax, scale_dtype)
         ctx.save_for_backward(x, s, z)
         ctx.qrange = (qmin, qmax)
         ctx.grad_factor = grad_factor
-        ctx.shapes = (scale.shape, zero.shape)
+        ctx.shapes = (scale.shape, None if zero_point is None else zero_point.shape)
         # functional.fake_quantize's ops, in place. x.float(): a 0-dim (per-tensor) scale
         # would not promote a bf16 / fp16 x to float32.
         out = torch.div(x.float(), s).round_()
@@ -76,14 +77,21 @@ class _LSQFakeQuantize(torch.autograd.Function):
         grad_scale = grad_zero = None
         if ctx.needs_input_grad[1]:
             ds = clamped if z is None else clamped.sub_(z)
-            ds = ds.sub_(v.mul_(inside))  # r - v inside, qmin - z / qmax - z clipped
+            ds = ds.addcmul_(v, inside, value=-1)  # r - v inside, qmin - z / qmax - z clipped
             grad_scale = ds.mul_(grad).sum_to_size(scale_shape) * ctx.grad_factor
         grad_x = inside.mul_(grad)
         if ctx.needs_input_grad[2]:
             grad_clipped = torch.sub(grad, grad_x, out=v)  # exact: grad where clipped, 0 inside
-            grad_zero = grad_clipped.mul_(s).sum_to_size(zero_shape) * -ctx.grad_factor
+            grad_zero = _sum_times_scale(grad_clipped, s, zero_shape) * -ctx.grad_factor
         grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_scale, grad_zero, None, None, None, None
+
+
+def _sum_times_scale(values: Tensor, s: Tensor, shape: torch.Size) -> Tensor:
+    """sum(values * s) down to `shape`; sums first when `s` already has that shape (one pass less)."""
+    if s.shape == shape:
+        return values.sum_to_size(shape) * s
+    return values.mul_(s).sum_to_size(shape)
 
 
 def lsq_fake_quantize(
