@@ -75,10 +75,16 @@ def test_invalid_rules_raise(kwargs, message):
         QuantRule(**kwargs)
 
 
-@pytest.mark.parametrize(("bits", "symmetric", "signed", "expected"), [
-    (4, True, None, (-8, 7)), (4, False, None, (0, 15)), (8, True, False, (0, 255)),
-    (8, False, True, (-128, 127)), (2, True, None, (-2, 1)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "signed", "expected"),
+    [
+        (4, True, None, (-8, 7)),
+        (4, False, None, (0, 15)),
+        (8, True, False, (0, 255)),
+        (8, False, True, (-128, 127)),
+        (2, True, None, (-2, 1)),
+    ],
+)
 def test_code_range_properties(bits, symmetric, signed, expected):
     cfg = QuantizerConfig(bits=bits, symmetric=symmetric, signed=signed, quantizer="observer")
     assert (cfg.qmin, cfg.qmax) == expected
@@ -87,8 +93,13 @@ def test_code_range_properties(bits, symmetric, signed, expected):
 
 def test_defaults():
     weight, act = default_weight_config(), default_activation_config(8)
-    assert (weight.bits, weight.granularity, weight.group_size, weight.quantizer, weight.init) == (4, "group", 128,
-                                                                                                  "lsq", "mse")
+    assert (weight.bits, weight.granularity, weight.group_size, weight.quantizer, weight.init) == (
+        4,
+        "group",
+        128,
+        "lsq",
+        "mse",
+    )
     assert weight.torch_scale_dtype is torch.float16
     assert (act.bits, act.symmetric, act.quantizer, act.granularity) == (8, False, "lsq_plus", "tensor")
 
@@ -102,11 +113,13 @@ def test_rule_matching_uses_full_regex_and_type():
 
 
 def test_resolve_later_rule_wins_per_field():
-    spec = QuantSpec(rules=[
-        QuantRule(type="Linear", bits=8, group_size=64),
-        QuantRule(name="head", bits=2),
-        QuantRule(name="head", granularity="channel"),
-    ])  # fmt: skip
+    spec = QuantSpec(
+        rules=[
+            QuantRule(type="Linear", bits=8, group_size=64),
+            QuantRule(name="head", bits=2),
+            QuantRule(name="head", granularity="channel"),
+        ]
+    )
     head, matched = spec.resolve("head", "Linear")
     assert (head.weight.bits, head.weight.group_size, head.weight.granularity) == (2, 64, "channel")
     assert matched == ["rule(type=Linear)", "rule(name='head')", "rule(name='head')"]
@@ -122,10 +135,13 @@ def test_resolve_skip_and_unskip():
 
 
 def test_resolve_activation_rules():
-    spec = QuantSpec(activation=default_activation_config(8), rules=[
-        QuantRule(name="a", activation_bits=4),
-        QuantRule(name="b", quantize_activations=False),
-    ])  # fmt: skip
+    spec = QuantSpec(
+        activation=default_activation_config(8),
+        rules=[
+            QuantRule(name="a", activation_bits=4),
+            QuantRule(name="b", quantize_activations=False),
+        ],
+    )
     assert spec.resolve("a", "Linear")[0].activation.bits == 4
     assert spec.resolve("b", "Linear")[0].activation is None
     plain = QuantSpec(weight=None, rules=[QuantRule(name="c", quantize_activations=True)])
@@ -134,8 +150,9 @@ def test_resolve_activation_rules():
 
 
 def test_rule_override_that_makes_an_invalid_setting_raises():
-    spec = QuantSpec(weight=QuantizerConfig(granularity="channel", group_size=0),
-                     rules=[QuantRule(name="x", granularity="group")])  # fmt: skip
+    spec = QuantSpec(
+        weight=QuantizerConfig(granularity="channel", group_size=0), rules=[QuantRule(name="x", granularity="group")]
+    )
     with pytest.raises(ConfigError, match="group_size=0"):
         spec.resolve("x", "Linear")
 
@@ -162,23 +179,29 @@ def test_structured_config_merge_and_to_object():
     assert OmegaConf.to_object(OmegaConf.structured(QuantSpec())) == QuantSpec()
 
 
-@pytest.mark.parametrize(("override", "error", "message"), [
-    ({"weight": {"bits": "four"}}, ValidationError, "bits"),
-    ({"strict": "sometimes"}, ValidationError, "strict"),
-    ({"weight": {"bitz": 4}}, ConfigKeyError, "bitz"),
-    ({"shape": 4}, ConfigKeyError, "shape"),
-    ({"rules": [{"nme": "x"}]}, ConfigKeyError, "nme"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("override", "error", "message"),
+    [
+        ({"weight": {"bits": "four"}}, ValidationError, "bits"),
+        ({"strict": "sometimes"}, ValidationError, "strict"),
+        ({"weight": {"bitz": 4}}, ConfigKeyError, "bitz"),
+        ({"shape": 4}, ConfigKeyError, "shape"),
+        ({"rules": [{"nme": "x"}]}, ConfigKeyError, "nme"),
+    ],
+)
 def test_structured_config_refuses_wrong_types_and_unknown_keys(override, error, message):
     with pytest.raises(error, match=message):
         OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QuantSpec), OmegaConf.create(override)))
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ({"weight": {"bits": 9}}, "QuantizerConfig.bits=9"),
-    ({"weight": {"granularity": "row"}}, "QuantizerConfig.granularity='row'"),
-    ({"rules": [{"skip": True}]}, "QuantRule needs `name`"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"weight": {"bits": 9}}, "QuantizerConfig.bits=9"),
+        ({"weight": {"granularity": "row"}}, "QuantizerConfig.granularity='row'"),
+        ({"rules": [{"skip": True}]}, "QuantRule needs `name`"),
+    ],
+)
 def test_structured_config_runs_validation_on_to_object(override, message):
     with pytest.raises(ConfigError, match=message):
         OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QuantSpec), OmegaConf.create(override)))

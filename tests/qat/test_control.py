@@ -27,10 +27,14 @@ def _seed():
 
 def make_model() -> nn.Module:
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
-    act = QuantizerConfig(bits=8, symmetric=False, quantizer="lsq_plus", granularity="tensor", init="minmax",
-                          scale_dtype="float32")  # fmt: skip
-    spec = QuantSpec(weight=QuantizerConfig(bits=4, group_size=16, init="minmax"), activation=act,
-                     rules=[QuantRule(name="2", quantize_activations=False)])  # fmt: skip
+    act = QuantizerConfig(
+        bits=8, symmetric=False, quantizer="lsq_plus", granularity="tensor", init="minmax", scale_dtype="float32"
+    )
+    spec = QuantSpec(
+        weight=QuantizerConfig(bits=4, group_size=16, init="minmax"),
+        activation=act,
+        rules=[QuantRule(name="2", quantize_activations=False)],
+    )
     return prepare(model, spec)[0]
 
 
@@ -109,5 +113,5 @@ def test_init_weight_ranges_after_weight_change():
 
 def test_default_activation_config_round_trip_through_prepare():
     model = prepare(nn.Sequential(nn.Linear(16, 4)), QuantSpec(weight=None, activation=default_activation_config(4)))[0]
-    (name, quantizer), = quantizers(model)
+    ((name, quantizer),) = quantizers(model)
     assert name == "0.input_quantizer" and (quantizer.config.qmin, quantizer.config.qmax) == (0, 15)

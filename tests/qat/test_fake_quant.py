@@ -32,8 +32,10 @@ def slice_reference(x: torch.Tensor, cfg: QuantizerConfig, index_sets) -> torch.
     return out
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((5, 12), 1), ((5, 12), 0), ((6, 4, 3, 3), 1), ((6, 4, 3, 3), 0),
-                                             ((2, 3, 7), 2), ((2, 3, 7), -1)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [((5, 12), 1), ((5, 12), 0), ((6, 4, 3, 3), 1), ((6, 4, 3, 3), 0), ((2, 3, 7), 2), ((2, 3, 7), -1)],
+)
 @pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (8, False), (2, True)])
 def test_per_channel_any_axis_matches_slice_by_slice(shape, axis, bits, symmetric):
     cfg = minmax(bits=bits, symmetric=symmetric, granularity="channel")
@@ -45,8 +47,9 @@ def test_per_channel_any_axis_matches_slice_by_slice(shape, axis, bits, symmetri
     torch.testing.assert_close(quantizer(x), slice_reference(x, cfg, slices), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize(("shape", "group_size"), [((4, 256), 16), ((3, 512), 128), ((2, 512), 256),
-                                                   ((8, 4, 4, 4), 64)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("shape", "group_size"), [((4, 256), 16), ((3, 512), 128), ((2, 512), 256), ((8, 4, 4, 4), 64)]
+)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_per_group_matches_slice_by_slice(shape, group_size, symmetric):
     cfg = minmax(bits=4, symmetric=symmetric, group_size=group_size)
@@ -72,8 +75,9 @@ def test_parameters_exist_from_init_with_the_right_learnability():
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
 @pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
 def test_qparams_reproduce_forward_exactly(granularity, scale_dtype):
-    cfg = QuantizerConfig(bits=4, symmetric=False, quantizer="lsq_plus", granularity=granularity, group_size=32,
-                          scale_dtype=scale_dtype)  # fmt: skip
+    cfg = QuantizerConfig(
+        bits=4, symmetric=False, quantizer="lsq_plus", granularity=granularity, group_size=32, scale_dtype=scale_dtype
+    )
     w = torch.randn(6, 64)
     quantizer = weight_quantizer(cfg, w)
     with torch.no_grad():  # move the learnable qparams off any value they were initialized to

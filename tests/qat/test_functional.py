@@ -79,7 +79,7 @@ def group_index(shape: tuple, group_size: int) -> tuple[np.ndarray, np.ndarray]:
 def random_x(shape: tuple, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen) * 2
-    x.view(-1)[:: 7] += 1.5  # skew some values so ranges are not symmetric
+    x.view(-1)[::7] += 1.5  # skew some values so ranges are not symmetric
     return x
 
 
@@ -133,8 +133,16 @@ def test_rounding_is_half_to_even():
     assert codes.tolist() == [0, 2, 2, 0, -2, -2, 3, 4]
 
 
-CHANNEL_CASES = [((8, 24), 0), ((8, 24), 1), ((4, 6, 5), 0), ((4, 6, 5), 1), ((4, 6, 5), 2),
-                 ((6, 3, 3, 3), 0), ((6, 3, 3, 3), 1), ((4, 6, 5), -1)]  # fmt: skip
+CHANNEL_CASES = [
+    ((8, 24), 0),
+    ((8, 24), 1),
+    ((4, 6, 5), 0),
+    ((4, 6, 5), 1),
+    ((4, 6, 5), 2),
+    ((6, 3, 3, 3), 0),
+    ((6, 3, 3, 3), 1),
+    ((4, 6, 5), -1),
+]
 
 
 @pytest.mark.parametrize(("shape", "axis"), CHANNEL_CASES)
@@ -153,8 +161,13 @@ def test_per_channel_fake_quantize_exact(shape, axis, mode, bits):
     scale, zero = choose_qparams(torch.from_numpy(lo), torch.from_numpy(hi), bits, symmetric, signed)
     assert_exact(scale, ref_scale)
     view = grouped_view(x, "channel", axis=axis)
-    out = fake_quantize(view, expand_qparam(scale, "channel", view.dim(), axis),
-                        expand_qparam(zero, "channel", view.dim(), axis), qmin, qmax)  # fmt: skip
+    out = fake_quantize(
+        view,
+        expand_qparam(scale, "channel", view.dim(), axis),
+        expand_qparam(zero, "channel", view.dim(), axis),
+        qmin,
+        qmax,
+    )
     _, ref_out = ref_fake_quantize(x_np, ref_scale[idx], ref_zero[idx], qmin, qmax)
     assert_exact(out, ref_out)
 
@@ -177,8 +190,9 @@ def test_per_group_fake_quantize_exact(shape, group_size, bits, mode):
     ref_scale, ref_zero = ref_choose_qparams(lo.astype(F32), hi.astype(F32), bits, symmetric, signed)
     scale, zero = choose_qparams(torch.from_numpy(lo), torch.from_numpy(hi), bits, symmetric, signed)
     view = grouped_view(x, "group", group_size)
-    out = fake_quantize(view, expand_qparam(scale, "group", view.dim()), expand_qparam(zero, "group", view.dim()),
-                        qmin, qmax).reshape(shape)  # fmt: skip
+    out = fake_quantize(
+        view, expand_qparam(scale, "group", view.dim()), expand_qparam(zero, "group", view.dim()), qmin, qmax
+    ).reshape(shape)
     _, ref_out = ref_fake_quantize(x_np, ref_scale[rows, groups], ref_zero[rows, groups], qmin, qmax)
     assert_exact(out, ref_out)
 

@@ -45,8 +45,13 @@ def test_linear_gradients_reach_weight_bias_and_scales():
     layer = QuantLinear.from_float(nn.Linear(64, 8), LayerConfig(weight=W4, activation=A8))
     layer(torch.randn(4, 64))  # initializes the input range from this batch
     layer(torch.randn(4, 64) * 3).square().sum().backward()  # a wider batch: some inputs clip
-    for param in (layer.weight, layer.bias, layer.weight_quantizer.scale, layer.input_quantizer.scale,
-                  layer.input_quantizer.zero_point):  # fmt: skip
+    for param in (
+        layer.weight,
+        layer.bias,
+        layer.weight_quantizer.scale,
+        layer.input_quantizer.scale,
+        layer.input_quantizer.zero_point,
+    ):
         assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0
 
 

@@ -26,8 +26,9 @@ class Net(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(8, 16, kernel_size=4, padding=1)  # 8 * 4 * 4 = 128 inputs
         self.embed = nn.Embedding(20, 256)
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(256, 576), nn.PReLU(), nn.Linear(576, 256))
-                                     for _ in range(2)])  # fmt: skip
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Linear(256, 576), nn.PReLU(), nn.Linear(576, 256)) for _ in range(2)]
+        )
         self.norm = nn.LayerNorm(256)
         self.head = nn.Linear(256, 10)
 
@@ -81,11 +82,14 @@ def test_strict_mode_passes_when_a_rule_fixes_the_group_size():
 
 
 def test_later_rule_wins_per_field_and_report_names_rules():
-    spec = QuantSpec(weight=W4, rules=[
-        QuantRule(type="Linear", bits=8, group_size=64),
-        QuantRule(name="head", bits=3),
-        QuantRule(name=r"blocks\.0\..*", granularity="channel"),
-    ])  # fmt: skip
+    spec = QuantSpec(
+        weight=W4,
+        rules=[
+            QuantRule(type="Linear", bits=8, group_size=64),
+            QuantRule(name="head", bits=3),
+            QuantRule(name=r"blocks\.0\..*", granularity="channel"),
+        ],
+    )
     model, report = prepare(Net(), spec)
     head = model.head.weight_quantizer.config
     assert (head.bits, head.group_size, head.granularity) == (3, 64, "group")
@@ -98,12 +102,15 @@ def test_later_rule_wins_per_field_and_report_names_rules():
 
 
 def test_skip_by_name_regex_and_by_type():
-    spec = QuantSpec(weight=W4, rules=[
-        QuantRule(name=r"blocks\.\d+\.0", skip=True),
-        QuantRule(type="Embedding", skip=True),
-        QuantRule(type="Conv2d", skip=True),
-        QuantRule(name="conv", skip=False),
-    ])  # fmt: skip
+    spec = QuantSpec(
+        weight=W4,
+        rules=[
+            QuantRule(name=r"blocks\.\d+\.0", skip=True),
+            QuantRule(type="Embedding", skip=True),
+            QuantRule(type="Conv2d", skip=True),
+            QuantRule(name="conv", skip=False),
+        ],
+    )
     model, report = prepare(Net(), spec)
     assert report["blocks.1.0"].reason == r"skipped by rule(name='blocks\\.\\d+\\.0')"
     assert report["embed"].reason == "skipped by rule(type=Embedding)"
@@ -180,3 +187,21 @@ def test_unprepare_fold_reproduces_weight_only_fake_quant_exactly():
     unprepare(model, fold=True)
     assert torch.equal(model(image, ids), quant_out)
     assert not torch.equal(model.head.weight, original.head.weight)  # folded: the quantized weights
+
+
+def test_prepared_state_dict_restores_a_fresh_prepared_model():
+    spec = QuantSpec(weight=W4, activation=default_activation_config(8))
+    source, _ = prepare(Net(), spec)
+    image, ids = inputs()
+    source(image, ids)  # initializes the activation ranges
+    with torch.no_grad():
+        source.head.weight_quantizer.scale.mul_(1.1)
+    source.blocks[0][0].input_quantizer.freeze()
+    source.conv.weight_quantizer.disable()
+    fresh, _ = prepare(Net(), spec)
+    fresh.load_state_dict(source.state_dict())
+    source.eval()
+    fresh.eval()
+    assert torch.equal(fresh(image, ids), source(image, ids))
+    assert not fresh.blocks[0][0].input_quantizer.scale.requires_grad and not fresh.conv.weight_quantizer.enabled
+    assert fresh.head.input_quantizer.initialized

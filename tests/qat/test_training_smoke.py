@@ -29,8 +29,7 @@ def test_tiny_model_trains_with_fake_quant():
     start = {name: (q.scale.detach().clone(), q.zero_point.detach().clone()) for name, q in quantizers(model)}
     qparams = {id(p) for p in quantizer_parameters(model)}
     weights = [p for p in model.parameters() if id(p) not in qparams]
-    optimizer = torch.optim.Adam([{"params": weights, "lr": 1e-2},
-                                  {"params": quantizer_parameters(model), "lr": 1e-3}])  # fmt: skip
+    optimizer = torch.optim.Adam([{"params": weights, "lr": 1e-2}, {"params": quantizer_parameters(model), "lr": 1e-3}])
     losses = []
     for step in range(40):
         batch = slice((step % 4) * 64, (step % 4 + 1) * 64)
