@@ -6,7 +6,8 @@ the weight in float32 exactly as the fake-quant forward does. Stored codes are
 u = q - qmin in [0, 2^bits - 1]; stored zeros are z - qmin (uint8); scales are stored
 in the quantizer's scale dtype, which they already hold exactly. So
 
-    (u - stored_zero) * scale  ==  (q - z) * scale  ==  the fake-quant weight, bit for bit.
+    (u - stored_zero) * scale  ==  (q - z) * scale  ==  the fake-quant weight, bit for bit
+    (the one exception is the sign of zero: -0.0 from training is +0.0 here; see docs/FORMAT.md).
 
 Example:
     >>> spec, tensors = pack_layer(model.fc)            # {'weight_packed': ..., 'weight_scales': ...}

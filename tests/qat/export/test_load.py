@@ -151,7 +151,7 @@ def test_quantized_layers_hold_only_packed_buffers(checkpoint_path):
         assert all(not p.requires_grad for p in module.parameters())
     # The model's tensors are exactly the file's tensors: nothing dequantized is kept.
     with safetensors.safe_open(checkpoint_path, framework="pt") as handle:
-        file_bytes = sum(handle.get_tensor(key).nbytes for key in handle)
+        file_bytes = sum(handle.get_tensor(key).nbytes for key in handle.keys())  # noqa: SIM118
     unique = {id(t): t for t in [*loaded.parameters(), *loaded.buffers()]}
     assert sum(t.nbytes for t in unique.values()) == file_bytes
 
@@ -162,7 +162,7 @@ def test_safetensors_library_reads_the_same_tensors(checkpoint_path):
     state = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
     with safetensors.safe_open(checkpoint_path, framework="pt") as handle:
         assert set(handle.keys()) == set(state)
-        for key in handle:
+        for key in handle.keys():  # noqa: SIM118
             assert torch.equal(handle.get_tensor(key), state[key])
 
 
