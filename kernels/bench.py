@@ -88,7 +88,7 @@ Method = Callable[[Tensor, Layer], Tensor]
 SLOW_METHODS = ("reference", "torch dyn_quant_4bit (int8 act)")  # timed once per round
 
 
-def methods_for(device: str, layers: list[Layer], rows: int) -> dict[str, Method]:
+def methods_for(device: str, layers: list[Layer], rows: int, dtype: torch.dtype) -> dict[str, Method]:
     """Name -> function(x, layer) for every method timed on this device at this M (besides dense)."""
     def backend(name: str) -> Method:
         return lambda x, layer: int4_linear_prepared(x, layer.weight, backend=name)
@@ -104,18 +104,16 @@ def methods_for(device: str, layers: list[Layer], rows: int) -> dict[str, Method
     }
     if device == "cpu":
         methods["cpu_int4pack"] = backend("cpu_int4pack")
+        if dtype != torch.bfloat16:  # for bf16 x it is dequant_cached
+            methods["cpu_bf16_cached"] = backend("cpu_bf16_cached")
         if rows == 1:
             methods["reference"] = lambda x, layer: int4_linear_reference(
                 x, layer.weight.packed, layer.weight.scales, layer.weight.zeros, layer.weight.group_size)
-            if hasattr(torch.ops.aten, "_dyn_quant_matmul_4bit") and x_is_fp32(layers):
+            if hasattr(torch.ops.aten, "_dyn_quant_matmul_4bit") and dtype == torch.float32:
                 methods["torch dyn_quant_4bit (int8 act)"] = _dyn_quant_method(layers)
     else:
         methods.update({name: backend(name) for name in ("triton", "triton_gemv", "triton_gemm")})
     return methods
-
-
-def x_is_fp32(layers: list[Layer]) -> bool:
-    return layers[0].dense is not None and layers[0].dense.dtype == torch.float32
 
 
 def _dyn_quant_method(layers: list[Layer]) -> Method:
@@ -127,30 +125,69 @@ def _dyn_quant_method(layers: list[Layer]) -> Method:
         x, form, w.group_size, w.in_features, w.out_features)
 
 
+def _call_timer(device: str) -> Callable[[Callable[[], object]], Callable[[], float]]:
+    """time(fn) -> a function giving fn's seconds once the device is idle (CUDA events on a GPU)."""
+    if device == "cuda":
+        def time_cuda(fn: Callable[[], object]) -> Callable[[], float]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            return lambda: start.elapsed_time(end) / 1e3
+        return time_cuda
+
+    def time_cpu(fn: Callable[[], object]) -> Callable[[], float]:
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        return lambda: seconds
+    return time_cpu
+
+
 def time_methods(methods: dict[str, tuple[Method, list[Layer]]], x: Tensor, device: str, rounds: int,
                  reps: int) -> dict[str, tuple[float, float]]:
-    """name -> (median seconds per call, (max - min) / median) over interleaved rounds."""
-    samples: dict[str, list[float]] = {name: [] for name in methods}
-    for method, rotation in methods.values():  # warm-up: builds cached forms, autotunes
-        for layer in rotation:
+    """name -> (median seconds per call, interquartile range / median).
+
+    Calls are interleaved one by one (method A, B, C, A, B, C, ...), so a burst of load from
+    other processes hits every method alike, and each call's weight was evicted by the others.
+    Slow methods (SLOW_METHODS) get one call per round.
+    """
+    for name, (method, rotation) in methods.items():  # warm-up: builds every copy's cached forms, autotunes
+        for layer in rotation[:1] if name in (*SLOW_METHODS, "dequant") else rotation:
             method(x, layer)
-    for _ in range(rounds):
-        for name, (method, rotation) in methods.items():
-            calls = 1 if name in SLOW_METHODS else reps
-            _synchronize(device)
-            start = time.perf_counter()
-            for call in range(calls):
-                method(x, rotation[call % len(rotation)])
-            _synchronize(device)
-            samples[name].append((time.perf_counter() - start) / calls)
-    medians = {name: statistics.median(values) for name, values in samples.items()}
-    return {name: (medians[name], (max(values) - min(values)) / medians[name]) for name, values in samples.items()}
+    timer = _call_timer(device)
+    pending: dict[str, list[Callable[[], float]]] = {name: [] for name in methods}
+    for round_index in range(rounds):
+        for rep in range(reps):
+            for name, (method, rotation) in methods.items():
+                if rep and name in SLOW_METHODS:
+                    continue
+                layer = rotation[(round_index * reps + rep) % len(rotation)]
+                pending[name].append(timer(lambda method=method, layer=layer: method(x, layer)))
+        _synchronize(device)
+    result = {}
+    for name, readers in pending.items():
+        samples = sorted(read() for read in readers)
+        median = statistics.median(samples)
+        quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [median] * 3
+        result[name] = (median, (quartiles[2] - quartiles[0]) / median)
+    return result
 
 
-def bench_shape(n: int, k: int, args: argparse.Namespace, device: str) -> list[dict]:
-    """Result rows for one (N, K) shape over every M in args.rows."""
+def _bf16_methods(dense_layers: list[Layer]) -> dict[str, tuple[Method, list[Layer]]]:
+    """For fp32 activations: the uncached bf16 fallback a CPU dispatch could use above a crossover."""
+
+    def dequantize_bf16(x: Tensor, layer: Layer) -> Tensor:
+        w = layer.weight
+        dense = cpu.dequantize_fast(w.packed, w.scales, w.zeros, w.group_size).bfloat16()
+        return F.linear(x.bfloat16(), dense).float()
+
+    return {"dequant to bf16 + bf16 matmul": (dequantize_bf16, dense_layers)}
+
+
+def bench_shape(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace, device: str) -> list[dict]:
+    """Result rows for one (N, K) shape and activation dtype over every M in args.rows."""
     generator = torch.Generator().manual_seed(0)
-    dtype = getattr(torch, args.dtype)
     layers = [Layer(make_layer(n, k, args.group_size, device, generator)) for _ in range(copies_needed(n * k // 2))]
     dense_layers = layers[: copies_needed(n * k * dtype.itemsize)]
     for layer in dense_layers:
@@ -160,12 +197,14 @@ def bench_shape(n: int, k: int, args: argparse.Namespace, device: str) -> list[d
     for rows in args.rows:
         x = torch.randn(rows, k, generator=generator).to(device=device, dtype=dtype)
         methods = {"dense": ((lambda x, layer: F.linear(x, layer.dense)), dense_layers)}
-        methods.update({name: (method, layers) for name, method in methods_for(device, layers, rows).items()})
+        methods.update({name: (method, layers) for name, method in methods_for(device, layers, rows, dtype).items()})
+        if device == "cpu" and dtype == torch.float32:
+            methods.update(_bf16_methods(dense_layers))
         reps = max(3, min(args.reps, int(args.budget_flop / (2 * rows * n * k))))
         timed = time_methods(methods, x, device, args.rounds, reps)
         for name, (seconds, spread) in timed.items():
-            row = {"shape": f"{n}x{k}", "M": rows, "method": name, "ms": seconds * 1e3, "spread": spread,
-                   "vs_dense": timed["dense"][0] / seconds,
+            row = {"shape": f"{n}x{k}", "x": str(dtype).removeprefix("torch."), "M": rows, "method": name,
+                   "ms": seconds * 1e3, "spread": spread, "vs_dense": timed["dense"][0] / seconds,
                    "vs_torch": timed[TORCH_INT4][0] / seconds if TORCH_INT4 in timed else None}
             results.append(row)
             print(format_row(row), flush=True)
@@ -174,13 +213,14 @@ def bench_shape(n: int, k: int, args: argparse.Namespace, device: str) -> list[d
     return results
 
 
-HEADER = "| shape (NxK) | M | method | median ms | vs dense | vs torch int4 op | spread |"
+HEADER = "| shape (NxK) | x | M | method | median ms | vs dense | vs torch int4 op | spread (IQR) |"
 
 
 def format_row(row: dict) -> str:
     vs_torch = "n/a" if row["vs_torch"] is None else f"{row['vs_torch']:.2f}x"
-    return (f"| {row['shape']} | {row['M']} | {row['method']} | {row['ms']:.3f} | {row['vs_dense']:.2f}x | "
-            f"{vs_torch} | {row['spread'] * 100:.0f}% |")
+    cells = [row["shape"], row["x"], row["M"], row["method"], f"{row['ms']:.3f}", f"{row['vs_dense']:.2f}x", vs_torch,
+             f"{row['spread'] * 100:.0f}%"]
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
 def machine_description(device: str, threads: int) -> str:
@@ -206,12 +246,14 @@ def write_markdown(path: Path, results: list[dict], args: argparse.Namespace, de
         "",
         f"Machine: {machine_description(device, args.threads)}.",
         f"Command: `{command}` ({seconds:.0f} s, {time.strftime('%Y-%m-%d %H:%M %Z')}).",
-        f"Activations {args.dtype}, weights int4 with group size {args.group_size}, asymmetric (uint8 zeros), "
-        "fp16 scales. Ratios are time(dense) / time(method) and time(torch int4 op) / time(method) "
-        "from the same run; medians over interleaved rounds; spread = (max - min) / median over rounds.",
+        f"Weights int4, group size {args.group_size}, asymmetric (uint8 zeros), fp16 scales; activations x as "
+        "listed. `dense` is F.linear with the weight already dequantized to x's dtype. Ratios are "
+        "time(dense) / time(method) and time(torch int4 op) / time(method) for the same shape, x and M in the "
+        "same run. Calls are interleaved one by one across methods; times are medians over all calls; "
+        "spread = interquartile range / median of those calls.",
         "",
         HEADER,
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *[format_row(row) for row in results],
         "",
     ]
@@ -224,10 +266,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--shapes", default="4096x4096,11008x4096", help="comma-separated NxK (out x in features)")
     parser.add_argument("--rows", default="1,4,16,64,256", help="comma-separated M (rows of x)")
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--dtype", default=None, help="activation dtype (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--dtypes", default=None, help="activation dtypes (default: float32,bfloat16 on CPU, "
+                        "bfloat16,float16 on GPU)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (the median is over these)")
-    parser.add_argument("--reps", type=int, default=20, help="calls per method per round (fewer for large M)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of interleaved calls")
+    parser.add_argument("--reps", type=int, default=10, help="calls per method per round (fewer for large M)")
     parser.add_argument("--budget-flop", type=float, default=2e9, help="caps calls per round: reps * 2MNK <= this")
     parser.add_argument("--output", default=None, help="markdown file (default benchmarks/kernels-<device>.md)")
     parser.add_argument("--no-write", action="store_true", help="print only")
@@ -240,12 +283,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    dtypes = args.dtypes or ("float32,bfloat16" if device == "cpu" else "bfloat16,float16")
+    args.dtypes = [getattr(torch, name) for name in dtypes.split(",")]
     if device == "cpu":
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     print(HEADER, flush=True)
-    results = [row for n, k in args.shapes for row in bench_shape(n, k, args, device)]
+    results = [row for n, k in args.shapes for dtype in args.dtypes for row in bench_shape(n, k, dtype, args, device)]
     if not args.no_write:
         path = Path(args.output or f"benchmarks/kernels-{device}.md")
         write_markdown(path, results, args, device, time.perf_counter() - start)

@@ -16,6 +16,7 @@ fallback); an unknown name raises listing the available ones. Backends:
     dequant         dequantize to x's dtype + dense matmul, exact (bit-identical to reference)
     dequant_cached  the same with the dequantized weight kept per layer (2-4 bytes per weight)
     cpu_int4pack    torch's CPU int4pack kernel, bf16 compute, documented tolerance
+    cpu_bf16_cached bf16 matmul on a cached bf16 dequantized weight (exact for bf16 x; else bf16 compute)
     triton          fused Triton kernels on CUDA: GEMV / GEMM / dequant+dense by M
     triton_gemv     the split-K GEMV kernel alone (any M)
     triton_gemm     the fused tensor-core GEMM kernel alone (any M)
@@ -93,6 +94,10 @@ def _int4pack_unsupported(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
     return None
 
 
+def _cpu_only(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
+    return None if x.device.type == "cpu" else f"it needs CPU tensors, got {x.device}"
+
+
 def _anywhere(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
     return None
 
@@ -114,6 +119,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("reference", _reference, _anywhere, exact=True),
         Backend("dequant", lambda x, w, b: cpu.linear_dequantized(x, w, b, cache=False), _anywhere, exact=True),
         Backend("dequant_cached", lambda x, w, b: cpu.linear_dequantized(x, w, b, cache=True), _anywhere, exact=True),
+        Backend("cpu_bf16_cached", cpu.linear_bf16_cached, _cpu_only),
         Backend(
             "cpu_int4pack",
             cpu.linear_int4pack,

@@ -9,7 +9,8 @@ of being one magic number:
 W is the exact fp32 dequantized weight, S[n, k] the scale of k's group, `unit` the unit
 roundoff of the precision the backend computes in. The last term is fp32 accumulation in any
 order, on both sides (gamma_K). TOLERANCES gives (unit, a, b) per (backend, dtype) with the
-reason; backends not listed there are bit-exact and are compared bit for bit.
+reason; backends not listed there (and cpu_bf16_cached with bf16 x) are bit-exact and are
+compared bit for bit.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
         BF16, 5.0, 16.0,
         "computes in bf16: x to bf16 (1), W offsets (b = 16), y to bf16 then fp16 (2), and the reference's own "
         "fp16 roundings of W and y (< 2 bf16 units together)",
+    ),
+    ("cpu_bf16_cached", torch.float32): Tolerance(
+        BF16, 3.0, 0.0, "bf16 matmul: x, W and y each rounded to bf16 once (1 unit of |x||W| each)",
+    ),
+    ("cpu_bf16_cached", torch.float16): Tolerance(
+        BF16, 4.0, 0.0, "x, W, y rounded to bf16 (3 units), y then to fp16 and the reference's fp16 roundings (< 1)",
     ),
 }
 

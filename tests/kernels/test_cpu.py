@@ -114,3 +114,19 @@ def test_int4pack_is_bitwise_exact_when_the_arithmetic_is(group):
                          int4_linear_reference(x, packed, scales, zeros, group_size))
     assert_bitwise_equal(int4_linear(x, packed, scales, None, group_size, backend="cpu_int4pack"),
                          int4_linear_reference(x, packed, scales, None, group_size))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", (1, 17))
+def test_bf16_cached(dtype, rows):
+    """Exactly the reference for bf16 activations; within the bf16 bound for the others."""
+    packed, scales, zeros, group_size = _case(48, 320, 32, zero_points=True, seed=rows)
+    x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    bias = torch.randn(48).to(dtype)
+    actual = int4_linear(x, packed, scales, zeros, group_size, bias, backend="cpu_bf16_cached")
+    expected = int4_linear_reference(x, packed, scales, zeros, group_size, bias)
+    if dtype == torch.bfloat16:
+        assert_bitwise_equal(actual, expected)
+    else:
+        bound = error_bound(x, packed, scales, zeros, group_size, bias, TOLERANCES["cpu_bf16_cached", dtype])
+        assert_within_bound(actual, expected, bound, f"cpu_bf16_cached {dtype} M={rows}")
