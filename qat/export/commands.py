@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from qat.export.format import CheckpointError, ExportError
+from qat.export.format import ExportError
 from qat.export.inspect import inspect_checkpoint
 from qat.export.report import SizeReport
 from qat.export.save import export_model
@@ -41,7 +41,7 @@ def run_export(args: argparse.Namespace) -> int:
     """Handler of `qat export`: 0 on success, 1 with a message on stderr otherwise."""
     try:
         report = export_checkpoint(args.checkpoint, args.output)
-    except (CheckpointError, ExportError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError / ExportError / a non-qat checkpoint
         print(f"qat export: error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.output}")

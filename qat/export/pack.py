@@ -143,8 +143,9 @@ def _pack_layer_weight(module: QuantModule, name: str) -> tuple[Optional[WeightS
     if quantizer is None:
         return None, {}
     if not quantizer.enabled:
-        raise ExportError(f"layer '{name}': the weight quantizer is disabled; "
-                          "call qat.set_fake_quant(model, weights=True) before export")
+        raise ExportError(f"layer '{name}': the weight quantizer is disabled (fake-quant is off, e.g. a checkpoint "
+                          "from before quantization started); export a later checkpoint, or enable it with "
+                          "qat.set_fake_quant(model, weights=True) to export the weights as they would quantize")
     _check_quantizer(name, "weight", quantizer)
     try:
         check_finite(module.weight, f"layer '{name}' weight")
