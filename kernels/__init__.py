@@ -1,7 +1,25 @@
 """qat.kernels: int4 inference kernels (this folder installs as `qat.kernels`).
 
-Imports torch only (triton when present): a deployment can use these without qat's
-training stack (Lightning, omegaconf, wandb). The folder is `kernels/` in the source
-tree; the import name is `qat.kernels` so it cannot collide with the PyPI package
-`kernels`.
+Imports torch only (triton lazily, when a Triton backend first runs): a deployment can use
+these without qat's training stack (Lightning, omegaconf, wandb). The folder is `kernels/`
+in the source tree; the import name is `qat.kernels` so it cannot collide with the PyPI
+package `kernels`.
+
+    reference.py    the specification (slow, readable PyTorch)
+    weights.py      PackedInt4Weight: one layer, checked once, kernel forms cached at load time
+    cpu.py          CPU paths (torch's int4pack kernel; exact dequantize + matmul; cached bf16)
+    triton_int4.py  fused Triton GEMV / GEMM kernels for CUDA (also run by Triton's interpreter)
+    dispatch.py     int4_linear(...): picks a backend by device / M / shape; overrides
+    bench.py        `python -m qat.kernels.bench`: side-by-side timings
+
+Example:
+    >>> from qat.kernels import int4_linear, prepare_weights
+    >>> y = int4_linear(x, packed, scales, zeros, group_size=128)            # tensors as stored
+    >>> layer = prepare_weights(packed, scales, zeros, 128, bias=bias)       # or once at load time
+    >>> y = layer(x)
 """
+
+from .dispatch import BACKENDS, choose_backend, int4_linear, int4_linear_prepared
+from .weights import PackedInt4Weight, prepare_weights
+
+__all__ = ["BACKENDS", "PackedInt4Weight", "choose_backend", "int4_linear", "int4_linear_prepared", "prepare_weights"]

@@ -44,7 +44,7 @@ from .weights import PackedInt4Weight
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 GEMV_MAX_M = 4  # GEMV for M <= 4 (re-reads the weight per row of x; L2 absorbs it)
 GEMM_MAX_M = 64  # fused GEMM for 4 < M <= 64; dequantize + dense matmul above
-SPLIT_K_QUANTUM = 256  # K slices are multiples of this, so every autotuned BLOCK_K divides them
+SPLIT_K_QUANTUM = 256  # K slices are multiples of this: every GEMV BLOCK_K must divide it
 
 _TORCH_TO_TRITON = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -61,15 +61,24 @@ def _round_to(values, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _dequantize(packed_ptr, scales_ptr, zeros_ptr, rows, cols, mask, packed_stride, groups_stride,
-                GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """fp32 weights w[rows, cols] = (code - zero) * scale; rows/cols broadcast to the tile shape."""
+def _dequantize(packed_ptr, scales_ptr, zeros_ptr, rows, cols, k_first, row_mask, mask, packed_stride,
+                groups_stride, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 weights w[rows, cols] = (code - zero) * scale; rows/cols broadcast to the tile shape.
+
+    The tile's columns are k_first + [0, BLOCK_K) with k_first a multiple of BLOCK_K; when BLOCK_K
+    divides the group size they share one group, so one scale (and zero) per row is loaded.
+    """
     byte = tl.load(packed_ptr + rows * packed_stride + cols // 2, mask=mask, other=0).to(tl.int32)
     code = ((byte >> ((cols & 1) * 4)) & 0xF).to(tl.float32)
-    group_offsets = rows * groups_stride + cols // GROUP_SIZE
-    scale = tl.load(scales_ptr + group_offsets, mask=mask, other=0.0).to(tl.float32)
+    if GROUP_SIZE % BLOCK_K == 0:
+        group_offsets = rows * groups_stride + k_first // GROUP_SIZE
+        group_mask = row_mask
+    else:
+        group_offsets = rows * groups_stride + cols // GROUP_SIZE
+        group_mask = mask
+    scale = tl.load(scales_ptr + group_offsets, mask=group_mask, other=0.0).to(tl.float32)
     if HAS_ZEROS:
-        zero = tl.load(zeros_ptr + group_offsets, mask=mask, other=0).to(tl.float32)
+        zero = tl.load(zeros_ptr + group_offsets, mask=group_mask, other=0).to(tl.float32)
     else:
         zero = 8.0
     return (code - zero) * scale
@@ -89,9 +98,12 @@ def gemv_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, partial_ptr, M, N, K, 
         offs_k = k_start + k0 + tl.arange(0, BLOCK_K)  # (BK,)
         in_k = (offs_k < K) & (offs_k < k_start + k_per_split)
         x = tl.load(x_ptr + row * x_stride + offs_k, mask=in_k, other=0.0).to(tl.float32)  # (BK,)
-        mask = (offs_n[:, None] < N) & in_k[None, :]
-        w = _dequantize(packed_ptr, scales_ptr, zeros_ptr, offs_n[:, None], offs_k[None, :], mask,
-                        packed_stride, groups_stride, GROUP_SIZE, HAS_ZEROS)  # (BN, BK) fp32
+        row_mask = offs_n[:, None] < N  # (BN, 1)
+        mask = row_mask & in_k[None, :]
+        # "% K": a tile wholly past K (last slice) reads a valid scale; its x is 0, so it adds nothing
+        k_first = (k_start + k0) % K
+        w = _dequantize(packed_ptr, scales_ptr, zeros_ptr, offs_n[:, None], offs_k[None, :], k_first, row_mask, mask,
+                        packed_stride, groups_stride, GROUP_SIZE, HAS_ZEROS, BLOCK_K)  # (BN, BK) fp32
         w = _round_to(w, X_DTYPE, INTERPRET).to(tl.float32)
         acc += tl.sum(w * x[None, :], axis=1)
     tl.store(partial_ptr + (split * M + row) * N + offs_n, acc, mask=offs_n < N)
@@ -110,9 +122,10 @@ def gemm_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, 
         offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * x_stride + offs_k[None, :], mask=x_mask, other=0.0)  # (BM, BK)
-        w_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-        w = _dequantize(packed_ptr, scales_ptr, zeros_ptr, offs_n[None, :], offs_k[:, None], w_mask,
-                        packed_stride, groups_stride, GROUP_SIZE, HAS_ZEROS)  # (BK, BN) fp32
+        row_mask = offs_n[None, :] < N  # (1, BN)
+        w_mask = (offs_k[:, None] < K) & row_mask
+        w = _dequantize(packed_ptr, scales_ptr, zeros_ptr, offs_n[None, :], offs_k[:, None], k0, row_mask, w_mask,
+                        packed_stride, groups_stride, GROUP_SIZE, HAS_ZEROS, BLOCK_K)  # (BK, BN) fp32
         w = _round_to(w, X_DTYPE, INTERPRET)
         if INTERPRET:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32))

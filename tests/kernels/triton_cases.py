@@ -73,12 +73,16 @@ def test_kernel_is_bitwise_exact_when_the_arithmetic_is(kernel, dtype):
         assert_bitwise_equal(actual, int4_linear_reference(x, packed, scales, zeros, 32), f"{kernel} {dtype}")
 
 
-@pytest.mark.parametrize(("kernel", "rows"), (("triton_gemv", 3), ("triton_gemm", 17)))
-def test_awkward_shape(kernel, rows):
-    """N = 48 (not a multiple of any block), K = 4160 = 65 groups of 64 (not a multiple of the K slices)."""
-    packed, scales, zeros = make_layer(48, 4160, 64, torch.bfloat16, seed=1)
-    x = torch.randn(rows, 4160, generator=torch.Generator().manual_seed(1)).bfloat16()
-    _check(kernel, x, packed, scales, zeros, 64, None, f"{kernel} 48x4160")
+@pytest.mark.parametrize(
+    ("kernel", "rows", "k", "group_size"),
+    (("triton_gemv", 3, 4160, 64), ("triton_gemm", 17, 4160, 64), ("triton_gemv", 1, 640, 128)),
+)
+def test_awkward_shape(kernel, rows, k, group_size):
+    """N = 48 (not a multiple of any block); K = 4160 = 65 groups of 64, or 640: K slices of 512 whose
+    last one runs past K (tiles wholly beyond K must add nothing, with one scale per tile or per column)."""
+    packed, scales, zeros = make_layer(48, k, group_size, torch.bfloat16, seed=1)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+    _check(kernel, x, packed, scales, zeros, group_size, None, f"{kernel} 48x{k}")
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
