@@ -3,11 +3,13 @@
     export_model(model, "model.safetensors", architecture={...}, recipe_hash=...) -> SizeReport
     load("model.safetensors", device="cpu", dtype=torch.bfloat16) -> nn.Module (packed layers)
     inspect_checkpoint("model.safetensors") -> InspectReport (printable)
+    export_checkpoint("runs/x/version_0", "model.safetensors") -> SizeReport  (training checkpoint)
 
 The file format is described in docs/FORMAT.md; `qat.export.format` holds its names
 and the `CheckpointError` hierarchy raised for bad files.
 """
 
+from qat.export.commands import export_checkpoint
 from qat.export.format import (
     ArchitectureError,
     CheckpointError,
@@ -21,6 +23,7 @@ from qat.export.format import (
     TensorMismatchError,
     TruncatedError,
 )
+from qat.export.inspect import InspectReport, inspect_checkpoint
 from qat.export.load import load
 from qat.export.report import LayerSize, SizeReport
 from qat.export.runtime import InputQuantizer, PackedConv2d, PackedEmbedding, PackedLinear
@@ -33,6 +36,7 @@ __all__ = [
     "FormatVersionError",
     "HeaderError",
     "InputQuantizer",
+    "InspectReport",
     "IntegrityError",
     "LayerSize",
     "MetadataError",
@@ -44,6 +48,8 @@ __all__ = [
     "SizeReport",
     "TensorMismatchError",
     "TruncatedError",
+    "export_checkpoint",
     "export_model",
+    "inspect_checkpoint",
     "load",
 ]

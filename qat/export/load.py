@@ -68,13 +68,17 @@ def load(
     install_layers(skeleton, manifest, path, dtype)
     plan = plan_fill(skeleton, header, manifest)
     fill(plan, header, manifest, torch.device(device), dtype)
-    for module in skeleton.modules():
+    _configure_packed_layers(skeleton, kernel_backend, dynamic_activation_bits)
+    return skeleton.eval().requires_grad_(False)
+
+
+def _configure_packed_layers(model: nn.Module, kernel_backend: Optional[str], dynamic_bits: Optional[int]) -> None:
+    for module in model.modules():
         if isinstance(module, _PackedWeight):
             module.finish_loading()
             module.kernel_backend = kernel_backend
-            if module.input_quantizer is None and dynamic_activation_bits and module.spec.type == "Linear":
-                module.dynamic_activation_bits = dynamic_activation_bits
-    return skeleton.eval().requires_grad_(False)
+            if module.input_quantizer is None and dynamic_bits and module.spec.type == "Linear":
+                module.dynamic_activation_bits = dynamic_bits
 
 
 # ---- skeleton -------------------------------------------------------------------------------

@@ -21,22 +21,29 @@ from qat import QuantizerConfig, QuantRule, QuantSpec, default_activation_config
 from qat.export import ArchitectureError, PackedConv2d, PackedEmbedding, PackedLinear, export_model
 from qat.export.runtime import InputQuantizer, dynamic_per_token
 
+
+def minmax(**options) -> QuantizerConfig:
+    return QuantizerConfig(init="minmax", **options)
+
+
+# Range init is "minmax" throughout: the init method does not touch export (test_pack covers "mse"),
+# and the MSE search dominates the run time of these tests on a busy 2-core machine.
 CHANNEL_ACT = QuantizerConfig(bits=8, symmetric=False, granularity="channel", quantizer="lsq_plus", init="minmax",
                               scale_dtype="float32")
 MLP_SPECS = {
-    "int4-g32-sym": QuantSpec(weight=QuantizerConfig(group_size=32)),
-    "int3-g16-asym-a8": QuantSpec(weight=QuantizerConfig(bits=3, symmetric=False, quantizer="lsq_plus",
+    "int4-g32-sym": QuantSpec(weight=minmax(group_size=32)),
+    "int3-g16-asym-a8": QuantSpec(weight=minmax(bits=3, symmetric=False, quantizer="lsq_plus",
                                                          group_size=16, scale_dtype="bfloat16"),
                                   activation=default_activation_config(8)),
-    "int8-channel-a6-channel": QuantSpec(weight=QuantizerConfig(bits=8, granularity="channel", scale_dtype="float32"),
+    "int8-channel-a6-channel": QuantSpec(weight=minmax(bits=8, granularity="channel", scale_dtype="float32"),
                                          activation=QuantizerConfig(**{**CHANNEL_ACT.__dict__, "bits": 6})),
-    "int2-tensor-unsigned": QuantSpec(weight=QuantizerConfig(bits=2, symmetric=True, signed=False,
+    "int2-tensor-unsigned": QuantSpec(weight=minmax(bits=2, symmetric=True, signed=False,
                                                              granularity="tensor")),
-    "mixed-rules": QuantSpec(weight=QuantizerConfig(group_size=64), activation=default_activation_config(8),
+    "mixed-rules": QuantSpec(weight=minmax(group_size=64), activation=default_activation_config(8),
                              rules=[QuantRule(name="fc2", bits=5, granularity="channel"),
                                     QuantRule(name="fc3", quantize_activations=False)]),
 }
-CONV_SPEC = QuantSpec(weight=QuantizerConfig(group_size=32), activation=default_activation_config(8),
+CONV_SPEC = QuantSpec(weight=minmax(group_size=32), activation=default_activation_config(8),
                       rules=[QuantRule(type="Conv2d", granularity="channel"),
                              QuantRule(name="conv2", activation_bits=4)])
 
@@ -80,7 +87,7 @@ def test_convnet_outputs_match_bitwise(checkpoint_path):
 
 
 def test_embedding_model_matches_bitwise_fp32_and_bf16(checkpoint_path):
-    spec = QuantSpec(weight=QuantizerConfig(group_size=16, symmetric=False, quantizer="lsq_plus"))
+    spec = QuantSpec(weight=minmax(group_size=16, symmetric=False, quantizer="lsq_plus"))
     for seed in range(3):
         torch.manual_seed(seed)
         model = make_prepared(EmbedMLP(), spec, seed)
@@ -94,7 +101,7 @@ def test_embedding_model_matches_bitwise_fp32_and_bf16(checkpoint_path):
 
 
 def test_tied_head_layernorm_and_nonpersistent_buffer(checkpoint_path):
-    spec = QuantSpec(weight=QuantizerConfig(group_size=16), rules=[QuantRule(name="head", skip=True)])
+    spec = QuantSpec(weight=minmax(group_size=16), rules=[QuantRule(name="head", skip=True)])
     model = make_prepared(TinyLM(), spec, seed=0)
     with torch.no_grad():
         model.position_scale.mul_(3.0)  # a non-persistent buffer changed after construction is stored
@@ -111,7 +118,7 @@ def test_bf16_with_layernorm_stays_within_bf16_rounding_of_autocast(checkpoint_p
     # rounding (2^-8 relative) through LN and two Linear layers gave at most 0.8 % of the largest
     # output magnitude over 5 seeds; 3 % leaves room without hiding a real error (a wrong code is
     # a full quantization step, 10 % or more of a weight).
-    spec = QuantSpec(weight=QuantizerConfig(group_size=16))
+    spec = QuantSpec(weight=minmax(group_size=16))
     for seed in range(3):
         torch.manual_seed(seed)
         model = make_prepared(TinyLM(), spec, seed)
@@ -128,7 +135,7 @@ def test_ties_recorded_in_the_file_are_restored_on_an_untied_skeleton(checkpoint
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
     model[2].weight = model[1].weight
-    model, _ = qat.prepare(model, QuantSpec(weight=QuantizerConfig(group_size=16), rules=[QuantRule(name="[12]",
+    model, _ = qat.prepare(model, QuantSpec(weight=minmax(group_size=16), rules=[QuantRule(name="[12]",
                                                                                                       skip=True)]))
     export_model(model, checkpoint_path)  # no architecture recorded
     with pytest.raises(ArchitectureError, match="records no architecture"):
@@ -142,7 +149,7 @@ def test_ties_recorded_in_the_file_are_restored_on_an_untied_skeleton(checkpoint
 
 
 def test_quantized_layers_hold_only_packed_buffers(checkpoint_path):
-    model = make_prepared(TinyLM(), QuantSpec(weight=QuantizerConfig(group_size=16)), seed=1)
+    model = make_prepared(TinyLM(), QuantSpec(weight=minmax(group_size=16)), seed=1)
     _, loaded = roundtrip(model, checkpoint_path, {"_target_": "export_test_models.TinyLM"})
     for module in (loaded.embed, loaded.up, loaded.down, loaded.head):
         assert not hasattr(module, "weight")
@@ -185,7 +192,7 @@ def test_int4_linear_layers_call_the_dispatch_entry_point(checkpoint_path, monke
 
 
 def test_low_bit_symmetric_layers_pass_their_implied_zero_to_the_kernel(checkpoint_path):
-    model = make_prepared(MLP(), QuantSpec(weight=QuantizerConfig(bits=3, group_size=32)), seed=0)
+    model = make_prepared(MLP(), QuantSpec(weight=minmax(bits=3, group_size=32)), seed=0)
     _, loaded = roundtrip(model, checkpoint_path, {"_target_": "export_test_models.MLP"})
     assert loaded.fc1.weight_zeros is None and int(loaded.fc1.kernel_zeros.unique()) == 4  # -qmin of int3
     x = torch.randn(3, 64)
@@ -215,7 +222,7 @@ def test_disabled_activation_quantizers_are_not_recorded(checkpoint_path):
 
 def test_trained_model_exports_exactly(checkpoint_path):
     torch.manual_seed(5)
-    spec = QuantSpec(weight=QuantizerConfig(bits=4, symmetric=False, quantizer="lsq_plus", group_size=16),
+    spec = QuantSpec(weight=minmax(bits=4, symmetric=False, quantizer="lsq_plus", group_size=16),
                      activation=default_activation_config(8))
     x, target = torch.randn(32, 64), torch.randn(32, 32)
     model, _ = qat.prepare(MLP(), spec)
@@ -254,7 +261,7 @@ def test_dynamic_per_token_activation_option(checkpoint_path):
 
 
 def test_load_dtype_casts_plain_tensors_only(checkpoint_path):
-    model = make_prepared(TinyLM(), QuantSpec(weight=QuantizerConfig(group_size=16, scale_dtype="float32")), seed=0)
+    model = make_prepared(TinyLM(), QuantSpec(weight=minmax(group_size=16, scale_dtype="float32")), seed=0)
     _, loaded = roundtrip(model, checkpoint_path, {"_target_": "export_test_models.TinyLM"}, dtype=torch.bfloat16)
     assert loaded.norm.weight.dtype == torch.bfloat16 and loaded.up.bias.dtype == torch.bfloat16
     assert loaded.up.weight_scales.dtype == torch.float32 and loaded.up.weight_packed.dtype == torch.uint8
@@ -262,7 +269,7 @@ def test_load_dtype_casts_plain_tensors_only(checkpoint_path):
 
 
 def test_embedding_rejects_out_of_range_ids(checkpoint_path):
-    model = make_prepared(EmbedMLP(), QuantSpec(weight=QuantizerConfig(group_size=16)), seed=0)
+    model = make_prepared(EmbedMLP(), QuantSpec(weight=minmax(group_size=16)), seed=0)
     _, loaded = roundtrip(model, checkpoint_path, {"_target_": "export_test_models.EmbedMLP"})
     for bad in (-1, 40):
         with pytest.raises(IndexError):
@@ -282,3 +289,14 @@ def test_size_report_int4_g128_fp16(tmp_path):
     text = str(report)
     assert "4.125 bits/weight" in text and "7.76x" in text and "3.88x" in text
     assert isinstance(qat.load(path, model=nn.Sequential(nn.Linear(512, 256, bias=False)))[0], PackedLinear)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_onto_cuda_matches_the_fake_quant_model_there(checkpoint_path):
+    x = torch.randn(6, 64)
+    model = make_prepared(MLP(), MLP_SPECS["int3-g16-asym-a8"], seed=7, calibrate_with=x)
+    _, loaded = roundtrip(model, checkpoint_path, {"_target_": "export_test_models.MLP"}, device="cuda",
+                          kernel_backend="reference")
+    assert all(t.device.type == "cuda" for t in [*loaded.parameters(), *loaded.buffers()])
+    with torch.no_grad():
+        assert_bitwise_equal(loaded(x.cuda()).cpu(), model.cuda()(x.cuda()).cpu())
