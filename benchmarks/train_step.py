@@ -183,38 +183,37 @@ def run_table(reps: int, warmup: int) -> list[str]:
     return rows
 
 
+HEADER = """\
+# Training step: fake-quant on vs off (CPU)
+
+One step = forward + backward + AdamW step; off = the float model, on = the prepared copy with the
+same weights. {reps} repetitions of each, interleaved (off/on, on/off, ...) after {warmup} warm-up steps.
+off / on (ms): median wall times. on / off: median of the ratios of back-to-back pairs (robust to load
+that drifts). CPU time: the same with the process's CPU time, which ignores time spent descheduled by
+other processes on this shared machine.
+
+'input needs grad': the batch requires its gradient in both models, as the input of a block inside a
+deeper model does. Without it the float model skips the first layer's input gradient (a full matmul),
+while the W4A8 model must compute it: the LSQ+ input quantizer's scale and zero point learn from it.
+
+Target: on / off at most {target}x. Recorded, not asserted.
+"""
+
+
 def report(rows: list[str], args: argparse.Namespace, load_before: tuple, load_after: tuple) -> str:
+    """The markdown file: header, table, notes, and the machine and command of this run."""
     command = ".venv/bin/python -m benchmarks.train_step " + " ".join(sys.argv[1:])
-    return "\n".join(
-        [
-            "# Training step: fake-quant on vs off (CPU)",
-            "",
-            "One step = forward + backward + AdamW step; off = the float model, on = the prepared copy with the",
-            f"same weights. {args.reps} repetitions of each, interleaved (off/on, on/off, ...) after {args.warmup}"
-            " warm-up steps.",
-            "off / on (ms): median wall times. on / off: median of the ratios of back-to-back pairs (robust to load",
-            "that drifts). CPU time: the same with the process's CPU time, which ignores time spent descheduled by",
-            "other processes on this shared machine.",
-            "",
-            "'input needs grad': the batch requires its gradient in both models, as the input of a block inside a",
-            "deeper model does. Without it the float model skips the first layer's input gradient (a full matmul),",
-            "while the W4A8 model must compute it: the LSQ+ input quantizer's scale and zero point learn from it.",
-            "",
-            f"Target: on / off at most {TARGET_RATIO}x. Recorded, not asserted.",
-            "",
-            *rows,
-            "",
-            *NOTES,
-            f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}",
-            f"- torch {torch.__version__}, Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}",
-            f"- load average (1/5/15 min) before: {load_before}, after: {load_after}; the machine is shared,"
-            " so absolute times are noisy and only the side-by-side ratios are meant to be compared",
-            f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-            f"- command: `{command}`",
-            "",
-        ]
-    )
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    run = [
+        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}",
+        f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.release()}",
+        f"- load average (1/5/15 min) before: {load_before}, after: {load_after}; the machine is shared,"
+        " so absolute times are noisy and only the side-by-side ratios are meant to be compared",
+        f"- date: {date}",
+        f"- command: `{command.strip()}`",
+    ]
+    header = HEADER.format(reps=args.reps, warmup=args.warmup, target=TARGET_RATIO)
+    return "\n".join([header, *rows, "", *NOTES, "", "Run:", "", *run, ""])
 
 
 def main(argv: list[str] | None = None) -> None:
