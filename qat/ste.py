@@ -61,7 +61,8 @@ class _LSQFakeQuantize(torch.autograd.Function):
         # functional.fake_quantize's ops, in place. x.float(): a 0-dim (per-tensor) scale
         # would not promote a bf16 / fp16 x to float32.
         out = torch.div(x.float(), s).round_()
-        out = out.clamp_(qmin, qmax) if z is None else out.add_(z).clamp_(qmin, qmax).sub_(z)
+        # with no zero point, + 0.0 still turns round's -0.0 into +0.0, as functional's "+ zero_point" does
+        out = out.add_(0.0).clamp_(qmin, qmax) if z is None else out.add_(z).clamp_(qmin, qmax).sub_(z)
         return out.mul_(s).to(x.dtype)
 
     @staticmethod

@@ -204,4 +204,6 @@ def test_missing_zero_point_equals_a_zero_zero_point(bits, signed):
     out = lsq_fake_quantize(x_req, scale_req, None, qmin, qmax, 0.3)
     out.backward(grad)
     assert torch.equal(out, with_zero[0]) and torch.equal(x_req.grad, with_zero[1])
+    assert torch.equal(out.view(torch.int32), with_zero[0].view(torch.int32))  # bits, so the sign of 0 too
+    assert (out == 0).any() and not torch.signbit(out[out == 0]).any()  # +0.0, as functional.fake_quantize gives
     assert torch.equal(scale_req.grad, with_zero[2])
