@@ -23,8 +23,9 @@ fallback); an unknown name raises listing the available ones. Backends:
 
 Automatic choice: CUDA -> `triton` if importable, else `dequant`. CPU -> `cpu_int4pack`
 when its kernel is available and the layer's group size is a multiple of 32, else
-`dequant`. On CPU, `cpu_int4pack` is faster than the fp32 dense layer at every M measured
-(benchmarks/kernels-cpu.md); pass backend="dequant" or "reference" for bit-exact results.
+`dequant`; above CPU_CACHE_DENSE_ABOVE_M rows (off by default) -> `cpu_bf16_cached`. On CPU,
+`cpu_int4pack` beat the fp32 dense layer at every M measured (benchmarks/kernels-cpu.md);
+pass backend="dequant" or "reference" for bit-exact results.
 
 Example:
     >>> y = int4_linear(x, packed, scales, zeros, group_size=128)
@@ -46,6 +47,11 @@ from .weights import PackedInt4Weight, cached_weight, check_activation
 
 ENV_VAR = "QAT_KERNEL_BACKEND"
 AUTO = "auto"
+# Above this many rows of x, automatic CPU dispatch runs cpu_bf16_cached, which keeps a bf16 copy of
+# the weight (2 bytes per weight, 4x the int4 form) and beats int4pack at large M (benchmarks/kernels-cpu.md:
+# from M ~ 16 with bf16 x, M ~ 64 with fp32 x). None (the default) never caches, so the int4 model's
+# memory stays what it is; set it (e.g. 64) where memory allows.
+CPU_CACHE_DENSE_ABOVE_M: Optional[int] = None
 
 RunFn = Callable[[Tensor, PackedInt4Weight, Optional[Tensor]], Tensor]
 
@@ -147,6 +153,9 @@ def choose_backend(x: Tensor, weight: PackedInt4Weight) -> str:
     """The backend name for these inputs: the fastest one that can run them (see module docstring)."""
     if x.device.type == "cuda":
         return "triton" if _triton_unsupported(x, weight) is None else "dequant"
+    rows = x.numel() // weight.in_features
+    if x.device.type == "cpu" and CPU_CACHE_DENSE_ABOVE_M is not None and rows > CPU_CACHE_DENSE_ABOVE_M:
+        return "cpu_bf16_cached"
     if x.device.type == "cpu" and _int4pack_unsupported(x, weight) is None:
         return "cpu_int4pack"
     return "dequant"

@@ -60,6 +60,15 @@ def test_automatic_choice_on_cpu():
                          int4_linear_reference(x, packed16, scales16, zeros16, 16))
 
 
+def test_cpu_dense_cache_above_a_row_count_is_opt_in(layer, monkeypatch):
+    weight = PackedInt4Weight(*layer)
+    large = torch.randn(65, 128)
+    assert choose_backend(large, weight) != "cpu_bf16_cached"
+    monkeypatch.setattr(dispatch, "CPU_CACHE_DENSE_ABOVE_M", 64)
+    assert choose_backend(large, weight) == "cpu_bf16_cached"
+    assert choose_backend(large[:64], weight) != "cpu_bf16_cached"
+
+
 def test_forced_backend_that_cannot_run_says_why(layer):
     with pytest.raises(ValueError, match=r"'triton' cannot run this layer: .*(CUDA|not installed)"):
         int4_linear(torch.randn(1, 128), *layer, backend="triton")
