@@ -21,9 +21,9 @@ from qat.control import quantizers
 from qat.runner import train
 from tests.qat.training.helpers import fast_recipe
 
-# 12 batches per epoch: 40 steps cross three epoch boundaries; checkpoints every step.
-RESUME = ["trainer.max_steps=40", "trainer.checkpoint_every_n_steps=1", "schedule.warmup_steps=8",
-          "schedule.freeze_step=30", "logging.telemetry_every_n_steps=7"]
+# 12 batches per epoch: 30 steps cross two epoch boundaries; checkpoints every step.
+RESUME = ["trainer.max_steps=30", "trainer.checkpoint_every_n_steps=1", "schedule.warmup_steps=8",
+          "schedule.freeze_step=24", "logging.telemetry_every_n_steps=7"]
 
 
 class KillAt(pl.Callback):

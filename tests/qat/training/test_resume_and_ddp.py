@@ -14,7 +14,7 @@ from .helpers import ROOT
 
 
 def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "tests.qat.training.run_script", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
