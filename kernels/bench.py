@@ -245,6 +245,8 @@ def machine_description(device: str, threads: int) -> str:
                  if line.startswith("model name")]
         model = names[0] if names else model
     capability = torch.backends.cpu.get_cpu_capability()
+    l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
+    model += f" ({l3.read_text().strip()} L3)" if l3.exists() else ""
     return (f"{model}, {torch.get_num_threads()} of {torch.multiprocessing.cpu_count()} threads used "
             f"(--threads {threads}), ATen CPU capability {capability}, torch {torch.__version__}, "
             f"Python {platform.python_version()}")
@@ -252,7 +254,7 @@ def machine_description(device: str, threads: int) -> str:
 
 def write_markdown(path: Path, results: list[dict], args: argparse.Namespace, device: str, seconds: float) -> None:
     """The results table with the machine and the exact command that made it."""
-    command = "python -m qat.kernels.bench " + " ".join(sys.argv[1:])
+    command = " ".join(["python -m qat.kernels.bench", *sys.argv[1:]])
     lines = [
         f"# int4 kernels on {device}",
         "",
