@@ -209,9 +209,11 @@ def bench_shape(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace, de
         methods.update({name: (method, layers) for name, method in methods_for(device, layers, rows, dtype).items()})
         if device == "cpu" and dtype == torch.float32:
             methods.update(_bf16_methods(dense_layers))
+        if args.only:
+            methods = {name: method for name, method in methods.items() if name in ("dense", *args.only)}
         reps = max(3, min(args.reps, int(args.budget_flop / (2 * rows * n * k))))
         timed = time_methods(methods, x, device, args.rounds, reps)
-        dense, torch_int4 = timed["dense"], timed.get(TORCH_INT4)
+        dense, torch_int4 = timed["dense"], timed.get(TORCH_INT4)  # no "vs torch" column if --only drops it
         for name, timing in timed.items():
             row = {"shape": f"{n}x{k}", "x": str(dtype).removeprefix("torch."), "M": rows, "method": name,
                    "ms": timing.median * 1e3, "vs_dense": dense.median / timing.median,
@@ -290,10 +292,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of interleaved calls")
     parser.add_argument("--reps", type=int, default=10, help="calls per method per round (fewer for large M)")
     parser.add_argument("--budget-flop", type=float, default=2e9, help="caps calls per round: reps * 2MNK <= this")
+    parser.add_argument("--only", default=None, help="comma-separated method names to time (dense is always timed)")
     parser.add_argument("--output", default=None, help="markdown file (default benchmarks/kernels-<device>.md)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     args.rows = [int(value) for value in args.rows.split(",")]
+    args.only = args.only.split(",") if args.only else None
     args.shapes = [tuple(int(part) for part in shape.split("x")) for shape in args.shapes.split(",")]
     return args
 
