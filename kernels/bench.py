@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -256,7 +257,7 @@ def machine_description(device: str, threads: int) -> str:
 
 def write_markdown(path: Path, results: list[dict], args: argparse.Namespace, device: str, seconds: float) -> None:
     """The results table with the machine and the exact command that made it."""
-    command = " ".join(["python -m qat.kernels.bench", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "qat.kernels.bench", *sys.argv[1:]])
     lines = [
         f"# int4 kernels on {device}",
         "",
