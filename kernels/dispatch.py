@@ -189,6 +189,8 @@ def int4_linear(
 ) -> Tensor:
     """y = x @ W.T + bias for int4 weights in the canonical layout (see reference.py).
 
-    x (..., K) -> (..., N) in x's dtype. Forms a backend needs are cached on `packed`.
+    x (..., K) -> (..., N) in x's dtype. Forms a backend needs (e.g. cpu_int4pack's tiles) are
+    cached on `packed` and reused while the same packed/scales/zeros tensor objects come back:
+    pass the stored buffers themselves, not fresh views or casts, or the repack runs every call.
     """
     return _run(x, cached_weight(packed, scales, zeros, group_size), bias, backend)
