@@ -120,12 +120,13 @@ class DistillConfig:
     or a path: a qat training checkpoint (.ckpt), a .safetensors state dict of the recipe's
     model, or a Hugging Face model directory. The loss is
 
-        task_weight * task_loss + w(t) * T^2 * KL(teacher || student at temperature T)
-                                + feature_weight * w(t)/weight * sum of feature losses
+        task_weight * task_loss + r(t) * (weight * T^2 * KL(teacher || student, temperature T)
+                                          + feature_weight * sum of feature losses)
 
-    where w(t) ramps linearly from 0 to `weight` over `ramp_steps` from `start_step` (for
+    where r(t) ramps linearly from 0 to 1 over `ramp_steps` steps from `start_step` (for
     'warmup', from the end of warm-up at the earliest). `task_weight: 0` is labels-free
-    training. `features` maps student layer names to teacher layer names.
+    training. `features` maps student layer names to teacher layer names (`feature_loss`
+    'mse' or 'cosine'); `teacher_dtype: bfloat16` runs the teacher in bf16.
     """
 
     enabled: bool = False

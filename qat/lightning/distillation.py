@@ -213,7 +213,8 @@ class LogitsOnly(nn.Module):
 
 
 def load_hf_teacher(directory: Path, task: str) -> nn.Module:
-    """A Hugging Face model from `directory` (causal LM for 'language_model', else sequence classifier)."""
+    """A Hugging Face model from `directory` (causal LM for 'language_model', else sequence classifier),
+    wrapped in `LogitsOnly`: its layer names for feature distillation start with 'model.'."""
     try:
         import transformers
     except ImportError:
@@ -225,7 +226,8 @@ def load_hf_teacher(directory: Path, task: str) -> nn.Module:
 
 
 def load_teacher(source: str, recipe: Any) -> nn.Module:
-    """The teacher at path `source`: a qat .ckpt, a .safetensors state dict of `recipe.model`, or an HF directory.
+    """The teacher at path `source`: a qat .ckpt (the model as that run ended, fake-quant state
+    included), a .safetensors state dict of `recipe.model`, or a Hugging Face directory.
 
     Loading draws nothing from the global RNGs, so the student's initialization is unchanged.
     """

@@ -63,8 +63,10 @@ class KillAt(pl.Callback):
 
 
 def script(run_dir: Path, mode: str, *args: str) -> None:
-    """The subprocess side: train (full / kill at a step / resume), save the final model state."""
+    """Train (full / kill at a step / resume), save the final model state. Runs here and in subprocesses."""
     import qat.runner
+
+    torch.set_num_threads(1)  # as tests/conftest.py: float results depend on the intra-op thread count
 
     kept = {}
     original_build = qat.runner.build
