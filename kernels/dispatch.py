@@ -49,8 +49,8 @@ ENV_VAR = "QAT_KERNEL_BACKEND"
 AUTO = "auto"
 # Above this many rows of x, automatic CPU dispatch runs cpu_bf16_cached, which keeps a bf16 copy of
 # the weight (2 bytes per weight, 4x the int4 form) and beats int4pack at large M (benchmarks/kernels-cpu.md:
-# from M ~ 16 with bf16 x, M ~ 64 with fp32 x). None (the default) never caches, so the int4 model's
-# memory stays what it is; set it (e.g. 64) where memory allows.
+# from M ~ 8-16 with bf16 x, M ~ 16 with fp32 x). None (the default) never caches, so the int4 model's
+# memory stays what it is; set it (e.g. 16) where memory allows.
 CPU_CACHE_DENSE_ABOVE_M: Optional[int] = None
 
 RunFn = Callable[[Tensor, PackedInt4Weight, Optional[Tensor]], Tensor]
