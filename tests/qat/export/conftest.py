@@ -14,15 +14,11 @@ import qat
 sys.path.insert(0, str(Path(__file__).parent))  # export_test_models, importable by `_target_`
 
 def assert_bitwise_equal(actual: Tensor, expected: Tensor) -> None:
-    """Same dtype and shape, no NaN, and every value identical: nonzero values bit for bit.
-
-    Zeros compare by value (-0.0 == +0.0): the fake-quant forward may give -0.0 where a
-    weight rounds to code 0 (the symmetric path computes round(x / s) * s), while integer
-    codes dequantize to +0.0. The two are the same number in every product and sum.
-    """
+    """Same dtype and shape, no NaN, and every value identical bit for bit (the sign of zero included)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     assert not (actual.isnan().any() or expected.isnan().any())
-    mismatched = (actual != expected).sum().item()
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+    mismatched = (actual.contiguous().view(as_int) != expected.contiguous().view(as_int)).sum().item()
     assert mismatched == 0, f"{mismatched} of {actual.numel()} values differ"
 
 
