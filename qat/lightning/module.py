@@ -68,19 +68,22 @@ class QATModule(pl.LightningModule):
         self.model, self.task, self.loss_fn = model, task, loss_fn
         self.optimizer_config = optimizer or OptimizerConfig()
         self.checkpoint_info = dict(checkpoint_info or {})
+        self.num_classes = num_classes
         self.val_metrics = self._make_metrics(task, num_classes)
         self.loss_hooks: list[LossHook] = []
         self.task_loss_weight = 1.0  # 0: labels-free (the loss hooks alone)
 
     @staticmethod
-    def _make_metrics(task: str, num_classes: Optional[int]) -> torchmetrics.MetricCollection:
+    def _make_metrics(task: str, num_classes: Optional[int], sync: bool = True) -> torchmetrics.MetricCollection:
+        """The task's metrics; `sync=False` computes on this process's data alone (no collective)."""
         if task == "language_model":
-            return torchmetrics.MetricCollection({"ppl": torchmetrics.text.Perplexity()})
+            return torchmetrics.MetricCollection({"ppl": torchmetrics.text.Perplexity(sync_on_compute=sync)})
         if not num_classes:
             raise ConfigError("classification needs num_classes (from the data module or the recipe)")
         return torchmetrics.MetricCollection({
-            "acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro"),
-            "ece": torchmetrics.classification.MulticlassCalibrationError(num_classes, n_bins=15),
+            "acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro", sync_on_compute=sync),
+            "ece": torchmetrics.classification.MulticlassCalibrationError(num_classes, n_bins=15,
+                                                                          sync_on_compute=sync),
         })
 
     def forward(self, x: Tensor) -> Tensor:
@@ -127,11 +130,13 @@ class QATModule(pl.LightningModule):
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable) -> dict[str, float]:
-        """Task metrics and mean loss over `batches`, in eval mode, outside the Trainer."""
+        """Task metrics and mean loss over `batches`, in eval mode, outside the Trainer.
+
+        Computed from `batches` alone on this process (no cross-rank sync): under DDP every
+        rank evaluates the same batches, and rank 0 may evaluate alone (the exported model)."""
         was_training = self.training
         self.eval()
-        metrics = self.val_metrics.clone().to(self.device)
-        metrics.reset()
+        metrics = self._make_metrics(self.task, self.num_classes, sync=False).to(self.device)
         total, count = 0.0, 0
         for x, y in batches:
             x, y = x.to(self.device), y.to(self.device)
