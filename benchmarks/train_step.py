@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from qat.config import QuantizerConfig, QuantSpec, default_activation_config
 from qat.control import calibrate
 from qat.prepare import prepare
+from qat.zoo import DigitsCNN
 
 TARGET_RATIO = 1.3
 # Findings kept with every regenerated table.
@@ -91,23 +92,37 @@ class Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
+W4 = QuantizerConfig(bits=4, group_size=128)
+# (label, spec, whether the input needs its gradient as it does for a block inside a deeper model)
+Setting = tuple[str, QuantSpec, bool]
+SETTINGS: list[Setting] = [
+    ("W4 g128", QuantSpec(weight=W4), False),
+    ("W4A8", QuantSpec(weight=W4, activation=default_activation_config(8)), False),
+    ("W4A8, input needs grad", QuantSpec(weight=W4, activation=default_activation_config(8)), True),
+]
+
+
+def default_recipe_settings() -> list[Setting]:
+    """The default recipe's own spec (W4A4, per-channel convs), read from recipes/digits_w4a4.yaml."""
+    from qat.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "digits_w4a4.yaml")
+    return [("default recipe: W4A4", recipe.quant, False)]
+
+
 @dataclass
 class Case:
     name: str
     make_model: Callable[[], nn.Module]
     make_input: Callable[[], Tensor]
+    settings: Callable[[], list[Setting]] = lambda: SETTINGS
 
 
 CASES = [
     Case("MLP 3x512, batch 256", MLP, lambda: torch.randn(256, 512)),
     Case("Transformer block d256 h4 mlp1024, seq 64, batch 16", Block, lambda: torch.randn(16, 64, 256)),
-]
-W4 = QuantizerConfig(bits=4, group_size=128)
-# (label, spec, whether the input needs its gradient as it does for a block inside a deeper model)
-SETTINGS = [
-    ("W4 g128", QuantSpec(weight=W4), False),
-    ("W4A8", QuantSpec(weight=W4, activation=default_activation_config(8)), False),
-    ("W4A8, input needs grad", QuantSpec(weight=W4, activation=default_activation_config(8)), True),
+    Case("DigitsCNN (default recipe model), batch 64", DigitsCNN, lambda: torch.rand(64, 1, 8, 8),
+         default_recipe_settings),
 ]
 
 
@@ -173,7 +188,7 @@ def run_table(reps: int, warmup: int) -> list[str]:
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for case in CASES:
-        for label, spec, input_grad in SETTINGS:
+        for label, spec, input_grad in case.settings():
             m = measure(case, spec, input_grad, reps, warmup)
             rows.append(
                 f"| {case.name} | {label} | {m['off'] * 1e3:.2f} | {m['on'] * 1e3:.2f} "
