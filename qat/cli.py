@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional
 
 from qat.config import ConfigError
@@ -20,12 +21,18 @@ def _train(args: argparse.Namespace) -> int:
     recipe_path, overrides = args.recipe, list(args.overrides)
     if recipe_path is not None and "=" in recipe_path:  # `qat train key=value` with the default recipe
         recipe_path, overrides = None, [recipe_path, *overrides]
-    recipe = load_recipe(recipe_path or DEFAULT_RECIPE, overrides)
+    recipe = load_recipe(recipe_path or default_recipe(), overrides)
     train(recipe)
     return 0
 
 
 DEFAULT_RECIPE = "recipes/digits_w4a4.yaml"
+
+
+def default_recipe() -> Path:
+    """The default recipe: ./recipes/digits_w4a4.yaml, else the one in qat's source checkout."""
+    here = Path(DEFAULT_RECIPE)
+    return here if here.is_file() else Path(__file__).resolve().parents[1] / DEFAULT_RECIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
