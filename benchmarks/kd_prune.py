@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from qat.build import build  # noqa: E402
 from qat.distill import kd_logit_loss  # noqa: E402
 from qat.lightning.distillation import float_copy, weights_sha256  # noqa: E402
+from qat.lightning.module import QATModule  # noqa: E402
 from qat.recipe import load_recipe  # noqa: E402
 from qat.runner import export_run, summarize  # noqa: E402
 
@@ -94,6 +95,8 @@ def one_run(config: str, seed: int, run_dir: Path, extra: list[str]) -> dict:
     row = {"config": config, "seed": seed, "acc": final["acc"], "loss": final["loss"], "ece": final["ece"],
            "seconds": summary["seconds"], "reference_sha256": weights_sha256(reference.model)}
     row.update(versus_reference(run.model, reference.model, run.datamodule.val_dataloader()))
+    ref = QATModule(reference.model, recipe.task, 10).evaluate(run.datamodule.val_dataloader())
+    row.update(ref_acc=ref["acc"], ref_loss=ref["loss"], ref_ece=ref["ece"])
     if recipe.export.enabled:
         exported = export_run(run)
         row.update(int4_acc=exported["int4"]["acc"], file_bytes=exported["export"]["file_bytes"])
@@ -120,6 +123,10 @@ def table(rows: list[dict]) -> str:
             "size (bytes) | vs fp32 |")
     lines = [head, "|" + " --- |" * 9]
     fp_bytes = statistics.mean(r["file_bytes"] for r in rows if r["config"] == "FP")
+    refs = [r for r in rows if r["config"] == "FP"]
+    ref_cells = [mean_std([r["ref_acc"] for r in refs], 100), "-", mean_std([r["ref_loss"] for r in refs], 1, 4),
+                 mean_std([r["ref_ece"] for r in refs], 100), "100", "0", f"{int(fp_bytes):,}", "1.00x"]
+    lines.append("| FP at end of warm-up (reference, KD teacher) | " + " | ".join(ref_cells) + " |")
     for config in CONFIGS:
         mine = [r for r in rows if r["config"] == config]
         if not mine:
@@ -136,12 +143,11 @@ def table(rows: list[dict]) -> str:
 
 
 def per_seed(rows: list[dict]) -> str:
-    lines = ["| config | seed | acc % | NLL | ECE % | agreement % | KL to FP | sparsity | seconds |",
-             "|" + " --- |" * 9]
+    """One line per run (training seconds stay in the JSON: the machine is shared, they are not comparable)."""
+    lines = ["| config | seed | acc % | NLL | ECE % | agreement % | KL to FP | sparsity |", "|" + " --- |" * 8]
     for r in rows:
         lines.append(f"| {r['config']} | {r['seed']} | {100 * r['acc']:.2f} | {r['loss']:.4f} | {100 * r['ece']:.2f}"
-                     f" | {100 * r['agreement']:.2f} | {r['kl_to_fp']:.4f} | {r.get('sparsity', 0):.3f}"
-                     f" | {r['seconds']} |")
+                     f" | {100 * r['agreement']:.2f} | {r['kl_to_fp']:.4f} | {r.get('sparsity', 0):.3f} |")
     return "\n".join(lines)
 
 
@@ -158,16 +164,22 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "bench_kd_prune"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "kd_prune.json"))
-    parser.add_argument("--extra", nargs="*", default=[], help="recipe overrides for every run (smoke tests)")
+    parser.add_argument("--extra", nargs="*", default=[], help="recipe overrides for every run")
+    parser.add_argument("--tables-only", action="store_true", help="print the tables of an existing --json file")
     args = parser.parse_args()
-    rows = []
-    for seed in args.seeds:
-        for config in args.configs:
-            rows.append(one_run(config, seed, Path(args.run_dir), args.extra))
-            print(json.dumps(rows[-1]), flush=True)
-            Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
-    same = all(len({r["reference_sha256"] for r in rows if r["seed"] == s}) == 1 for s in args.seeds)
-    print(f"machine: {machine()}\nFP warm-up identical across configs of a seed: {same}\n")
+    if args.tables_only:
+        record = json.loads(Path(args.json).read_text())
+        rows, host = record["rows"], record["machine"]
+    else:
+        rows, host = [], machine()
+        for seed in args.seeds:
+            for config in args.configs:
+                rows.append(one_run(config, seed, Path(args.run_dir), args.extra))
+                print(json.dumps(rows[-1]), flush=True)
+                Path(args.json).write_text(json.dumps({"machine": host, "extra": args.extra, "rows": rows}, indent=1))
+    seeds = sorted({r["seed"] for r in rows})
+    same = all(len({r["reference_sha256"] for r in rows if r["seed"] == s}) == 1 for s in seeds)
+    print(f"machine: {host}\nFP warm-up identical across configs of a seed: {same}\n")
     print(table(rows) + "\n\n" + per_seed(rows))
 
 

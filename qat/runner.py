@@ -83,6 +83,12 @@ def print_summary(summary: dict[str, Any], console: Optional[Console] = None) ->
         table.add_row(labels[key], *(f"{summary[key].get(m, float('nan')):.4f}" for m in metrics))
     console.print(table)
     console.print(f"steps: {summary['steps']}  time: {summary['seconds']} s  run: {summary['run_dir']}")
+    if summary.get("sparsity"):
+        sparsity = summary["sparsity"]
+        console.print(f"sparsity: {sparsity['total']:.4f} ({sparsity['pattern'] or sparsity['method']}) over "
+                      f"{len(sparsity['layers'])} layer(s); dense: {', '.join(sparsity['skipped']) or 'none'}")
+    if summary.get("export"):
+        console.print(f"int4 file: {summary['export']['path']} ({summary['export']['file_bytes']:,} bytes)")
 
 
 def train(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None, quiet: bool = False) -> dict:
