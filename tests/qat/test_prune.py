@@ -11,13 +11,14 @@ import safetensors.torch
 import torch
 from torch import nn
 
-import qat
 from qat.config import QuantizerConfig, QuantSpec
+from qat.export import export_model, load
 from qat.export.format import PACKED, SCALES, ZEROS
 from qat.export.manifest import read_manifest
 from qat.export.pack import dequantize_weight, quantized_codes
 from qat.export.reader import read_header
 from qat.lightning.pruning import Pruning
+from qat.prepare import prepare
 from qat.prune import (
     MASK,
     attach_masks,
@@ -171,7 +172,7 @@ QUANT_CASES = {
 @pytest.mark.parametrize("case", list(QUANT_CASES))
 def test_pruned_weights_are_exactly_zero_after_fake_quant_and_get_no_gradient(case):
     torch.manual_seed(0)
-    model, _ = qat.prepare(MLP(), QuantSpec(weight=QUANT_CASES[case], activation=None))
+    model, _ = prepare(MLP(), QuantSpec(weight=QUANT_CASES[case], activation=None))
     with torch.no_grad():  # a non-zero zero point: 0 must still quantize to exactly 0
         model.fc1.weight.add_(0.05)
         model.fc1.weight_quantizer.zero_point.fill_(3.0)
@@ -190,13 +191,13 @@ def test_pruned_weights_are_exactly_zero_after_fake_quant_and_get_no_gradient(ca
 
 def test_the_2_4_pattern_holds_in_the_exported_int4_file(tmp_path):
     torch.manual_seed(0)
-    model, _ = qat.prepare(MLP(), QuantSpec(weight=QuantizerConfig(bits=4, group_size=32), activation=None))
+    model, _ = prepare(MLP(), QuantSpec(weight=QuantizerConfig(bits=4, group_size=32), activation=None))
     names, _ = select_layers(model, nm_group=4)
     update_masks(model, names, 0.5, "nm")
     expected_weights = {name: model.get_submodule(name).quantized_weight().detach() for name in names}
     remove_masks(model)
     path = tmp_path / "pruned.safetensors"
-    qat.export_model(model, path)
+    export_model(model, path)
     manifest = read_manifest(read_header(path))
     stored = safetensors.torch.load_file(str(path))
     for name in names:
@@ -205,4 +206,4 @@ def test_the_2_4_pattern_holds_in_the_exported_int4_file(tmp_path):
         assert satisfies_nm(weight, 2, 4) and int((weight == 0).sum()) == weight.numel() // 2, name
         assert torch.equal(weight, expected_weights[name]), name  # the file holds the fake-quant weights
     assert sparsity_report(model).layers == []  # the masks were baked in and dropped before export
-    assert set(qat.load(path, model=MLP()).state_dict()) >= {"fc1.weight_packed", "fc2.weight_packed"}
+    assert set(load(path, model=MLP()).state_dict()) >= {"fc1.weight_packed", "fc2.weight_packed"}
