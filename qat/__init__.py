@@ -6,8 +6,8 @@ Example:
     >>> qat.calibrate(model, calibration_batches)               # range initialization
     >>> ...train as usual...
 
-The public names below are imported on first use, so `import qat.kernels` (the int4
-kernels, torch only) does not pull in the training or export stack.
+`import qat.kernels` (the int4 kernels) needs torch alone: the package imports its
+torch-only core eagerly and the export names (they need safetensors) on first use.
 """
 
 from __future__ import annotations
@@ -15,29 +15,72 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# The torch-only core, imported eagerly. Binding `prepare` (the function) here also keeps it
+# from being shadowed by the submodule `qat.prepare` once something imports that module.
+from qat.config import (
+    ConfigError,
+    LayerConfig,
+    QuantizerConfig,
+    QuantRule,
+    QuantSpec,
+    default_activation_config,
+    default_weight_config,
+)
+from qat.control import (
+    calibrate,
+    calibration,
+    freeze,
+    init_weight_ranges,
+    quantizer_parameters,
+    quantizers,
+    set_fake_quant,
+)
+from qat.fake_quant import FakeQuantizer
+from qat.functional import NonFiniteError
+from qat.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
+from qat.prepare import GroupSizeError, PrepareReport, prepare, unprepare
+
 __version__ = "0.1.0"
 
-_HOMES = {
-    "qat.config": ["ConfigError", "LayerConfig", "QuantizerConfig", "QuantRule", "QuantSpec",
-                   "default_activation_config", "default_weight_config"],
-    "qat.control": ["calibrate", "calibration", "freeze", "init_weight_ranges", "quantizer_parameters",
-                    "quantizers", "set_fake_quant"],
-    "qat.export": ["CheckpointError", "ExportError", "SizeReport", "export_model", "load"],
-    "qat.fake_quant": ["FakeQuantizer"],
-    "qat.functional": ["NonFiniteError"],
-    "qat.modules": ["QuantConv2d", "QuantEmbedding", "QuantLinear", "QuantModule"],
-    "qat.prepare": ["GroupSizeError", "PrepareReport", "prepare", "unprepare"],
-}
-_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+_LAZY_FROM_EXPORT = ("CheckpointError", "ExportError", "SizeReport", "export_model", "load")
 
-__all__ = sorted(_HOME_OF)
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ExportError",
+    "FakeQuantizer",
+    "GroupSizeError",
+    "LayerConfig",
+    "NonFiniteError",
+    "PrepareReport",
+    "QuantConv2d",
+    "QuantEmbedding",
+    "QuantLinear",
+    "QuantModule",
+    "QuantRule",
+    "QuantSpec",
+    "QuantizerConfig",
+    "SizeReport",
+    "calibrate",
+    "calibration",
+    "default_activation_config",
+    "default_weight_config",
+    "export_model",
+    "freeze",
+    "init_weight_ranges",
+    "load",
+    "prepare",
+    "quantizer_parameters",
+    "quantizers",
+    "set_fake_quant",
+    "unprepare",
+]
 
 
 def __getattr__(name: str) -> Any:
-    module = _HOME_OF.get(name)
-    if module is None:
+    if name not in _LAZY_FROM_EXPORT:
         raise AttributeError(f"module 'qat' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module("qat.export"), name)
     globals()[name] = value  # later look-ups skip this function
     return value
 
