@@ -27,16 +27,22 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 class EpochSampler(Sampler[int]):
-    """Indices of one epoch: a permutation seeded by (seed, epoch), this rank's share, from `start`."""
+    """Indices of one epoch: a permutation seeded by (seed, epoch), this rank's share.
+
+    Each new iteration is the next epoch; `resume_at(epoch, start)` makes the next one
+    epoch `epoch` from index `start` of this rank's share. The epoch is chosen when the
+    first index is drawn (the body of `__iter__` is a generator), so an iterator that
+    Lightning creates and never uses takes no epoch.
+    """
 
     def __init__(self, size: int, shuffle: bool, seed: int) -> None:
         self.size, self.shuffle, self.seed = size, shuffle, seed
-        self.epoch = 0
-        self.start = 0  # index (within this rank's share) to begin the next iteration at
+        self.epoch = -1  # the epoch of the iteration in progress (or last run)
+        self._resume: Optional[tuple[int, int]] = None
 
-    def _indices(self) -> list[int]:
+    def indices(self, epoch: int) -> list[int]:
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             order = torch.randperm(self.size, generator=gen).tolist()
         else:
             order = list(range(self.size))
@@ -44,21 +50,29 @@ class EpochSampler(Sampler[int]):
         usable = len(order) - len(order) % world  # every rank gets the same number of samples
         return order[rank:usable:world]
 
+    def resume_at(self, epoch: int, start: int) -> None:
+        self._resume = (epoch, start)
+
     def __iter__(self) -> Iterator[int]:
-        indices = self._indices()[self.start :]
-        self.start = 0
-        return iter(indices)
+        epoch, start = self._resume if self._resume is not None else (self.epoch + 1, 0)
+        self._resume = None
+        self.epoch = epoch
+        yield from self.indices(epoch)[start:]
 
     def __len__(self) -> int:
-        return len(self._indices())
+        return len(self.indices(0))
+
+
+# (batches of the current epoch already trained, whether the epoch is complete)
+Progress = Callable[[], tuple[int, bool]]
 
 
 class ResumableLoader(DataLoader):
     """DataLoader with `state_dict` / `load_state_dict` for exact mid-epoch resume.
 
-    `progress` returns how many batches of the current epoch have been trained; the
-    trainer's progress is wired in by `qat.build` (the loader cannot count them itself,
-    because Lightning fetches one batch ahead).
+    `progress` reports how many batches of the current epoch have been trained and whether
+    the epoch is complete; `LoaderProgress` wires the trainer's counters in (the loader
+    cannot count them itself, because Lightning fetches one batch ahead).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, **kwargs: Any):
@@ -67,32 +81,22 @@ class ResumableLoader(DataLoader):
         # run (which creates one more iterator) would see different dropout masks.
         kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
         super().__init__(dataset, batch_size=batch_size, sampler=self.epoch_sampler, **kwargs)
-        self.progress: Optional[Callable[[], tuple[int, int]]] = None
-        self._resume_epoch: Optional[int] = None
-
-    def __iter__(self) -> Iterator:
-        epoch = self._current_epoch()
-        if self._resume_epoch is not None and self._resume_epoch != epoch:
-            self.epoch_sampler.start = 0  # the saved position belonged to an epoch already over
-        self._resume_epoch = None
-        self.epoch_sampler.epoch = epoch
-        return super().__iter__()
-
-    def _current_epoch(self) -> int:
-        return self.progress()[0] if self.progress is not None else self.epoch_sampler.epoch
+        self.progress: Optional[Progress] = None
 
     def state_dict(self) -> dict:
-        epoch, batches = self.progress() if self.progress is not None else (self.epoch_sampler.epoch, 0)
-        return {"epoch": epoch, "batches_done": batches}
+        done, complete = self.progress() if self.progress is not None else (0, False)
+        return {"epoch": self.epoch_sampler.epoch, "batches_done": done, "epoch_complete": complete}
 
     def load_state_dict(self, state: dict) -> None:
-        self._resume_epoch = int(state["epoch"])
-        self.epoch_sampler.epoch = self._resume_epoch
-        self.epoch_sampler.start = int(state["batches_done"]) * int(self.batch_size or 1)
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if state.get("epoch_complete", False):
+            self.epoch_sampler.resume_at(epoch + 1, 0)
+        else:
+            self.epoch_sampler.resume_at(epoch, done * int(self.batch_size or 1))
 
 
 class LoaderProgress(pl.Callback):
-    """Wires the trainer's progress (epoch, batches trained this epoch) into `ResumableLoader`s."""
+    """Wires the trainer's progress (batches trained this epoch, epoch complete) into `ResumableLoader`s."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loops = trainer.fit_loop
@@ -102,8 +106,9 @@ class LoaderProgress(pl.Callback):
         # the call is a no-op unless a restart has states waiting.
         loops._load_combined_loader_states()
 
-        def progress() -> tuple[int, int]:
-            return trainer.current_epoch, loops.epoch_loop.batch_progress.current.processed
+        def progress() -> tuple[int, bool]:
+            done = loops.epoch_loop.batch_progress.current.processed
+            return done, done >= trainer.num_training_batches
 
         loaders = trainer.train_dataloader
         for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:

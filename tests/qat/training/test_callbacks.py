@@ -97,28 +97,33 @@ def test_fail_safe_logger_warns_once_and_drops_the_broken_logger():
 
 def test_epoch_sampler_is_a_seeded_permutation_per_epoch_and_shards_by_rank(monkeypatch):
     sampler = EpochSampler(10, shuffle=True, seed=3)
-    first = list(sampler)
-    assert sorted(first) == list(range(10)) and list(sampler) == first
-    sampler.epoch = 1
-    assert list(sampler) != first
+    first, second = list(sampler), list(sampler)  # each pass is the next epoch
+    assert sorted(first) == list(range(10)) and first == sampler.indices(0) and second == sampler.indices(1)
+    assert first != second and sampler.epoch == 1
     import qat.data_loading as data_loading
 
     shards = []
     for rank in (0, 1, 2):
         monkeypatch.setattr(data_loading, "_rank_and_world", lambda rank=rank: (rank, 3))
-        shards.append(list(sampler))
+        shards.append(sampler.indices(0))
     assert all(len(shard) == 3 for shard in shards)  # 10 samples over 3 ranks: 9 used, equal shares
     assert len({i for shard in shards for i in shard}) == 9
 
 
-def test_resumable_loader_restarts_at_the_saved_batch():
+def epochs(loader, count):
+    return [[batch[0].tolist() for batch in loader] for _ in range(count)]
+
+
+def test_resumable_loader_restarts_at_the_saved_batch_or_the_next_epoch():
     data = torch.utils.data.TensorDataset(torch.arange(20.0))
-    loader = ResumableLoader(data, batch_size=4, shuffle=True, seed=0)
-    full = [batch[0].tolist() for batch in loader]
-    resumed = ResumableLoader(data, batch_size=4, shuffle=True, seed=0)
-    resumed.load_state_dict({"epoch": 0, "batches_done": 2})
-    assert [batch[0].tolist() for batch in resumed] == full[2:]
-    assert [batch[0].tolist() for batch in resumed] == full  # the next pass is a whole epoch again
+    make = lambda: ResumableLoader(data, batch_size=4, shuffle=True, seed=0)  # noqa: E731
+    reference = epochs(make(), 3)
+    mid = make()
+    mid.load_state_dict({"epoch": 1, "batches_done": 2, "epoch_complete": False})
+    assert epochs(mid, 2) == [reference[1][2:], reference[2]]
+    end = make()
+    end.load_state_dict({"epoch": 0, "batches_done": 5, "epoch_complete": True})
+    assert epochs(end, 2) == reference[1:]
 
 
 def test_cli_train_runs_the_recipe_with_overrides(tmp_path, capsys):

@@ -19,16 +19,26 @@ def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_sigkill_mid_epoch_then_resume_ends_with_the_same_weights(tmp_path):
-    full, broken = tmp_path / "full", tmp_path / "broken"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    full = tmp_path_factory.mktemp("full")
     done = run_script(str(full), "full")
     assert done.returncode == 0, done.stderr[-3000:]
-    killed = run_script(str(broken), "kill", "17")  # epoch 1, batch 5 of 12; after calibration (step 8)
+    return torch.load(full / "final_state.pt", weights_only=True)
+
+
+# 12 batches per epoch, checkpoints every step, calibration at step 8. The kill comes after optimizer
+# step `kill` and before its checkpoint, so the run resumes from step kill - 1: mid-epoch (17: epoch 1,
+# batch 5), or from the checkpoint of an epoch's last batch (25: resumes at the start of epoch 2).
+@pytest.mark.parametrize("kill", [17, 25], ids=["mid_epoch", "epoch_boundary"])
+def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, uninterrupted, kill):
+    broken = tmp_path / "broken"
+    killed = run_script(str(broken), "kill", str(kill))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (broken / "final_state.pt").exists()
     resumed = run_script(str(broken), "resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = torch.load(full / "final_state.pt", weights_only=True)
+    expected = uninterrupted
     actual = torch.load(broken / "final_state.pt", weights_only=True)
     assert expected.keys() == actual.keys()
     for key, value in expected.items():
