@@ -60,9 +60,9 @@ def export_run(run: Run) -> dict[str, Any]:
     recipe = run.recipe
     path = Path(recipe.export.path or run.run_dir / "model.safetensors")
     model = copy.deepcopy(run.model)
-    remove_masks(model)
+    sparsity = remove_masks(model).as_dict() if run.pruning is not None else None
     size = export_model(model, path, architecture={"_target_": recipe.model._target_, **recipe.model.args},
-                        recipe_hash=recipe_hash(recipe))
+                        recipe_hash=recipe_hash(recipe), sparsity=sparsity)
     evaluator = QATModule(load(path), recipe.task, getattr(run.datamodule, "num_classes", None)
                           or recipe.model.args.get("classes", 10))
     return {"int4": evaluator.evaluate(run.datamodule.val_dataloader()),

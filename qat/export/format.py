@@ -36,6 +36,7 @@ KEY_LAYERS = "qat.layers"
 KEY_TIED = "qat.tied"
 KEY_CHECKSUMS = "qat.tensor_sha256"
 KEY_HEADER_DIGEST = "qat.header_sha256"
+KEY_SPARSITY = "qat.sparsity"  # optional: pruning report of the exported weights
 REQUIRED_KEYS = (KEY_FORMAT, KEY_VERSION, KEY_LIBRARY, KEY_ARCHITECTURE, KEY_RECIPE, KEY_LAYERS, KEY_TIED,
                  KEY_CHECKSUMS, KEY_HEADER_DIGEST)
 

@@ -56,6 +56,14 @@ class InspectReport:
         return f"OK (header and {count} tensor SHA-256 checks passed)"
 
 
+def _sparsity_line(sparsity: Optional[dict]) -> str:
+    if not sparsity:
+        return "- (not pruned)"
+    layers = sparsity.get("layers", {})
+    patterns = sum(1 for layer in layers.values() if isinstance(layer, dict) and layer.get("2:4"))
+    return f"{sparsity.get('total', float('nan')):.4f} over {len(layers)} layer(s), {patterns} with a 2:4 pattern"
+
+
 def _describe_manifest(manifest: Manifest) -> list[str]:
     architecture = manifest.architecture
     if architecture is None:
@@ -70,6 +78,7 @@ def _describe_manifest(manifest: Manifest) -> list[str]:
         f"recipe hash: {manifest.recipe_hash or '-'}",
         f"architecture: {arch}",
         f"tied tensors: {len(manifest.tied)}",
+        f"sparsity: {_sparsity_line(manifest.sparsity)}",
     ]
 
 

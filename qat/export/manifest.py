@@ -32,6 +32,7 @@ from qat.export.format import (
     KEY_LAYERS,
     KEY_LIBRARY,
     KEY_RECIPE,
+    KEY_SPARSITY,
     KEY_TIED,
     KEY_VERSION,
     REQUIRED_KEYS,
@@ -59,6 +60,7 @@ class Manifest:
     layers: dict[str, LayerSpec] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)
     checksums: dict[str, str] = field(default_factory=dict)
+    sparsity: Optional[dict] = None
 
     def layer_tensor_names(self) -> set[str]:
         """File names of every tensor owned by a quantized layer (packed weights, scales, qparams)."""
@@ -98,9 +100,19 @@ def read_manifest(header: Header) -> Manifest:
         layers=_layers(path, _json(path, metadata, KEY_LAYERS)),
         tied=_string_map(path, KEY_TIED, _json(path, metadata, KEY_TIED)),
         checksums=_string_map(path, KEY_CHECKSUMS, _json(path, metadata, KEY_CHECKSUMS)),
+        sparsity=_sparsity(path, metadata),
     )
     _check_tensors(path, header, manifest)
     return manifest
+
+
+def _sparsity(path: str, metadata: dict) -> Optional[dict]:
+    if KEY_SPARSITY not in metadata:
+        return None
+    value = _json(path, metadata, KEY_SPARSITY)
+    if not isinstance(value, dict):
+        raise MetadataError(f"{path}: {KEY_SPARSITY} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _version(path: str, text: Optional[str]) -> int:

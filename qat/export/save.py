@@ -28,6 +28,7 @@ from qat.export.format import (
     KEY_LAYERS,
     KEY_LIBRARY,
     KEY_RECIPE,
+    KEY_SPARSITY,
     KEY_TIED,
     KEY_VERSION,
     TORCH_TO_ST,
@@ -128,6 +129,7 @@ def export_model(
     path: str | os.PathLike,
     architecture: Optional[dict] = None,
     recipe_hash: Optional[str] = None,
+    sparsity: Optional[dict] = None,
 ) -> SizeReport:
     """Write `model` (prepared with `qat.prepare`, trained) to `path` as a qat int4 checkpoint.
 
@@ -137,7 +139,8 @@ def export_model(
     to rebuild the model: {"_target_": "pkg.module.Class", **json_kwargs} (the class is
     called with the kwargs) or {"hf_config": config.to_dict()} for Hugging Face models;
     None means `qat.load(path, model=...)` must be given a skeleton. `recipe_hash` is
-    recorded as given. Returns the `SizeReport` of the written file.
+    recorded as given; so is `sparsity`, a JSON-ready pruning report (`qat.prune.remove_masks(model)
+    .as_dict()`) stored under `qat.sparsity`. Returns the `SizeReport` of the written file.
     """
     import qat  # late: qat/__init__ imports this package
 
@@ -155,6 +158,10 @@ def export_model(
         KEY_LAYERS: json.dumps({name: spec.to_json() for name, spec in layers.items()}, sort_keys=True),
         KEY_TIED: json.dumps(tied, sort_keys=True),
     }
+    if sparsity is not None:
+        if not isinstance(sparsity, dict):
+            raise ExportError(f"sparsity must be a dict (a pruning report), got {type(sparsity).__name__}")
+        metadata[KEY_SPARSITY] = json.dumps(sparsity, sort_keys=True)
     write_checkpoint(path, tensors, metadata)
     header = read_header(path)
     return size_report(header, read_manifest(header))
