@@ -42,8 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", nargs="?", help=f"recipe YAML (default: {DEFAULT_RECIPE})")
     train.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optimizer.lr=1e-3")
     train.set_defaults(func=_train)
+    bench = commands.add_parser("bench", help="time the int4 kernels side by side (python -m qat.kernels.bench)",
+                                add_help=False)
+    bench.set_defaults(func=_bench)
     _add_optional_commands(commands)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from qat.kernels.bench import main as bench_main
+
+    bench_main(list(args.bench_args))
+    return 0
 
 
 def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
@@ -56,7 +66,12 @@ def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest  # every option belongs to the benchmark's own parser
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError) as err:

@@ -136,3 +136,11 @@ def test_cli_train_runs_the_recipe_with_overrides(tmp_path, capsys):
 def test_cli_reports_recipe_errors_without_a_traceback(capsys):
     assert main(["train", "recipes/digits_w4a4.yaml", "trainer.max_epoch=3"]) == 2
     assert "did you mean 'max_epochs'" in capsys.readouterr().err
+
+
+def test_cli_bench_forwards_its_options_to_the_kernel_benchmark(capsys):
+    args = ["--shapes", "128x256", "--rows", "1", "--dtypes", "float32", "--rounds", "1", "--reps", "1",
+            "--only", "reference", "--no-write"]
+    assert main(["bench", *args]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 128x256")]
+    assert {row.split("|")[4].strip() for row in rows} == {"dense", "reference"}
