@@ -32,6 +32,7 @@ from qat.prune import cubic_sparsity, satisfies_nm
 from qat.zoo import DigitsCNN
 
 from .helpers import ROOT, fast_recipe
+from .run_script import KillAt
 
 KD24 = ROOT / "recipes" / "digits_w4a4_kd24.yaml"
 # 12 batches per epoch, 24 steps: warm-up to 4, then KD (ramped over 2 steps) and 2:4 pruning
@@ -51,15 +52,6 @@ class SparsityRecorder(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         layers = {name: int((~pl_module.model.get_submodule(name).weight_mask).sum()) for name in PRUNED}
         self.pruned[trainer.global_step - 1] = layers
-
-
-class KillAt(pl.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def script(run_dir: Path, mode: str, *args: str) -> None:
