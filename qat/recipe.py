@@ -287,13 +287,16 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(recipe))
 
 
+def _short_hash(config: Any) -> str:
+    data = OmegaConf.to_container(OmegaConf.structured(config))
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def recipe_hash(recipe: Recipe) -> str:
     """A short SHA-256 of the resolved recipe, stored in checkpoints and exports."""
-    data = OmegaConf.to_container(OmegaConf.structured(recipe))
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return _short_hash(recipe)
 
 
 def quant_spec_hash(spec: QuantSpec) -> str:
     """SHA-256 of the quantization spec alone: resuming with another spec is refused."""
-    data = OmegaConf.to_container(OmegaConf.structured(spec))
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return _short_hash(spec)
