@@ -112,7 +112,10 @@ def choose_qparams(
         scale = (top / qmax).clamp_min(SCALE_EPS)
         return scale, torch.zeros_like(scale)
     lo, hi = lo.clamp_max(0), hi.clamp_min(0)
-    scale = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
+    span = qmax - qmin
+    scale = (hi - lo) / span
+    # hi - lo overflows float32 for ranges near its limit: divide first there (elsewhere the formula above)
+    scale = torch.where(torch.isinf(scale), hi / span - lo / span, scale).clamp_min(SCALE_EPS)
     zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
     return scale, zero_point
 

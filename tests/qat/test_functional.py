@@ -280,3 +280,9 @@ def test_property_error_at_most_half_a_step_inside_range(bits, mode, scale, zero
     out = fake_quantize(x, s, torch.tensor(z), qmin, qmax)
     slack = 4 * torch.finfo(torch.float32).eps * torch.maximum(x.abs(), s)
     assert ((x - out).abs() <= s / 2 + slack).all()
+
+
+def test_asymmetric_range_near_float32_max_gives_a_finite_scale():
+    big = torch.finfo(torch.float32).max
+    scale, zero = choose_qparams(torch.tensor([-big]), torch.tensor([big]), bits=4, symmetric=False)
+    assert torch.isfinite(scale).all() and scale.item() > 0 and 0 <= zero.item() <= 15
