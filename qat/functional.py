@@ -81,16 +81,6 @@ def expand_qparam(p: Tensor, granularity: str, ndim: int, axis: int = 0) -> Tens
     return p
 
 
-def reduce_dims(x: Tensor, granularity: str, axis: int = 0) -> tuple[int, ...]:
-    """The dims of `grouped_view(x)` that one qparam covers (to reduce over)."""
-    if granularity == "group":
-        return (-1,)
-    if granularity == "channel":
-        axis = axis % x.dim()
-        return tuple(d for d in range(x.dim()) if d != axis)
-    return tuple(range(x.dim()))
-
-
 def choose_qparams(
     lo: Tensor, hi: Tensor, bits: int, symmetric: bool, signed: bool | None = None
 ) -> tuple[Tensor, Tensor]:

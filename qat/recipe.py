@@ -16,7 +16,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -251,7 +250,6 @@ def load_recipe(path: Optional[str | Path] = None, overrides: Optional[List[str]
     Raises `ConfigError` for unknown keys, wrong types and invalid values, and
     `FileNotFoundError` for a missing file.
     """
-    schema = OmegaConf.structured(Recipe)
     layers = []
     if path is not None:
         if not Path(path).is_file():
@@ -261,9 +259,13 @@ def load_recipe(path: Optional[str | Path] = None, overrides: Optional[List[str]
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+    return _typed(layers)
+
+
+def _typed(layers: list) -> Recipe:
+    """Merge `layers` over the schema and convert to dataclasses, turning omegaconf errors into ConfigError."""
     try:
-        merged = OmegaConf.merge(schema, *layers)
-        return OmegaConf.to_object(merged)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), *layers))
     except ConfigKeyError as err:
         raise _unknown_key_error(err) from None
     except OmegaConfBaseException as err:
@@ -274,12 +276,7 @@ def load_recipe(path: Optional[str | Path] = None, overrides: Optional[List[str]
 
 def load_recipe_text(text: str) -> Recipe:
     """A recipe from YAML text (e.g. the copy stored in a checkpoint), with the same checks."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        handle.write(text)
-    try:
-        return load_recipe(handle.name)
-    finally:
-        Path(handle.name).unlink()
+    return _typed([OmegaConf.create(text)])
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
