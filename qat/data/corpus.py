@@ -1,0 +1,126 @@
+"""Text corpora: Python's bundled documentation (the default) or local .txt / .jsonl files.
+
+A corpus is a list of documents; `read_corpus` joins them into one string with blank lines.
+Tokenizers see one document at a time (`read_documents`), so an end-of-sequence token can
+separate documents.
+
+    default corpus   the values of `pydoc_data.topics.topics` (ships with every CPython),
+                     in sorted key order: about 80 documents, 465k characters of English
+                     reference text on Python 3.11. Deterministic for a given Python version.
+    .txt             one document per file, read as UTF-8
+    .jsonl           one document per line: a JSON object with a string field "text"
+
+Example:
+    >>> text = read_corpus(None)                      # the pydoc topics
+    >>> docs = read_documents(["notes.txt", "more.jsonl"])
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+DOCUMENT_SEPARATOR = "\n\n"
+
+
+def default_documents() -> list[str]:
+    """The texts of Python's `pydoc_data.topics`, in sorted key order (one document per topic)."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def default_corpus() -> str:
+    """The English text of Python's bundled `pydoc_data.topics`, joined in sorted key order by blank lines."""
+    return DOCUMENT_SEPARATOR.join(default_documents())
+
+
+def _read_text_file(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"corpus file {path} is not UTF-8 text: {err}") from None
+    return [text]
+
+
+def _read_jsonl_file(path: Path) -> list[str]:
+    documents = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"corpus file {path}, line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or "text" not in record:
+                raise ValueError(f'{where}: expected a JSON object with a "text" field')
+            if not isinstance(record["text"], str):
+                raise ValueError(f'{where}: the "text" field is a {type(record["text"]).__name__}, not a string')
+            documents.append(record["text"])
+    return documents
+
+
+def read_documents(files: Optional[Sequence[str]] = None) -> list[str]:
+    """The documents of local .txt / .jsonl files, or of the default corpus when `files` is None or empty.
+
+    Raises FileNotFoundError for a missing file and ValueError for an unknown suffix, a file
+    without text, a JSONL line without a string "text" field (naming file and line).
+    """
+    if not files:
+        return default_documents()
+    if isinstance(files, (str, Path)):
+        files = [str(files)]
+    documents: list[str] = []
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"corpus file {path} does not exist (or is not a file)")
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            found = _read_text_file(path)
+        elif suffix == ".jsonl":
+            found = _read_jsonl_file(path)
+        else:
+            raise ValueError(f"corpus file {path}: unsupported suffix {suffix!r}; use .txt or .jsonl")
+        found = [doc for doc in found if doc.strip()]
+        if not found:
+            raise ValueError(f"corpus file {path} is empty (no text)")
+        documents.extend(found)
+    return documents
+
+
+def read_corpus(files: Optional[Sequence[str]] = None) -> str:
+    """One string: the documents of `read_documents(files)` joined by blank lines (default corpus if no files)."""
+    return DOCUMENT_SEPARATOR.join(read_documents(files))
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+def split_sentences(documents: Sequence[str], min_words: int = 5, max_chars: int = 500) -> list[str]:
+    """Sentences of the documents, in order, each once (first occurrence kept).
+
+    Rule (simple and deterministic): paragraphs are split at blank lines, whitespace inside a
+    paragraph collapses to single spaces, and a sentence ends after ".", "!" or "?" followed by
+    whitespace. Sentences with fewer than `min_words` words or more than `max_chars` characters
+    (code listings, tables) are dropped.
+
+    >>> split_sentences(["One two three four five. Six seven eight nine ten!"])
+    ['One two three four five.', 'Six seven eight nine ten!']
+    """
+    seen: set[str] = set()
+    sentences = []
+    for document in documents:
+        for paragraph in _PARAGRAPH_BREAK.split(document):
+            flat = " ".join(paragraph.split())
+            for sentence in _SENTENCE_END.split(flat):
+                if len(sentence.split()) < min_words or len(sentence) > max_chars or sentence in seen:
+                    continue
+                seen.add(sentence)
+                sentences.append(sentence)
+    return sentences

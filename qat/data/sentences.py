@@ -1,0 +1,149 @@
+"""Sentence batches for sentence encoders (e.g. MiniLM): sentences split from a text corpus.
+
+    corpus -> sentences (`qat.data.corpus.split_sentences`: each distinct sentence once)
+           -> train (first sentences) | validation (last sentences: the end of the corpus)
+           -> tokenized with the model's tokenizer (special tokens, truncation to `max_length`)
+
+Each distinct sentence appears once, so no held-out sentence is ever trained on. Batches are
+dicts {"input_ids", "attention_mask"} (plus "token_type_ids" when the tokenizer gives them) of
+(B, L) int64 tensors, padded to the longest sentence of the batch (L <= max_length).
+
+Example:
+    >>> dm = SentenceDataModule(tokenizer, max_length=128, batch_size=32)
+    >>> dm.setup("fit"); batch = next(iter(dm.train_dataloader()))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from qat.data.corpus import read_documents, split_sentences
+from qat.data.tokenize import check_ids_in_vocab, check_length
+from qat.data_loading import ResumableLoader
+
+_PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0}  # input_ids pad with the tokenizer's pad id
+
+
+class PadCollate:
+    """Stacks samples of variable length into (B, L) tensors, padding on the right to the longest."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        longest = max(sample["input_ids"].numel() for sample in samples)
+        batch = {}
+        for key in samples[0]:
+            fill = self.pad_id if key == "input_ids" else _PAD_VALUES.get(key, 0)
+            out = torch.full((len(samples), longest), fill, dtype=torch.long)
+            for row, sample in enumerate(samples):
+                out[row, : sample[key].numel()] = sample[key]
+            batch[key] = out
+        return batch
+
+
+class TokenizedSentences(Dataset):
+    """Sentences and their token ids; item i is {"input_ids", "attention_mask"[, "token_type_ids"]} of shape (L_i,)."""
+
+    def __init__(self, sentences: list[str], encoded: dict[str, list[list[int]]]) -> None:
+        self.sentences, self.encoded = sentences, encoded
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {key: torch.tensor(values[index], dtype=torch.long) for key, values in self.encoded.items()}
+
+
+class SentenceDataModule(pl.LightningDataModule):
+    """Sentence batches for an encoder, from local .txt / .jsonl files or Python's pydoc topics.
+
+    Args:
+        tokenizer: a Hugging Face style tokenizer: `tokenizer(list_of_str, truncation=True, max_length=L)`
+            returns {"input_ids", "attention_mask"[, "token_type_ids"]}; `pad_token_id` is needed.
+        files: corpus files (see `qat.data.corpus.read_documents`); None or [] = the pydoc topics.
+        max_length: tokens per sentence at most (special tokens included); longer ones are truncated.
+        batch_size: sentences per training batch; `val_batch_size` for validation (default: the same).
+        val_fraction: share of the sentences held out (at least one), unless `val_sentences` is given.
+        seed: seed of the training order.
+        min_words: sentences with fewer words are dropped (see `split_sentences`).
+        max_train_sentences: keep only the first this-many training sentences (None = all).
+        vocab_size, max_positions: the model's vocabulary size and maximum length, checked as in
+            `TextDataModule`.
+    """
+
+    def __init__(self, tokenizer: Any, files: Optional[Sequence[str]] = None, max_length: int = 128,
+                 batch_size: int = 32, val_fraction: float = 0.1, val_sentences: Optional[int] = None, seed: int = 0,
+                 min_words: int = 5, max_train_sentences: Optional[int] = None, vocab_size: Optional[int] = None,
+                 max_positions: Optional[int] = None, val_batch_size: Optional[int] = None) -> None:
+        super().__init__()
+        check_length(max_length, "max_length", tokenizer, max_positions)
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction!r} must be between 0 and 1 (exclusive)")
+        for name, value in (("batch_size", batch_size), ("val_sentences", val_sentences),
+                            ("max_train_sentences", max_train_sentences), ("val_batch_size", val_batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            raise ValueError("the tokenizer has no pad token (pad_token_id is None): sentence batches need padding")
+        self.tokenizer, self.files, self.max_length, self.seed = tokenizer, files, max_length, seed
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.val_fraction, self.val_sentences, self.min_words = val_fraction, val_sentences, min_words
+        self.max_train_sentences, self.vocab_size = max_train_sentences, vocab_size
+        self.train_set: Optional[TokenizedSentences] = None
+        self.val_set: Optional[TokenizedSentences] = None
+
+    def _split(self) -> tuple[list[str], list[str]]:
+        sentences = split_sentences(read_documents(self.files), min_words=self.min_words)
+        if self.val_sentences is not None:
+            num_val = self.val_sentences
+        else:
+            num_val = max(1, math.floor(len(sentences) * self.val_fraction + 0.5))
+        if len(sentences) < 2 or num_val >= len(sentences):
+            source = "the default corpus" if not self.files else f"corpus files {list(self.files)}"
+            raise ValueError(f"{source} gives {len(sentences)} sentences of at least {self.min_words} words: too few "
+                             f"to hold out {num_val} for validation and train on the rest; add text")
+        train = sentences[: len(sentences) - num_val]
+        if self.max_train_sentences is not None:
+            train = train[: self.max_train_sentences]
+        return train, sentences[len(sentences) - num_val:]
+
+    def _tokenize(self, sentences: list[str]) -> TokenizedSentences:
+        encoded = self.tokenizer(sentences, truncation=True, max_length=self.max_length)
+        keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
+        fields = {key: [list(row) for row in encoded[key]] for key in keys}
+        check_ids_in_vocab(torch.tensor([i for row in fields["input_ids"] for i in row]), self.vocab_size)
+        return TokenizedSentences(sentences, fields)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Split the corpus into sentences, hold out the last ones, tokenize (once; later calls do nothing)."""
+        if self.train_set is not None:
+            return
+        train, val = self._split()
+        self.train_set, self.val_set = self._tokenize(train), self._tokenize(val)
+
+    def _require_setup(self) -> None:
+        if self.train_set is None:
+            raise RuntimeError("call setup() before asking for data loaders")
+
+    def train_dataloader(self) -> ResumableLoader:
+        self._require_setup()
+        return ResumableLoader(self.train_set, batch_size=self.batch_size, shuffle=True, seed=self.seed,
+                               collate_fn=PadCollate(int(self.tokenizer.pad_token_id)))
+
+    def val_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
+                          collate_fn=PadCollate(int(self.tokenizer.pad_token_id)))
+
+    def summary(self) -> str:
+        """One line: sentences of each split."""
+        self._require_setup()
+        return (f"sentence data: {len(self.train_set)} train sentences, {len(self.val_set)} validation sentences "
+                f"(max_length={self.max_length})")
