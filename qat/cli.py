@@ -1,4 +1,4 @@
-"""The `qat` command: `qat train | export | inspect | bench`.
+"""The `qat` command: `qat train | export | inspect | bench | generate`.
 
 Example:
     $ qat train recipes/digits_w4a4.yaml optimizer.lr=3e-3
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 add_help=False)
     bench.set_defaults(func=_bench)
     _add_optional_commands(commands)
+    from qat.hf.generate import add_generate_parser
+
+    add_generate_parser(commands)
     return parser
 
 

@@ -27,6 +27,7 @@ SCALE_DTYPE_NAMES = ("float16", "bfloat16", "float32")
 SUPPORTED_TYPES = ("Linear", "Conv2d", "Embedding")
 MIN_BITS, MAX_BITS = 2, 8
 MIN_GROUP, MAX_GROUP = 16, 256
+GROUP_FALLBACKS = ("divisor", "skip")
 
 
 class ConfigError(ValueError):
@@ -223,8 +224,14 @@ class QuantSpec:
     """What `prepare()` does to a model: a default setting plus ordered rules.
 
     Rules apply in order; each matching rule overrides the fields it sets, so a later
-    rule wins over an earlier one. `strict=True` turns a group size that does not
-    divide a layer into an error instead of a skip recorded in the report.
+    rule wins over an earlier one.
+
+    When a weight's group size does not divide a layer's input dimension (SmolLM2's 576
+    with groups of 128), `group_fallback` decides: 'divisor' (default) uses the largest
+    power-of-two group size (>= 16) below it that divides the dimension, and the report
+    says so; 'skip' keeps the layer in float, with the reason in the report. Either way
+    `prepare` warns loudly when more than `max_float_fraction` of the weights of
+    quantizable layers stay float for this reason. `strict=True` makes it an error.
 
     Example:
         >>> QuantSpec(activation=default_activation_config(8),
@@ -235,6 +242,12 @@ class QuantSpec:
     activation: Optional[QuantizerConfig] = None
     rules: List[QuantRule] = field(default_factory=list)
     strict: bool = False
+    group_fallback: str = "divisor"
+    max_float_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check_choice("QuantSpec", "group_fallback", self.group_fallback, GROUP_FALLBACKS)
+        _check_interval("QuantSpec", "max_float_fraction", self.max_float_fraction, 0, 1, closed_low=True)
 
     def resolve(self, name: str, type_name: str) -> tuple[Optional[LayerConfig], list[str]]:
         """The setting for one layer (None when skipped) and the rules that matched it."""

@@ -32,8 +32,10 @@ def quantizers(model: nn.Module, role: Optional[str] = None) -> Iterator[tuple[s
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every scale and zero point (learnable or not), for their own optimizer group."""
-    return [p for _, q in quantizers(model) for p in (q.scale, q.zero_point)]
+    """Every scale and zero point (learnable or not), for their own optimizer group; a quantizer shared
+    by tied layers counts once."""
+    unique = {id(q): q for _, q in quantizers(model)}
+    return [p for q in unique.values() for p in (q.scale, q.zero_point)]
 
 
 def set_fake_quant(model: nn.Module, weights: Optional[bool] = None, activations: Optional[bool] = None) -> None:
@@ -77,14 +79,19 @@ def calibration(model: nn.Module, weights: bool = True) -> Iterator[None]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, weights: bool = True) -> int:
-    """Run `model` on each batch (a tensor, or a tuple whose first item is the input)
-    in eval mode inside `calibration`; returns the number of batches seen."""
+    """Run `model` on each batch in eval mode inside `calibration`; returns the number of batches seen.
+
+    A batch is a tensor, a tuple whose first item is the input, or a dict of keyword inputs
+    (Hugging Face style; a `labels` entry is left out)."""
     was_training = model.training
     model.eval()
     seen = 0
     with calibration(model, weights=weights):
         for batch in batches:
-            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            if isinstance(batch, dict):
+                model(**{key: value for key, value in batch.items() if key != "labels"})
+            else:
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
             seen += 1
     model.train(was_training)
     return seen

@@ -152,7 +152,7 @@ class FakeQuantizer(nn.Module):
 
 def weight_quantizer(config: QuantizerConfig, weight: Tensor) -> FakeQuantizer:
     """A quantizer for `weight` with its range initialized from the weight itself."""
-    quantizer = FakeQuantizer(config, tuple(weight.shape), axis=0)
+    quantizer = FakeQuantizer(config, tuple(weight.shape), axis=0).to(weight.device)  # scales beside the weight
     quantizer.init_from(weight)
     return quantizer
 

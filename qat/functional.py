@@ -31,8 +31,8 @@ class NonFiniteError(ValueError):
 
 
 def check_finite(x: Tensor, what: str) -> None:
-    """Raise `NonFiniteError` naming `what` if `x` has NaN or inf values."""
-    if not torch.isfinite(x).all():
+    """Raise `NonFiniteError` naming `what` if `x` has NaN or inf values (a meta tensor has none to check)."""
+    if not x.is_meta and not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
         raise NonFiniteError(f"{what} has {bad} non-finite value(s) (NaN or inf); cannot quantize it")
 

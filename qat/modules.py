@@ -37,7 +37,8 @@ class QuantModule:
         check_finite(self.weight, "weight")
         self.weight_quantizer = weight_quantizer(config.weight, self.weight.detach()) if config.weight else None
         self.input_quantizer = (
-            activation_quantizer(config.activation, channels, self.activation_axis) if config.activation else None
+            activation_quantizer(config.activation, channels, self.activation_axis).to(self.weight.device)
+            if config.activation else None
         )
 
     def quantized_weight(self) -> Tensor:

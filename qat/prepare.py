@@ -8,12 +8,13 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from torch import nn
 
-from qat.config import LayerConfig, QuantizerConfig, QuantSpec
+from qat.config import MIN_GROUP, ConfigError, LayerConfig, QuantizerConfig, QuantSpec
 from qat.functional import check_finite
 from qat.modules import QUANT_MODULES, QuantModule
 
@@ -35,7 +36,8 @@ class LayerReport:
 
     def line(self) -> str:
         if self.action == "quantized":
-            return f"{self.name:<32} {self.type:<10} quantized  {_describe(self.config)}"
+            note = f"  ({self.reason})" if self.reason else ""
+            return f"{self.name:<32} {self.type:<10} quantized  {_describe(self.config)}{note}"
         return f"{self.name:<32} {self.type:<10} {self.action:<10} {self.reason}"
 
 
@@ -80,7 +82,9 @@ _FLOAT_BY_DESIGN = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, 
 
 def _worth_reporting(name: str, module: nn.Module) -> bool:
     """A parameter-holding leaf layer that qat cannot quantize (norm layers stay float by design)."""
-    if not name or isinstance(module, _FLOAT_BY_DESIGN) or any(True for _ in module.children()):
+    if not name or isinstance(module, _FLOAT_BY_DESIGN) or type(module).__name__.endswith("Norm"):
+        return False  # norm layers (torch's and libraries' own, e.g. LlamaRMSNorm) stay float by design
+    if any(True for _ in module.children()):
         return False
     return any(True for _ in module.parameters(recurse=False))
 
@@ -89,55 +93,140 @@ def _input_size(module: nn.Module) -> int:
     return module.weight[0].numel()
 
 
-def _check_groups(name: str, module: nn.Module, config: LayerConfig) -> Optional[str]:
-    """The reason the weight's group size cannot apply to this layer, or None."""
+def quantizable_base(module: nn.Module) -> Optional[type[nn.Module]]:
+    """The float class (Linear, Conv2d, Embedding) `module` is an instance of, or None.
+
+    Subclasses count (a library's own Linear subclass is quantized as a Linear); layers
+    that are already quantized do not."""
+    if isinstance(module, QuantModule):
+        return None
+    return next((base for base in QUANT_MODULES if isinstance(module, base)), None)
+
+
+def _fit_groups(name: str, module: nn.Module, config: LayerConfig, spec: QuantSpec,
+                ) -> tuple[Optional[LayerConfig], str]:
+    """(config, note) for a layer whose input dimension the weight's group size does not divide: the
+    largest power-of-two divisor >= 16 (group_fallback='divisor'), or (None, reason): stays float."""
     weight = config.weight
     if weight is None or weight.granularity != "group":
-        return None
+        return config, ""
     inputs = _input_size(module)
-    if inputs % weight.group_size:
-        return f"group_size {weight.group_size} does not divide input dimension {inputs}"
-    return None
+    if inputs % weight.group_size == 0:
+        return config, ""
+    problem = f"group_size {weight.group_size} does not divide input dimension {inputs}"
+    if spec.strict:
+        raise GroupSizeError(f"layer '{name}': {problem} (strict mode; set strict=false to skip it)")
+    divisor = next((g for g in _powers_of_two_below(weight.group_size) if inputs % g == 0), None)
+    if spec.group_fallback == "skip" or divisor is None:
+        return None, problem
+    fitted = LayerConfig(weight=replace(weight, group_size=divisor), activation=config.activation)
+    return fitted, f"group_size {divisor}: {problem}"
+
+
+def _powers_of_two_below(group_size: int) -> list[int]:
+    sizes, size = [], group_size // 2
+    while size >= MIN_GROUP:
+        sizes.append(size)
+        size //= 2
+    return sizes
+
+
+# (name, float module, its base class, the config it gets or None when it stays float)
+Plan = list[tuple[str, nn.Module, type[nn.Module], Optional[LayerConfig]]]
 
 
 def prepare(model: nn.Module, spec: Optional[QuantSpec] = None) -> tuple[nn.Module, PrepareReport]:
     """Swap every supported layer of `model` (in place) for its quantized version.
 
-    Linear, Conv2d and Embedding layers are swapped with the setting `spec` resolves
-    for them; leaf layers of other kinds that hold parameters are listed as
-    "unsupported". Raises `GroupSizeError` in strict mode when a group size does not
-    divide a layer, `NonFiniteError` for NaN/inf weights, and `ValueError` for a model
-    that is already prepared. Returns the model and a `PrepareReport`.
+    Linear, Conv2d and Embedding layers (subclasses included) are swapped with the setting
+    `spec` resolves for them; leaf layers of other kinds that hold parameters are listed as
+    "unsupported". Layers sharing one weight (a tied embedding and output head) get one
+    quantizer, so they quantize the table identically and export stores it once. Scales live
+    on the weight's device. Raises `GroupSizeError` in strict mode when a group size does not
+    divide a layer, `NonFiniteError` for NaN/inf weights, `ConfigError` when tied layers
+    resolve to different settings, and `ValueError` for a model that is already prepared.
+    Returns the model and a `PrepareReport`.
     """
     spec = spec if spec is not None else QuantSpec()
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ValueError("model is already prepared (it contains quantized layers); call qat.unprepare first")
-    report = PrepareReport()
-    swaps = []
-    for name, module in model.named_modules():
-        kind = type(module)
-        if kind not in QUANT_MODULES:
+    report, plan = PrepareReport(), []
+    for name, module in model.named_modules(remove_duplicate=False):
+        base = quantizable_base(module)
+        if base is None:
             if _worth_reporting(name, module):
-                report.layers.append(LayerReport(name, kind.__name__, "unsupported", "no quantized version"))
+                report.layers.append(LayerReport(name, type(module).__name__, "unsupported", "no quantized version"))
             continue
-        config, rules = spec.resolve(name, kind.__name__)
-        if kind is nn.Embedding and config is not None:  # its input is ids: only the table is quantized
-            config = LayerConfig(weight=config.weight, activation=None) if config.weight is not None else None
-        entry = LayerReport(name, kind.__name__, "skipped", rules=rules)
-        if config is None:
-            entry.reason = f"skipped by {rules[-1]}" if rules else "no weight or activation quantization set"
-        elif (problem := _check_groups(name, module, config)) is not None:
-            if spec.strict:
-                raise GroupSizeError(f"layer '{name}': {problem} (strict mode; set strict=false to skip it)")
-            entry.reason = problem
-        else:
-            check_finite(module.weight, f"layer '{name}' weight")
-            entry.action, entry.config = "quantized", config
-            swaps.append((name, module, config))
+        entry, config = _plan_layer(name, module, base, spec)
+        plan.append((name, module, base, config))
         report.layers.append(entry)
-    for name, module, config in swaps:
-        _set_submodule(model, name, QUANT_MODULES[type(module)].from_float(module, config))
+    check_tied(plan, report)
+    quantized: dict[int, QuantModule] = {}
+    for name, module, base, config in plan:
+        if config is None:
+            continue
+        qmodule = QUANT_MODULES[base].from_float(module, config)
+        first = quantized.setdefault(id(module.weight), qmodule)
+        if first is not qmodule and qmodule.weight_quantizer is not None:
+            qmodule.weight_quantizer = first.weight_quantizer  # one quantizer for a tied table
+        _set_submodule(model, name, qmodule)
+    warn_float_fraction(plan, report, spec)
     return model, report
+
+
+def _plan_layer(name: str, module: nn.Module, base: type[nn.Module], spec: QuantSpec,
+                ) -> tuple[LayerReport, Optional[LayerConfig]]:
+    """The report entry of one quantizable layer and the config it will be swapped with (None: stays float)."""
+    config, rules = spec.resolve(name, base.__name__)
+    if base is nn.Embedding and config is not None:  # its input is ids: only the table is quantized
+        config = LayerConfig(weight=config.weight, activation=None) if config.weight is not None else None
+    entry = LayerReport(name, base.__name__, "skipped", rules=rules)
+    if config is None:
+        entry.reason = f"skipped by {rules[-1]}" if rules else "no weight or activation quantization set"
+        return entry, None
+    config, note = _fit_groups(name, module, config, spec)
+    if config is None:
+        entry.reason = note
+        return entry, None
+    check_finite(module.weight, f"layer '{name}' weight")
+    entry.action, entry.config, entry.reason = "quantized", config, note
+    return entry, config
+
+
+def check_tied(plan: Plan, report: PrepareReport) -> None:
+    """Layers sharing one weight must resolve to one weight setting (all quantized alike, or all float)."""
+    groups: dict[int, list[tuple[str, Optional[LayerConfig]]]] = {}
+    for name, module, _, config in plan:
+        groups.setdefault(id(module.weight), []).append((name, config))
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        weights = {name: config.weight if config is not None else None for name, config in members}
+        if len({repr(w) for w in weights.values()}) > 1:
+            detail = "; ".join(f"{name}: {_describe_weight(w)}" for name, w in weights.items())
+            raise ConfigError(f"layers {', '.join(weights)} share one weight (tied) but resolve to different "
+                              f"weight settings ({detail}); give them one setting with a rule matching all of "
+                              f"them, e.g. name: '{'|'.join(weights)}'")
+        first = members[0][0]
+        for name, config in members[1:]:
+            if config is not None:
+                report[name].reason = f"tied to {first}: shares its weight and quantizer"
+
+
+def _describe_weight(weight: Optional[QuantizerConfig]) -> str:
+    return "float" if weight is None else _describe(LayerConfig(weight=weight, activation=None)).split("  ")[0][3:]
+
+
+def warn_float_fraction(plan: Plan, report: PrepareReport, spec: QuantSpec) -> None:
+    """Warn loudly when group sizes that do not divide layers keep more than `max_float_fraction` of the
+    weights of quantizable layers in float."""
+    sizes = {name: module.weight.numel() for name, module, _, _ in plan}
+    kept = sum(sizes.get(layer.name, 0) for layer in report.skipped if "does not divide" in layer.reason)
+    total = sum(sizes.values())
+    if total and kept / total > spec.max_float_fraction:
+        warnings.warn(f"prepare: {kept / total:.1%} of the weights of quantizable layers stay float because their "
+                      f"group size does not divide the input dimension (limit {spec.max_float_fraction:.0%}); use "
+                      "group_fallback='divisor', a smaller group_size or a rule for those layers", stacklevel=3)
 
 
 def unprepare(model: nn.Module, fold: bool = False) -> nn.Module:

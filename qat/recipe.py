@@ -24,12 +24,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from qat.config import ConfigError, QuantSpec
+from qat.hf.load import HFSource
 
-TASKS = ("classification", "language_model")
+TASKS = ("classification", "language_model", "causal_lm", "embedding")
 WANDB_MODES = ("offline", "online", "disabled")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 FEATURE_LOSSES = ("mse", "cosine")
+DEFAULT_MODEL = "qat.zoo.DigitsCNN"
 TEACHER_DTYPES = ("float32", "bfloat16")
 PRUNE_METHODS = ("magnitude", "global_magnitude", "nm")
 
@@ -40,6 +42,32 @@ class TargetConfig:
 
     _target_: str = "???"
     args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """The model: a class or function by import path (`_target_` called with `args`), or a
+    pretrained Hugging Face model (`hf`: folder, `pkg:` package folder or GGUF file; see
+    `qat.hf.HFSource`). Neither set: the default `qat.zoo.DigitsCNN`.
+    `gradient_checkpointing` recomputes activations in backward (Hugging Face models' switch).
+    """
+
+    _target_: Optional[str] = None
+    args: Dict[str, Any] = field(default_factory=dict)
+    hf: Optional[HFSource] = None
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self._target_ is not None and self.hf is not None:
+            raise ConfigError("model: set either model._target_ (a class by import path) or model.hf "
+                              "(a Hugging Face model), not both")
+        if self.hf is not None and self.args:
+            raise ConfigError("model.args go with model._target_; a Hugging Face model takes model.hf.* settings")
+
+    @property
+    def target(self) -> str:
+        """The import path of the model (the default DigitsCNN when neither `_target_` nor `hf` is set)."""
+        return self._target_ or DEFAULT_MODEL
 
 
 @dataclass
@@ -61,7 +89,11 @@ class ScheduleConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Optimizer for the model; quantizer scales get their own group (own lr, no weight decay)."""
+    """Optimizer for the model; quantizer scales get their own group (own lr, no weight decay).
+
+    The learning rate warms up linearly over `lr_warmup_steps` optimizer steps, then follows
+    `schedule`: 'cosine' decays it to `min_lr_ratio` * lr at the last step, 'constant' keeps it.
+    """
 
     name: str = "adamw"
     lr: float = 1e-3
@@ -69,6 +101,8 @@ class OptimizerConfig:
     momentum: float = 0.9
     quantizer_lr: Optional[float] = None
     schedule: str = "cosine"
+    lr_warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -88,6 +122,8 @@ class TrainerConfig:
     limit_train_batches: Optional[float] = None
     limit_val_batches: Optional[float] = None
     deterministic: bool = True
+    accumulate_grad_batches: int = 1
+    val_check_interval: Optional[float] = None
 
 
 @dataclass
@@ -124,8 +160,10 @@ class DistillConfig:
 
     where r(t) ramps linearly from 0 to 1 over `ramp_steps` steps from `start_step` (for
     'warmup', from the end of warm-up at the earliest). `task_weight: 0` is labels-free
-    training. `features` maps student layer names to teacher layer names (`feature_loss`
-    'mse' or 'cosine'); `teacher_dtype: bfloat16` runs the teacher in bf16.
+    training. For task 'causal_lm' the KL is per token, padding masked; for task 'embedding'
+    the loss compares sentence embeddings (`embedding_loss` 'cosine' or 'mse'). `features`
+    maps student layer names to teacher layer names (`feature_loss` 'mse' or 'cosine');
+    `teacher_dtype: bfloat16` runs the teacher in bf16.
     """
 
     enabled: bool = False
@@ -139,10 +177,12 @@ class DistillConfig:
     feature_loss: str = "mse"
     feature_weight: float = 1.0
     teacher_dtype: str = "float32"
+    embedding_loss: str = "cosine"
 
     def __post_init__(self) -> None:
         _choice("distill.feature_loss", self.feature_loss, FEATURE_LOSSES)
         _choice("distill.teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        _choice("distill.embedding_loss", self.embedding_loss, FEATURE_LOSSES)
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature={self.temperature} must be > 0")
         for key in ("weight", "task_weight", "feature_weight", "start_step", "ramp_steps"):
@@ -203,7 +243,7 @@ class Recipe:
 
     name: str = "run"
     task: str = "classification"
-    model: TargetConfig = field(default_factory=lambda: TargetConfig(_target_="qat.zoo.DigitsCNN"))
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: TargetConfig = field(default_factory=lambda: TargetConfig(_target_="qat.datasets.DigitsDataModule"))
     quant: QuantSpec = field(default_factory=QuantSpec)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -55,16 +55,16 @@ def export_run(run: Run) -> dict[str, Any]:
     masks baked into the weights), load it back with `qat.load` and measure it: summary entries."""
     from qat.export import export_model, load
     from qat.lightning.module import QATModule
+    from qat.model_loader import architecture_of
     from qat.prune import remove_masks
 
     recipe = run.recipe
     path = Path(recipe.export.path or run.run_dir / "model.safetensors")
     model = copy.deepcopy(run.model)
     sparsity = remove_masks(model).as_dict() if run.pruning is not None else None
-    size = export_model(model, path, architecture={"_target_": recipe.model._target_, **recipe.model.args},
-                        recipe_hash=recipe_hash(recipe), sparsity=sparsity)
-    evaluator = QATModule(load(path), recipe.task, getattr(run.datamodule, "num_classes", None)
-                          or recipe.model.args.get("classes", 10))
+    size = export_model(model, path, architecture=architecture_of(recipe, model), recipe_hash=recipe_hash(recipe),
+                        sparsity=sparsity)
+    evaluator = QATModule(load(path), run.module.task_spec)
     return {"int4": evaluator.evaluate(run.datamodule.val_dataloader()),
             "export": {"path": str(path), "file_bytes": size.file_bytes, "bits_per_weight": size.bits_per_weight}}
 

@@ -168,7 +168,7 @@ def _check_tensors(path: str, header: Header, manifest: Manifest) -> None:
     for layer, spec in manifest.layers.items():
         for suffix, (shape, st_dtype) in spec.tensor_shapes().items():
             name = layer_tensor(layer, suffix)
-            entry = header.tensors.get(name)
+            entry = header.tensors.get(manifest.tied.get(name, name))  # a tied table is stored once
             if entry is None:
                 raise TensorMismatchError(f"{path}: tensor '{name}' of layer '{layer}' is missing")
             if entry.shape != tuple(shape) or entry.st_dtype != st_dtype:

@@ -84,7 +84,10 @@ def size_report(header: Header, manifest: Manifest) -> SizeReport:
     for name, spec in sorted(manifest.layers.items()):
         if spec.weight is None:
             continue
-        stored = sum(header.tensors[layer_tensor(name, suffix)].nbytes for suffix in spec.weight.tensor_shapes())
+        names = [layer_tensor(name, suffix) for suffix in spec.weight.tensor_shapes()]
+        if any(n in manifest.tied for n in names):
+            continue  # a table tied to another layer's: stored (and counted) once, with that layer
+        stored = sum(header.tensors[n].nbytes for n in names)
         weight = spec.weight
         layers.append(LayerSize(name, spec.type, weight.bits, weight.group_size, weight.rows * weight.columns, stored))
     quantized_bytes = sum(layer.stored_bytes for layer in layers)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from qat.export.format import (
+    CODES,
     FORMAT_NAME,
     FORMAT_VERSION,
     KEY_ARCHITECTURE,
@@ -31,7 +32,10 @@ from qat.export.format import (
     KEY_SPARSITY,
     KEY_TIED,
     KEY_VERSION,
+    PACKED,
+    SCALES,
     TORCH_TO_ST,
+    ZEROS,
     ExportError,
     layer_tensor,
 )
@@ -42,6 +46,8 @@ from qat.export.report import SizeReport, size_report
 from qat.export.spec import LayerSpec
 from qat.export.state import state_slots
 from qat.modules import QuantModule
+
+WEIGHT_SUFFIXES = (PACKED, CODES, SCALES, ZEROS)  # what layers sharing one quantized table share
 
 
 def tensor_sha256(tensor: Tensor) -> str:
@@ -80,7 +86,7 @@ def check_architecture(architecture: Any) -> Optional[dict]:
     target, hf = architecture.get("_target_"), architecture.get("hf_config")
     if isinstance(target, str) and target and hf is None:
         pass
-    elif isinstance(hf, dict) and set(architecture) == {"hf_config"}:
+    elif isinstance(hf, dict) and set(architecture) <= {"hf_config", "hf_source"}:
         if not isinstance(hf.get("model_type"), str):
             raise ExportError("architecture['hf_config'] needs a 'model_type' string (a config.to_dict())")
     else:
@@ -96,11 +102,20 @@ def collect_tensors(model: nn.Module) -> tuple[dict[str, LayerSpec], dict[str, T
     """(layer specs, every tensor to store by file name, ties {alias: stored name}) of a prepared model."""
     layers: dict[str, LayerSpec] = {}
     tensors: dict[str, Tensor] = {}
+    tied: dict[str, str] = {}
+    table_owner: dict[int, str] = {}  # id(shared weight) -> the first layer that packed it
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, QuantModule):
             spec, packed = pack_layer(module, name)
             layers[name] = spec
-            tensors.update({layer_tensor(name, suffix): t for suffix, t in packed.items()})
+            owner = table_owner.setdefault(id(module.weight), name)
+            for suffix, tensor in packed.items():
+                source = layer_tensor(owner, suffix)
+                same = source in tensors and torch.equal(tensors[source], tensor)
+                if owner != name and suffix in WEIGHT_SUFFIXES and same:
+                    tied[layer_tensor(name, suffix)] = source  # a tied table is stored once
+                else:
+                    tensors[layer_tensor(name, suffix)] = tensor
     if not layers:
         raise ExportError("the model has no quantized layers; run qat.prepare(model, spec) and train it first")
 
@@ -111,7 +126,6 @@ def collect_tensors(model: nn.Module) -> tuple[dict[str, LayerSpec], dict[str, T
         return quantized_weight or attr in ("weight_quantizer", "input_quantizer")
 
     first_name: dict[int, str] = {}
-    tied: dict[str, str] = {}
     for slot in state_slots(model, skip=skip):
         key = id(slot.tensor)
         if key in first_name:

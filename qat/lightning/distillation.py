@@ -6,7 +6,8 @@ The teacher (`DistillConfig.teacher`):
     warmup       the float model at the end of FP warm-up, written once to
                  `<run_dir>/teacher.safetensors` and referenced from then on
     a path       a qat training checkpoint (.ckpt), a .safetensors state dict of the
-                 recipe's model, or a Hugging Face model directory (config.json; needs transformers)
+                 recipe's model, or a Hugging Face model directory (loaded by
+                 `qat.model_loader.load_teacher`, the loader of the student too)
 
 It is kept on this callback, not on the LightningModule, so no checkpoint holds its
 weights: the callback's state holds a reference instead (source, file, SHA-256 of its
@@ -37,11 +38,27 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from qat.distill import FeatureTaps, feature_loss, kd_logit_loss
+from qat.distill import (
+    FeatureTaps,
+    embedding_cosine_loss,
+    embedding_mse_loss,
+    feature_loss,
+    kd_logit_loss,
+    token_kd_loss,
+)
+from qat.lightning.tasks import Task, make_task
 from qat.prepare import unprepare
 from qat.recipe import DistillConfig
 
 TEACHER_FILE = "teacher.safetensors"
+
+
+def _device_of(inputs: Any) -> Optional[torch.device]:
+    if isinstance(inputs, Tensor):
+        return inputs.device
+    if isinstance(inputs, dict):
+        return next((v.device for v in inputs.values() if isinstance(v, Tensor)), None)
+    return None
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -88,6 +105,7 @@ class Distillation(pl.Callback):
         self._student_taps: Optional[FeatureTaps] = None
         self._teacher_taps: Optional[FeatureTaps] = None
         self._trainer: Optional[pl.Trainer] = None
+        self.task: Task = make_task("classification")  # the LightningModule's, from setup on
         if teacher is not None:
             self._set_teacher(teacher)
 
@@ -141,22 +159,34 @@ class Distillation(pl.Callback):
         return min(1.0, (step - self.start + 1) / self.config.ramp_steps)
 
     @torch.no_grad()
-    def teacher_logits(self, x: Tensor) -> Tensor:
-        """The teacher's output for `x` (cast to its dtype if floating), as float32."""
+    def teacher_logits(self, inputs: Any) -> Tensor:
+        """The teacher's output for `inputs` (floating tensors cast to its dtype), through the task."""
         parameter = next(self.teacher.parameters(), None)
-        if parameter is not None and parameter.device != x.device:
-            self.teacher.to(x.device)
-        if parameter is not None and x.is_floating_point():
-            x = x.to(parameter.dtype)
-        return self.teacher(x).float()
+        device = _device_of(inputs)
+        if parameter is not None and device is not None and parameter.device != device:
+            self.teacher.to(device)
+        if parameter is not None and isinstance(inputs, Tensor) and inputs.is_floating_point():
+            inputs = inputs.to(parameter.dtype)
+        return self.task.forward(self.teacher, inputs).float()
 
-    def loss_terms(self, x: Tensor, logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    def output_loss(self, output: Tensor, teacher: Tensor, inputs: Any) -> Tensor:
+        """KL at temperature T for logits (padding masked for token batches), or the embedding loss."""
+        c = self.config
+        if self.task.name == "embedding":
+            return embedding_cosine_loss(output, teacher) if c.embedding_loss == "cosine" else \
+                embedding_mse_loss(output, teacher)
+        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        if output.dim() == 3:
+            return token_kd_loss(output, teacher, mask, c.temperature)
+        return kd_logit_loss(output, teacher, c.temperature)
+
+    def loss_terms(self, inputs: Any, output: Tensor, targets: Any) -> dict[str, Tensor]:
         """The weighted distillation terms for one training batch (a `QATModule` loss hook)."""
         ramp = self.ramp(self._trainer.global_step if self._trainer is not None else self.start)
         if ramp == 0.0:
             return {}
         c = self.config
-        terms = {"kd": (ramp * c.weight) * kd_logit_loss(logits, self.teacher_logits(x), c.temperature)}
+        terms = {"kd": (ramp * c.weight) * self.output_loss(output, self.teacher_logits(inputs), inputs)}
         if c.features:
             loss = feature_loss(self._student_taps, self._teacher_taps, c.features, c.feature_loss)
             terms["feature"] = (ramp * c.feature_weight) * loss
@@ -167,6 +197,7 @@ class Distillation(pl.Callback):
     # ---- hooks --------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        self.task = pl_module.task_spec
         if self.loss_terms not in pl_module.loss_hooks:
             pl_module.loss_hooks.append(self.loss_terms)
         pl_module.task_loss_weight = self.config.task_weight
@@ -197,63 +228,3 @@ class Distillation(pl.Callback):
             self._pending = dict(state) if state.get("file") else None
         else:
             self._check_sha(self.reference["sha256"], state)
-
-
-# ---- teachers from files ----------------------------------------------------------------------
-class LogitsOnly(nn.Module):
-    """Wraps a model whose output has `.logits` (Hugging Face) so that it returns the logits tensor."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        output = self.model(x)
-        return output.logits if hasattr(output, "logits") else output
-
-
-def load_hf_teacher(directory: Path, task: str) -> nn.Module:
-    """A Hugging Face model from `directory` (causal LM for 'language_model', else sequence classifier),
-    wrapped in `LogitsOnly`: its layer names for feature distillation start with 'model.'."""
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError(f"distill.teacher={str(directory)!r} is a Hugging Face directory: "
-                          "install transformers (pip install 'qat[hf]')") from None
-    auto = transformers.AutoModelForCausalLM if task == "language_model" else \
-        transformers.AutoModelForSequenceClassification
-    return LogitsOnly(auto.from_pretrained(str(directory)))
-
-
-def load_teacher(source: str, recipe: Any) -> nn.Module:
-    """The teacher at path `source`: a qat .ckpt (the model as that run ended, fake-quant state
-    included), a .safetensors state dict of `recipe.model`, or a Hugging Face directory.
-
-    Loading draws nothing from the global RNGs, so the student's initialization is unchanged.
-    """
-    from qat.build import instantiate, model_from_checkpoint  # late: qat.build imports this module
-
-    path = Path(source)
-    with torch.random.fork_rng(devices=[]):
-        if path.is_dir() and (path / "config.json").is_file():
-            return load_hf_teacher(path, recipe.task)
-        if path.is_file() and path.suffix == ".ckpt":
-            return model_from_checkpoint(path)[0]
-        if path.is_file() and path.suffix == ".safetensors":
-            model = instantiate(recipe.model, "model")
-            model.load_state_dict(safetensors.torch.load_file(str(path)))
-            return model
-    raise FileNotFoundError(f"distill.teacher={source!r} is not 'initial', 'warmup', a .ckpt file, a .safetensors "
-                            "state dict of the recipe's model, or a Hugging Face model directory (with config.json)")
-
-
-def make_distillation(recipe: Any, run_dir: Path, initial: Optional[nn.Module]) -> Distillation:
-    """The callback for `recipe.distill`; `initial` is the float model captured before prepare."""
-    config = recipe.distill
-    if config.teacher == "initial":
-        teacher = initial
-    elif config.teacher == "warmup":
-        teacher = None
-    else:
-        teacher = load_teacher(config.teacher, recipe)
-    return Distillation(config, run_dir, teacher, available_from=recipe.schedule.warmup_steps)

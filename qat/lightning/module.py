@@ -12,30 +12,43 @@ Example:
 
 from __future__ import annotations
 
+import math
 import random
-from typing import Callable, Iterable, Optional
+from functools import partial
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import Tensor, nn
 
 from qat.config import ConfigError
 from qat.control import quantizer_parameters
+from qat.lightning.tasks import Task, make_task, move_batch
 from qat.recipe import OptimizerConfig
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-# A loss hook gets (input, logits, targets) of a training batch and returns named, already
+# A loss hook gets (inputs, output, targets) of a training batch and returns named, already
 # weighted loss terms to add to the task loss (distillation adds its terms this way).
-LossHook = Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]]
+LossHook = Callable[[Any, Tensor, Any], dict[str, Tensor]]
 
 
 def _numpy_state() -> list:
     """numpy's global RNG state with its key array as a tensor (loadable with weights_only=True)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+
+
+def lr_factor(step: int, warmup: int, total: int, cosine: bool, floor: float = 0.0) -> float:
+    """The learning-rate multiplier at optimizer step `step`: linear warm-up from 1/warmup to 1 over
+    `warmup` steps, then cosine decay to `floor` at `total` (or constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -47,57 +60,45 @@ class QATModule(pl.LightningModule):
     """Wraps `model` for training; `evaluate` computes the task metrics on a loader.
 
     Args:
-        model: any nn.Module mapping a batch's input to logits.
-        task: 'classification' (batches (x, label)) or 'language_model' (batches (tokens, targets)).
+        model: any nn.Module; the task says how batches are fed to it (see `qat.lightning.tasks`).
+        task: 'classification', 'language_model', 'causal_lm', 'embedding', or a `Task`.
         num_classes: classes for the classification metrics.
         optimizer: the optimizer settings (a recipe's `optimizer` section).
-        loss_fn: loss(logits, targets); cross entropy by default.
+        loss_fn: loss(output, targets) replacing the task's own loss.
         checkpoint_info: extra entries stored under "qat" in every checkpoint (recipe, hashes).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        task: str = "classification",
+        task: str | Task = "classification",
         num_classes: Optional[int] = None,
         optimizer: Optional[OptimizerConfig] = None,
-        loss_fn: LossFn = cross_entropy,
+        loss_fn: Optional[LossFn] = None,
         checkpoint_info: Optional[dict] = None,
     ) -> None:
         super().__init__()
-        self.model, self.task, self.loss_fn = model, task, loss_fn
+        self.model, self.loss_fn = model, loss_fn
+        self.task_spec = task if isinstance(task, Task) else make_task(task, num_classes)
+        self.task = self.task_spec.name
         self.optimizer_config = optimizer or OptimizerConfig()
         self.checkpoint_info = dict(checkpoint_info or {})
         self.num_classes = num_classes
-        self.val_metrics = self._make_metrics(task, num_classes)
+        self.val_metrics = self.task_spec.metrics()
         self.loss_hooks: list[LossHook] = []
-        self.task_loss_weight = 1.0  # 0: labels-free (the loss hooks alone)
+        self.task_loss_weight = 1.0 if self.task_spec.has_loss else 0.0  # 0: labels-free (the loss hooks alone)
 
-    @staticmethod
-    def _make_metrics(task: str, num_classes: Optional[int], sync: bool = True) -> torchmetrics.MetricCollection:
-        """The task's metrics; `sync=False` computes on this process's data alone (no collective)."""
-        if task == "language_model":
-            return torchmetrics.MetricCollection({"ppl": torchmetrics.text.Perplexity(sync_on_compute=sync)})
-        if not num_classes:
-            raise ConfigError("classification needs num_classes (from the data module or the recipe)")
-        return torchmetrics.MetricCollection({
-            "acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro", sync_on_compute=sync),
-            "ece": torchmetrics.classification.MulticlassCalibrationError(num_classes, n_bins=15,
-                                                                          sync_on_compute=sync),
-        })
+    def forward(self, inputs: Any) -> Tensor:
+        return self.task_spec.forward(self.model, inputs)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+    def task_loss(self, output: Tensor, targets: Any, inputs: Any) -> Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(output, targets)
+        return self.task_spec.loss(output, targets, inputs)
 
-    def _update_metrics(self, metrics: torchmetrics.MetricCollection, logits: Tensor, targets: Tensor) -> None:
-        if self.task == "language_model":
-            metrics.update(logits.float(), targets)
-        else:
-            metrics.update(logits.float().softmax(-1), targets)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        terms = self.loss_terms(x, y, self(x))
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs, targets = self.task_spec.split(batch)
+        terms = self.loss_terms(inputs, targets, self(inputs))
         loss = sum(terms.values()) if len(terms) > 1 else next(iter(terms.values()))
         if self.loss_hooks:
             self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, on_step=True,
@@ -105,24 +106,26 @@ class QATModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
-    def loss_terms(self, x: Tensor, y: Tensor, logits: Tensor) -> dict[str, Tensor]:
+    def loss_terms(self, inputs: Any, targets: Any, output: Tensor) -> dict[str, Tensor]:
         """Named loss terms of a training batch: the task loss (times `task_loss_weight`, left
         out when that is 0) and those of every `loss_hooks` entry."""
         terms: dict[str, Tensor] = {}
         if self.task_loss_weight:
-            task = self.loss_fn(logits, y)
+            task = self.task_loss(output, targets, inputs)
             terms["task"] = task if self.task_loss_weight == 1.0 else self.task_loss_weight * task
         for hook in self.loss_hooks:
-            terms.update(hook(x, logits, y))
+            terms.update(hook(inputs, output, targets))
         if not terms:
             raise RuntimeError("no loss term: task_loss_weight is 0 (labels-free) and no loss hook gave a term")
         return terms
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log("val/loss", self.loss_fn(logits, y), on_epoch=True, sync_dist=True)
-        self._update_metrics(self.val_metrics, logits, y)
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        inputs, targets = self.task_spec.split(batch)
+        output = self(inputs)
+        if self.task_spec.has_loss:
+            self.log("val/loss", self.task_loss(output, targets, inputs), on_epoch=True, sync_dist=True,
+                     batch_size=self.task_spec.size(inputs))
+        self.task_spec.update(self.val_metrics, output, targets, inputs)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
@@ -136,17 +139,20 @@ class QATModule(pl.LightningModule):
         rank evaluates the same batches, and rank 0 may evaluate alone (the exported model)."""
         was_training = self.training
         self.eval()
-        metrics = self._make_metrics(self.task, self.num_classes, sync=False).to(self.device)
+        metrics = self.task_spec.metrics(sync=False).to(self.device)
         total, count = 0.0, 0
-        for x, y in batches:
-            x, y = x.to(self.device), y.to(self.device)
-            logits = self(x)
-            total += float(self.loss_fn(logits, y)) * len(x)
-            count += len(x)
-            self._update_metrics(metrics, logits, y)
+        for batch in batches:
+            inputs, targets = self.task_spec.split(move_batch(batch, self.device))
+            output = self(inputs)
+            if self.task_spec.has_loss:
+                size = self.task_spec.size(inputs)
+                total += float(self.task_loss(output, targets, inputs)) * size
+                count += size
+            self.task_spec.update(metrics, output, targets, inputs)
         self.train(was_training)
         result = {k: float(v) for k, v in metrics.compute().items()}
-        result["loss"] = total / max(count, 1)
+        if count:
+            result["loss"] = total / count
         return result
 
     def configure_optimizers(self):
@@ -169,10 +175,12 @@ class QATModule(pl.LightningModule):
         else:
             optimizer_class = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
             optimizer = optimizer_class(groups, lr=cfg.lr)
-        if cfg.schedule == "constant":
+        if cfg.schedule == "constant" and not cfg.lr_warmup_steps:
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        factor = partial(lr_factor, warmup=cfg.lr_warmup_steps, total=total, cosine=cfg.schedule == "cosine",
+                         floor=cfg.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoint extras --------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qat.control import calibrate, freeze, quantizers, set_fake_quant
+from qat.lightning.tasks import move_batch
 from qat.recipe import ScheduleConfig
 
 
@@ -106,7 +107,7 @@ class QuantizationSchedule(pl.Callback):
             raise RuntimeError("QuantizationSchedule needs the Trainer to be given a LightningDataModule")
         loader = datamodule.train_dataloader()
         taken = itertools.islice(iter(loader), self.config.calibration_batches)
-        return [tuple(t.to(device) for t in batch) for batch in taken]
+        return [move_batch(batch, device) for batch in taken]
 
     @staticmethod
     def _val_batches(trainer: pl.Trainer) -> Optional[list]:

@@ -4,8 +4,6 @@ teacher handling (frozen, bf16, loaded from files, checked on resume) and its lo
 from __future__ import annotations
 
 import math
-import sys
-import types
 from types import SimpleNamespace
 
 import pytest
@@ -14,8 +12,9 @@ import torch
 from torch import nn
 
 from qat.distill import FeatureTaps, feature_cosine, feature_loss, feature_mse, kd_logit_loss
-from qat.lightning.distillation import Distillation, LogitsOnly, load_teacher, weights_sha256
+from qat.lightning.distillation import Distillation, weights_sha256
 from qat.lightning.module import QATModule
+from qat.model_loader import load_teacher
 from qat.recipe import DistillConfig, load_recipe
 from qat.zoo import DigitsCNN
 
@@ -213,28 +212,20 @@ def test_teacher_from_a_safetensors_state_dict_leaves_the_global_rng_alone(tmp_p
     assert weights_sha256(teacher) == weights_sha256(trained)
 
 
-def test_teacher_from_a_hugging_face_directory_returns_logits(tmp_path, monkeypatch):
-    (tmp_path / "config.json").write_text("{}")
-    loaded = {}
+def test_teacher_from_a_hugging_face_directory_is_the_pretrained_model(tmp_path):
+    from tests.qat.hf.tiny_models import save_tiny_llama
 
-    class Output(SimpleNamespace):
-        pass
+    folder = save_tiny_llama(tmp_path / "teacher", seed=3)
+    state = torch.get_rng_state()
+    teacher = load_teacher(str(folder), load_recipe(None, ["task=causal_lm"]))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert type(teacher).__name__ == "LlamaForCausalLM"
+    torch.manual_seed(3)
+    from transformers import LlamaForCausalLM
 
-    class FakeModel(nn.Module):
-        def forward(self, x):
-            return Output(logits=x * 3)
+    from tests.qat.hf.tiny_models import tiny_llama_config
 
-    def from_pretrained(directory):
-        loaded["dir"] = directory
-        return FakeModel()
-
-    fake = types.ModuleType("transformers")
-    fake.AutoModelForCausalLM = SimpleNamespace(from_pretrained=from_pretrained)
-    fake.AutoModelForSequenceClassification = SimpleNamespace(from_pretrained=None)
-    monkeypatch.setitem(sys.modules, "transformers", fake)
-    teacher = load_teacher(str(tmp_path), SimpleNamespace(task="language_model"))
-    assert isinstance(teacher, LogitsOnly) and loaded["dir"] == str(tmp_path)
-    assert torch.equal(teacher(torch.ones(2)), torch.full((2,), 3.0))
+    assert weights_sha256(teacher) == weights_sha256(LlamaForCausalLM(tiny_llama_config()))
 
 
 def test_unknown_teacher_path_is_a_clear_error(tmp_path):

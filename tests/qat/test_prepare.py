@@ -48,7 +48,8 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_report_lists_quantized_skipped_and_unsupported_layers():
-    model, report = prepare(Net())
+    with pytest.warns(UserWarning, match=r"stay float because their group size does not divide"):
+        model, report = prepare(Net(), QuantSpec(group_fallback="skip"))
     assert [layer.name for layer in report.quantized] == ["conv", "embed", "blocks.0.0", "blocks.1.0", "head"]
     odd = report["blocks.0.2"]
     assert odd.action == "skipped" and odd.reason == "group_size 128 does not divide input dimension 576"

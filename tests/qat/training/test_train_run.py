@@ -101,9 +101,10 @@ class ExplodesAtStep(nn.Module):
 
 
 def test_non_finite_loss_stops_the_run_with_a_diagnostic_checkpoint(tmp_path, monkeypatch):
-    import qat.build
+    import qat.model_loader
 
-    monkeypatch.setattr(qat.build, "instantiate", _instantiate_with(ExplodesAtStep(at=15), qat.build.instantiate))
+    monkeypatch.setattr(qat.model_loader, "instantiate",
+                        _instantiate_with(ExplodesAtStep(at=15), qat.model_loader.instantiate))
     recipe = fast_recipe(tmp_path, "quant.rules=[]", "quant.weight.granularity=channel")
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 15.*Diagnostic checkpoint") as info:
         train(recipe, quiet=True)

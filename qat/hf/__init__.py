@@ -1,0 +1,12 @@
+"""Hugging Face models in qat: loading (folder, `pkg:` package folder, GGUF file), generation.
+
+    HFSource / load_hf_model / load_tokenizer   qat.hf.load
+    generate                                    qat.hf.generate (`qat generate FILE "prompt"`)
+
+How batches and outputs of these models are handled lives in `qat.lightning.tasks`
+('causal_lm', 'embedding'); `prepare` quantizes their Linear layers and ties.
+"""
+
+from qat.hf.load import HFLoadError, HFSource, hf_architecture, load_hf_model, load_tokenizer, resolve_path
+
+__all__ = ["HFLoadError", "HFSource", "hf_architecture", "load_hf_model", "load_tokenizer", "resolve_path"]
