@@ -18,7 +18,7 @@ from torch import nn
 
 import qat
 from qat import QuantizerConfig, QuantRule, QuantSpec, default_activation_config
-from qat.export import ArchitectureError, PackedConv2d, PackedEmbedding, PackedLinear, export_model
+from qat.export import ArchitectureError, PackedConv2d, PackedLinear, export_model
 from qat.export.runtime import InputQuantizer, dynamic_per_token
 
 
