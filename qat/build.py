@@ -96,12 +96,14 @@ def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -
     """Make every object of a run, write the resolved recipe into its directory, start nothing."""
     pl.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
     run_dir, resume_from = resolve_run_dir(recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     floats: list[nn.Module] = []
     keep_float = (recipe.distill.enabled and recipe.distill.teacher == "initial") or recipe.task == "embedding"
     model, report = build_model(recipe, (lambda m: floats.append(copy.deepcopy(m))) if keep_float else None)
     datamodule = make_datamodule(recipe)
+    if recipe.model.hf is not None:
+        datamodule.setup("fit")  # a corpus or tokenizer problem is an error now, before the run directory exists
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     num_classes = getattr(datamodule, "num_classes", None) or recipe.model.args.get("classes", 10)
     info = {"recipe": recipe_to_yaml(recipe), "recipe_hash": recipe_hash(recipe),
             "quant_spec_hash": quant_spec_hash(recipe.quant)}

@@ -20,6 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import weakref
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -54,6 +57,8 @@ class FakeQuantizer(nn.Module):
         self.zero_point = nn.Parameter(torch.zeros(pshape), requires_grad=config.quantizer == "lsq_plus")
         self.observer = make_observer(config, pshape)
         self.enabled, self.calibrating, self.frozen, self.initialized = True, False, False, False
+        self._init_source: Optional[weakref.ref] = None  # the tensor of the last init_from, and the
+        self._init_stamp: tuple[int, int, int] = (-1, -1, -1)  # version counters then (see init_from)
 
     # ---- switches ---------------------------------------------------------------------
     def enable(self, enabled: bool = True) -> FakeQuantizer:
@@ -88,10 +93,27 @@ class FakeQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_from(self, x: Tensor) -> None:
-        """Range initialization from one tensor (a weight, or a batch of activations)."""
+        """Range initialization from one tensor (a weight, or a batch of activations).
+
+        Skipped when `x` and the qparams are unchanged since the last initialization from it
+        (same storage, same in-place version counters): the search (an MSE one over a large
+        model takes minutes on a CPU) would give the same result, e.g. when a freshly
+        prepared model is calibrated, or when tied layers share this quantizer."""
+        if self._init_source is not None and self._init_source() is x and self._init_stamp == self._stamp(x):
+            return
         self.observer.reset()
         self.observe(x)
         self._load_observed()
+        self._init_source, self._init_stamp = weakref.ref(x), self._stamp(x)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_init_source"] = None  # a weak reference does not pickle; the next init_from runs in full
+        return state
+
+    def _stamp(self, x: Tensor) -> tuple[int, int, int]:
+        """In-place version counters of the source and of the qparams (any write changes one)."""
+        return (x._version, self.scale._version, self.zero_point._version)
 
     def observe(self, x: Tensor) -> None:
         self.observer.update(to_rows(x.detach(), self.granularity, self.group_size, self.axis))

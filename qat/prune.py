@@ -142,17 +142,22 @@ def select_layers(model: nn.Module, include: Iterable[str] = (), exclude: Iterab
 
     `include` / `exclude` are regular expressions matched against whole layer names
     (no `include`: every Linear and Conv2d). With `nm_group` = m, layers whose input
-    dimension is not a multiple of m are skipped.
+    dimension is not a multiple of m are skipped; so are layers whose weight is tied to
+    another layer's (an output head sharing the embedding table).
     """
     include, exclude = [re.compile(p) for p in include], [re.compile(p) for p in exclude]
     chosen, skipped = [], {}
+    owners = weight_owners(model)
     for name, module in model.named_modules():
         if not isinstance(module, PRUNABLE_TYPES) or not name:
             continue
         if include and not any(p.fullmatch(name) for p in include):
             continue
+        shared = [other for other in owners[id(module.weight)] if other != name]
         if any(p.fullmatch(name) for p in exclude):
             skipped[name] = "excluded by prune.exclude"
+        elif shared:
+            skipped[name] = f"weight tied to {', '.join(shared)} (pruning would zero the shared table)"
         elif nm_group and module.weight[0].numel() % nm_group:
             skipped[name] = f"input dimension {module.weight[0].numel()} is not a multiple of m={nm_group}"
         else:
@@ -160,6 +165,16 @@ def select_layers(model: nn.Module, include: Iterable[str] = (), exclude: Iterab
     if include and not chosen and not skipped:
         raise ValueError(f"prune.layers {[p.pattern for p in include]} match no Linear or Conv2d layer")
     return chosen, skipped
+
+
+def weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """{id(weight): names of the layers holding it}: tied weights have more than one owner."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight") if name else None
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(name)
+    return owners
 
 
 def attach_masks(model: nn.Module, names: Iterable[str]) -> None:

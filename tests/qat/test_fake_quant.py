@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from qat.config import ConfigError, QuantizerConfig
 from qat.fake_quant import FakeQuantizer, activation_quantizer, weight_quantizer
@@ -240,3 +241,25 @@ def test_effective_qparams_used_by_qparams_method():
     s, z = quantizer.qparams()
     ref_s, ref_z = effective_qparams(torch.tensor(1e-9), torch.tensor(40.0), 0, 15, torch.float16)
     assert s.item() == ref_s.item() == torch.finfo(torch.float16).tiny and z.item() == ref_z.item() == 15
+
+
+def test_init_from_an_unchanged_weight_is_skipped_and_any_write_redoes_it(monkeypatch):
+    import pickle
+
+    weight = nn.Parameter(torch.randn(8, 32))
+    quantizer = FakeQuantizer(QuantizerConfig(group_size=16, init="mse"), tuple(weight.shape))
+    calls = []
+    observe = FakeQuantizer.observe
+    monkeypatch.setattr(FakeQuantizer, "observe", lambda self, x: (calls.append(1), observe(self, x)))
+    quantizer.init_from(weight)
+    quantizer.init_from(weight)  # same tensor, nothing written since: the search is not repeated
+    assert len(calls) == 1
+    with torch.no_grad():
+        weight.mul_(2.0)  # an optimizer step writes in place
+    quantizer.init_from(weight)
+    with torch.no_grad():
+        quantizer.scale.fill_(1.0)  # so does setting a scale by hand
+    quantizer.init_from(weight)
+    quantizer.init_from(weight.detach().clone())  # another tensor with the same values
+    assert len(calls) == 4
+    assert pickle.loads(pickle.dumps(quantizer))._init_source is None

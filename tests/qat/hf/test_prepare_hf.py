@@ -76,3 +76,12 @@ def test_scales_are_created_on_the_weight_device(monkeypatch):
                                                 quantizer="lsq_plus", init="minmax"))
     model, _ = prepare(model, spec)
     assert {p.device.type for p in quantizer_parameters(model)} == {"meta"}
+
+
+def test_pruning_never_selects_a_tied_table(llama_folder):
+    from qat.prune import select_layers
+
+    model, _ = prepare(llama(llama_folder), QuantSpec(weight=W4))
+    chosen, skipped = select_layers(model, nm_group=4)
+    assert "lm_head" not in chosen and "model.layers.0.mlp.up_proj" in chosen
+    assert skipped["lm_head"] == "weight tied to model.embed_tokens (pruning would zero the shared table)"

@@ -110,3 +110,13 @@ def test_generate_from_the_int4_file_greedy_and_sampled(tmp_path, llama_folder, 
     assert sampled.new_tokens == 6
     assert main(["generate", str(path), "the value", "--max-new-tokens", "3", "--backend", "reference"]) == 0
     assert "decode_tokens_per_s" in capsys.readouterr().err
+
+
+def test_bad_data_fails_before_the_run_directory_is_written(tmp_path, llama_folder):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"empty"):
+        build(llama_recipe(tmp_path / "runs", llama_folder, f"data.args.files=[{empty}]"))
+    with pytest.raises(ValueError, match=r"seq_len"):
+        build(llama_recipe(tmp_path / "runs", llama_folder, "data.args.seq_len=128"))  # the model has 64 positions
+    assert not (tmp_path / "runs").exists()

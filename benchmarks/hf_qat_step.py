@@ -1,0 +1,102 @@
+"""QAT vs float fine-tuning on a real Hugging Face model: step time and peak memory on the same batch.
+
+Each mode runs in its own child process (peak RSS is per process), the modes alternate over
+`--rounds` rounds (the machine is shared and noisy: the ratio of medians is what counts):
+
+    float   the pretrained model, AdamW on every parameter, next-token loss
+    qat     the same model prepared with the recipe's quant spec (fake-quant weights, learned scales)
+    qat_kd  qat plus the float teacher and the token-level KL (the recipe's full training step)
+
+Usage:
+    .venv/bin/python -m benchmarks.hf_qat_step recipes/smollm2_w4_kd.yaml --batch 4 --seq 256 --steps 4 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MODES = ("float", "qat", "qat_kd")
+
+
+def child(recipe_path: str, mode: str, batch: int, seq: int, steps: int, threads: int) -> dict:
+    from qat.distill import token_kd_loss
+    from qat.lightning.tasks import CausalLMTask
+    from qat.model_loader import load_float_model
+    from qat.prepare import prepare
+    from qat.recipe import load_recipe
+
+    torch.set_num_threads(threads)
+    recipe = load_recipe(recipe_path)
+    model = load_float_model(recipe)
+    teacher = None
+    if mode != "float":
+        if mode == "qat_kd":
+            import copy
+
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        model, _ = prepare(model, recipe.quant)
+    task = CausalLMTask()
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    times = []
+    for _ in range(steps + 1):  # the first step warms up (allocations, optimizer state)
+        start = time.perf_counter()
+        logits = task.forward(model, inputs)
+        loss = task.loss(logits, task.split(inputs)[1], inputs)
+        if teacher is not None:
+            with torch.no_grad():
+                reference = task.forward(teacher, inputs)
+            loss = loss + token_kd_loss(logits, reference, inputs["attention_mask"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"mode": mode, "step_s": statistics.median(times[1:]), "peak_rss_mib": peak_mib}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", choices=MODES)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.recipe, args.child, args.batch, args.seq, args.steps, args.threads)))
+        return
+    results: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    for _ in range(args.rounds):
+        for mode in MODES:
+            cmd = [sys.executable, "-m", "benchmarks.hf_qat_step", args.recipe, "--child", mode,
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+                   "--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            results[mode].append(json.loads(out))
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} threads; batch {args.batch}x{args.seq}; {args.rounds} rounds of {args.steps} steps")
+    base_time = statistics.median(r["step_s"] for r in results["float"])
+    base_mem = statistics.median(r["peak_rss_mib"] for r in results["float"])
+    print("| mode | step s (median) | vs float | peak RSS MiB | vs float |")
+    print("| --- | --- | --- | --- | --- |")
+    for mode in MODES:
+        step = statistics.median(r["step_s"] for r in results[mode])
+        mem = statistics.median(r["peak_rss_mib"] for r in results[mode])
+        print(f"| {mode} | {step:.2f} | {step / base_time:.2f}x | {mem:.0f} | {mem / base_mem:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
