@@ -221,7 +221,7 @@ def test_embedding_losses_against_hand_values():
     (lambda s, t: token_kd_loss(s, t, temperature=0.0), "temperature=0.0 must be > 0"),
     (lambda s, t: token_kd_loss(s, t, chunk_size=0), "chunk_size=0 must be a positive integer"),
     (lambda s, t: token_kd_loss(s, t, mask=torch.ones(B, T + 1)), "mask shape"),
-    (lambda s, t: masked_cross_entropy(s, torch.full((B, T), V)), f"target id {V} >= the logits' {V} classes"),
+    (lambda s, t: masked_cross_entropy(s, torch.full((B, T), V)), f"target id {V} >= the {V} classes of the logits"),
     (lambda s, t: masked_cross_entropy(s, torch.full((B, T), -2)), "target id -2 is negative"),
     (lambda s, t: causal_lm_loss(s, LABELS[:, :3]), "must be (B, T, V or H) and (B, T)"),
     (lambda s, t: causal_lm_loss(s, LABELS, torch.ones(B, 2)), "attention_mask shape"),
@@ -235,3 +235,27 @@ def test_bad_inputs_are_refused_with_a_clear_message(call, message):
     student, teacher = logits_pair(requires_grad=False)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         call(student, teacher)
+
+
+def test_without_grad_mode_the_losses_give_the_same_value_and_build_no_graph():
+    student, teacher = logits_pair()
+    head, teacher_head = nn.Linear(H, V), nn.Linear(H, V)
+    hidden = torch.randn(B, T, H, requires_grad=True)
+
+    def four_losses():
+        return [token_kd_loss(student, teacher, MASK, 2.0, 3), head_kd_loss(hidden, hidden, head, teacher_head, MASK),
+                causal_lm_loss(student, LABELS, chunk_size=3), causal_lm_loss(hidden, LABELS, head=head, chunk_size=3)]
+
+    with_grad = four_losses()
+    with torch.no_grad():
+        without = four_losses()
+    for graph, plain in zip(with_grad, without, strict=True):
+        assert graph.requires_grad and not plain.requires_grad and torch.equal(graph.detach(), plain)
+
+
+def test_a_second_backward_through_the_same_loss_is_refused():
+    student, teacher = logits_pair()
+    loss = token_kd_loss(student, teacher)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="a chunked loss supports one backward pass"):
+        loss.backward()
