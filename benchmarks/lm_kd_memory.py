@@ -11,7 +11,7 @@ before the loss call to just after its backward (inputs, heads and imports exclu
 The logits variants start from logits that already exist (2 x B*T*V float32) and must return
 their (B, T, V) gradient; the head variants start from (B, T, H) hidden states.
 
-Run: .venv/bin/python -m benchmarks.lm_kd_memory [--batch 4 --seq 256 --vocab 49152 --hidden 576]
+Run: .venv/bin/python -m benchmarks.lm_kd_memory [--batch 4 --seq 256 --vocab 49152 --hidden 576 --only head]
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--hidden", type=int, default=576)
+    parser.add_argument("--only", default="", help="run only the variants whose name contains this text")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "CHUNK"))
     args = parser.parse_args()
     shape = (args.batch, args.seq, args.vocab, args.hidden)
@@ -89,7 +90,7 @@ def main() -> None:
         print(json.dumps(child(args.child[0], int(args.child[1]), *shape)))
         return
     rows = []
-    for variant, chunk in VARIANTS:
+    for variant, chunk in (v for v in VARIANTS if args.only in v[0]):
         command = [sys.executable, "-m", "benchmarks.lm_kd_memory", "--child", variant, str(chunk),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab),
                    "--hidden", str(args.hidden)]
