@@ -6,7 +6,8 @@ before the loss call to just after its backward (inputs, heads and imports exclu
     naive logits         kd_logit_loss on full (B, T, V) float32 logits (the pre-existing loss)
     token_kd_loss        the chunked loss on the same logits (custom autograd, recomputed backward)
     naive heads          logits = head(hidden) for student and teacher, then kd_logit_loss
-    head_kd_loss         hidden states + heads, chunk by chunk under checkpointing
+    head_kd_loss         hidden states + heads, chunk by chunk, gradients made with the value
+    ..., int4 student head   the same with the student head a QuantLinear (4-bit weight, group 64)
 
 The logits variants start from logits that already exist (2 x B*T*V float32) and must return
 their (B, T, V) gradient; the head variants start from (B, T, H) hidden states.
@@ -28,7 +29,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from qat.config import LayerConfig, QuantizerConfig
 from qat.distill import head_kd_loss, kd_logit_loss, token_kd_loss
+from qat.modules import QuantLinear
 
 MiB = 2**20
 
@@ -50,6 +53,9 @@ def make_loss(variant: str, chunk_size: int, batch: int, seq: int, vocab: int, h
             return lambda: kd_logit_loss(student, teacher, 2.0)
         return lambda: token_kd_loss(student, teacher, None, 2.0, chunk_size)
     student_head, teacher_head = nn.Linear(hidden, vocab, bias=False), nn.Linear(hidden, vocab, bias=False)
+    if "int4" in variant:  # the student head as QAT trains it: 4-bit weight, group 64, asymmetric, LSQ
+        config = LayerConfig(QuantizerConfig(bits=4, group_size=64, symmetric=False), None)
+        student_head = QuantLinear.from_float(student_head, config)
     teacher_head.requires_grad_(False)
     student_head.weight.grad = torch.zeros_like(student_head.weight)  # allocated up front in both variants
     student, teacher = torch.randn(batch, seq, hidden, requires_grad=True), torch.randn(batch, seq, hidden)
@@ -61,7 +67,7 @@ def make_loss(variant: str, chunk_size: int, batch: int, seq: int, vocab: int, h
 def child(variant: str, chunk_size: int, batch: int, seq: int, vocab: int, hidden: int) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    make_loss(variant, chunk_size, 2, 3, 5, 4)().backward()  # warm-up: first-call costs (checkpoint's ~4 s) paid
+    make_loss(variant, chunk_size, 2, 3, 5, 64)().backward()  # warm-up: first-call costs (checkpoint's ~4 s) paid
     loss_fn = make_loss(variant, chunk_size, batch, seq, vocab, hidden)
     before = peak_rss_bytes()
     start = time.perf_counter()
@@ -73,7 +79,8 @@ def child(variant: str, chunk_size: int, batch: int, seq: int, vocab: int, hidde
 
 
 VARIANTS = [("naive logits", 0), ("token_kd_loss, chunk 1024", 1024), ("token_kd_loss, chunk 256", 256),
-            ("naive heads", 0), ("head_kd_loss, chunk 1024", 1024), ("head_kd_loss, chunk 256", 256)]
+            ("naive heads", 0), ("head_kd_loss, chunk 1024", 1024), ("head_kd_loss, chunk 256", 256),
+            ("naive heads, int4 student head", 0), ("head_kd_loss, int4 student head, chunk 256", 256)]
 
 
 def main() -> None:

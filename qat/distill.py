@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from qat.modules import QuantLinear
+
 
 def _same_shape(student: Tensor, teacher: Tensor, what: str) -> None:
     if student.shape != teacher.shape:
@@ -224,38 +226,60 @@ def _chunked_from_logits(logits: Tensor, rows: Tensor, chunk_size: int, chunk_fn
     return _LossWithGrads.apply(total / count, (grad,), logits) if need_grad else total / count
 
 
+def _head_projection(head: nn.Module) -> tuple[Tensor | None, Callable[[Tensor, Tensor | None], Tensor]]:
+    """(weight, project) with project(x, weight) == head(x). For an nn.Linear or QuantLinear head the
+    weight is its effective (fake-quantized) weight, computed once per loss call instead of once per
+    chunk; any other module gives (None, head(x))."""
+    if type(head).forward not in (nn.Linear.forward, QuantLinear.forward):
+        return None, lambda x, weight: head(x)
+    if isinstance(head, QuantLinear):
+        return head.quantized_weight(), lambda x, weight: F.linear(head.quantized_input(x), weight, head.bias)
+    return head.weight, lambda x, weight: F.linear(x, weight, head.bias)
+
+
 def _chunked_from_hidden(hidden: Tensor, head: nn.Module, rows: Tensor, chunk_size: int,
                          chunk_fn: _ChunkFn) -> Tensor:
     """Mean over `rows` of chunk_fn's per-row losses on head(hidden), projected chunk by chunk; the
     gradients wrt the hidden states and the head's parameters are made alongside."""
     params = [p for p in head.parameters() if p.requires_grad]
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or bool(params))
-    wants = [hidden.requires_grad, *[True] * len(params)]
     count = max(rows.numel(), 1)
+    with torch.enable_grad() if need_grad else torch.no_grad():
+        weight, project = _head_projection(head)  # (V, H) with its graph to the weight and its quantizer
+    weight_leaf = None if weight is None else weight.detach().requires_grad_(need_grad and weight.requires_grad)
+    # what each chunk's backward reaches, and where it accumulates: hidden rows, the hoisted weight, parameters
+    grad_hidden = torch.zeros_like(hidden) if need_grad and hidden.requires_grad else None
+    grad_params = [torch.zeros_like(p) for p in params] if need_grad else []
+    weight_is_param = [i for i, p in enumerate(params) if p is weight]  # a float Linear: no separate buffer
+    grad_weight = None if weight_leaf is None or not weight_leaf.requires_grad else \
+        grad_params[weight_is_param[0]] if weight_is_param else torch.zeros_like(weight_leaf)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    sources_all = [hidden, *params]
-    grads = [torch.zeros_like(t) if need_grad and want else None for t, want in zip(sources_all, wants, strict=True)]
     for idx in rows.split(chunk_size):
         with torch.enable_grad() if need_grad else torch.no_grad():
-            chunk = hidden.detach().index_select(0, idx).requires_grad_(need_grad and hidden.requires_grad)
-            logits = head(chunk)  # (c, V)
+            chunk = hidden.detach().index_select(0, idx).requires_grad_(grad_hidden is not None)
+            logits = project(chunk, weight_leaf)  # (c, V)
         loss_sum, logits_grad = chunk_fn(logits.detach(), idx, 1.0 / count if need_grad else None)
         total += loss_sum
         if not need_grad:
             continue
-        sources = [t for t, want in zip([chunk, *params], wants, strict=True) if want]
-        found = iter(torch.autograd.grad(logits, sources, logits_grad.to(logits.dtype), allow_unused=True))
-        for i, want in enumerate(wants):
-            part = next(found) if want else None
+        targets = [(chunk, grad_hidden), (weight_leaf, grad_weight), *zip(params, grad_params, strict=True)]
+        targets = [(source, into) for source, into in targets if into is not None]
+        parts = torch.autograd.grad(logits, [s for s, _ in targets], logits_grad.to(logits.dtype), allow_unused=True)
+        for (source, into), part in zip(targets, parts, strict=True):
             if part is None:
                 continue
-            if i == 0:
-                grads[0].index_add_(0, idx, part.to(grads[0].dtype))  # the chunk's rows of the hidden states
+            if source is chunk:
+                into.index_add_(0, idx, part.to(into.dtype))  # the chunk's rows of the hidden states
             else:
-                grads[i].add_(part)  # a head parameter: summed over chunks
+                into.add_(part)  # summed over chunks
     if not need_grad:
         return total / count
-    return _LossWithGrads.apply(total / count, tuple(grads), hidden, *params)
+    if grad_weight is not None and not weight_is_param:  # one backward through the fake-quantization
+        parts = torch.autograd.grad(weight, params, grad_weight, allow_unused=True)
+        for into, part in zip(grad_params, parts, strict=True):
+            if part is not None:
+                into.add_(part)
+    return _LossWithGrads.apply(total / count, (grad_hidden, *grad_params), hidden, *params)
 
 
 def _flat_rows(tensor: Tensor) -> Tensor:
@@ -292,8 +316,10 @@ def head_kd_loss(student_hidden: Tensor, teacher_hidden: Tensor, student_head: n
     by both heads, reduced, and its gradient pushed through the student head at once, so peak
     memory holds one chunk's logits whatever B * T. Gradients reach `student_hidden` and the
     student head's trainable parameters (a QuantLinear's weight and quantizer scales); the
-    teacher side gets none. The student head runs once per chunk (a QuantLinear fake-quantizes
-    its weight once per chunk: larger chunks, fewer repeats).
+    teacher side gets none. A Linear / QuantLinear head's (fake-quantized) weight is computed once
+    per call, not per chunk; other head modules are called per chunk. An input (activation)
+    quantizer in the head sees each chunk as one call, so LSQ's gradient factor 1/sqrt(N*Qp)
+    counts the chunk's elements: its scale's gradient differs from an unchunked call's.
     """
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(f"head_kd_loss: student hidden {tuple(student_hidden.shape)} and teacher hidden "
