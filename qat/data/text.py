@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from qat.data.corpus import default_corpus, read_corpus, read_documents
-from qat.data.tokenize import check_ids_in_vocab, check_length, encode_documents, tokenizer_eos_id
+from qat.data.tokenize import check_ids_in_vocab, check_length, encode_documents, encode_text, tokenizer_eos_id
 from qat.data_loading import ResumableLoader
 
 __all__ = ["PackedBlocks", "TextDataModule", "default_corpus", "pack_tokens", "read_corpus"]
@@ -101,6 +101,8 @@ class TextDataModule(pl.LightningDataModule):
         max_positions: the model's maximum sequence length (else the tokenizer's model_max_length, if known).
         eos_id: the token put after each document; None = the tokenizer's EOS (none if it has none),
             -1 = no separator.
+        join_documents: tokenize the corpus as one text (`read_corpus`: documents joined by blank
+            lines, no EOS) instead of document by document.
 
     Every problem (empty or too-short corpus, seq_len above the model's limit, mismatched
     tokenizer) is a ValueError raised by the constructor or `setup`, before any training.
@@ -110,7 +112,7 @@ class TextDataModule(pl.LightningDataModule):
                  batch_size: int = 4, val_fraction: float = 0.1, val_tokens: Optional[int] = None, seed: int = 0,
                  max_train_blocks: Optional[int] = None, vocab_size: Optional[int] = None,
                  max_positions: Optional[int] = None, eos_id: Optional[int] = None,
-                 val_batch_size: Optional[int] = None) -> None:
+                 val_batch_size: Optional[int] = None, join_documents: bool = False) -> None:
         super().__init__()
         check_length(seq_len, "seq_len", tokenizer, max_positions)
         if not 0.0 < val_fraction < 1.0:
@@ -122,7 +124,7 @@ class TextDataModule(pl.LightningDataModule):
         self.tokenizer, self.files, self.seq_len, self.seed = tokenizer, files, seq_len, seed
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.val_fraction, self.val_tokens, self.max_train_blocks = val_fraction, val_tokens, max_train_blocks
-        self.vocab_size = vocab_size
+        self.vocab_size, self.join_documents = vocab_size, join_documents
         self.eos_id = tokenizer_eos_id(tokenizer) if eos_id is None else (None if eos_id == -1 else eos_id)
         self.train_set: Optional[PackedBlocks] = None
         self.val_set: Optional[PackedBlocks] = None
@@ -134,8 +136,10 @@ class TextDataModule(pl.LightningDataModule):
 
     def _blocks(self) -> Tensor:
         """All blocks of the corpus, (N, seq_len), the last one ending at the corpus' end."""
-        documents = read_documents(self.files)
-        stream = _as_stream(encode_documents(self.tokenizer, documents), self.eos_id)
+        if self.join_documents:
+            stream = _as_stream(encode_text(self.tokenizer, read_corpus(self.files)), None)
+        else:
+            stream = _as_stream(encode_documents(self.tokenizer, read_documents(self.files)), self.eos_id)
         check_ids_in_vocab(stream, self.vocab_size)
         if stream.numel() < 2 * self.seq_len:
             source = "the default corpus" if not self.files else f"corpus files {list(self.files)}"

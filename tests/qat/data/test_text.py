@@ -63,6 +63,10 @@ def test_documents_are_separated_by_the_tokenizers_eos(tmp_path):
     no_eos = TextDataModule(NumberTokenizer(eos_token_id=1000), files, seq_len=3, val_fraction=0.25, eos_id=-1)
     no_eos.setup()
     assert blocks_of(no_eos.val_set) == [(8, 9, 10)]
+    joined = TextDataModule(NumberTokenizer(eos_token_id=1000), files, seq_len=3, val_fraction=0.25,
+                            join_documents=True)  # one text "0 .. 4\n\n5 .. 10": no EOS
+    joined.setup()
+    assert blocks_of(joined.train_set) + blocks_of(joined.val_set) == [(2, 3, 4), (5, 6, 7), (8, 9, 10)]
 
 
 def test_val_tokens_and_max_train_blocks(tmp_path):
