@@ -121,7 +121,8 @@ class TextDataModule(pl.LightningDataModule):
                             ("max_train_blocks", max_train_blocks), ("val_batch_size", val_batch_size)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        self.tokenizer, self.files, self.seq_len, self.seed = tokenizer, files, seq_len, seed
+        self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
+        self.files = [files] if isinstance(files, str) else files
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.val_fraction, self.val_tokens, self.max_train_blocks = val_fraction, val_tokens, max_train_blocks
         self.vocab_size, self.join_documents = vocab_size, join_documents
@@ -132,7 +133,7 @@ class TextDataModule(pl.LightningDataModule):
     def _num_val_blocks(self, num_blocks: int) -> int:
         if self.val_tokens is not None:
             return math.ceil(self.val_tokens / self.seq_len)
-        return max(1, round(num_blocks * self.val_fraction))
+        return max(1, math.floor(num_blocks * self.val_fraction + 0.5))  # half rounds up
 
     def _blocks(self) -> Tensor:
         """All blocks of the corpus, (N, seq_len), the last one ending at the corpus' end."""
