@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
+
+from qat.modules import QuantLinear
 
 
 def _same_shape(student: Tensor, teacher: Tensor, what: str) -> None:
@@ -143,19 +144,36 @@ def feature_loss(student_taps: FeatureTaps, teacher_taps: FeatureTaps, mapping: 
 
 # ---------------------------------------------------------------------------------------------
 # Language models and sentence encoders. The per-token losses run over chunks of `chunk_size`
-# unmasked tokens and keep no float32 (B*T, V) tensor for backward: from logits, a custom
-# autograd Function recomputes each chunk's softmax in backward; from hidden states + heads,
-# each chunk runs under torch.utils.checkpoint, so the (B, T, V) logits never exist at all.
+# kept (unmasked) tokens and compute their gradients together with the value, chunk by chunk
+# (hand-derived softmax gradients, as Liger-Kernel's fused linear losses do): no float32
+# (B*T, V) tensor is ever kept, and from hidden states + heads the (B, T, V) logits never exist.
 # ---------------------------------------------------------------------------------------------
 
-DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 49152 fp32 = 192 MiB per live chunk tensor
+DEFAULT_CHUNK_SIZE = 256  # tokens per chunk: 256 x 49152 fp32 = 48 MiB per chunk tensor (about 4 alive)
+_ChunkFn = Callable[[Tensor, Tensor, Optional[float]], "tuple[Tensor, Tensor | None]"]
+
+
+class _LossWithGrads(torch.autograd.Function):
+    """`loss` whose gradients wrt `inputs` were computed with it; backward hands them back (times the
+    incoming gradient). Saves no activations: the stored gradients are what backward would allocate."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, grads: tuple, *inputs: Tensor) -> Tensor:
+        ctx.grads = grads
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("a chunked loss supports one backward pass (its gradients were computed in forward)")
+        return (None, None, *(None if g is None else g.mul_(grad_output) for g in grads))
 
 
 def _kept_rows(mask: Tensor | None, leading_shape: torch.Size, device: torch.device) -> Tensor:
     """Flat indices (n,) of the tokens a loss averages over: nonzero `mask` entries (all when None)."""
-    rows = math.prod(leading_shape)
     if mask is None:
-        return torch.arange(rows, device=device)
+        return torch.arange(math.prod(leading_shape), device=device)
     if mask.shape != leading_shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != the tokens' shape {tuple(leading_shape)}")
     return mask.reshape(-1).nonzero().squeeze(1).to(device)
@@ -168,37 +186,104 @@ def _check_chunking(temperature: float, chunk_size: int) -> None:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
 
 
-def _kl_sum(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """Sum over rows of KL(softmax(t / T) || softmax(s / T)), in float32. (n, V) inputs."""
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum()
+def _kl_chunk(student: Tensor, teacher: Tensor, temperature: float, grad_scale: float | None):
+    """T^2 * sum over rows of KL(p_t || p_s), p = softmax(logits / T), for (c, V) chunks, in float32;
+    with `grad_scale` also grad_scale * its gradient wrt the student logits, T * (p_s - p_t)."""
+    log_p_student = F.log_softmax(student.float() / temperature, dim=-1)  # (c, V)
+    log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+    p_teacher = log_p_teacher.exp()
+    kl_sum = p_teacher.reshape(-1) @ log_p_teacher.sub_(log_p_student).reshape(-1)  # a dot: no (c, V) product
+    if grad_scale is None:
+        return kl_sum * temperature**2, None
+    return kl_sum * temperature**2, log_p_student.exp_().sub_(p_teacher).mul_(temperature * grad_scale)
 
 
-class _ChunkedTokenKL(torch.autograd.Function):
-    """T^2 / n * sum over kept rows of KL(p_t || p_s). Backward (hand-derived, recomputed per chunk):
-    d loss / d s_r = T / n * (softmax(s_r / T) - softmax(t_r / T)) for kept rows r, 0 elsewhere."""
+def _ce_chunk(logits: Tensor, targets: Tensor, grad_scale: float | None):
+    """Sum over rows of -log softmax(logits)[target], in float32; with `grad_scale` also grad_scale * its
+    gradient wrt the logits, softmax(logits) - onehot(target)."""
+    if int(targets.max()) >= logits.shape[-1]:
+        raise ValueError(f"target id {int(targets.max())} >= the {logits.shape[-1]} classes of the logits")
+    log_p = F.log_softmax(logits.float(), dim=-1)  # (c, V)
+    loss_sum = -log_p.gather(1, targets.unsqueeze(1)).sum()
+    if grad_scale is None:
+        return loss_sum, None
+    grad = log_p.exp_().scatter_add_(1, targets.unsqueeze(1), log_p.new_full((len(targets), 1), -1.0))
+    return loss_sum, grad.mul_(grad_scale)
 
-    @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, rows: Tensor, temperature: float, chunk_size: int) -> Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
+
+def _chunked_from_logits(logits: Tensor, rows: Tensor, chunk_size: int, chunk_fn: _ChunkFn) -> Tensor:
+    """Mean over `rows` of chunk_fn's per-row losses on (N, V) logits, with the gradient made alongside."""
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    count = max(rows.numel(), 1)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    grad = torch.zeros_like(logits) if need_grad else None  # (N, V), what backward would allocate
+    with torch.no_grad():
         for idx in rows.split(chunk_size):
-            total += _kl_sum(student.index_select(0, idx), teacher.index_select(0, idx), temperature)
-        ctx.save_for_backward(student, teacher, rows)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        return total * temperature**2 / max(rows.numel(), 1)
+            loss_sum, chunk_grad = chunk_fn(logits.index_select(0, idx), idx, 1.0 / count if need_grad else None)
+            total += loss_sum
+            if grad is not None:
+                grad.index_copy_(0, idx, chunk_grad.to(grad.dtype))
+    return _LossWithGrads.apply(total / count, (grad,), logits) if need_grad else total / count
 
-    @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        student, teacher, rows = ctx.saved_tensors
-        temperature = ctx.temperature
-        scale = grad_output.float() * temperature / max(rows.numel(), 1)
-        grad = torch.zeros_like(student)  # (N, V)
-        for idx in rows.split(ctx.chunk_size):
-            p_student = F.softmax(student.index_select(0, idx).float() / temperature, dim=-1)
-            p_teacher = F.softmax(teacher.index_select(0, idx).float() / temperature, dim=-1)
-            grad.index_copy_(0, idx, ((p_student - p_teacher) * scale).to(grad.dtype))
-        return grad, None, None, None, None
+
+def _head_projection(head: nn.Module) -> tuple[Tensor | None, Callable[[Tensor, Tensor | None], Tensor]]:
+    """(weight, project) with project(x, weight) == head(x). For an nn.Linear or QuantLinear head the
+    weight is its effective (fake-quantized) weight, computed once per loss call instead of once per
+    chunk; any other module gives (None, head(x))."""
+    if type(head).forward not in (nn.Linear.forward, QuantLinear.forward):
+        return None, lambda x, weight: head(x)
+    if isinstance(head, QuantLinear):
+        return head.quantized_weight(), lambda x, weight: F.linear(head.quantized_input(x), weight, head.bias)
+    return head.weight, lambda x, weight: F.linear(x, weight, head.bias)
+
+
+def _chunked_from_hidden(hidden: Tensor, head: nn.Module, rows: Tensor, chunk_size: int,
+                         chunk_fn: _ChunkFn) -> Tensor:
+    """Mean over `rows` of chunk_fn's per-row losses on head(hidden), projected chunk by chunk; the
+    gradients wrt the hidden states and the head's parameters are made alongside."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or bool(params))
+    count = max(rows.numel(), 1)
+    with torch.enable_grad() if need_grad else torch.no_grad():
+        weight, project = _head_projection(head)  # (V, H) with its graph to the weight and its quantizer
+    weight_leaf = None if weight is None else weight.detach().requires_grad_(need_grad and weight.requires_grad)
+    # what each chunk's backward reaches, and where it accumulates: hidden rows, the hoisted weight, parameters
+    grad_hidden = torch.zeros_like(hidden) if need_grad and hidden.requires_grad else None
+    grad_params = [torch.zeros_like(p) for p in params] if need_grad else []
+    weight_is_param = [i for i, p in enumerate(params) if p is weight]  # a float Linear: no separate buffer
+    grad_weight = None if weight_leaf is None or not weight_leaf.requires_grad else \
+        grad_params[weight_is_param[0]] if weight_is_param else torch.zeros_like(weight_leaf)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for idx in rows.split(chunk_size):
+        with torch.enable_grad() if need_grad else torch.no_grad():
+            chunk = hidden.detach().index_select(0, idx).requires_grad_(grad_hidden is not None)
+            logits = project(chunk, weight_leaf)  # (c, V)
+        loss_sum, logits_grad = chunk_fn(logits.detach(), idx, 1.0 / count if need_grad else None)
+        total += loss_sum
+        if not need_grad:
+            continue
+        targets = [(chunk, grad_hidden), (weight_leaf, grad_weight), *zip(params, grad_params, strict=True)]
+        targets = [(source, into) for source, into in targets if into is not None]
+        parts = torch.autograd.grad(logits, [s for s, _ in targets], logits_grad.to(logits.dtype), allow_unused=True)
+        for (source, into), part in zip(targets, parts, strict=True):
+            if part is None:
+                continue
+            if source is chunk:
+                into.index_add_(0, idx, part.to(into.dtype))  # the chunk's rows of the hidden states
+            else:
+                into.add_(part)  # summed over chunks
+    if not need_grad:
+        return total / count
+    if grad_weight is not None and not weight_is_param:  # one backward through the fake-quantization
+        parts = torch.autograd.grad(weight, params, grad_weight, allow_unused=True)
+        for into, part in zip(grad_params, parts, strict=True):
+            if part is not None:
+                into.add_(part)
+    return _LossWithGrads.apply(total / count, (grad_hidden, *grad_params), hidden, *params)
+
+
+def _flat_rows(tensor: Tensor) -> Tensor:
+    return tensor.reshape(-1, tensor.shape[-1])  # (N, C): a view for contiguous inputs
 
 
 def token_kd_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
@@ -206,29 +291,20 @@ def token_kd_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor |
     """T^2 * KL(softmax(t / T) || softmax(s / T)) per token, averaged over the tokens where `mask` is nonzero.
 
     Logits (B, T, V) (or (N, V)), any float dtype (bf16 included: each chunk is computed in
-    float32); mask (B, T) or None (all tokens). Work runs over chunks of `chunk_size` tokens;
-    backward recomputes each chunk, so besides the logits and their gradient only one chunk's
-    float32 tensors are alive. The teacher gets no gradient; no kept token gives 0.
+    float32); mask (B, T) or None (all tokens). Runs over chunks of `chunk_size` tokens and
+    makes the gradient d loss / d s = T * (p_s - p_t) / n with the value, so besides the
+    logits and their gradient only one chunk's float32 tensors are alive. The teacher gets no
+    gradient; no kept token gives 0. One backward pass per call.
     """
     _same_shape(student_logits, teacher_logits, "token_kd_loss")
     _check_chunking(temperature, chunk_size)
-    vocab = student_logits.shape[-1]
     rows = _kept_rows(mask, student_logits.shape[:-1], student_logits.device)
-    student, teacher = student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab)  # (N, V) views
-    return _ChunkedTokenKL.apply(student, teacher, rows, float(temperature), chunk_size)
+    teacher = _flat_rows(teacher_logits.detach())
 
+    def chunk_fn(student: Tensor, idx: Tensor, grad_scale: float | None):
+        return _kl_chunk(student, teacher.index_select(0, idx), temperature, grad_scale)
 
-def _head_kl_chunk(student_hidden: Tensor, teacher_hidden: Tensor, student_head: nn.Module,
-                   teacher_head: nn.Module, temperature: float) -> Tensor:
-    student_logits = student_head(student_hidden)  # (n, V)
-    with torch.no_grad():
-        teacher_logits = teacher_head(teacher_hidden)  # (n, V)
-    _same_shape(student_logits, teacher_logits, "head_kd_loss logits")
-    return _kl_sum(student_logits, teacher_logits, temperature)
-
-
-def _flat_rows(hidden: Tensor) -> Tensor:
-    return hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    return _chunked_from_logits(_flat_rows(student_logits), rows, chunk_size, chunk_fn)
 
 
 def head_kd_loss(student_hidden: Tensor, teacher_hidden: Tensor, student_head: nn.Module, teacher_head: nn.Module,
@@ -237,57 +313,28 @@ def head_kd_loss(student_hidden: Tensor, teacher_hidden: Tensor, student_head: n
     """`token_kd_loss` of `student_head(student_hidden)` vs `teacher_head(teacher_hidden)`, never forming (B, T, V).
 
     Hidden states (B, T, H) and (B, T, Ht); each chunk of `chunk_size` kept tokens is projected
-    by the heads and reduced under activation checkpointing, so peak memory holds one chunk's
-    logits whatever B * T. Gradients reach `student_hidden` and the student head's parameters
-    (a QuantLinear's weight and quantizer scales); the teacher side gets none. The student head
-    runs twice per chunk (forward and the recomputation in backward).
+    by both heads, reduced, and its gradient pushed through the student head at once, so peak
+    memory holds one chunk's logits whatever B * T. Gradients reach `student_hidden` and the
+    student head's trainable parameters (a QuantLinear's weight and quantizer scales); the
+    teacher side gets none. A Linear / QuantLinear head's (fake-quantized) weight is computed once
+    per call, not per chunk; other head modules are called per chunk. An input (activation)
+    quantizer in the head sees each chunk as one call, so LSQ's gradient factor 1/sqrt(N*Qp)
+    counts the chunk's elements: its scale's gradient differs from an unchunked call's.
     """
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(f"head_kd_loss: student hidden {tuple(student_hidden.shape)} and teacher hidden "
                          f"{tuple(teacher_hidden.shape)} differ in their token dims")
     _check_chunking(temperature, chunk_size)
     rows = _kept_rows(mask, student_hidden.shape[:-1], student_hidden.device)
-    student, teacher = _flat_rows(student_hidden), _flat_rows(teacher_hidden.detach())
-    total = student[:0].float().sum()  # 0, connected to the graph even when no token is kept
-    for idx in rows.split(chunk_size):
-        total = total + checkpoint(_head_kl_chunk, student.index_select(0, idx), teacher.index_select(0, idx),
-                                   student_head, teacher_head, float(temperature), use_reentrant=False)
-    return total * temperature**2 / max(rows.numel(), 1)
+    teacher = _flat_rows(teacher_hidden.detach())
 
+    def chunk_fn(student_logits: Tensor, idx: Tensor, grad_scale: float | None):
+        with torch.no_grad():
+            teacher_logits = teacher_head(teacher.index_select(0, idx))  # (c, V)
+        _same_shape(student_logits, teacher_logits, "head_kd_loss logits")
+        return _kl_chunk(student_logits, teacher_logits, temperature, grad_scale)
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """1 / n * sum over kept rows of (logsumexp(s_r) - s_r[y_r]). Backward (hand-derived, per chunk):
-    d loss / d s_r = (softmax(s_r) - onehot(y_r)) / n for kept rows r, 0 elsewhere."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, rows: Tensor, chunk_size: int) -> Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for idx in rows.split(chunk_size):
-            chunk = logits.index_select(0, idx).float()  # (n, V)
-            target = targets.index_select(0, idx).unsqueeze(1)  # (n, 1)
-            total += (torch.logsumexp(chunk, dim=-1) - chunk.gather(1, target).squeeze(1)).sum()
-        ctx.save_for_backward(logits, targets, rows)
-        ctx.chunk_size = chunk_size
-        return total / max(rows.numel(), 1)
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        logits, targets, rows = ctx.saved_tensors
-        scale = grad_output.float() / max(rows.numel(), 1)
-        grad = torch.zeros_like(logits)  # (N, V)
-        for idx in rows.split(ctx.chunk_size):
-            chunk_grad = F.softmax(logits.index_select(0, idx).float(), dim=-1)
-            minus_one = chunk_grad.new_full((len(idx), 1), -1.0)
-            chunk_grad.scatter_add_(1, targets.index_select(0, idx).unsqueeze(1), minus_one)  # - onehot(y)
-            grad.index_copy_(0, idx, (chunk_grad * scale).to(grad.dtype))
-        return grad, None, None, None
-
-
-def _head_ce_chunk(hidden: Tensor, targets: Tensor, head: nn.Module) -> Tensor:
-    logits = head(hidden).float()  # (n, V)
-    if int(targets.max()) >= logits.shape[-1]:
-        raise ValueError(f"target id {int(targets.max())} >= the head's {logits.shape[-1]} classes")
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return _chunked_from_hidden(_flat_rows(student_hidden), student_head, rows, chunk_size, chunk_fn)
 
 
 def masked_cross_entropy(logits_or_hidden: Tensor, targets: Tensor, mask: Tensor | None = None,
@@ -297,8 +344,8 @@ def masked_cross_entropy(logits_or_hidden: Tensor, targets: Tensor, mask: Tensor
 
     A token is kept where `mask` (same shape as `targets`) is nonzero and its target is not
     `ignore_index`. Without `head` the first argument is logits (..., V); with `head` it is
-    hidden states (..., H) projected chunk by chunk under checkpointing (no (B, T, V) tensor).
-    Computed in float32 over chunks of `chunk_size` tokens. No kept token gives 0.
+    hidden states (..., H) projected chunk by chunk (no (B, T, V) tensor, as in `head_kd_loss`).
+    Float32 over chunks of `chunk_size` tokens. No kept token gives 0.
     """
     if logits_or_hidden.shape[:-1] != targets.shape:
         raise ValueError(f"masked_cross_entropy: inputs {tuple(logits_or_hidden.shape)} do not match "
@@ -308,19 +355,17 @@ def masked_cross_entropy(logits_or_hidden: Tensor, targets: Tensor, mask: Tensor
         raise ValueError(f"mask shape {tuple(mask.shape)} != targets shape {tuple(targets.shape)}")
     keep = targets != ignore_index if mask is None else (mask != 0) & (targets != ignore_index)
     rows = _kept_rows(keep, targets.shape, logits_or_hidden.device)
-    flat_inputs, flat_targets = _flat_rows(logits_or_hidden), targets.reshape(-1).long()
-    kept_targets = flat_targets[rows]
-    if kept_targets.numel() and int(kept_targets.min()) < 0:
-        raise ValueError(f"target id {int(kept_targets.min())} is negative (only ignore_index={ignore_index} may be)")
+    flat_targets = targets.reshape(-1).long()
+    if rows.numel() and int(flat_targets[rows].min()) < 0:
+        raise ValueError(f"target id {int(flat_targets[rows].min())} is negative (only ignore_index={ignore_index} "
+                         "may be)")
+
+    def chunk_fn(logits: Tensor, idx: Tensor, grad_scale: float | None):
+        return _ce_chunk(logits, flat_targets.index_select(0, idx), grad_scale)
+
     if head is None:
-        if kept_targets.numel() and int(kept_targets.max()) >= flat_inputs.shape[-1]:
-            raise ValueError(f"target id {int(kept_targets.max())} >= the logits' {flat_inputs.shape[-1]} classes")
-        return _ChunkedCrossEntropy.apply(flat_inputs, flat_targets, rows, chunk_size)
-    total = flat_inputs[:0].float().sum()  # 0, connected to the graph even when no token is kept
-    for idx in rows.split(chunk_size):
-        total = total + checkpoint(_head_ce_chunk, flat_inputs.index_select(0, idx), flat_targets.index_select(0, idx),
-                                   head, use_reentrant=False)
-    return total / max(rows.numel(), 1)
+        return _chunked_from_logits(_flat_rows(logits_or_hidden), rows, chunk_size, chunk_fn)
+    return _chunked_from_hidden(_flat_rows(logits_or_hidden), head, rows, chunk_size, chunk_fn)
 
 
 def causal_lm_loss(logits_or_hidden: Tensor, labels: Tensor, attention_mask: Tensor | None = None,

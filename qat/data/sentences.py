@@ -92,7 +92,8 @@ class SentenceDataModule(pl.LightningDataModule):
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if getattr(tokenizer, "pad_token_id", None) is None:
             raise ValueError("the tokenizer has no pad token (pad_token_id is None): sentence batches need padding")
-        self.tokenizer, self.files, self.max_length, self.seed = tokenizer, files, max_length, seed
+        self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed
+        self.files = [files] if isinstance(files, str) else files
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.val_fraction, self.val_sentences, self.min_words = val_fraction, val_sentences, min_words
         self.max_train_sentences, self.vocab_size = max_train_sentences, vocab_size

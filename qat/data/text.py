@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from qat.data.corpus import default_corpus, read_corpus, read_documents
-from qat.data.tokenize import check_ids_in_vocab, check_length, encode_documents, tokenizer_eos_id
+from qat.data.tokenize import check_ids_in_vocab, check_length, encode_documents, encode_text, tokenizer_eos_id
 from qat.data_loading import ResumableLoader
 
 __all__ = ["PackedBlocks", "TextDataModule", "default_corpus", "pack_tokens", "read_corpus"]
@@ -101,6 +101,8 @@ class TextDataModule(pl.LightningDataModule):
         max_positions: the model's maximum sequence length (else the tokenizer's model_max_length, if known).
         eos_id: the token put after each document; None = the tokenizer's EOS (none if it has none),
             -1 = no separator.
+        join_documents: tokenize the corpus as one text (`read_corpus`: documents joined by blank
+            lines, no EOS) instead of document by document.
 
     Every problem (empty or too-short corpus, seq_len above the model's limit, mismatched
     tokenizer) is a ValueError raised by the constructor or `setup`, before any training.
@@ -110,7 +112,7 @@ class TextDataModule(pl.LightningDataModule):
                  batch_size: int = 4, val_fraction: float = 0.1, val_tokens: Optional[int] = None, seed: int = 0,
                  max_train_blocks: Optional[int] = None, vocab_size: Optional[int] = None,
                  max_positions: Optional[int] = None, eos_id: Optional[int] = None,
-                 val_batch_size: Optional[int] = None) -> None:
+                 val_batch_size: Optional[int] = None, join_documents: bool = False) -> None:
         super().__init__()
         check_length(seq_len, "seq_len", tokenizer, max_positions)
         if not 0.0 < val_fraction < 1.0:
@@ -119,10 +121,11 @@ class TextDataModule(pl.LightningDataModule):
                             ("max_train_blocks", max_train_blocks), ("val_batch_size", val_batch_size)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        self.tokenizer, self.files, self.seq_len, self.seed = tokenizer, files, seq_len, seed
+        self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
+        self.files = [files] if isinstance(files, str) else files
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.val_fraction, self.val_tokens, self.max_train_blocks = val_fraction, val_tokens, max_train_blocks
-        self.vocab_size = vocab_size
+        self.vocab_size, self.join_documents = vocab_size, join_documents
         self.eos_id = tokenizer_eos_id(tokenizer) if eos_id is None else (None if eos_id == -1 else eos_id)
         self.train_set: Optional[PackedBlocks] = None
         self.val_set: Optional[PackedBlocks] = None
@@ -130,12 +133,14 @@ class TextDataModule(pl.LightningDataModule):
     def _num_val_blocks(self, num_blocks: int) -> int:
         if self.val_tokens is not None:
             return math.ceil(self.val_tokens / self.seq_len)
-        return max(1, round(num_blocks * self.val_fraction))
+        return max(1, math.floor(num_blocks * self.val_fraction + 0.5))  # half rounds up
 
     def _blocks(self) -> Tensor:
         """All blocks of the corpus, (N, seq_len), the last one ending at the corpus' end."""
-        documents = read_documents(self.files)
-        stream = _as_stream(encode_documents(self.tokenizer, documents), self.eos_id)
+        if self.join_documents:
+            stream = _as_stream(encode_text(self.tokenizer, read_corpus(self.files)), None)
+        else:
+            stream = _as_stream(encode_documents(self.tokenizer, read_documents(self.files)), self.eos_id)
         check_ids_in_vocab(stream, self.vocab_size)
         if stream.numel() < 2 * self.seq_len:
             source = "the default corpus" if not self.files else f"corpus files {list(self.files)}"

@@ -37,4 +37,5 @@ def word_tokenizer(model_max_length: int = 64, with_pad: bool = True):
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     extra = {"pad_token": "[PAD]"} if with_pad else {}
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]",
-                                   model_max_length=model_max_length, **extra)
+                                   model_max_length=model_max_length,
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"], **extra)
