@@ -28,6 +28,7 @@ from qat.export.targets.matmul_nbits import choose_layout, dequantize_nbits, nbi
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from qat.export.targets.onnx import export_onnx, onnx_session, run_onnx  # noqa: E402
+from qat.export.verify import verify  # noqa: E402
 
 ONNX_TOLERANCE = 1e-5
 
@@ -74,6 +75,21 @@ def test_digits_cnn_onnx_runtime_agrees_with_qat_load(tmp_path) -> None:
     assert len(nodes) == 2 and all(node.domain == "com.microsoft" for node in nodes)
     attributes = {a.name: a.i for a in nodes[0].attribute}
     assert attributes == {"K": 1024, "N": 128, "bits": 4, "block_size": 128, "accuracy_level": 0}
+    assert verify(tmp_path / "digits.onnx").passed  # the golden data travelled into metadata_props
+
+
+@pytest.mark.slow
+def test_verify_catches_an_onnx_weight_changed_after_conversion(tmp_path) -> None:
+    export_tiny_lm(tmp_path / "lm.safetensors")
+    export_onnx(tmp_path / "lm.safetensors", tmp_path / "lm.onnx")
+    model = onnx.load(tmp_path / "lm.onnx")
+    scales = next(i for i in model.graph.initializer if list(i.dims) == [256, 2])  # mlp.0: N=256, K=64, g32
+    values = onnx.numpy_helper.to_array(scales).copy()
+    values[3] *= 1.5  # one output row's scales
+    scales.CopyFrom(onnx.numpy_helper.from_array(values, scales.name))
+    onnx.save(model, tmp_path / "lm.onnx")
+    report = verify(tmp_path / "lm.onnx")
+    assert not report.passed and report.deviation > 1e-3
 
 
 @pytest.mark.slow
