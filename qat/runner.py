@@ -54,6 +54,7 @@ def export_run(run: Run) -> dict[str, Any]:
     """Write the int4 checkpoint (`recipe.export.path`, default `<run_dir>/model.safetensors`; pruning
     masks baked into the weights), load it back with `qat.load` and measure it: summary entries."""
     from qat.export import export_model, load
+    from qat.export.golden import golden_batch
     from qat.lightning.module import QATModule
     from qat.prune import remove_masks
 
@@ -62,7 +63,7 @@ def export_run(run: Run) -> dict[str, Any]:
     model = copy.deepcopy(run.model)
     sparsity = remove_masks(model).as_dict() if run.pruning is not None else None
     size = export_model(model, path, architecture={"_target_": recipe.model._target_, **recipe.model.args},
-                        recipe_hash=recipe_hash(recipe), sparsity=sparsity)
+                        recipe_hash=recipe_hash(recipe), sparsity=sparsity, golden_inputs=golden_batch(run.datamodule))
     evaluator = QATModule(load(path), recipe.task, getattr(run.datamodule, "num_classes", None)
                           or recipe.model.args.get("classes", 10))
     return {"int4": evaluator.evaluate(run.datamodule.val_dataloader()),

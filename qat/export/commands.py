@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from qat.export.format import ExportError
+from qat.export.golden import golden_from_checkpoint
 from qat.export.inspect import inspect_checkpoint
 from qat.export.report import SizeReport
 from qat.export.save import export_model
@@ -35,7 +36,9 @@ def export_checkpoint(ckpt_path_or_run_dir: str | os.PathLike, out_path: str | o
         raise ExportError(f"qat.build.model_from_checkpoint is not available ({err}); "
                           "export from Python with qat.export_model(model, path, architecture=...)") from None
     model, architecture, recipe_hash = model_from_checkpoint(source)
-    return export_model(model, out_path, architecture=architecture, recipe_hash=recipe_hash)
+    golden_inputs = golden_from_checkpoint(source)  # for `qat verify`; None when the recipe's data is unavailable
+    return export_model(model, out_path, architecture=architecture, recipe_hash=recipe_hash,
+                        golden_inputs=golden_inputs)
 
 
 def run_export(args: argparse.Namespace) -> int:

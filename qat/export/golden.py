@@ -169,3 +169,41 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def golden_batch(datamodule: Any, count: int = 4) -> Optional[tuple[Tensor, ...]]:
+    """The model inputs of the first `count` validation samples of a Lightning data module, or None.
+
+    A batch is `(inputs, targets)`, a dict with `input_ids` (and `attention_mask`), or a tensor.
+    """
+    try:
+        datamodule.setup("validate")
+        batch = next(iter(datamodule.val_dataloader()))
+    except Exception:  # golden data is optional: no validation data, no golden data
+        return None
+    if isinstance(batch, dict):
+        batch = tuple(batch[key] for key in ("input_ids", "attention_mask") if key in batch)
+    elif isinstance(batch, (tuple, list)):
+        batch = (batch[0],)
+    else:
+        batch = (batch,)
+    if not batch or not all(isinstance(t, Tensor) for t in batch):
+        return None
+    return tuple(t[:count] for t in batch)
+
+
+def golden_from_checkpoint(path: str | os.PathLike, count: int = 4) -> Optional[tuple[Tensor, ...]]:
+    """Golden inputs for a training checkpoint: its recipe's validation data (None when unavailable)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoints", "last.ckpt")
+    try:
+        from qat.build import instantiate
+        from qat.recipe import load_recipe_text
+
+        info = torch.load(path, map_location="cpu", weights_only=True).get("qat") or {}
+        recipe = load_recipe_text(info["recipe"])
+        datamodule = instantiate(recipe.data, "data")
+    except Exception:  # golden data is optional
+        return None
+    return golden_batch(datamodule, count)
