@@ -2,6 +2,7 @@
 
     onnx.py                ONNX graph, quantized Linear layers as ONNX Runtime's com.microsoft MatMulNBits
     compressed_tensors.py  Hugging Face folder in the compressed-tensors pack-quantized format (transformers, vLLM)
+    gguf.py                GGUF file (Q4_0 / Q4_1 blocks from our codes) for llama.cpp, Llama architectures
 
 Every converter reads the qat file (never a float model), so the trained codes and scales
 travel unchanged, and refuses with `ConversionError` (naming the layer and the reason)
@@ -41,7 +42,13 @@ def _compressed_tensors(path: str, out: str, **options: Any) -> Any:
     return export_compressed_tensors(path, out, **options)
 
 
-TARGETS: dict[str, Callable[..., Any]] = {"onnx": _onnx, "compressed-tensors": _compressed_tensors}
+def _gguf(path: str, out: str, **options: Any) -> Any:
+    from qat.export.targets.gguf import export_gguf
+
+    return export_gguf(path, out, **options)
+
+
+TARGETS: dict[str, Callable[..., Any]] = {"onnx": _onnx, "compressed-tensors": _compressed_tensors, "gguf": _gguf}
 
 
 def convert(path: str | os.PathLike, target: str, out: str | os.PathLike, **options: Any) -> Any:
