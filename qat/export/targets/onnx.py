@@ -161,9 +161,24 @@ class FirstOutput(nn.Module):
         return out if isinstance(out, Tensor) else out[0]
 
 
+def _dynamic_dims(t: Tensor) -> tuple[int, ...]:
+    """Batch, and for integer inputs (token ids) of 2+ dims also the sequence dimension."""
+    return (0, 1) if not t.is_floating_point() and t.dim() >= 2 else (0,)
+
+
 def _dynamic_shapes(inputs: Sequence[Tensor]) -> tuple:
-    auto = torch.export.Dim.AUTO
-    return tuple({0: auto, 1: auto} if not t.is_floating_point() and t.dim() >= 2 else {0: auto} for t in inputs)
+    return tuple({dim: torch.export.Dim.AUTO for dim in _dynamic_dims(t)} for t in inputs)
+
+
+def _trace_inputs(inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """The example inputs with every dynamic size-1 dimension doubled: torch.export fixes sizes 0 and 1."""
+    traced = []
+    for t in inputs:
+        for dim in _dynamic_dims(t):
+            if t.shape[dim] == 1:
+                t = torch.cat([t, t], dim=dim)
+        traced.append(t)
+    return tuple(traced)
 
 
 def export_onnx(
@@ -197,7 +212,7 @@ def export_onnx(
     model = load(path, kernel_backend="reference")
     report = convert_layers(model, weights, accuracy_level, dequantize_unsupported)
     report.path = os.fspath(out)
-    inputs = tuple(example_inputs)
+    inputs = _trace_inputs(example_inputs)
     program = torch.onnx.export(
         FirstOutput(model).eval(), inputs, dynamo=True, custom_translation_table=translations(), optimize=True,
         input_names=[f"input_{i}" for i in range(len(inputs))], output_names=["output"],

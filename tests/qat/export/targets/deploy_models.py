@@ -61,6 +61,26 @@ def export_bert(path: Path) -> nn.Module:
     return model
 
 
+LLAMA_HEADS, LLAMA_KV_HEADS = 4, 2
+
+
+def export_llama(path: Path, lm_head_per_channel: bool = False, **weight_options: object) -> nn.Module:
+    """A 2-layer Llama (grouped-query attention) from a local LlamaConfig (random weights; no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=LLAMA_HEADS, num_key_value_heads=LLAMA_KV_HEADS,
+                         max_position_embeddings=64, tie_word_embeddings=False, use_cache=False)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    rules = [QuantRule(name="lm_head", granularity="channel")] if lm_head_per_channel else []
+    spec = QuantSpec(weight=weight_config(**weight_options), rules=rules)
+    model = make_prepared(LlamaForCausalLM(config).eval(), spec, seed=0)
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    qat.export_model(model, path, architecture={"hf_config": config.to_dict()}, golden_inputs=(ids,))
+    return model
+
+
 def relative_deviation(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|."""
     return float((actual - expected).abs().max() / expected.abs().max())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from deploy_models import export_tiny_lm, weight_config
+from deploy_models import export_llama, export_tiny_lm, weight_config
 
 import qat
 from qat import QuantRule, QuantSpec
@@ -31,22 +31,6 @@ def test_pack_words_matches_the_packages_own_packer(columns: int) -> None:
     assert torch.equal(pack_words(codes.t().contiguous()).t(), zeros_expected)
 
 
-def export_llama(path: Path, **weight_options: object) -> None:
-    """A 2-layer Llama from a local LlamaConfig (random weights); lm_head per channel, the rest in groups."""
-    from conftest import make_prepared
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    spec = QuantSpec(weight=weight_config(**weight_options), rules=[QuantRule(name="lm_head", granularity="channel")])
-    model = make_prepared(LlamaForCausalLM(config).eval(), spec, seed=0)
-    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-    qat.export_model(model, path, architecture={"hf_config": config.to_dict()}, golden_inputs=(ids,))
-
-
 def load_folder(folder: Path, run_compressed: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
@@ -58,7 +42,7 @@ def load_folder(folder: Path, run_compressed: bool) -> torch.nn.Module:
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_transformers_logits_equal_qat_load(tmp_path: Path, symmetric: bool) -> None:
     options = {} if symmetric else {"symmetric": False, "quantizer": "lsq_plus"}
-    export_llama(tmp_path / "llama.safetensors", **options)
+    export_llama(tmp_path / "llama.safetensors", lm_head_per_channel=True, **options)
     report = export_compressed_tensors(tmp_path / "llama.safetensors", tmp_path / "folder")
     assert len(report.quantized) == 15 and report.scheme["group_size"] == 32  # lm_head's one group repeats
     assert report.scheme["symmetric"] is symmetric and report.dense == ["model.embed_tokens"]

@@ -10,32 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from deploy_models import export_tiny_lm, weight_config
+from deploy_models import LLAMA_HEADS as HEADS
+from deploy_models import LLAMA_KV_HEADS as KV_HEADS
+from deploy_models import export_llama, export_tiny_lm
 
 import qat
-from qat import QuantSpec
 from qat.export.targets import ConversionError
 from qat.export.targets.gguf import export_gguf, permute_rows
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
-
-HEADS, KV_HEADS = 4, 2
-
-
-def export_llama(path: Path, **weight_options: object) -> None:
-    from conftest import make_prepared
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    model = make_prepared(LlamaForCausalLM(config).eval(), QuantSpec(weight=weight_config(**weight_options)), seed=0)
-    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
-    qat.export_model(model, path, architecture={"hf_config": config.to_dict()}, golden_inputs=(ids,))
-
 
 def read_back(path: Path) -> dict[str, tuple[torch.Tensor, str]]:
     """{gguf name: (tensor dequantized by the gguf package, GGML type name)}."""

@@ -14,6 +14,7 @@ from deploy_models import (
     digits_validation,
     export_bert,
     export_digits,
+    export_llama,
     export_tiny_lm,
     relative_deviation,
     weight_config,
@@ -117,6 +118,18 @@ def test_bert_from_a_local_config_onnx_runtime_agrees(tmp_path) -> None:
     session = onnx_session(tmp_path / "bert.onnx")
     for shape in [(2, 12), (1, 5), (3, 20)]:
         ids = torch.randint(0, 100, shape, generator=torch.Generator().manual_seed(shape[1]))
+        assert relative_deviation(run_onnx(session, (ids,)), loaded(ids).logits) < ONNX_TOLERANCE
+
+
+@pytest.mark.slow
+def test_llama_causal_lm_onnx_runtime_agrees_at_other_batch_and_length(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    export_llama(tmp_path / "llama.safetensors")  # golden input (1, 8): traced with batch 2, shapes stay dynamic
+    export_onnx(tmp_path / "llama.safetensors", tmp_path / "llama.onnx")
+    loaded = qat.load(tmp_path / "llama.safetensors", kernel_backend="reference")
+    session = onnx_session(tmp_path / "llama.onnx")
+    for shape in [(1, 8), (2, 5), (1, 20)]:
+        ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(shape[1]))
         assert relative_deviation(run_onnx(session, (ids,)), loaded(ids).logits) < ONNX_TOLERANCE
 
 
