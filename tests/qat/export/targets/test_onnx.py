@@ -80,21 +80,7 @@ def test_digits_cnn_onnx_runtime_agrees_with_qat_load(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_verify_catches_an_onnx_weight_changed_after_conversion(tmp_path) -> None:
-    export_tiny_lm(tmp_path / "lm.safetensors")
-    export_onnx(tmp_path / "lm.safetensors", tmp_path / "lm.onnx")
-    model = onnx.load(tmp_path / "lm.onnx")
-    scales = next(i for i in model.graph.initializer if list(i.dims) == [256, 2])  # mlp.0: N=256, K=64, g32
-    values = onnx.numpy_helper.to_array(scales).copy()
-    values[3] *= 1.5  # one output row's scales
-    scales.CopyFrom(onnx.numpy_helper.from_array(values, scales.name))
-    onnx.save(model, tmp_path / "lm.onnx")
-    report = verify(tmp_path / "lm.onnx")
-    assert not report.passed and report.deviation > 1e-3
-
-
-@pytest.mark.slow
-def test_tiny_lm_asymmetric_codes_travel_unchanged_and_shapes_are_dynamic(tmp_path) -> None:
+def test_tiny_lm_asymmetric_codes_travel_unchanged_shapes_are_dynamic_and_verify_catches_edits(tmp_path) -> None:
     export_tiny_lm(tmp_path / "lm.safetensors", symmetric=False, quantizer="lsq_plus")
     export_onnx(tmp_path / "lm.safetensors", tmp_path / "lm.onnx", accuracy_level=1)
     loaded = qat.load(tmp_path / "lm.safetensors", kernel_backend="reference")
@@ -106,6 +92,19 @@ def test_tiny_lm_asymmetric_codes_travel_unchanged_and_shapes_are_dynamic(tmp_pa
     packed = loaded.qkv.weight_packed  # (192, 32): K = 64, group 32 -> 2 blocks of 16 bytes per row
     b = next(torch.from_numpy(v.copy()) for v in initializers.values() if v.shape == (192, 2, 16))
     assert torch.equal(b.reshape(192, 32), packed)  # the stored bytes, unchanged
+    assert verify(tmp_path / "lm.onnx").passed  # accuracy_level 1: float32, the exact tolerance
+    _scale_one_row(tmp_path / "lm.onnx", [256, 2])  # mlp.0 (N=256, K=64, groups of 32), edited after conversion
+    report = verify(tmp_path / "lm.onnx")
+    assert not report.passed and report.deviation > 1e-3
+
+
+def _scale_one_row(path, shape: list[int]) -> None:
+    model = onnx.load(path)
+    scales = next(i for i in model.graph.initializer if list(i.dims) == shape)
+    values = onnx.numpy_helper.to_array(scales).copy()
+    values[3] *= 1.5  # one output row's scales
+    scales.CopyFrom(onnx.numpy_helper.from_array(values, scales.name))
+    onnx.save(model, path)
 
 
 @pytest.mark.slow
