@@ -89,3 +89,15 @@ def test_what_gguf_cannot_hold_is_refused(tmp_path: Path) -> None:
     export_tiny_lm(tmp_path / "tiny.safetensors")
     with pytest.raises(ConversionError, match="only Hugging Face configs"):
         export_gguf(tmp_path / "tiny.safetensors", tmp_path / "out.gguf")
+
+
+def test_cli_converts_and_reports_refusals(tmp_path: Path, capsys) -> None:
+    from qat.cli import main
+
+    export_llama(tmp_path / "llama.safetensors")
+    assert main(["export", str(tmp_path / "llama.safetensors"), "--to", "gguf", "-o", str(tmp_path / "m.gguf")]) == 0
+    assert "16 Q4_0" in capsys.readouterr().out and (tmp_path / "m.gguf").is_file()
+    export_tiny_lm(tmp_path / "tiny.safetensors")
+    assert main(["export", str(tmp_path / "tiny.safetensors"), "--to", "compressed-tensors", "-o",
+                 str(tmp_path / "folder")]) == 1
+    assert "qat export: error: cannot convert to compressed-tensors" in capsys.readouterr().err
