@@ -66,6 +66,9 @@ def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
         return
     add_export_parser(commands)
     add_inspect_parser(commands)
+    from qat.export.verify import add_verify_parser
+
+    add_verify_parser(commands)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -54,6 +54,7 @@ def export_run(run: Run) -> dict[str, Any]:
     """Write the int4 checkpoint (`recipe.export.path`, default `<run_dir>/model.safetensors`; pruning
     masks baked into the weights), load it back with `qat.load` and measure it: summary entries."""
     from qat.export import export_model, load
+    from qat.export.golden import golden_batch
     from qat.lightning.module import QATModule
     from qat.model_loader import architecture_of
     from qat.prune import remove_masks
@@ -63,7 +64,7 @@ def export_run(run: Run) -> dict[str, Any]:
     model = copy.deepcopy(run.model)
     sparsity = remove_masks(model).as_dict() if run.pruning is not None else None
     size = export_model(model, path, architecture=architecture_of(recipe, model), recipe_hash=recipe_hash(recipe),
-                        sparsity=sparsity)
+                        sparsity=sparsity, golden_inputs=golden_batch(run.datamodule))
     evaluator = QATModule(load(path), run.module.task_spec)
     return {"int4": evaluator.evaluate(run.datamodule.val_dataloader()),
             "export": {"path": str(path), "file_bytes": size.file_bytes, "bits_per_weight": size.bits_per_weight}}

@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 
 from qat.export.format import ExportError
+from qat.export.golden import golden_from_checkpoint
 from qat.export.inspect import inspect_checkpoint
 from qat.export.report import SizeReport
 from qat.export.save import export_model
+from qat.export.targets.cli import add_target_arguments, run_convert
 
 
 def export_checkpoint(ckpt_path_or_run_dir: str | os.PathLike, out_path: str | os.PathLike) -> SizeReport:
@@ -34,11 +36,15 @@ def export_checkpoint(ckpt_path_or_run_dir: str | os.PathLike, out_path: str | o
         raise ExportError(f"qat.build.model_from_checkpoint is not available ({err}); "
                           "export from Python with qat.export_model(model, path, architecture=...)") from None
     model, architecture, recipe_hash = model_from_checkpoint(source)
-    return export_model(model, out_path, architecture=architecture, recipe_hash=recipe_hash)
+    golden_inputs = golden_from_checkpoint(source)  # for `qat verify`; None when the recipe's data is unavailable
+    return export_model(model, out_path, architecture=architecture, recipe_hash=recipe_hash,
+                        golden_inputs=golden_inputs)
 
 
 def run_export(args: argparse.Namespace) -> int:
     """Handler of `qat export`: 0 on success, 1 with a message on stderr otherwise."""
+    if getattr(args, "to", None):  # `qat export FILE --to TARGET`: convert a qat file
+        return run_convert(args)
     try:
         report = export_checkpoint(args.checkpoint, args.output)
     except (ValueError, FileNotFoundError) as err:  # CheckpointError / ExportError / a non-qat checkpoint
@@ -67,8 +73,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         description="Pack the quantized weights of a training checkpoint (a .ckpt file or a run directory) "
         "into one .safetensors file that qat.load() reads (format: docs/FORMAT.md).",
     )
-    parser.add_argument("checkpoint", help="a training checkpoint (.ckpt) or a run directory")
-    parser.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    parser.add_argument("checkpoint", help="a training checkpoint (.ckpt) or a run directory; with --to, a qat file")
+    parser.add_argument("-o", "--output", required=True, help="the .safetensors file (or --to target) to write")
+    add_target_arguments(parser)
     parser.set_defaults(func=run_export)
     return parser
 

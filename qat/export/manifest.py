@@ -43,6 +43,7 @@ from qat.export.format import (
     TensorMismatchError,
     layer_tensor,
 )
+from qat.export.golden import KEY_GOLDEN, Golden, decode_golden
 from qat.export.reader import Header
 from qat.export.spec import LayerSpec
 
@@ -61,6 +62,7 @@ class Manifest:
     tied: dict[str, str] = field(default_factory=dict)
     checksums: dict[str, str] = field(default_factory=dict)
     sparsity: Optional[dict] = None
+    golden: Optional[Golden] = None  # `qat.golden`: inputs and outputs for `qat verify`
 
     def layer_tensor_names(self) -> set[str]:
         """File names of every tensor owned by a quantized layer (packed weights, scales, qparams)."""
@@ -101,6 +103,7 @@ def read_manifest(header: Header) -> Manifest:
         tied=_string_map(path, KEY_TIED, _json(path, metadata, KEY_TIED)),
         checksums=_string_map(path, KEY_CHECKSUMS, _json(path, metadata, KEY_CHECKSUMS)),
         sparsity=_sparsity(path, metadata),
+        golden=decode_golden(metadata[KEY_GOLDEN], path) if KEY_GOLDEN in metadata else None,
     )
     _check_tensors(path, header, manifest)
     return manifest

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import safetensors.torch
 import torch
@@ -39,6 +39,7 @@ from qat.export.format import (
     ExportError,
     layer_tensor,
 )
+from qat.export.golden import KEY_GOLDEN, compute_golden, encode_golden
 from qat.export.manifest import header_digest, read_manifest
 from qat.export.pack import pack_layer
 from qat.export.reader import read_header
@@ -144,6 +145,7 @@ def export_model(
     architecture: Optional[dict] = None,
     recipe_hash: Optional[str] = None,
     sparsity: Optional[dict] = None,
+    golden_inputs: Optional[Sequence[Tensor]] = None,
 ) -> SizeReport:
     """Write `model` (prepared with `qat.prepare`, trained) to `path` as a qat int4 checkpoint.
 
@@ -154,7 +156,9 @@ def export_model(
     called with the kwargs) or {"hf_config": config.to_dict()} for Hugging Face models;
     None means `qat.load(path, model=...)` must be given a skeleton. `recipe_hash` is
     recorded as given; so is `sparsity`, a JSON-ready pruning report (`qat.prune.remove_masks(model)
-    .as_dict()`) stored under `qat.sparsity`. Returns the `SizeReport` of the written file.
+    .as_dict()`) stored under `qat.sparsity`. `golden_inputs` (the model's positional inputs,
+    a few samples) are run through the model and stored with its output under `qat.golden`
+    for `qat verify`. Returns the `SizeReport` of the written file.
     """
     import qat  # late: qat/__init__ imports this package
 
@@ -176,6 +180,8 @@ def export_model(
         if not isinstance(sparsity, dict):
             raise ExportError(f"sparsity must be a dict (a pruning report), got {type(sparsity).__name__}")
         metadata[KEY_SPARSITY] = json.dumps(sparsity, sort_keys=True)
+    if golden_inputs is not None:
+        metadata[KEY_GOLDEN] = encode_golden(compute_golden(model, golden_inputs, by="fake-quant model, float32"))
     write_checkpoint(path, tensors, metadata)
     header = read_header(path)
     return size_report(header, read_manifest(header))

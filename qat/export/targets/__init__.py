@@ -1,0 +1,58 @@
+"""Converters from the qat int4 file to the formats other runtimes serve.
+
+    onnx.py                ONNX graph, quantized Linear layers as ONNX Runtime's com.microsoft MatMulNBits
+    compressed_tensors.py  Hugging Face folder in the compressed-tensors pack-quantized format (transformers, vLLM)
+    gguf.py                GGUF file (Q4_0 / Q4_1 blocks from our codes) for llama.cpp, Llama architectures
+
+Every converter reads the qat file (never a float model), so the trained codes and scales
+travel unchanged, and refuses with `ConversionError` (naming the layer and the reason)
+whatever the target cannot represent exactly.
+
+Example:
+    >>> from qat.export.targets import convert
+    >>> convert("model.safetensors", "onnx", "model.onnx")
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from qat.export.format import ExportError
+
+
+class ConversionError(ExportError):
+    """The qat file holds something the target format cannot represent exactly."""
+
+
+def refuse(target: str, layer: str, reason: str) -> ConversionError:
+    """The error for a layer a converter cannot represent: names the target, the layer and the reason."""
+    return ConversionError(f"cannot convert to {target}: layer '{layer}': {reason}")
+
+
+def _onnx(path: str, out: str, **options: Any) -> Any:
+    from qat.export.targets.onnx import export_onnx
+
+    return export_onnx(path, out, **options)
+
+
+def _compressed_tensors(path: str, out: str, **options: Any) -> Any:
+    from qat.export.targets.compressed_tensors import export_compressed_tensors
+
+    return export_compressed_tensors(path, out, **options)
+
+
+def _gguf(path: str, out: str, **options: Any) -> Any:
+    from qat.export.targets.gguf import export_gguf
+
+    return export_gguf(path, out, **options)
+
+
+TARGETS: dict[str, Callable[..., Any]] = {"onnx": _onnx, "compressed-tensors": _compressed_tensors, "gguf": _gguf}
+
+
+def convert(path: str | os.PathLike, target: str, out: str | os.PathLike, **options: Any) -> Any:
+    """Convert the qat file `path` to `target` (a key of `TARGETS`), written at `out`."""
+    if target not in TARGETS:
+        raise ConversionError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+    return TARGETS[target](os.fspath(path), os.fspath(out), **options)
