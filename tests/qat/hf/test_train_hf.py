@@ -13,6 +13,7 @@ from qat.build import build
 from qat.export.reader import read_header
 from qat.recipe import load_recipe
 from qat.runner import export_run, summarize
+from tests.qat.hf.tiny_models import save_tiny_llama
 
 LLAMA = [
     "task=causal_lm",
@@ -119,4 +120,7 @@ def test_bad_data_fails_before_the_run_directory_is_written(tmp_path, llama_fold
         build(llama_recipe(tmp_path / "runs", llama_folder, f"data.args.files=[{empty}]"))
     with pytest.raises(ValueError, match=r"seq_len"):
         build(llama_recipe(tmp_path / "runs", llama_folder, "data.args.seq_len=128"))  # the model has 64 positions
+    small = save_tiny_llama(tmp_path / "small_vocab", vocab_size=16)  # the word tokenizer has 39 ids
+    with pytest.raises(ValueError, match=r"vocab"):
+        build(llama_recipe(tmp_path / "runs", small))
     assert not (tmp_path / "runs").exists()
