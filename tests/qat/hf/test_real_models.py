@@ -56,7 +56,7 @@ def test_smollm2_qat_kd_export_load_generate(tmp_path):
 def test_minilm_qat_kd_export_load(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "minilm_w4_kd.yaml", [
         *SMALL, f"logging.run_dir={tmp_path}", "data.args.batch_size=8", "data.args.val_sentences=16",
-        "data.args.max_train_sentences=32", "export.enabled=true",
+        "data.args.max_train_sentences=32", "export.enabled=true", "quant.weight.init=minmax",
         "trainer.val_check_interval=null"])
     run = fit(recipe)
     path = export_run(run)["export"]["path"]

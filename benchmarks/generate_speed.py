@@ -1,0 +1,67 @@
+"""End-to-end generation speed: the int4 file (qat.load) against the float model it came from.
+
+Same prompt, greedy decoding of the same number of tokens, prefill and decode measured
+separately (`qat.hf.generate`), each configuration `--rounds` times, interleaved (the
+machine is shared: compare the medians side by side, not with other runs).
+
+Usage:
+    .venv/bin/python -m benchmarks.generate_speed runs/smollm2_w4_kd/version_0/model.safetensors \\
+        --new-tokens 32 --rounds 3 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+
+import torch
+
+import qat
+from qat.hf.generate import generate, tokenizer_for
+from qat.hf.load import HFSource, load_hf_model
+
+PROMPT = "The for statement is used to iterate over the elements of a sequence"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from qat.export.manifest import read_manifest
+    from qat.export.reader import read_header
+
+    source = HFSource(**read_manifest(read_header(args.file)).architecture["hf_source"])
+    tokenizer = tokenizer_for(args.file)
+    models = {
+        "float fp32": load_hf_model(source).eval(),
+        "float bf16": load_hf_model(HFSource(**{**source.to_json(), "dtype": "bfloat16"})).eval(),
+        "int4 fp32": qat.load(args.file, dtype=torch.float32),
+        "int4 bf16": qat.load(args.file, dtype=torch.bfloat16),
+    }
+    results: dict[str, list] = {name: [] for name in models}
+    texts = {}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            out = generate(model, tokenizer, PROMPT, max_new_tokens=args.new_tokens)
+            results[name].append(out)
+            texts[name] = out.text
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
+          f"prompt {len(tokenizer(PROMPT)['input_ids'])} tokens, {args.new_tokens} new tokens, {args.rounds} rounds")
+    base = statistics.median(r.decode_tokens_per_s for r in results["float fp32"])
+    print("| model | prefill tok/s | decode tok/s | decode vs float fp32 |")
+    print("| --- | --- | --- | --- |")
+    for name, runs in results.items():
+        prefill = statistics.median(r.prefill_tokens_per_s for r in runs)
+        decode = statistics.median(r.decode_tokens_per_s for r in runs)
+        print(f"| {name} | {prefill:.0f} | {decode:.1f} | {decode / base:.2f}x |")
+    for name, text in texts.items():
+        print(f"{name}: {text!r}")
+
+
+if __name__ == "__main__":
+    main()
