@@ -1,4 +1,4 @@
-"""The `qat` command: `qat train | export | inspect | bench`.
+"""The `qat` command: `qat train | export | inspect | eval | sweep | bench`.
 
 Example:
     $ qat train recipes/digits_w4a4.yaml optimizer.lr=3e-3
@@ -26,11 +26,11 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_RECIPE = "recipes/digits_w4a4.yaml"
+DEFAULT_RECIPE = "recipes/digits_w2a4.yaml"
 
 
 def default_recipe() -> Path:
-    """The default recipe: ./recipes/digits_w4a4.yaml, else the one in qat's source checkout."""
+    """The default recipe: ./recipes/digits_w2a4.yaml, else the one in qat's source checkout."""
     here = Path(DEFAULT_RECIPE)
     return here if here.is_file() else Path(__file__).resolve().parents[1] / DEFAULT_RECIPE
 
@@ -63,6 +63,11 @@ def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
         return
     add_export_parser(commands)
     add_inspect_parser(commands)
+    from qat.eval.command import add_eval_parser
+    from qat.eval.sweep import add_sweep_parser
+
+    add_eval_parser(commands)
+    add_sweep_parser(commands)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
