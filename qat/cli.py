@@ -75,6 +75,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         args.bench_args = rest  # every option belongs to the benchmark's own parser
+    elif rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides = [*args.overrides, *rest]  # key=value overrides written after options
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

@@ -26,10 +26,14 @@ from qat.eval.report import write_report
 from qat.eval.sources import INT4_FILE, EvalSources, resolve
 
 
-def _models(sources: EvalSources, train_batches: list) -> dict[str, Any]:
+def _models(sources: EvalSources, train_batches: list, val_batches: list) -> dict[str, Any]:
+    from qat.eval.outputs import collect
     from qat.export import load
 
-    models = {"float": sources.float_model(), "ptq": sources.ptq_model(train_batches)}
+    float_model = sources.float_model()
+    recipe = sources.recipe
+    collect(float_model, val_batches[:1], describe=f" ({recipe.model._target_} on {recipe.data._target_})")
+    models = {"float": float_model, "ptq": sources.ptq_model(train_batches)}
     qat_model = sources.qat_model()
     if qat_model is not None:
         models["qat"] = qat_model
@@ -65,7 +69,7 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
     data = sources.datamodule()
     val_batches = list(data.val_dataloader())
     train_batches = list(itertools.islice(iter(data.train_dataloader()), recipe.schedule.calibration_batches))
-    models = _models(sources, train_batches)
+    models = _models(sources, train_batches, val_batches)
     vocab = getattr(data, "vocab_size", None) or recipe.model.args.get("vocab_size")
     report = compare(models, val_batches, recipe.task, noise_levels, vocab)
     report.update(name=recipe.name, source=str(sources.source), float_reference=str(sources.float_path),

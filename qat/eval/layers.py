@@ -29,8 +29,9 @@ LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 def sqnr_db(signal: Tensor, approximation: Tensor) -> float:
     """10 log10(||signal||^2 / ||approximation - signal||^2); inf when they are equal."""
-    noise = float((approximation.float() - signal.float()).square().sum())
-    power = float(signal.float().square().sum())
+    signal, approximation = signal.detach().float(), approximation.detach().float()
+    noise = float((approximation - signal).square().sum())
+    power = float(signal.square().sum())
     if noise == 0.0:
         return math.inf
     return 10 * math.log10(max(power, 1e-30) / noise)
