@@ -56,16 +56,27 @@ def pareto_front(points: list[dict[str, Any]], metric: str, higher_is_better: bo
     return front
 
 
-def run_setting(recipe_path: str, setting: dict[str, Any], extra: list[str], run_dir: Path) -> dict[str, Any]:
-    """Train one setting; its row of the table."""
+def _run_name(setting: dict[str, Any]) -> str:
+    return setting["label"].replace(" ", "_").replace("@", "at")
+
+
+def run_setting(recipe_path: str, setting: dict[str, Any], extra: list[str], run_dir: Path,
+                resume: bool = False) -> dict[str, Any]:
+    """Train one setting (with `resume`, reuse its finished run under `run_dir`); its row of the table."""
     from qat.recipe import load_recipe
     from qat.runner import train
 
-    name = setting["label"].replace(" ", "_").replace("@", "at")
+    done = run_dir / _run_name(setting) / "version_0" / "summary.json"
+    if resume and done.is_file() and "report" in json.loads(done.read_text()):
+        return row_of(setting, json.loads(done.read_text()))
     overrides = [*extra, *setting["overrides"], "report.enabled=true", "report.latency=false",
                  "report.budget_bits=null", "export.enabled=true", "logging.wandb=disabled",
-                 "logging.progress_bar=false", f"logging.run_dir={run_dir}", f"logging.name={name}"]
-    summary = train(load_recipe(recipe_path, overrides), quiet=True)
+                 "logging.progress_bar=false", f"logging.run_dir={run_dir}", f"logging.name={_run_name(setting)}"]
+    return row_of(setting, train(load_recipe(recipe_path, overrides), quiet=True))
+
+
+def row_of(setting: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """A setting's row from its run summary and evaluation report."""
     report = json.loads(Path(summary["report"]["path"]).with_suffix(".json").read_text())
     key = "perplexity" if report["task"] == "language_model" else "accuracy"
     stages = report["stages"]
@@ -126,18 +137,19 @@ def machine() -> str:
 
 def sweep(recipe_path: str, settings: list[dict[str, Any]], out: Path, extra: Sequence[str] = (),
           budget_bits: Optional[float] = None, command: str = "", runs_dir: Optional[Path] = None,
-          ) -> list[dict[str, Any]]:
+          resume: bool = False) -> list[dict[str, Any]]:
     """Run every setting (and the mixed one with `budget_bits`); write sweep-rows.json, sweep-table.md
     and sweep-pareto.png into `out` (the runs themselves under `runs_dir`, default `out/runs`)."""
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = runs_dir or out / "runs"
     rows = []
     for setting in settings:
-        rows.append(run_setting(recipe_path, setting, list(extra), runs_dir))
+        rows.append(run_setting(recipe_path, setting, list(extra), runs_dir, resume))
         print(json.dumps({k: rows[-1][k] for k in ("label", "ptq", "qat", "int4", "bytes")}), flush=True)
     if budget_bits is not None:
         mixed = mixed_setting(rows[0]["run_dir"], budget_bits)
-        rows.append({**run_setting(recipe_path, mixed, list(extra), runs_dir), "assignment": mixed["assignment"]})
+        rows.append({**run_setting(recipe_path, mixed, list(extra), runs_dir, resume),
+                     "assignment": mixed["assignment"]})
     higher = rows[0]["metric"] != "perplexity"
     points = [{"label": r["label"], "bytes": r["bytes"], r["metric"]: r["int4"]} for r in rows]
     front = pareto_front(points, rows[0]["metric"], higher)
@@ -162,7 +174,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     command = "qat sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if args.command_line is None \
         else args.command_line
     rows = sweep(args.recipe, settings, Path(args.output), args.overrides, args.budget_bits, command,
-                 Path(args.runs_dir) if args.runs_dir else None)
+                 Path(args.runs_dir) if args.runs_dir else None, args.resume)
     front = pareto_front([{"bytes": r["bytes"], "m": r["int4"]} for r in rows], "m", rows[0]["metric"] != "perplexity")
     print(table(rows, front))
     print(f"written: {Path(args.output) / 'sweep-table.md'}")
@@ -181,6 +193,7 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--budget-bits", type=float, help="add the mixed-precision setting for this average")
     parser.add_argument("-o", "--output", default="runs/sweep", help="where the table, plot and runs go")
     parser.add_argument("--runs-dir", help="where the training runs go (default: OUTPUT/runs)")
+    parser.add_argument("--resume", action="store_true", help="reuse settings whose run already finished")
     parser.add_argument("--command-line", help=argparse.SUPPRESS)
     parser.set_defaults(func=run_sweep)
     return parser

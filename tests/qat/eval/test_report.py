@@ -129,3 +129,24 @@ def test_data_that_does_not_fit_the_model_is_a_clear_error():
         collect(model, [(torch.zeros(4, 8), torch.zeros(4, dtype=torch.long))])
     with pytest.raises(EvalError, match=r"labels range 0\.\.40 but the model has 32 outputs"):
         collect(model, [(torch.zeros(2, 32), torch.tensor([0, 40]))])
+
+
+def test_a_language_model_report_has_perplexity_ratio_and_same_top_token_rate():
+    from qat.zoo import TinyLM
+
+    torch.manual_seed(0)
+    float_model = TinyLM(vocab_size=16, dim=32, heads=2, seq_len=8).eval()
+    spec = QuantSpec(weight=QuantizerConfig(bits=2, granularity="channel"))
+    quantized, _ = prepare(copy.deepcopy(float_model), spec)
+    tokens = torch.randint(0, 16, (6, 9), generator=torch.Generator().manual_seed(2))
+    batches = [(tokens[:, :-1], tokens[:, 1:])]
+    report = compare({"float": float_model, "qat": quantized.eval()}, batches, "language_model",
+                     noise_levels=[0.0, 0.2], vocab_size=16)
+    out, ref = collect(quantized, batches), collect(float_model, batches)
+    assert out.logits.shape == (48, 16)  # (B*T, V)
+    stage = report["stages"]["qat"]
+    assert stage["perplexity"] == metrics.perplexity(out.logits, out.labels)
+    assert stage["perplexity_ratio"] == metrics.perplexity_ratio(out.logits, ref.logits, out.labels)
+    assert stage["agreement"] == metrics.agreement(out.logits, ref.logits)  # same-top-token rate
+    assert report["stages"]["float"]["perplexity_ratio"] == 1.0
+    assert report["robustness"]["metric"] == "perplexity" and "slices" not in report
