@@ -49,11 +49,17 @@ def stage_metrics(out: Outputs, reference: Outputs, task: str) -> dict[str, Any]
 
 
 def gap_recovered(stages: dict[str, dict[str, Any]], quantized: str = "qat") -> dict[str, Optional[float]]:
-    """% of the float-to-PTQ gap that `quantized` recovers, per metric (None: no gap)."""
+    """% of the float-to-PTQ gap that `quantized` recovers, per metric (None: PTQ is not worse than
+    float there, so there is no gap). Over 100%: better than float."""
     if "ptq" not in stages or quantized not in stages:
         return {}
     fp, ptq, q = stages[REFERENCE], stages["ptq"], stages[quantized]
-    return {key: metrics.gap_recovered(fp[key], ptq[key], q[key]) for key in GAP_METRICS if key in fp}
+    result: dict[str, Optional[float]] = {}
+    for key, higher_is_better in GAP_METRICS.items():
+        if key in fp:
+            ptq_worse = ptq[key] < fp[key] if higher_is_better else ptq[key] > fp[key]
+            result[key] = metrics.gap_recovered(fp[key], ptq[key], q[key]) if ptq_worse else None
+    return result
 
 
 def robustness(models: dict[str, nn.Module], batches: list, task: str, levels: Sequence[float],

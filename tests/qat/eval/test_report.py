@@ -66,8 +66,13 @@ def test_report_stage_numbers_equal_the_raw_metrics_of_each_models_outputs(toy):
 def test_gap_recovered_and_robustness_come_from_the_stage_values(toy):
     models, batches, report = toy
     stages = report["stages"]
+    higher_is_better = {"accuracy": True, "agreement": True, "nll": False, "ece": False, "kl": False}
+    assert set(report["gap_recovered"]["qat"]) == set(higher_is_better)
     for key, value in report["gap_recovered"]["qat"].items():
-        assert value == metrics.gap_recovered(stages["float"][key], stages["ptq"][key], stages["qat"][key])
+        fp, ptq, qat = stages["float"][key], stages["ptq"][key], stages["qat"][key]
+        ptq_worse = ptq < fp if higher_is_better[key] else ptq > fp
+        assert value == (metrics.gap_recovered(fp, ptq, qat) if ptq_worse else None)
+    assert report["gap_recovered"]["qat"]["kl"] is not None  # 2-bit PTQ is farther from float than 4-bit
     robust = report["robustness"]
     assert robust["levels"] == [0.0, 0.5]
     assert robust["stages"]["float"][0] == stages["float"]["accuracy"]  # level 0: the clean figure
