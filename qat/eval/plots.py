@@ -80,14 +80,17 @@ def slices_plot(report: dict, path: Path) -> Path:
 
 
 def reliability_plot(report: dict, path: Path) -> Path:
-    """Accuracy against mean confidence per bin, with the diagonal of perfect calibration."""
+    """Accuracy against mean confidence per bin (marker area ~ examples in the bin), with the diagonal."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect")
     for stage, bins in report["calibration"].items():
-        ece = report["stages"][stage]["ece"]
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", markersize=3,
-                label=f"{stage} (ECE {ece:.3f})", color=STAGE_COLORS.get(stage))
+        ece, total = report["stages"][stage]["ece"], sum(b["count"] for b in bins)
+        xs, ys = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
+        color = STAGE_COLORS.get(stage)
+        ax.plot(xs, ys, "-", color=color, alpha=0.3, linewidth=1)
+        ax.scatter(xs, ys, s=[8 + 200 * b["count"] / total for b in bins], color=color, alpha=0.8,
+                   label=f"{stage} (ECE {ece:.3f})")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.set_title("reliability diagram")
