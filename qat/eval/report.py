@@ -43,7 +43,9 @@ def _stages_section(report: dict) -> list[str]:
     stages = report["stages"]
     keys = [k for k in ("accuracy", "perplexity", "perplexity_ratio", "nll", "ece", "agreement", "kl",
                         "correct_to_wrong", "wrong_to_correct") if k in stages["float"]]
-    lines = [f"## Stages ({report['examples']} examples; agreement, KL and flips against float)", ""]
+    lines = [f"## Stages ({report['examples']} examples; agreement, KL and flips against float)", "",
+             "Float is the model at the end of FP warm-up; QAT also trains the weights further, so its "
+             "distance to float is quantization error plus that training.", ""]
     lines += _table(["stage", *keys], [[STAGE_LABELS.get(s, s), *(row[k] for k in keys)] for s, row in stages.items()])
     for name, gap in report.get("gap_recovered", {}).items():
         if gap:

@@ -112,10 +112,11 @@ def table(rows: list[dict[str, Any]], front: list[int]) -> str:
     """The sweep as a Markdown table (Pareto-optimal settings marked)."""
     metric = rows[0]["metric"]
     head = ["setting", f"float {metric}", f"PTQ {metric}", f"QAT {metric}", f"int4 {metric}", "int4 agreement",
-            "int4 KL", "int4 ECE", "PTQ gap recovered %", "file bytes", "bytes at nominal bits", "Pareto", "train s"]
+            "PTQ KL", "int4 KL", "int4 ECE", "PTQ gap recovered %", "file bytes", "bytes at nominal bits", "Pareto",
+            "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for i, r in enumerate(rows):
-        cells = [r["label"], r["float"], r["ptq"], r["qat"], r["int4"], r["int4_agreement"], r["int4_kl"],
+        cells = [r["label"], r["float"], r["ptq"], r["qat"], r["int4"], r["int4_agreement"], r["ptq_kl"], r["int4_kl"],
                  r["int4_ece"], r["gap_recovered"] if r["gap_recovered"] is not None else "-",
                  f"{r['file_bytes']:,}", f"{r['bytes']:,}", "yes" if i in front else "", r["seconds"]]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")

@@ -36,8 +36,8 @@ def test_pareto_front_by_hand():
 
 def test_table_marks_the_front_and_the_plot_is_a_png(tmp_path):
     row = {"label": "w2 g128 lsq", "metric": "accuracy", "float": 0.99, "ptq": 0.9, "qat": 0.98, "int4": 0.98,
-           "int4_agreement": 0.97, "int4_kl": 0.01, "int4_ece": 0.02, "gap_recovered": 88.9, "file_bytes": 1000,
-           "bytes": 600, "seconds": 5.0}
+           "int4_agreement": 0.97, "ptq_kl": 0.2, "int4_kl": 0.01, "int4_ece": 0.02, "gap_recovered": 88.9,
+           "file_bytes": 1000, "bytes": 600, "seconds": 5.0}
     rows = [row, {**row, "label": "w4 g128 lsq", "bytes": 900, "int4": 0.97}]
     text = table(rows, [0])
     assert "| w2 g128 lsq | 0.9900 | 0.9000 | 0.9800 | 0.9800 |" in text and text.count("| yes |") == 1
