@@ -112,7 +112,7 @@ def robustness_plot(report: dict, path: Path) -> Path:
 
 
 def size_plot(points: list[dict[str, Any]], metric: str, path: Path, title: str = "size vs metric",
-              pareto: Optional[list[int]] = None) -> Path:
+              pareto: Optional[list[int]] = None, xlabel: str = "bytes on disk (log)") -> Path:
     """Scatter of bytes against `metric`, labelled; indices in `pareto` joined as the front."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -126,7 +126,7 @@ def size_plot(points: list[dict[str, Any]], metric: str, path: Path, title: str 
                 label="Pareto front", zorder=2)
         ax.legend(fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("bytes on disk (log)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_title(title)
     return _save(fig, path)

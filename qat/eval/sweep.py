@@ -154,8 +154,8 @@ def sweep(recipe_path: str, settings: list[dict[str, Any]], out: Path, extra: Se
     higher = rows[0]["metric"] != "perplexity"
     points = [{"label": r["label"], "bytes": r["bytes"], r["metric"]: r["int4"]} for r in rows]
     front = pareto_front(points, rows[0]["metric"], higher)
-    size_plot(points, rows[0]["metric"], out / "sweep-pareto.png", "size (codes at nominal bits) vs int4 metric",
-              front)
+    size_plot(points, rows[0]["metric"], out / "sweep-pareto.png", "size vs int4 file metric", front,
+              xlabel="bytes with codes packed at their nominal width (log)")
     host = machine()
     (out / "sweep-rows.json").write_text(json.dumps({"command": command, "machine": host, "rows": rows,
                                                      "pareto": front}, indent=1))
