@@ -89,7 +89,7 @@ def print_summary(summary: dict[str, Any], console: Optional[Console] = None) ->
                       f"{len(sparsity['layers'])} layer(s); dense: {', '.join(sparsity['skipped']) or 'none'}")
     if summary.get("export"):
         console.print(f"int4 file: {summary['export']['path']} ({summary['export']['file_bytes']:,} bytes)")
-    if summary.get("report"):
+    if summary.get("report", {}).get("path"):
         console.print(f"evaluation report: {summary['report']['path']}")
 
 

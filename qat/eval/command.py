@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -102,18 +103,30 @@ def report_run(run: Any) -> dict[str, Any]:
     its run directory, using the trained model in memory; a short summary entry back."""
     settings, run_dir = run.recipe.report, Path(run.run_dir)
     float_path = run_dir / FLOAT_FILE
-    if not float_path.is_file():
-        raise EvalError(f"no float reference {float_path}: the run ended before warm-up did")
+    if not float_path.is_file():  # e.g. resumed from a run made before float.safetensors existed
+        message = f"no evaluation report: no float reference {float_path}"
+        print(f"qat: warning: {message}", file=sys.stderr)
+        return {"error": message}
     export = Path(run.recipe.export.path or run_dir / INT4_FILE)
     sources = EvalSources(run.recipe, run_dir, float_path, int4_path=export if export.is_file() else None,
                           trained=run.model)
     report = build_report(sources, settings.noise_levels, settings.latency, settings.budget_bits,
                           sensitivity=settings.budget_bits is not None)
     paths = write_report(report, run_dir)
+    log_to_loggers(run.trainer.loggers, report, run.trainer.global_step)
     stages = report["stages"]
     brief = {stage: {k: stages[stage][k] for k in ("agreement", "kl", "correct_to_wrong") if k in stages[stage]}
              for stage in stages if stage != "float"}
     return {"path": str(paths["md"]), "vs_float": brief, "gap_recovered": report["gap_recovered"]}
+
+
+def log_to_loggers(loggers: Sequence[Any], report: dict[str, Any], step: int) -> None:
+    """The report's stage metrics as `eval/<stage>/<metric>` on the run's loggers (CSV, wandb)."""
+    scalars = {f"eval/{stage}/{key}": float(value) for stage, row in report["stages"].items()
+               for key, value in row.items() if isinstance(value, (int, float)) and math.isfinite(value)}
+    for logger in loggers:
+        logger.log_metrics(scalars, step=step)
+        logger.save()
 
 
 def run_eval(args: argparse.Namespace) -> int:

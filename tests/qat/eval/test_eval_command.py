@@ -47,6 +47,8 @@ def test_the_run_ends_with_the_report_and_its_numbers_match_the_summary(run):
     # the int4 stage is the exported file, loaded back: the same figure export_run measured
     assert report["stages"]["int4"]["accuracy"] == pytest.approx(summary["int4"]["acc"], abs=1e-6)
     assert report["stages"]["qat"]["accuracy"] == pytest.approx(summary["qat"]["acc"], abs=1e-6)
+    logged = (run_dir / "metrics.csv").read_text().splitlines()
+    assert "eval/ptq/kl" in logged[0]  # the report's figures also go to the run's loggers (CSV here)
     suggestion = report["sensitivity"]["suggestion"]
     assert suggestion["average_bits"] <= 2.5
     assert "quant.rules=[" in (run_dir / "report.md").read_text()
@@ -103,3 +105,15 @@ def test_a_dataset_that_does_not_fit_the_model_is_named(run, capsys):
 
 def test_fast_overrides_are_the_training_tests_ones():
     assert "schedule.warmup_steps=10" in FAST  # the run above reaches QAT and writes float.safetensors
+
+
+def test_a_run_without_float_reference_ends_with_a_warning_not_a_crash(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from qat.eval.command import report_run
+    from qat.recipe import load_recipe
+
+    run = SimpleNamespace(recipe=load_recipe(ROOT / DEFAULT_RECIPE), run_dir=tmp_path, model=None, trainer=None)
+    entry = report_run(run)
+    assert entry == {"error": f"no evaluation report: no float reference {tmp_path / 'float.safetensors'}"}
+    assert "qat: warning: no evaluation report" in capsys.readouterr().err
