@@ -116,10 +116,14 @@ def size_plot(points: list[dict[str, Any]], metric: str, path: Path, title: str 
     """Scatter of bytes against `metric`, labelled; indices in `pareto` joined as the front."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    seen: dict[tuple, int] = {}
     for i, p in enumerate(points):
         on_front = pareto is not None and i in pareto
-        ax.scatter(p["bytes"], p[metric], color="#d62728" if on_front else "#1f77b4", zorder=3)
-        ax.annotate(p["label"], (p["bytes"], p[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.scatter(p["bytes"], p[metric], color="#d62728" if on_front else "#1f77b4", zorder=4 if on_front else 3)
+        stacked = seen.get((p["bytes"], p[metric]), 0)  # equal points: labels one above the other
+        seen[(p["bytes"], p[metric])] = stacked + 1
+        ax.annotate(p["label"], (p["bytes"], p[metric]), fontsize=7, xytext=(3, 3 + 9 * stacked),
+                    textcoords="offset points")
     if pareto:
         front = sorted((points[i] for i in pareto), key=lambda p: p["bytes"])
         ax.plot([p["bytes"] for p in front], [p[metric] for p in front], "--", color="#d62728",
