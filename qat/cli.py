@@ -1,4 +1,4 @@
-"""The `qat` command: `qat train | export | inspect | bench | generate`.
+"""The `qat` command: `qat train | export | inspect | verify | eval | sweep | bench | generate`.
 
 Example:
     $ qat train recipes/digits_w4a4.yaml optimizer.lr=3e-3
@@ -26,11 +26,11 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_RECIPE = "recipes/digits_w4a4.yaml"
+DEFAULT_RECIPE = "recipes/digits_w2a4.yaml"
 
 
 def default_recipe() -> Path:
-    """The default recipe: ./recipes/digits_w4a4.yaml, else the one in qat's source checkout."""
+    """The default recipe: ./recipes/digits_w2a4.yaml, else the one in qat's source checkout."""
     here = Path(DEFAULT_RECIPE)
     return here if here.is_file() else Path(__file__).resolve().parents[1] / DEFAULT_RECIPE
 
@@ -69,6 +69,11 @@ def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
     from qat.export.verify import add_verify_parser
 
     add_verify_parser(commands)
+    from qat.eval.command import add_eval_parser
+    from qat.eval.sweep import add_sweep_parser
+
+    add_eval_parser(commands)
+    add_sweep_parser(commands)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -76,6 +81,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         args.bench_args = rest  # every option belongs to the benchmark's own parser
+    elif rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides = [*args.overrides, *rest]  # key=value overrides written after options
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

@@ -147,6 +147,18 @@ class ExportConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The evaluation report written into the run directory at the end of a run (see qat.eval):
+    float, PTQ, QAT and the int4 file side by side. `noise_levels` None: by input kind;
+    `budget_bits`: also suggest per-layer weight bits under this average."""
+
+    enabled: bool = False
+    noise_levels: Optional[List[float]] = None
+    latency: bool = True
+    budget_bits: Optional[float] = None
+
+
+@dataclass
 class DistillConfig:
     """Knowledge distillation from a frozen teacher (see qat.lightning.distillation).
 
@@ -253,6 +265,7 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     resume: Optional[str] = None
 
     def __post_init__(self) -> None:

@@ -90,11 +90,16 @@ def print_summary(summary: dict[str, Any], console: Optional[Console] = None) ->
                       f"{len(sparsity['layers'])} layer(s); dense: {', '.join(sparsity['skipped']) or 'none'}")
     if summary.get("export"):
         console.print(f"int4 file: {summary['export']['path']} ({summary['export']['file_bytes']:,} bytes)")
+    if summary.get("report", {}).get("path"):
+        console.print(f"evaluation report: {summary['report']['path']}")
 
 
 def train(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None, quiet: bool = False) -> dict:
     """Train `recipe` end to end; writes `summary.json` in the run directory and returns it."""
-    run = build(recipe, extra_callbacks)
+    from qat.eval.float_reference import FloatReference
+
+    # <run_dir>/float.safetensors at the end of warm-up: the float reference `qat eval` compares with
+    run = build(recipe, [*(extra_callbacks or []), FloatReference(recipe.schedule.warmup_steps)])
     console = Console(quiet=quiet or not run.trainer.is_global_zero)
     if not quiet and run.trainer.is_global_zero:
         print(run.report)
@@ -103,6 +108,10 @@ def train(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None, q
     summary = summarize(run, time.perf_counter() - start)
     if run.recipe.export.enabled and run.schedule.quantized and run.trainer.is_global_zero:
         summary.update(export_run(run))
+    if run.recipe.report.enabled and run.schedule.quantized and run.trainer.is_global_zero:
+        from qat.eval.command import report_run
+
+        summary["report"] = report_run(run)
     if run.trainer.is_global_zero:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary, console)

@@ -1,0 +1,143 @@
+"""Compute the evaluation report: float, PTQ, QAT and int4 side by side, as one dict.
+
+`compare` takes the models and the data, runs each model once over the validation set
+(`qat.eval.outputs.collect`), and derives every figure from those outputs with the
+plain functions of `qat.eval.metrics`; robustness, per-layer errors, size and latency
+are added by their own functions. `report.py` writes the dict as JSON, Markdown and plots.
+
+Example:
+    >>> report = compare({"float": fp, "ptq": ptq, "qat": qat, "int4": int4}, val_batches, "classification")
+    >>> report["stages"]["qat"]["agreement"]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from qat.eval import metrics
+from qat.eval.layers import output_errors, weight_sqnr
+from qat.eval.outputs import Outputs, collect, split_batch
+from qat.eval.robustness import default_levels, perturbation
+
+REFERENCE = "float"
+# metric -> True when higher is better; the gap-recovered figure is computed for these
+GAP_METRICS = {"accuracy": True, "perplexity": False, "nll": False, "ece": False, "agreement": True, "kl": False}
+
+
+def stage_metrics(out: Outputs, reference: Outputs, task: str) -> dict[str, Any]:
+    """Every scalar metric of one stage against the float reference's outputs."""
+    flip = metrics.flips(out.predictions, reference.predictions, out.labels)
+    row = {
+        "accuracy": metrics.accuracy(out.logits, out.labels),
+        "nll": metrics.nll(out.logits, out.labels),
+        "ece": metrics.ece(out.probabilities, out.labels),
+        "agreement": metrics.agreement(out.logits, reference.logits),
+        "kl": metrics.mean_kl(out.logits, reference.logits),
+        "correct_to_wrong": flip["correct_to_wrong"], "wrong_to_correct": flip["wrong_to_correct"],
+        "correct_to_wrong_rate": flip["correct_to_wrong_rate"], "wrong_to_correct_rate": flip["wrong_to_correct_rate"],
+        "count": flip["count"],
+    }
+    if task == "language_model":
+        row["perplexity"] = metrics.perplexity(out.logits, out.labels)
+        row["perplexity_ratio"] = metrics.perplexity_ratio(out.logits, reference.logits, out.labels)
+    return row
+
+
+def gap_recovered(stages: dict[str, dict[str, Any]], quantized: str = "qat") -> dict[str, Optional[float]]:
+    """% of the float-to-PTQ gap that `quantized` recovers, per metric (None: PTQ is not worse than
+    float there, so there is no gap). Over 100%: better than float."""
+    if "ptq" not in stages or quantized not in stages:
+        return {}
+    fp, ptq, q = stages[REFERENCE], stages["ptq"], stages[quantized]
+    result: dict[str, Optional[float]] = {}
+    for key, higher_is_better in GAP_METRICS.items():
+        if key in fp:
+            ptq_worse = ptq[key] < fp[key] if higher_is_better else ptq[key] > fp[key]
+            result[key] = metrics.gap_recovered(fp[key], ptq[key], q[key]) if ptq_worse else None
+    return result
+
+
+def robustness(models: dict[str, nn.Module], batches: list, task: str, levels: Sequence[float],
+               vocab_size: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
+    """The task metric of each model under input perturbation at each level (same noise for all)."""
+    key = "perplexity" if task == "language_model" else "accuracy"
+    result: dict[str, Any] = {"metric": key, "levels": list(levels), "stages": {}}
+    for name, model in models.items():
+        values = []
+        for level in levels:
+            out = collect(model, batches, transform=perturbation(level, seed, vocab_size))
+            values.append(metrics.perplexity(out.logits, out.labels) if key == "perplexity"
+                          else metrics.accuracy(out.logits, out.labels))
+        result["stages"][name] = values
+    return result
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, inputs: Any, repeats: int = 7) -> float:
+    """Median wall time of one forward of `inputs`, in ms (after one warm-up call)."""
+    from qat.eval.outputs import call_model
+
+    model.eval()
+    call_model(model, inputs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call_model(model, inputs)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _slice_input(inputs: Any, rows: int) -> Any:
+    return {k: v[:rows] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:rows]
+
+
+def latency(float_model: nn.Module, int4_model: nn.Module, batch: Any) -> dict[str, Any]:
+    """CPU latency of the int4 model against float, on one input row and on a whole batch."""
+    inputs, _ = split_batch(batch)
+    rows = []
+    for size in (1, len(inputs["input_ids"] if isinstance(inputs, dict) else inputs)):
+        x = _slice_input(inputs, size)
+        fp, q = latency_ms(float_model, x), latency_ms(int4_model, x)
+        rows.append({"batch": size, "float_ms": fp, "int4_ms": q, "speedup": fp / q if q else None})
+    return {"device": "cpu", "threads": torch.get_num_threads(), "rows": rows}
+
+
+def per_layer(models: dict[str, nn.Module], batch: Any) -> dict[str, Any]:
+    """Weight SQNR of the fake-quant stages and each stage's per-layer output error, worst first."""
+    inputs, _ = split_batch(batch)
+    result: dict[str, Any] = {"weight_sqnr": {}, "output_error": {}}
+    for name, model in models.items():
+        if name == REFERENCE:
+            continue
+        sqnr = weight_sqnr(model)
+        if sqnr:
+            result["weight_sqnr"][name] = sqnr
+        result["output_error"][name] = output_errors(models[REFERENCE], model, inputs)
+    return result
+
+
+def compare(models: dict[str, nn.Module], batches: list, task: str, noise_levels: Optional[Sequence[float]] = None,
+            vocab_size: Optional[int] = None) -> dict[str, Any]:
+    """The report dict of `models` (must include 'float') on `batches` (a list of batches)."""
+    if REFERENCE not in models:
+        raise ValueError(f"compare needs a '{REFERENCE}' model as the reference; got {sorted(models)}")
+    outputs = {name: collect(model, batches, describe=f" ({name})") for name, model in models.items()}
+    reference = outputs[REFERENCE]
+    stages = {name: stage_metrics(out, reference, task) for name, out in outputs.items()}
+    report: dict[str, Any] = {
+        "task": task, "examples": int(reference.labels.numel()), "stages": stages,
+        "gap_recovered": {"qat": gap_recovered(stages, "qat"), "int4": gap_recovered(stages, "int4")},
+        "calibration": {name: metrics.reliability_bins(out.probabilities, out.labels) for name, out in outputs.items()},
+        "layers": per_layer(models, batches[0]),
+    }
+    if task == "classification":
+        report["slices"] = {name: metrics.per_class(out.logits, out.labels) for name, out in outputs.items()}
+    levels = noise_levels if noise_levels is not None else default_levels(split_batch(batches[0])[0])
+    robust_models = {k: v for k, v in models.items() if k in (REFERENCE, "qat", "int4")}
+    report["robustness"] = robustness(robust_models, batches, task, levels, vocab_size)
+    return report

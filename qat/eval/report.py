@@ -1,0 +1,153 @@
+"""Write an evaluation report dict as `report.json`, `report.md` and PNG plots.
+
+The Markdown shows the numbers of the JSON (same values, rounded for reading); the
+plots (matplotlib, Agg backend, no display needed) are written next to them:
+
+    layers.png        per-layer weight SQNR and output SQNR, worst first
+    slices.png        per-class accuracy of each stage, worst class first
+    reliability.png   reliability diagram (accuracy against confidence per bin)
+    robustness.png    task metric against input-noise level
+    size.png          file size against the task metric
+
+Example:
+    >>> paths = write_report(report, "runs/digits_w2a4/version_0")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from qat.eval import plots
+
+STAGE_LABELS = {"float": "float", "ptq": "PTQ", "qat": "QAT", "int4": "int4 file"}
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _stages_section(report: dict) -> list[str]:
+    stages = report["stages"]
+    keys = [k for k in ("accuracy", "perplexity", "perplexity_ratio", "nll", "ece", "agreement", "kl",
+                        "correct_to_wrong", "wrong_to_correct") if k in stages["float"]]
+    lines = [f"## Stages ({report['examples']} examples; agreement, KL and flips against float)", "",
+             "Float is the model at the end of FP warm-up; QAT also trains the weights further, so its "
+             "distance to float is quantization error plus that training.", ""]
+    lines += _table(["stage", *keys], [[STAGE_LABELS.get(s, s), *(row[k] for k in keys)] for s, row in stages.items()])
+    for name, gap in report.get("gap_recovered", {}).items():
+        if gap:
+            cells = ", ".join(f"{k} {_fmt(v, 1)}%" for k, v in gap.items() if v is not None)
+            lines += [f"% of the PTQ gap recovered by {STAGE_LABELS.get(name, name)}: {cells or 'no gap'}", ""]
+    return lines
+
+
+def _size_section(report: dict) -> list[str]:
+    size, lines = report.get("size"), []
+    if size:
+        lines += ["## Size", ""]
+        lines += _table(["model", "bytes on disk", "bits/weight (quantized layers, scales included)",
+                         "vs float file", "bytes with codes at nominal width"],
+                        [["float (fp32 safetensors)", size["float_bytes"], 32.0, 1.0, size["float_bytes"]],
+                         ["int4 file", size["int4_bytes"], size["bits_per_weight"], size["ratio_vs_float"],
+                          size["nominal_bytes"]]])
+    latency = report.get("latency")
+    if latency:
+        lines += [f"## CPU latency ({latency['threads']} threads; median of 7, a shared machine: ratios only)", ""]
+        lines += _table(["batch", "float ms", "int4 ms", "float / int4"],
+                        [[r["batch"], r["float_ms"], r["int4_ms"], r["speedup"]] for r in latency["rows"]])
+    return lines
+
+
+def _layers_section(report: dict) -> list[str]:
+    layers, lines = report["layers"], []
+    for stage, rows in layers["weight_sqnr"].items():
+        lines += [f"## Per-layer weight SQNR, {STAGE_LABELS.get(stage, stage)} (worst first)", ""]
+        lines += _table(["layer", "bits", "weights", "SQNR dB", "clipped"],
+                        [[r["layer"], r["bits"], r["weights"], r["weight_sqnr_db"], r["clipped"]] for r in rows])
+    for stage, rows in layers["output_error"].items():
+        lines += [f"## Per-layer output error, {STAGE_LABELS.get(stage, stage)} (same input as float; worst first)",
+                  ""]
+        lines += _table(["layer", "type", "output SQNR dB", "relative MSE"],
+                        [[r["layer"], r["type"], r["output_sqnr_db"], r["relative_mse"]] for r in rows])
+    return lines
+
+
+def _slices_section(report: dict) -> list[str]:
+    slices = report.get("slices")
+    if not slices:
+        return []
+    focus = "int4" if "int4" in slices else next(reversed(slices))
+    order = [r["slice"] for r in slices[focus]]
+    by_stage = {s: {r["slice"]: r for r in rows} for s, rows in slices.items()}
+    lines = [f"## Per-class accuracy (worst first by {STAGE_LABELS.get(focus, focus)})", ""]
+    head = ["class", "size", *(STAGE_LABELS.get(s, s) for s in slices)]
+    rows = [[c, by_stage[focus][c]["size"], *(by_stage[s][c]["accuracy"] for s in slices)] for c in order]
+    return lines + _table(head, rows)
+
+
+def _robustness_section(report: dict) -> list[str]:
+    robust = report.get("robustness")
+    if not robust:
+        return []
+    lines = [f"## Robustness: {robust['metric']} under input noise", ""]
+    head = ["level", *(STAGE_LABELS.get(s, s) for s in robust["stages"])]
+    rows = [[lvl, *(vals[i] for vals in robust["stages"].values())] for i, lvl in enumerate(robust["levels"])]
+    return lines + _table(head, rows)
+
+
+def _sensitivity_section(report: dict) -> list[str]:
+    sens = report.get("sensitivity")
+    if not sens:
+        return []
+    lines = ["## Per-layer sensitivity (KL to float with only that layer's weights quantized; most sensitive first)",
+             ""]
+    bits = sens["bits_choices"]
+    lines += _table(["layer", "weights", *(f"{b}-bit KL" for b in bits)],
+                    [[r["layer"], r["weights"], *(r["kl"][str(b)] for b in bits)] for r in sens["layers"]])
+    suggestion = sens.get("suggestion")
+    if suggestion:
+        lines += [f"Suggested bits under an average of {suggestion['budget_bits']} bits/weight "
+                  f"(achieved {suggestion['average_bits']:.4f}): paste into the recipe or pass on the command line:",
+                  "", "```", suggestion["override"], "```", ""]
+    return lines
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown (the numbers of `report`, rounded to 4 decimals)."""
+    title = f"# Evaluation report: {report.get('name', 'model')}"
+    lines = [title, "", f"Source: `{report.get('source', '?')}`; task: {report['task']}.", ""]
+    if report.get("plots"):
+        lines += [" ".join(f"![{p}]({p})" for p in report["plots"]), ""]
+    for section in (_stages_section, _size_section, _slices_section, _robustness_section, _layers_section,
+                    _sensitivity_section):
+        lines += section(report)
+    return "\n".join(lines)
+
+
+def write_report(report: dict, directory: str | Path) -> dict[str, Path]:
+    """Write report.json, report.md and the plots into `directory`; their paths by name."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = plots.write_all(report, directory)
+    report["plots"] = [p.name for p in written.values()]
+    paths = {"json": directory / "report.json", "md": directory / "report.md", **written}
+    paths["json"].write_text(json.dumps(report, indent=1, default=_json_default))
+    paths["md"].write_text(markdown(report))
+    return paths
+
+
+def _json_default(value: Any) -> Any:
+    return str(value)
