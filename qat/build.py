@@ -21,7 +21,9 @@ from torch import nn
 
 from qat.config import ConfigError
 from qat.data_loading import LoaderProgress
+from qat.lightning.checkpoint_io import AtomicCheckpointIO
 from qat.lightning.distillation import Distillation, make_distillation
+from qat.lightning.distributed import process_group_timeout
 from qat.lightning.loggers import make_loggers
 from qat.lightning.module import QATModule
 from qat.lightning.nonfinite import NonFiniteGuard
@@ -155,7 +157,7 @@ def _strategy(name: str) -> Any:
     if name == "ddp":
         from pytorch_lightning.strategies import DDPStrategy
 
-        return DDPStrategy(find_unused_parameters=True)
+        return DDPStrategy(find_unused_parameters=True, timeout=process_group_timeout())
     return name
 
 
@@ -170,6 +172,7 @@ def trainer_kwargs(recipe: Recipe, run_dir: Path, callbacks: list[pl.Callback]) 
                                recipe.logging.name or recipe.name),
         "enable_progress_bar": recipe.logging.progress_bar, "enable_model_summary": False,
         "use_distributed_sampler": False,  # ResumableLoader shards by rank itself
+        "plugins": [AtomicCheckpointIO()],  # a failed write keeps the previous checkpoint intact
     }
     for key in ("limit_train_batches", "limit_val_batches"):
         if getattr(t, key) is not None:
