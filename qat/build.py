@@ -23,7 +23,7 @@ from qat.config import ConfigError
 from qat.data_loading import LoaderProgress
 from qat.lightning.checkpoint_io import AtomicCheckpointIO
 from qat.lightning.distillation import Distillation, make_distillation
-from qat.lightning.distributed import process_group_timeout
+from qat.lightning.distributed import StopLaunchedRanks, is_launched_worker, process_group_timeout
 from qat.lightning.loggers import make_loggers
 from qat.lightning.module import QATModule
 from qat.lightning.nonfinite import NonFiniteGuard
@@ -92,6 +92,8 @@ def resolve_run_dir(recipe: Recipe) -> tuple[Path, Optional[str]]:
     base = Path(recipe.logging.run_dir) / (recipe.logging.name or recipe.name)
     if recipe.resume is None:
         versions = [int(m.group(1)) for p in base.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+        if is_launched_worker() and versions:  # rank 0 made this run's directory before it launched us
+            return base / f"version_{max(versions)}", None
         return base / f"version_{max(versions, default=-1) + 1}", None
     if recipe.resume == "last":
         candidates = sorted(base.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -113,6 +115,7 @@ def build_callbacks(recipe: Recipe, run_dir: Path, schedule: QuantizationSchedul
         LoaderProgress(),
         QuantTelemetry(recipe.logging.telemetry_every_n_steps),
         NonFiniteGuard(ckpt_dir),
+        StopLaunchedRanks(),
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                         every_n_train_steps=recipe.trainer.checkpoint_every_n_steps),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,

@@ -43,12 +43,19 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """`torch.save(obj, path)` that either fully replaces `path` or leaves it as it was."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; a checkpoint gets the usual mode
     except OSError as err:
         raise CheckpointWriteError(
             f"cannot write checkpoint {path}: {err.strerror or err} (is the run directory writable?)"

@@ -7,6 +7,10 @@ timeout. Lightning's default is 30 minutes; qat uses `QAT_DIST_TIMEOUT_S` second
 (default 600), long enough for a checkpoint save or a calibration pass, short enough that
 a hung job frees its machines.
 
+When rank 0 fails, Lightning's launcher kills the ranks it started only on Ctrl+C; on any
+other error they live on, one of them possibly hung for ever. `StopLaunchedRanks` kills
+them whenever the launching process fails, so a failed job leaves no process behind.
+
 Example:
     >>> DDPStrategy(timeout=process_group_timeout())
 """
@@ -14,7 +18,11 @@ Example:
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from datetime import timedelta
+
+import pytorch_lightning as pl
 
 from qat.config import ConfigError
 
@@ -34,3 +42,28 @@ def process_group_timeout() -> timedelta:
     if seconds <= 0:
         raise ConfigError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
     return timedelta(seconds=seconds)
+
+
+def is_launched_worker() -> bool:
+    """True in a process Lightning's launcher started for a rank other than 0 (LOCAL_RANK > 0,
+    or NODE_RANK > 0). Such a process joins the run rank 0 set up; it must not start a new one."""
+    return any(int(os.environ.get(key, "0") or 0) > 0 for key in ("LOCAL_RANK", "NODE_RANK"))
+
+
+class StopLaunchedRanks(pl.Callback):
+    """On an exception in the process that launched the other ranks, SIGKILL those ranks that have
+    not exited after `grace_s` seconds (a rank failing on the same error gets to report it first)."""
+
+    def __init__(self, grace_s: float = 10.0) -> None:
+        self.grace_s = grace_s
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+        launcher = trainer.strategy.launcher
+        if isinstance(launcher, _SubprocessScriptLauncher) and not is_launched_worker():
+            for process in getattr(launcher, "procs", []):
+                try:
+                    process.wait(timeout=self.grace_s)
+                except subprocess.TimeoutExpired:
+                    process.send_signal(signal.SIGKILL)
