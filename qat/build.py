@@ -29,6 +29,7 @@ from qat.lightning.module import QATModule
 from qat.lightning.nonfinite import NonFiniteGuard
 from qat.lightning.pruning import Pruning, pruned_layers
 from qat.lightning.schedule import QuantizationSchedule
+from qat.lightning.sharding import ShardedQATModule, check_sharded_run, is_sharded, sharded_strategy
 from qat.lightning.telemetry import QuantTelemetry
 from qat.prepare import PrepareReport, prepare
 from qat.prune import attach_masks, remove_masks
@@ -139,7 +140,9 @@ def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -
     num_classes = getattr(datamodule, "num_classes", None) or recipe.model.args.get("classes", 10)
     info = {"recipe": recipe_to_yaml(recipe), "recipe_hash": recipe_hash(recipe),
             "quant_spec_hash": quant_spec_hash(recipe.quant)}
-    module = QATModule(model, recipe.task, num_classes, recipe.optimizer, checkpoint_info=info)
+    check_sharded_run(recipe)
+    module_class = ShardedQATModule if is_sharded(recipe.trainer.strategy) else QATModule
+    module = module_class(model, recipe.task, num_classes, recipe.optimizer, checkpoint_info=info)
     schedule = QuantizationSchedule(recipe.schedule)
     if resume_from is None:
         schedule.model_setup(model)
@@ -168,7 +171,8 @@ def trainer_kwargs(recipe: Recipe, run_dir: Path, callbacks: list[pl.Callback]) 
     t = recipe.trainer
     kwargs: dict[str, Any] = {
         "max_epochs": t.max_epochs, "max_steps": t.max_steps, "accelerator": t.accelerator,
-        "devices": t.devices, "strategy": _strategy(t.strategy), "precision": t.precision,
+        "devices": t.devices, "strategy": sharded_strategy(t.strategy, t.devices) or _strategy(t.strategy),
+        "precision": t.precision,
         "gradient_clip_val": t.gradient_clip_val, "log_every_n_steps": t.log_every_n_steps,
         "deterministic": t.deterministic, "default_root_dir": str(run_dir), "callbacks": callbacks,
         "logger": make_loggers(run_dir, recipe.logging.wandb, recipe.logging.wandb_project,

@@ -88,7 +88,7 @@ def main() -> None:
     (run_dir / f"pid_rank{rank()}").write_text(str(os.getpid()))
     qat.runner.build = _keep_run(qat.runner.build)
     train(recipe, extra_callbacks=callbacks, quiet=True)
-    if rank() == 0:
+    if rank() == 0 and recipe.trainer.strategy != "fsdp2":  # a sharded run's state: its gathered last.ckpt
         model = _RUN["run"].model
         torch.save(model.state_dict(), run_dir / "final_state.pt")
 
