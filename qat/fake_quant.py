@@ -155,6 +155,8 @@ class FakeQuantizer(nn.Module):
         return {key: bool(getattr(self, key)) for key in _STATE_KEYS}
 
     def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict):  # torch's placeholder when a sharded loader loads tensors one by one
+            return
         for key in _STATE_KEYS:
             setattr(self, key, bool(state[key]))
         self._sync_requires_grad()

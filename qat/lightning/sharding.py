@@ -66,14 +66,43 @@ def sharded_strategy(strategy: str, devices: Union[int, str, list]) -> Optional[
     check_strategy(strategy)
     if not is_sharded(strategy):
         return None
-    from pytorch_lightning.strategies import ModelParallelStrategy
-
     from qat.lightning.distributed import process_group_timeout
 
     if not isinstance(devices, int):
         raise ConfigError(f"trainer.strategy={strategy!r} needs trainer.devices as a number, got {devices!r}")
-    return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1,
-                                 save_distributed_checkpoint=False, timeout=process_group_timeout())
+    return _qat_model_parallel_strategy()(data_parallel_size=devices, tensor_parallel_size=1,
+                                          save_distributed_checkpoint=False, timeout=process_group_timeout())
+
+
+EXTRA_STATE_SUFFIX = "._extra_state"
+
+
+def apply_extra_states(module: nn.Module, state_dict: dict) -> int:
+    """Give every submodule its `_extra_state` entry of `state_dict` (keys relative to `module`)."""
+    applied = 0
+    for key, value in state_dict.items():
+        if key.endswith(EXTRA_STATE_SUFFIX):
+            module.get_submodule(key[: -len(EXTRA_STATE_SUFFIX)]).set_extra_state(value)
+            applied += 1
+    return applied
+
+
+def _qat_model_parallel_strategy() -> type:
+    """ModelParallelStrategy that also restores module extra states (quantizer switches) on resume:
+    Lightning loads a full checkpoint into a sharded model one tensor at a time, which skips them."""
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    class QATModelParallelStrategy(ModelParallelStrategy):
+        def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict:
+            import torch
+
+            saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+            extra = {k: v for k, v in saved.items() if k.endswith(EXTRA_STATE_SUFFIX)}
+            checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
+            apply_extra_states(self.lightning_module, extra)
+            return checkpoint
+
+    return QATModelParallelStrategy
 
 
 def check_shardable(model: nn.Module) -> None:

@@ -93,3 +93,33 @@ def test_per_tensor_scales_are_named_before_fsdp2_refuses_them():
         check_shardable(model)
     channel, _ = prepare(nn.Sequential(nn.Linear(64, 64)), load_recipe(TINYLM).quant)
     check_shardable(channel)  # group / channel scales are at least 1-dim: nothing to refuse
+
+
+@pytest.mark.slow
+def test_fsdp2_rank_killed_then_resumed_ends_bit_identical(ddp_and_fsdp2, tmp_path):
+    killed = run_dist(tmp_path, "kill", "7", "trainer.strategy=fsdp2")
+    assert killed.returncode != 0 and "Connection reset by peer" in killed.stderr
+    resumed = run_dist(tmp_path, "resume", "trainer.strategy=fsdp2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = torch.load(ddp_and_fsdp2["fsdp2"], weights_only=True)["state_dict"]
+    actual = torch.load(tmp_path.joinpath(*CHECKPOINT), weights_only=True)["state_dict"]
+    assert expected.keys() == actual.keys()
+    for key, value in expected.items():  # tensors and the quantizers' switches (extra states)
+        assert torch.equal(value, actual[key]) if isinstance(value, torch.Tensor) else value == actual[key], key
+
+
+def test_extra_states_reach_the_quantizers_when_a_loader_skips_them():
+    """Lightning loads a full checkpoint into a FSDP2 model tensor by tensor: torch hands quantizers a
+    placeholder instead of their switches, which they ignore; the strategy then applies the saved ones."""
+    from torch.distributed.checkpoint.state_dict import _EXTRA_STATE
+
+    from qat.lightning.sharding import apply_extra_states
+
+    model, _ = prepare(nn.Sequential(nn.Linear(64, 64)), load_recipe(TINYLM).quant)
+    quantizer = model[0].weight_quantizer
+    quantizer.set_extra_state(_EXTRA_STATE())  # ignored: the switches stay as they were
+    assert quantizer.enabled and quantizer.initialized and not quantizer.frozen
+    saved = {"0.weight_quantizer._extra_state": {"enabled": False, "calibrating": False, "frozen": True,
+                                                 "initialized": True}, "0.weight": torch.zeros(1)}
+    assert apply_extra_states(model, saved) == 1
+    assert not quantizer.enabled and quantizer.frozen and not quantizer.scale.requires_grad
