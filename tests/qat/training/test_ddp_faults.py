@@ -48,11 +48,8 @@ def same_state(expected: dict, actual: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ddp_full")
-    done = run_dist(run_dir, "full")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(run_dir / "final_state.pt", weights_only=True)
+def uninterrupted(tinylm_runs):
+    return torch.load(tinylm_runs["ddp"] / "final_state.pt", weights_only=True)
 
 
 def test_killed_rank_fails_the_job_and_resume_ends_bit_identical(tmp_path, uninterrupted):

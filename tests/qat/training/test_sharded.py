@@ -30,14 +30,8 @@ CHECKPOINT = ("tinylm_w4", "version_0", "checkpoints", "last.ckpt")
 
 
 @pytest.fixture(scope="module")
-def ddp_and_fsdp2(tmp_path_factory):
-    runs = {}
-    for strategy in ("ddp", "fsdp2"):
-        run_dir = tmp_path_factory.mktemp(strategy)
-        done = run_dist(run_dir, "full", f"trainer.strategy={strategy}")
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[strategy] = run_dir.joinpath(*CHECKPOINT)
-    return runs
+def ddp_and_fsdp2(tinylm_runs):
+    return {strategy: tinylm_runs[strategy].joinpath(*CHECKPOINT) for strategy in ("ddp", "fsdp2")}
 
 
 @pytest.mark.slow
