@@ -1,4 +1,5 @@
-"""Faults of a 2-process DDP run (CPU, gloo) on TinyLM: a NaN loss on one rank, a rank killed, a rank hung.
+"""Faults of a 2-process DDP run (CPU, gloo) on TinyLM: a NaN loss on one rank (under FSDP2 too), a rank
+killed, a rank hung.
 
 Each run is a subprocess (tests/qat/training/dist_script.py) with one thread per process and 12 steps.
 """
@@ -67,8 +68,9 @@ def test_killed_rank_fails_the_job_and_resume_ends_bit_identical(tmp_path, unint
         assert not torch.equal(uninterrupted[key], mid_run["state_dict"][f"model.{key}"]), key
 
 
-def test_nan_loss_on_one_rank_stops_every_rank_with_one_diagnostic_checkpoint(tmp_path):
-    done = run_dist(tmp_path, "nan", "6")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_nan_loss_on_one_rank_stops_every_rank_with_one_diagnostic_checkpoint(tmp_path, strategy):
+    done = run_dist(tmp_path, "nan", "6", f"trainer.strategy={strategy}")
     assert done.returncode != 0
     diagnostic = tmp_path / "tinylm_w4" / "version_0" / "checkpoints" / "nonfinite-step6.ckpt"
     for rank, value in ((0, "non-finite"), (1, "nan")):
