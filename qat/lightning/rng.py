@@ -14,13 +14,14 @@ Example:
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy as np
 import torch
 
 
-class RNGStateError(RuntimeError):
-    """A checkpoint's RNG states cannot be restored on this machine."""
+class RNGStateWarning(UserWarning):
+    """A checkpoint's CUDA RNG states cannot be restored on this machine."""
 
 
 def _numpy_state() -> list:
@@ -39,17 +40,20 @@ def collect_rng_states() -> dict:
 def restore_rng_states(states: dict) -> None:
     """Set every RNG from `states` (as `collect_rng_states` made them).
 
-    A checkpoint with CUDA states resumed where CUDA is not available (or with another
-    device count) raises `RNGStateError`: the resumed run would not draw the same numbers."""
+    CUDA states saved on a machine with another number of visible GPUs (or none here) are
+    not restored, with a `RNGStateWarning`: the run resumes, but will not draw the same
+    numbers on the GPUs as the uninterrupted one."""
     cuda = states.get("cuda")
     if cuda is not None:
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if available != len(cuda):
-            raise RNGStateError(
+        if available == len(cuda):
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            warnings.warn(
                 f"the checkpoint holds CUDA RNG states for {len(cuda)} device(s) but {available} are visible "
-                "here; resume on the same number of GPUs (CUDA_VISIBLE_DEVICES) to reproduce the run"
-            )
-        torch.cuda.set_rng_state_all(cuda)
+                "here: they are not restored, so GPU random numbers (dropout, augmentation) will differ from "
+                "the uninterrupted run; resume on the same number of GPUs to reproduce it", RNGStateWarning,
+                stacklevel=2)
     torch.set_rng_state(states["torch"])
     name, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
