@@ -19,12 +19,15 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from torch import nn
 
 from qat.data_loading import LoaderProgress
+from qat.lightning.checkpoint_io import AtomicCheckpointIO
 from qat.lightning.distillation import Distillation, freeze_teacher
+from qat.lightning.distributed import StopLaunchedRanks, is_launched_worker, process_group_timeout
 from qat.lightning.loggers import make_loggers
 from qat.lightning.module import QATModule
 from qat.lightning.nonfinite import NonFiniteGuard
 from qat.lightning.pruning import Pruning
 from qat.lightning.schedule import QuantizationSchedule
+from qat.lightning.sharding import ShardedQATModule, check_sharded_run, is_sharded, sharded_strategy
 from qat.lightning.tasks import make_task
 from qat.lightning.telemetry import QuantTelemetry
 from qat.lightning.throughput import Throughput
@@ -58,6 +61,8 @@ def resolve_run_dir(recipe: Recipe) -> tuple[Path, Optional[str]]:
     base = Path(recipe.logging.run_dir) / (recipe.logging.name or recipe.name)
     if recipe.resume is None:
         versions = [int(m.group(1)) for p in base.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+        if is_launched_worker() and versions:  # rank 0 made this run's directory before it launched us
+            return base / f"version_{max(versions)}", None
         return base / f"version_{max(versions, default=-1) + 1}", None
     if recipe.resume == "last":
         candidates = sorted(base.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -80,6 +85,7 @@ def build_callbacks(recipe: Recipe, run_dir: Path, schedule: QuantizationSchedul
         LoaderProgress(),
         QuantTelemetry(recipe.logging.telemetry_every_n_steps),
         NonFiniteGuard(ckpt_dir),
+        StopLaunchedRanks(),
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                         every_n_train_steps=recipe.trainer.checkpoint_every_n_steps),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
@@ -107,10 +113,12 @@ def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -
     num_classes = getattr(datamodule, "num_classes", None) or recipe.model.args.get("classes", 10)
     info = {"recipe": recipe_to_yaml(recipe), "recipe_hash": recipe_hash(recipe),
             "quant_spec_hash": quant_spec_hash(recipe.quant)}
+    check_sharded_run(recipe)
     task = make_task(recipe.task, num_classes)
     if floats:
         task.reference = freeze_teacher(copy.deepcopy(floats[0]))  # what 'embedding' is measured against
-    module = QATModule(model, task, num_classes, recipe.optimizer, checkpoint_info=info)
+    module_class = ShardedQATModule if is_sharded(recipe.trainer.strategy) else QATModule
+    module = module_class(model, task, num_classes, recipe.optimizer, checkpoint_info=info)
     schedule = QuantizationSchedule(recipe.schedule)
     if resume_from is None:
         schedule.model_setup(model)
@@ -176,7 +184,7 @@ def _strategy(name: str) -> Any:
     if name == "ddp":
         from pytorch_lightning.strategies import DDPStrategy
 
-        return DDPStrategy(find_unused_parameters=True)
+        return DDPStrategy(find_unused_parameters=True, timeout=process_group_timeout())
     return name
 
 
@@ -184,7 +192,8 @@ def trainer_kwargs(recipe: Recipe, run_dir: Path, callbacks: list[pl.Callback]) 
     t = recipe.trainer
     kwargs: dict[str, Any] = {
         "max_epochs": t.max_epochs, "max_steps": t.max_steps, "accelerator": t.accelerator,
-        "devices": t.devices, "strategy": _strategy(t.strategy), "precision": t.precision,
+        "devices": t.devices, "strategy": sharded_strategy(t.strategy, t.devices) or _strategy(t.strategy),
+        "precision": t.precision,
         "gradient_clip_val": t.gradient_clip_val, "log_every_n_steps": t.log_every_n_steps,
         "deterministic": t.deterministic, "default_root_dir": str(run_dir), "callbacks": callbacks,
         "logger": make_loggers(run_dir, recipe.logging.wandb, recipe.logging.wandb_project,
@@ -192,6 +201,7 @@ def trainer_kwargs(recipe: Recipe, run_dir: Path, callbacks: list[pl.Callback]) 
         "enable_progress_bar": recipe.logging.progress_bar, "enable_model_summary": False,
         "use_distributed_sampler": False,  # ResumableLoader shards by rank itself
         "accumulate_grad_batches": t.accumulate_grad_batches,
+        "plugins": [AtomicCheckpointIO()],  # a failed write keeps the previous checkpoint intact
     }
     if t.val_check_interval is not None:
         kwargs["val_check_interval"] = t.val_check_interval

@@ -59,10 +59,27 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# Third-party packages whose absence may hide a command (with a message saying what to install).
+OPTIONAL_DEPENDENCIES = {"safetensors": "safetensors"}
+
+
+def optional_import_missing(err: ImportError) -> Optional[str]:
+    """The pip package to install when `err` is an optional dependency that is really missing,
+    else None: an ImportError raised inside qat itself is a bug and must not hide a command."""
+    if not isinstance(err, ModuleNotFoundError) or err.name is None:
+        return None
+    return OPTIONAL_DEPENDENCIES.get(err.name.partition(".")[0])
+
+
 def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
     try:
         from qat.export.commands import add_export_parser, add_inspect_parser
-    except ImportError:
+    except ImportError as err:
+        package = optional_import_missing(err)
+        if package is None:
+            raise
+        print(f"qat: `export` and `inspect` are unavailable: {err}; install it with `pip install {package}`",
+              file=sys.stderr)
         return
     add_export_parser(commands)
     add_inspect_parser(commands)

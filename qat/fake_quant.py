@@ -34,6 +34,21 @@ from qat.ste import lsq_fake_quantize, lsq_grad_factor
 _STATE_KEYS = ("enabled", "calibrating", "frozen", "initialized")
 
 
+def whole_tensor(x: Tensor) -> Tensor:
+    """`x` itself, or the whole tensor of a sharded (FSDP2 DTensor) one: a collective on its mesh."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def _assign(param: Tensor, value: Tensor) -> None:
+    """param.copy_(value); a sharded (DTensor) param takes its shard of rank 0's `value` (a collective),
+    so every rank holds the same qparams even where ranks calibrated on different batches."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=0)
+    param.copy_(value)
+
+
 class FakeQuantizer(nn.Module):
     """Fake-quantizes one tensor role (a layer's weight, or its input activation).
 
@@ -102,7 +117,7 @@ class FakeQuantizer(nn.Module):
         if self._init_source is not None and self._init_source() is x and self._init_stamp == self._stamp(x):
             return
         self.observer.reset()
-        self.observe(x)
+        self.observe(whole_tensor(x))
         self._load_observed()
         self._init_source, self._init_stamp = weakref.ref(x), self._stamp(x)
 
@@ -121,16 +136,17 @@ class FakeQuantizer(nn.Module):
     @torch.no_grad()
     def _load_observed(self) -> None:
         scale, zero_point = self.observer.qparams()
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero_point)
+        _assign(self.scale, scale)
+        _assign(self.zero_point, zero_point)
         self.initialized = True
 
     # ---- forward ----------------------------------------------------------------------
     def qparams(self) -> tuple[Tensor, Tensor]:
-        """The (scale, zero_point) applied, detached, in the stored qparam shape."""
+        """The (scale, zero_point) applied, detached, in the stored qparam shape (whole tensors, also
+        when the model is sharded: then a collective)."""
         c = self.config
         s, z = effective_qparams(self.scale, self.zero_point, c.qmin, c.qmax, c.torch_scale_dtype)
-        return s.detach(), z.detach()
+        return whole_tensor(s.detach()), whole_tensor(z.detach())
 
     def forward(self, x: Tensor) -> Tensor:
         if self.calibrating:
@@ -161,6 +177,8 @@ class FakeQuantizer(nn.Module):
         return {key: bool(getattr(self, key)) for key in _STATE_KEYS}
 
     def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict):  # torch's placeholder when a sharded loader loads tensors one by one
+            return
         for key in _STATE_KEYS:
             setattr(self, key, bool(state[key]))
         self._sync_requires_grad()

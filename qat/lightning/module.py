@@ -13,11 +13,9 @@ Example:
 from __future__ import annotations
 
 import math
-import random
 from functools import partial
 from typing import Any, Callable, Iterable, Optional
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -25,6 +23,7 @@ from torch import Tensor, nn
 
 from qat.config import ConfigError
 from qat.control import quantizer_parameters
+from qat.lightning.rng import collect_rng_states, restore_rng_states
 from qat.lightning.tasks import Task, make_task, move_batch
 from qat.recipe import OptimizerConfig
 
@@ -32,12 +31,6 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 # A loss hook gets (inputs, output, targets) of a training batch and returns named, already
 # weighted loss terms to add to the task loss (distillation adds its terms this way).
 LossHook = Callable[[Any, Tensor, Any], dict[str, Tensor]]
-
-
-def _numpy_state() -> list:
-    """numpy's global RNG state with its key array as a tensor (loadable with weights_only=True)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
 
 
 def lr_factor(step: int, warmup: int, total: int, cosine: bool, floor: float = 0.0) -> float:
@@ -187,7 +180,7 @@ class QATModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["qat"] = {
             **self.checkpoint_info,
-            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate()},
+            "rng": collect_rng_states(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -201,7 +194,4 @@ class QATModule(pl.LightningModule):
             )
         rng = saved.get("rng")
         if rng:
-            torch.set_rng_state(rng["torch"])
-            name, keys, pos, has_gauss, gauss = rng["numpy"]
-            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-            random.setstate(rng["python"])
+            restore_rng_states(rng)

@@ -33,7 +33,8 @@ def broadcast_quantizer_state(model: nn.Module) -> None:
         return
     for _, quantizer in quantizers(model):
         for tensor in (quantizer.scale, quantizer.zero_point, quantizer.observer.lo, quantizer.observer.hi):
-            dist.broadcast(tensor.data, src=0)
+            if not hasattr(tensor, "device_mesh"):  # sharded (FSDP2) qparams already hold rank 0's values
+                dist.broadcast(tensor.data, src=0)
 
 
 def freeze_batchnorm(model: nn.Module) -> None:

@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from qat.fake_quant import FakeQuantizer
+from qat.fake_quant import FakeQuantizer, whole_tensor
 from qat.functional import expand_qparam, fake_quantize, grouped_view
 from qat.modules import QuantModule
 
@@ -65,7 +65,7 @@ class QuantTelemetry(pl.Callback):
             quantizer = getattr(module, "weight_quantizer", None) if isinstance(module, QuantModule) else None
             if quantizer is None or not quantizer.enabled:
                 continue
-            layer = weight_stats(module.weight, quantizer)
+            layer = weight_stats(whole_tensor(module.weight), quantizer)  # whole: also under FSDP2
             scale = quantizer.qparams()[0]
             start = self.initial_scales.setdefault(name, scale.clone())
             layer["scale_drift"] = float(((scale - start).abs() / start).mean())

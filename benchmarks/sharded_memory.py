@@ -1,0 +1,101 @@
+"""Memory per rank of sharded (FSDP2) vs DDP QAT on TinyLM: 2 CPU processes over gloo, one run each.
+
+Per rank, at the end of training: the bytes this rank holds for parameters, gradients and
+optimizer state (a DTensor counts its local shard), and the process's peak resident set
+(ru_maxrss: dominated by torch itself on a model this small, reported for honesty). FSDP2
+keeps the whole parameters only inside a layer's forward/backward (all-gathered, then freed),
+which the end-of-run count does not see; the peak RSS does.
+
+    .venv/bin/python -m benchmarks.sharded_memory                       # writes benchmarks/sharded-memory.md
+    .venv/bin/python -m benchmarks.sharded_memory model.args.dim=256    # a wider TinyLM (recipe overrides)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ["trainer.max_steps=12", "trainer.checkpoint_every_n_steps=100", "schedule.warmup_steps=4",
+       "schedule.calibration_batches=2", "data.args.batch_size=16", "trainer.devices=2", "logging.wandb=disabled",
+       "logging.progress_bar=false", "trainer.limit_val_batches=2"]
+
+
+def local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes this rank stores for `tensor` (its shard when sharded)."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
+class MemoryReport(pl.Callback):
+    """Writes rank<R>.json with parameter / gradient / optimizer-state bytes and peak RSS at fit end."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = list(pl_module.parameters())
+        state = [t for s in trainer.optimizers[0].state.values() for t in s.values()
+                 if isinstance(t, torch.Tensor) and t.dim() > 0]
+        figures = {"params": sum(local_bytes(p) for p in params),
+                   "grads": sum(local_bytes(p.grad) for p in params if p.grad is not None),
+                   "optimizer": sum(local_bytes(t) for t in state),
+                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(figures))
+
+
+def run_one(strategy: str, out_dir: Path, overrides: list[str]) -> None:
+    """Entry of one 2-process run (Lightning relaunches this module for rank 1)."""
+    from qat.recipe import load_recipe
+    from qat.runner import train
+
+    recipe = load_recipe(ROOT / "recipes" / "tinylm_w4.yaml",
+                         [*RUN, f"trainer.strategy={strategy}", f"logging.run_dir={out_dir}", *overrides])
+    train(recipe, extra_callbacks=[MemoryReport(out_dir)], quiet=True)
+
+
+def measure(strategy: str, overrides: list[str]) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "benchmarks.sharded_memory", "--one", strategy, tmp, *overrides]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{strategy} run failed:\n{done.stderr[-3000:]}")
+        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    rows = ["| rank | figure | DDP (bytes) | FSDP2 (bytes) | FSDP2 / DDP |", "|---|---|---:|---:|---:|"]
+    for rank in range(2):
+        for key in ("params", "grads", "optimizer", "peak_rss"):
+            ddp, fsdp = results["ddp"][rank][key], results["fsdp2"][rank][key]
+            rows.append(f"| {rank} | {key} | {ddp:,} | {fsdp:,} | {fsdp / ddp:.3f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--one"]:
+        run_one(argv[1], Path(argv[2]), argv[3:])
+        return
+    results = {strategy: measure(strategy, argv) for strategy in ("ddp", "fsdp2")}
+    text = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}, overrides: {' '.join(argv) or 'none'}\n\n"
+            + table(results))
+    print(text)
+    record = ROOT / "benchmarks" / "sharded-memory.json"
+    recorded = json.loads(record.read_text()) if record.is_file() else {}
+    record.write_text(json.dumps({**recorded, " ".join(argv) or "default": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,93 @@
+"""Checkpoints written atomically: a full disk or an unwritable run directory is a clear
+error, and the checkpoint already at the path stays intact.
+
+Lightning's own writer opens the destination for writing and streams into it, so a
+write that fails half way (ENOSPC) leaves a truncated `last.ckpt` behind: the run that
+needs to resume has nothing to resume from. Here the checkpoint goes to a temporary file
+in the same directory (same file system, so the rename is atomic), is flushed and
+fsync'ed, and only then replaces the destination with `os.replace`; the directory is
+fsync'ed so the rename itself survives a power cut. On any failure the temporary file is
+removed and `CheckpointWriteError` says what failed and that the previous file is kept.
+
+Example:
+    >>> pl.Trainer(plugins=[AtomicCheckpointIO()])
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning_fabric.utilities.types import _PATH
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the file previously at its path is untouched."""
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """`torch.save(obj, path)` that either fully replaces `path` or leaves it as it was."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; a checkpoint gets the usual mode
+    except OSError as err:
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path}: {err.strerror or err} (is the run directory writable?)"
+        ) from err
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_name, path)
+    except OSError as err:
+        Path(tmp_name).unlink(missing_ok=True)
+        kept = "the previous checkpoint there is intact" if path.exists() else "no checkpoint was there before"
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path}: {err.strerror or err} (disk full or quota exceeded?); {kept}"
+        ) from err
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO with atomic, durable local writes (see the module notes)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH,
+                        storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"AtomicCheckpointIO.save_checkpoint takes no storage_options, got {storage_options!r}"
+            )
+        if "://" in str(path):  # remote (fsspec) paths: Lightning's own writer
+            super().save_checkpoint(checkpoint, path)
+            return
+        atomic_torch_save(checkpoint, path)
