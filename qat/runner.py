@@ -99,7 +99,9 @@ def train(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None, q
     from qat.eval.float_reference import FloatReference
 
     # <run_dir>/float.safetensors at the end of warm-up: the float reference `qat eval` compares with
-    run = build(recipe, [*(extra_callbacks or []), FloatReference(recipe.schedule.warmup_steps)])
+    # A pretrained Hugging Face model's float reference is its source (model.hf): nothing to write.
+    reference = [FloatReference(recipe.schedule.warmup_steps)] if recipe.model.hf is None else []
+    run = build(recipe, [*(extra_callbacks or []), *reference])
     console = Console(quiet=quiet or not run.trainer.is_global_zero)
     if not quiet and run.trainer.is_global_zero:
         print(run.report)

@@ -124,3 +124,14 @@ def test_bad_data_fails_before_the_run_directory_is_written(tmp_path, llama_fold
     with pytest.raises(ValueError, match=r"vocab"):
         build(llama_recipe(tmp_path / "runs", small))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_train_runs_the_hf_recipe_end_to_end_and_prints_float_rtn_and_qat_side_by_side(tmp_path, llama_folder):
+    from qat.runner import train
+
+    summary = train(llama_recipe(tmp_path, llama_folder, "export.enabled=true"), quiet=True)
+    for stage in ("fp", "ptq", "qat", "int4"):
+        assert summary[stage]["ppl"] > 1.0, stage
+    run_dir = tmp_path / "run" / "version_0"
+    assert (run_dir / "model.safetensors").is_file() and not (run_dir / "float.safetensors").exists()
