@@ -90,5 +90,5 @@ def test_blocked_keeps_leading_dimensions_and_empty_batches():
 
 def test_blocked_refuses_odd_group_sizes():
     packed, scales, zeros = make_layer(8, 6, 3)
-    with pytest.raises(ValueError, match="cpu_blocked.*even group size, got 3"):
+    with pytest.raises(ValueError, match=r"cpu_blocked.*even group size, got 3"):
         int4_linear(torch.randn(1, 6), packed, scales, zeros, 3, backend="cpu_blocked")
