@@ -21,7 +21,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -29,7 +30,12 @@ from torch import Tensor
 from .reference import SYMMETRIC_ZERO
 from .weights import PackedInt4Weight
 
-TILE_ROWS = 256  # output rows dequantized at a time: 256 x 4096 is 4 MiB of fp32 work buffer
+TILE_ROWS = 1024  # output rows per GEMM: 1024 x 4096 is 8 MiB in bf16
+DEQUANT_ROWS = 256  # rows dequantized per step through the float32 work buffer (4 MiB at K = 4096)
+# Threads for the dequantizing element-wise ops (the GEMM uses all of torch's). One: each op on a 2-thread
+# pool is a parallel region whose barrier stalls whenever the OS preempts one thread, which on a shared
+# machine cost more than the second thread gains (measured in benchmarks/kernels-cpu-allM.md). None: torch's.
+DEQUANT_THREADS: Optional[int] = 1
 
 
 def gemm_dtype(x_dtype: torch.dtype) -> torch.dtype:
@@ -45,31 +51,57 @@ def permute_k(x: Tensor, group_size: int) -> Tensor:
 
 
 class TileBuffers:
-    """The reused buffers for one call: nibble codes (uint8), float32 work, the tile in compute dtype."""
+    """The reused buffers for one call: nibble codes (uint8) and float32 work for DEQUANT_ROWS rows, the tile."""
 
     def __init__(self, tile_rows: int, in_features: int, dtype: torch.dtype) -> None:
-        self.codes = torch.empty(tile_rows, in_features, dtype=torch.uint8)
-        self.work = torch.empty(tile_rows, in_features, dtype=torch.float32)
+        step = min(tile_rows, DEQUANT_ROWS)
+        self.codes = torch.empty(step, in_features, dtype=torch.uint8)
+        self.work = torch.empty(step if dtype != torch.float32 else tile_rows, in_features, dtype=torch.float32)
         self.tile = self.work if dtype == torch.float32 else torch.empty(tile_rows, in_features, dtype=dtype)
+
+
+def _dequantize_rows(weight: PackedInt4Weight, start: int, stop: int, codes: Tensor, work: Tensor) -> None:
+    """work[:stop - start] = rows start:stop of W in float32, K nibble-major (bit-identical to the reference)."""
+    rows, groups, half = stop - start, weight.in_features // weight.group_size, weight.group_size // 2
+    packed = weight.packed[start:stop].view(rows, groups, half)
+    nibbles = codes[:rows].view(rows, groups, 2, half)  # (rows, G, nibble, g/2)
+    torch.bitwise_and(packed, 0x0F, out=nibbles[:, :, 0])  # even k
+    torch.bitwise_right_shift(packed, 4, out=nibbles[:, :, 1])  # odd k
+    zero = SYMMETRIC_ZERO if weight.zeros is None else weight.zeros[start:stop].view(rows, groups, 1, 1)
+    nibbles.sub_(zero)  # code - zero in [-15, 15]: exact modulo 256, read back as int8
+    values = work[:rows].view(rows, groups, 2, half)
+    values.copy_(nibbles.view(torch.int8))
+    values.mul_(weight.scales[start:stop].float().view(rows, groups, 1, 1))  # (code - zero) * scale, as the reference
+
+
+@contextmanager
+def _dequant_threads() -> Iterator[None]:
+    """torch's intra-op threads set to DEQUANT_THREADS for the block, restored after (process-wide setting)."""
+    previous = torch.get_num_threads()
+    if DEQUANT_THREADS is None or previous == DEQUANT_THREADS:
+        yield
+        return
+    torch.set_num_threads(DEQUANT_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def dequantize_tile(weight: PackedInt4Weight, start: int, stop: int, buffers: TileBuffers) -> Tensor:
     """Rows start:stop of the weight, K in nibble-major order, in the buffers' compute dtype: (rows, K)."""
-    rows, groups, half = stop - start, weight.in_features // weight.group_size, weight.group_size // 2
-    packed = weight.packed[start:stop].view(rows, groups, half)
-    codes = buffers.codes[:rows].view(rows, groups, 2, half)  # (rows, G, nibble, g/2)
-    torch.bitwise_and(packed, 0x0F, out=codes[:, :, 0])  # even k
-    torch.bitwise_right_shift(packed, 4, out=codes[:, :, 1])  # odd k
-    zero = SYMMETRIC_ZERO if weight.zeros is None else weight.zeros[start:stop].view(rows, groups, 1, 1)
-    codes.sub_(zero)  # code - zero in [-15, 15]: exact modulo 256, read back as int8
-    work = buffers.work[:rows].view(rows, groups, 2, half)
-    work.copy_(codes.view(torch.int8))
-    work.mul_(weight.scales[start:stop].float().view(rows, groups, 1, 1))  # (code - zero) * scale, as the reference
-    if buffers.tile is buffers.work:
-        return buffers.work[:rows]
-    tile = buffers.tile[:rows]
-    tile.copy_(buffers.work[:rows])  # one rounding to the compute dtype, as the reference's .to(x.dtype)
-    return tile
+    step = buffers.codes.shape[0]
+    with _dequant_threads():
+        if buffers.tile is buffers.work:
+            for first in range(start, stop, step):
+                last = min(first + step, stop)
+                _dequantize_rows(weight, first, last, buffers.codes, buffers.work[first - start:])
+            return buffers.work[: stop - start]
+        for first in range(start, stop, step):
+            last = min(first + step, stop)
+            _dequantize_rows(weight, first, last, buffers.codes, buffers.work)
+            buffers.tile[first - start:last - start].copy_(buffers.work[: last - first])  # one rounding, as .to()
+    return buffers.tile[: stop - start]
 
 
 def linear_blocked(
@@ -82,8 +114,8 @@ def linear_blocked(
     """y = x @ W.T + bias with W dequantized tile by tile (never whole); returns x's dtype.
 
     compute_dtype: the GEMM's dtype (default `gemm_dtype(x.dtype)`); x is cast to it once and
-    the result cast back. Memory beyond the int4 weight: about tile_rows x K x 7 bytes of
-    buffers plus the permuted x and the output.
+    the result cast back. Memory beyond the int4 weight: tile_rows x K in the compute dtype plus
+    DEQUANT_ROWS x K x 5 bytes of buffers (13 MiB at K = 4096, bf16), the permuted x and the output.
     """
     if weight.group_size % 2:
         raise ValueError(f"the blocked path needs an even group size, got {weight.group_size}")

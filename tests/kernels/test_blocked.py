@@ -28,7 +28,8 @@ def _cases():
 
 
 @pytest.mark.parametrize(("shape", "scale_dtype", "zero_points"), _cases())
-def test_tiles_are_the_reference_weights_permuted(shape, scale_dtype, zero_points):
+def test_tiles_are_the_reference_weights_permuted(shape, scale_dtype, zero_points, monkeypatch):
+    monkeypatch.setattr(blocked, "DEQUANT_ROWS", 6)  # tiles of 16 rows dequantized 6, 6, 4 rows at a time
     n, k, group = shape
     packed, scales, zeros = make_layer(n, k, group, scale_dtype, zero_points, seed=n)
     weight = PackedInt4Weight(packed, scales, zeros, group)
@@ -50,7 +51,8 @@ def test_permute_k_orders_each_group_even_then_odd():
 @pytest.mark.parametrize("backend", ("cpu_blocked", "cpu_blocked_bf16"))
 @pytest.mark.parametrize("x_dtype", X_DTYPES)
 @pytest.mark.parametrize(("shape", "scale_dtype", "zero_points"), _cases())
-def test_blocked_within_tolerance(backend, x_dtype, shape, scale_dtype, zero_points):
+def test_blocked_within_tolerance(backend, x_dtype, shape, scale_dtype, zero_points, monkeypatch):
+    monkeypatch.setattr(blocked, "DEQUANT_ROWS", 7)
     n, k, group = shape
     packed, scales, zeros = make_layer(n, k, group, scale_dtype, zero_points, seed=k)
     generator = torch.Generator().manual_seed(n)
@@ -86,6 +88,18 @@ def test_blocked_keeps_leading_dimensions_and_empty_batches():
     bound = error_bound(x, packed, scales, zeros, 32, None, TOLERANCES["cpu_blocked", torch.float32])
     assert_within_bound(y, int4_linear_reference(x, packed, scales, zeros, 32), bound, "(2, 3, K) input")
     assert blocked.linear_blocked(x[:0], weight).shape == (0, 3, 24)
+
+
+@pytest.mark.parametrize("threads", (None, 1, 2))
+def test_dequant_threads_setting_keeps_results_and_restores_the_pool(threads, monkeypatch):
+    monkeypatch.setattr(blocked, "DEQUANT_THREADS", threads)
+    packed, scales, zeros = make_layer(40, 256, 64)
+    weight = PackedInt4Weight(packed, scales, zeros, 64)
+    before = torch.get_num_threads()
+    buffers = blocked.TileBuffers(40, 256, torch.float32)
+    assert_bitwise_equal(blocked.dequantize_tile(weight, 0, 40, buffers),
+                         blocked.permute_k(dequantize_int4(packed, scales, zeros, 64), 64))
+    assert torch.get_num_threads() == before
 
 
 def test_blocked_refuses_odd_group_sizes():
