@@ -29,7 +29,7 @@ AUTOTUNE_ENV_VAR = "QAT_KERNEL_AUTOTUNE"
 AUTOTUNE_CALLS = 2  # timed calls per candidate after the warm-up call
 # Largest M at which the static rule keeps torch's int4pack kernel (above: the blocked path), per x dtype;
 # measured crossovers, benchmarks/kernels-cpu-allM.md.
-STATIC_INT4PACK_MAX_M = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 32}
+STATIC_INT4PACK_MAX_M = {torch.float32: 128, torch.bfloat16: 128, torch.float16: 128}
 
 _CHOICES: dict[tuple, str] = {}
 
