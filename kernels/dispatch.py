@@ -27,7 +27,8 @@ Automatic choice: CUDA -> `triton` if importable, else `dequant`. CPU -> the fas
 `cpu_int4pack` (when its kernel is available and the group size is a multiple of 32) and the
 blocked path (`cpu_blocked` for bf16 x, `cpu_blocked_bf16` for fp32 / fp16 x), measured on
 the first call of each (dtype, shape, power-of-two bucket of M) and cached (autotune.py;
-QAT_KERNEL_AUTOTUNE=0: a fixed crossover in M instead); `dequant` when neither can run.
+QAT_KERNEL_AUTOTUNE=0: a fixed crossover in M instead); `dequant` (exact) when int4pack
+cannot run the layer (group size not a multiple of 32, no vectorized kernel).
 Above CPU_CACHE_DENSE_ABOVE_M rows (off by default) -> `cpu_bf16_cached`. Figures:
 benchmarks/kernels-cpu-allM.md. Pass backend="dequant" or "reference" for bit-exact results.
 
@@ -170,6 +171,8 @@ def get_backend(name: str) -> Backend:
 
 def cpu_candidates(x: Tensor, weight: PackedInt4Weight) -> list[str]:
     """The CPU backends automatic dispatch measures for these inputs (each able to run them; may be empty)."""
+    if BACKENDS["cpu_int4pack"].unsupported(x, weight) is not None:
+        return []  # layers int4pack cannot run keep the exact `dequant` path (as before the blocked path)
     blocked_name = "cpu_blocked" if x.dtype == torch.bfloat16 else "cpu_blocked_bf16"
     names = ("cpu_int4pack", blocked_name)
     return [name for name in names if BACKENDS[name].unsupported(x, weight) is None]

@@ -51,16 +51,18 @@ def test_environment_forces_a_backend_and_argument_wins(layer, monkeypatch):
 
 
 def test_automatic_choice_on_cpu(monkeypatch):
-    """Autotuning off: the static rule; group sizes int4pack cannot run go to the blocked path."""
+    """Autotuning off: the static rule; group sizes int4pack cannot run stay on the exact `dequant`."""
     monkeypatch.setenv("QAT_KERNEL_AUTOTUNE", "0")
     packed, scales, zeros = make_layer(32, 128, 32)
     x = torch.randn(1, 128)
-    expected = "cpu_int4pack" if cpu.int4pack_available() else "cpu_blocked_bf16"
+    expected = "cpu_int4pack" if cpu.int4pack_available() else "dequant"
     assert choose_backend(x, PackedInt4Weight(packed, scales, zeros, 32)) == expected
+    if cpu.int4pack_available():
+        assert choose_backend(torch.randn(129, 128), PackedInt4Weight(packed, scales, zeros, 32)) == "cpu_blocked_bf16"
     packed16, scales16, zeros16 = make_layer(32, 128, 16)
-    assert choose_backend(x, PackedInt4Weight(packed16, scales16, zeros16, 16)) == "cpu_blocked_bf16"
-    assert choose_backend(x.bfloat16(), PackedInt4Weight(packed16, scales16, zeros16, 16)) == "cpu_blocked"
-    assert_bitwise_equal(int4_linear(x, packed16, scales16, zeros16, 16, backend="dequant"),
+    assert choose_backend(x, PackedInt4Weight(packed16, scales16, zeros16, 16)) == "dequant"
+    assert choose_backend(x.bfloat16(), PackedInt4Weight(packed16, scales16, zeros16, 16)) == "dequant"
+    assert_bitwise_equal(int4_linear(x, packed16, scales16, zeros16, 16),
                          int4_linear_reference(x, packed16, scales16, zeros16, 16))
 
 
