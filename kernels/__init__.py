@@ -8,9 +8,11 @@ package `kernels`.
     reference.py    the specification (slow, readable PyTorch)
     weights.py      PackedInt4Weight: one layer, checked once, kernel forms cached at load time
     cpu.py          CPU paths (torch's int4pack kernel; exact dequantize + matmul; cached bf16)
+    blocked.py      CPU path for large M: tiles of rows dequantized into a reused buffer + dense GEMM
+    autotune.py     measured CPU choice per (dtype, shape, M bucket), cached in-process
     triton_int4.py  fused Triton GEMV / GEMM kernels for CUDA (also run by Triton's interpreter)
     dispatch.py     int4_linear(...): picks a backend by device / M / shape; overrides
-    bench.py        `python -m qat.kernels.bench`: side-by-side timings
+    bench.py        `python -m qat.kernels.bench`: side-by-side timings (--summary: bench_summary.py)
 
 Example:
     >>> from qat.kernels import int4_linear, prepare_weights

@@ -32,6 +32,7 @@ from .weights import PackedInt4Weight
 
 ROTATION_BYTES = 160 * 2**20  # > 4x a 32 MiB L3 / 50 MiB H100 L2
 TORCH_INT4 = "torch int4 op"
+DEFAULT_ROWS, SUMMARY_ROWS = "1,4,16,64,256", "1,4,16,64,256,1024"
 NOTES_MARKER = "<!-- notes: everything below is kept when the benchmark rewrites this file -->"
 
 
@@ -285,7 +286,7 @@ def write_markdown(path: Path, results: list[dict], args: argparse.Namespace, de
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m qat.kernels.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="4096x4096,11008x4096", help="comma-separated NxK (out x in features)")
-    parser.add_argument("--rows", default="1,4,16,64,256", help="comma-separated M (rows of x)")
+    parser.add_argument("--rows", default=None, help="comma-separated M (rows of x; default 1,4,16,64,256)")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--dtypes", default=None, help="activation dtypes (default: float32,bfloat16 on CPU, "
                         "bfloat16,float16 on GPU)")
@@ -296,8 +297,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="comma-separated method names to time (dense is always timed)")
     parser.add_argument("--output", default=None, help="markdown file (default benchmarks/kernels-<device>.md)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--summary", action="store_true", help="the dtype x M table: dense vs int4pack, blocked, "
+                        "auto, with peak RSS (default rows 1,4,16,64,256,1024; writes benchmarks/kernels-cpu-allM.md)")
+    parser.add_argument("--no-memory", action="store_true", help="with --summary: skip the peak-RSS children")
     args = parser.parse_args(argv)
-    args.rows = [int(value) for value in args.rows.split(",")]
+    args.rows = [int(value) for value in (args.rows or SUMMARY_ROWS if args.summary else DEFAULT_ROWS).split(",")]
     args.only = args.only.split(",") if args.only else None
     args.shapes = [tuple(int(part) for part in shape.split("x")) for shape in args.shapes.split(",")]
     return args
@@ -311,12 +315,38 @@ def main(argv: Optional[list[str]] = None) -> None:
     if device == "cpu":
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    if args.summary:
+        _write_summary(args, device, start)
+        return
     print(HEADER, flush=True)
     results = [row for n, k in args.shapes for dtype in args.dtypes for row in bench_shape(n, k, dtype, args, device)]
     if not args.no_write:
         path = Path(args.output or f"benchmarks/kernels-{device}.md")
         write_markdown(path, results, args, device, time.perf_counter() - start)
         print(f"wrote {path}")
+
+
+def _write_summary(args: argparse.Namespace, device: str, start: float) -> None:
+    if device != "cpu":
+        raise SystemExit("--summary compares the CPU paths; run it on a CPU-only machine (or without CUDA)")
+    from .bench_summary import run_summary
+
+    lines = run_summary(args)
+    if args.no_write:
+        return
+    path = Path(args.output or "benchmarks/kernels-cpu-allM.md")
+    command = shlex.join(["python", "-m", "qat.kernels.bench", *sys.argv[1:]])
+    header = ["# int4 layer vs dense float at every M (cpu)", "",
+              f"Machine: {machine_description(device, args.threads)}.",
+              f"Command: `{command}` ({time.perf_counter() - start:.0f} s, {time.strftime('%Y-%m-%d %H:%M %Z')}).",
+              "Ratios are time(dense) / time(method), medians over interleaved calls in one process (above 1: the "
+              "int4 layer is faster); `dense` is F.linear on the weight dequantized to x's dtype. int4 weights, "
+              f"asymmetric, fp16 scales, group size {args.group_size}.", ""]
+    previous = path.read_text() if path.exists() else ""
+    notes = [NOTES_MARKER + previous.split(NOTES_MARKER, 1)[1]] if NOTES_MARKER in previous else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(header + lines + notes))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

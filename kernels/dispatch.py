@@ -17,15 +17,20 @@ fallback); an unknown name raises listing the available ones. Backends:
     dequant_cached  the same with the dequantized weight kept per layer (2-4 bytes per weight)
     cpu_int4pack    torch's CPU int4pack kernel, bf16 compute, documented tolerance
     cpu_bf16_cached bf16 matmul on a cached bf16 dequantized weight (exact for bf16 x; else bf16 compute)
+    cpu_blocked     dequantize tiles of rows into a small reused buffer + dense GEMM in x's dtype (fp16 x: fp32)
+    cpu_blocked_bf16 the same with a bf16 GEMM (for fp32 / fp16 x; bf16 compute, documented tolerance)
     triton          fused Triton kernels on CUDA: GEMV / GEMM / dequant+dense by M
     triton_gemv     the split-K GEMV kernel alone (any M)
     triton_gemm     the fused tensor-core GEMM kernel alone (any M)
 
-Automatic choice: CUDA -> `triton` if importable, else `dequant`. CPU -> `cpu_int4pack`
-when its kernel is available and the layer's group size is a multiple of 32, else
-`dequant`; above CPU_CACHE_DENSE_ABOVE_M rows (off by default) -> `cpu_bf16_cached`. On CPU,
-`cpu_int4pack` beat the fp32 dense layer at every M measured (benchmarks/kernels-cpu.md);
-pass backend="dequant" or "reference" for bit-exact results.
+Automatic choice: CUDA -> `triton` if importable, else `dequant`. CPU -> the faster of
+`cpu_int4pack` (when its kernel is available and the group size is a multiple of 32) and the
+blocked path (`cpu_blocked` for bf16 x, `cpu_blocked_bf16` for fp32 / fp16 x), measured on
+the first call of each (dtype, shape, power-of-two bucket of M) and cached (autotune.py;
+QAT_KERNEL_AUTOTUNE=0: a fixed crossover in M instead); `dequant` (exact) when int4pack
+cannot run the layer (group size not a multiple of 32, no vectorized kernel).
+Above CPU_CACHE_DENSE_ABOVE_M rows (off by default) -> `cpu_bf16_cached`. Figures:
+benchmarks/kernels-cpu-allM.md. Pass backend="dequant" or "reference" for bit-exact results.
 
 Example:
     >>> y = int4_linear(x, packed, scales, zeros, group_size=128)
@@ -39,9 +44,10 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
-from . import cpu
+from . import autotune, blocked, cpu
 from .reference import int4_linear_reference
 from .weights import PackedInt4Weight, cached_weight, check_activation
 
@@ -104,6 +110,14 @@ def _cpu_only(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
     return None if x.device.type == "cpu" else f"it needs CPU tensors, got {x.device}"
 
 
+def _blocked_unsupported(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
+    if x.device.type != "cpu" or weight.packed.device.type != "cpu":
+        return f"it needs CPU tensors, got {x.device}"
+    if weight.group_size % 2:
+        return f"it needs an even group size, got {weight.group_size}"
+    return None
+
+
 def _anywhere(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
     return None
 
@@ -126,6 +140,12 @@ BACKENDS: dict[str, Backend] = {
         Backend("dequant", lambda x, w, b: cpu.linear_dequantized(x, w, b, cache=False), _anywhere, exact=True),
         Backend("dequant_cached", lambda x, w, b: cpu.linear_dequantized(x, w, b, cache=True), _anywhere, exact=True),
         Backend("cpu_bf16_cached", cpu.linear_bf16_cached, _cpu_only),
+        Backend("cpu_blocked", blocked.linear_blocked, _blocked_unsupported),
+        Backend(
+            "cpu_blocked_bf16",
+            lambda x, w, b: blocked.linear_blocked(x, w, b, compute_dtype=torch.bfloat16),
+            _blocked_unsupported,
+        ),
         Backend(
             "cpu_int4pack",
             cpu.linear_int4pack,
@@ -149,16 +169,35 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
+def cpu_candidates(x: Tensor, weight: PackedInt4Weight) -> list[str]:
+    """The CPU backends automatic dispatch measures for these inputs (each able to run them; may be empty)."""
+    if BACKENDS["cpu_int4pack"].unsupported(x, weight) is not None:
+        return []  # layers int4pack cannot run keep the exact `dequant` path (as before the blocked path)
+    blocked_name = "cpu_blocked" if x.dtype == torch.bfloat16 else "cpu_blocked_bf16"
+    names = ("cpu_int4pack", blocked_name)
+    return [name for name in names if BACKENDS[name].unsupported(x, weight) is None]
+
+
+def _run_unchecked(name: str, x: Tensor, weight: PackedInt4Weight) -> Tensor:
+    return BACKENDS[name].run(x, weight, None)
+
+
 def choose_backend(x: Tensor, weight: PackedInt4Weight) -> str:
-    """The backend name for these inputs: the fastest one that can run them (see module docstring)."""
+    """The backend name for these inputs: the fastest one that can run them (see module docstring).
+
+    On CPU this may time the candidates on x once per (dtype, shape, M bucket): see autotune.py.
+    """
     if x.device.type == "cuda":
         return "triton" if _triton_unsupported(x, weight) is None else "dequant"
+    if x.device.type != "cpu":
+        return "dequant"
     rows = x.numel() // weight.in_features
-    if x.device.type == "cpu" and CPU_CACHE_DENSE_ABOVE_M is not None and rows > CPU_CACHE_DENSE_ABOVE_M:
+    if CPU_CACHE_DENSE_ABOVE_M is not None and rows > CPU_CACHE_DENSE_ABOVE_M:
         return "cpu_bf16_cached"
-    if x.device.type == "cpu" and _int4pack_unsupported(x, weight) is None:
-        return "cpu_int4pack"
-    return "dequant"
+    candidates = cpu_candidates(x, weight)
+    if not candidates:
+        return "dequant"
+    return autotune.choose_by_measurement(x, weight, candidates, _run_unchecked)
 
 
 def _run(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor], backend: Optional[str]) -> Tensor:

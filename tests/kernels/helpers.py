@@ -150,3 +150,32 @@ def make_exact_case(
     zeros = torch.randint(0, 16, (n, k // group_size), dtype=torch.uint8, generator=generator)
     x = torch.randint(-8, 9, (rows, k), generator=generator).to(dtype)
     return x, pack_int4(codes), scales, zeros
+
+
+# The blocked path (kernels/blocked.py): its tiles are the reference's weights bit for bit (K permuted),
+# rounded once to the GEMM dtype as the reference rounds them to x's dtype; what differs is the GEMM.
+TOLERANCES |= {
+    ("cpu_blocked", torch.float32): Tolerance(
+        UNIT_ROUNDOFF[torch.float32], 2.0, 0.0,
+        "weights bitwise the reference's; only the fp32 GEMM's summation order differs (last term) plus the "
+        "final rounding of y on either side",
+    ),
+    ("cpu_blocked", torch.bfloat16): Tolerance(
+        BF16, 2.0, 0.0,
+        "bf16 weights bitwise the reference's (same fp32 value, same single rounding); fp32 accumulation in "
+        "another order (last term) can move y's rounding to bf16 by one unit on either side: 2 units",
+    ),
+    ("cpu_blocked", torch.float16): Tolerance(
+        UNIT_ROUNDOFF[torch.float16], 3.0, 0.0,
+        "GEMM in fp32 on exact weights; the reference rounds W to fp16 (1 unit) and y to fp16, as we do (2)",
+    ),
+    ("cpu_blocked_bf16", torch.float32): Tolerance(
+        BF16, 3.0, 0.0, "bf16 GEMM: x, W and y each rounded to bf16 once (as cpu_bf16_cached)",
+    ),
+    ("cpu_blocked_bf16", torch.float16): Tolerance(
+        BF16, 4.0, 0.0, "x, W, y rounded to bf16 (3 units), y then to fp16 and the reference's fp16 roundings (< 1)",
+    ),
+    ("cpu_blocked_bf16", torch.bfloat16): Tolerance(
+        BF16, 2.0, 0.0, "for bf16 x it is cpu_blocked",
+    ),
+}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
-from qat.kernels import bench
+from qat.kernels import bench, bench_summary
 
 
 def test_bench_writes_table_and_keeps_notes(tmp_path, capsys):
@@ -18,3 +21,25 @@ def test_bench_writes_table_and_keeps_notes(tmp_path, capsys):
     assert "old table" not in text and text.count("| 64x128 | float32 |") == printed.count("| 64x128 | float32 |")
     assert "Machine: " in text and "Command: `python -m qat.kernels.bench" in text
     assert text.endswith(f"{bench.NOTES_MARKER}\nhand-written analysis\n")
+
+
+def test_summary_table_has_every_dtype_and_m(tmp_path, capsys):
+    output = tmp_path / "allM.md"
+    bench.main(["--summary", "--shapes", "64x128", "--rows", "1,3,40", "--rounds", "1", "--reps", "2",
+                "--group-size", "32", "--no-memory", "--output", str(output),
+                "--threads", str(torch.get_num_threads())])
+    text = output.read_text()
+    assert "Machine: " in text and "Command: `python -m qat.kernels.bench" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| float32 |", "| bfloat16 |"))]
+    assert [tuple(line.split(" | ")[:2]) for line in rows] == [
+        (f"| {dtype}", m) for dtype in ("float32", "bfloat16") for m in ("1", "3", "40")]
+    picks = {line.split(" | ")[6] for line in rows}
+    assert picks <= {"cpu_int4pack", "cpu_blocked", "cpu_blocked_bf16", "static rule"}, picks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_peak_rss_growth_sees_the_dense_copy_a_call_makes():
+    """`dequant` dequantizes the whole 1024x1024 fp32 weight per call (4 MiB): the child must see that."""
+    growth = bench_summary.peak_rss_growth(1024, 1024, 32, torch.float32, "dequant", [1], threads=1)
+    assert growth is not None and growth >= 4 * 2**20

@@ -26,7 +26,8 @@ def layer():
 
 def test_unknown_backend_lists_the_available_ones(layer, monkeypatch):
     x = torch.randn(2, 128)
-    listing = r"unknown int4 kernel backend 'tinygemm'.*available: auto, cpu_bf16_cached, cpu_int4pack, dequant"
+    listing = (r"unknown int4 kernel backend 'tinygemm'.*available: auto, cpu_bf16_cached, cpu_blocked, "
+               r"cpu_blocked_bf16, cpu_int4pack, dequant")
     with pytest.raises(ValueError, match=listing):
         int4_linear(x, *layer, backend="tinygemm")
     monkeypatch.setenv(ENV_VAR, "nope")
@@ -49,13 +50,18 @@ def test_environment_forces_a_backend_and_argument_wins(layer, monkeypatch):
     assert calls == ["spy"]
 
 
-def test_automatic_choice_on_cpu():
+def test_automatic_choice_on_cpu(monkeypatch):
+    """Autotuning off: the static rule; group sizes int4pack cannot run stay on the exact `dequant`."""
+    monkeypatch.setenv("QAT_KERNEL_AUTOTUNE", "0")
     packed, scales, zeros = make_layer(32, 128, 32)
     x = torch.randn(1, 128)
     expected = "cpu_int4pack" if cpu.int4pack_available() else "dequant"
     assert choose_backend(x, PackedInt4Weight(packed, scales, zeros, 32)) == expected
+    if cpu.int4pack_available():
+        assert choose_backend(torch.randn(129, 128), PackedInt4Weight(packed, scales, zeros, 32)) == "cpu_blocked_bf16"
     packed16, scales16, zeros16 = make_layer(32, 128, 16)
     assert choose_backend(x, PackedInt4Weight(packed16, scales16, zeros16, 16)) == "dequant"
+    assert choose_backend(x.bfloat16(), PackedInt4Weight(packed16, scales16, zeros16, 16)) == "dequant"
     assert_bitwise_equal(int4_linear(x, packed16, scales16, zeros16, 16),
                          int4_linear_reference(x, packed16, scales16, zeros16, 16))
 

@@ -1,0 +1,101 @@
+"""Pick a CPU backend by measuring: once per (dtype, layer shape, M bucket, threads), cached in-process.
+
+Which of torch's int4pack kernel and the blocked path (blocked.py) is faster depends on the
+activation dtype, the shape, M and the machine (benchmarks/kernels-cpu-allM.md): int4pack
+re-dequantizes the weight for every few rows of x, the blocked path dequantizes it once per
+call and then runs the dense GEMM. So the first time automatic dispatch sees a bucket of M
+(powers of two: 1, 2-3, 4-7, ...) for a layer shape and dtype, it runs every candidate on
+the real input (one warm-up call each, which also builds load-time forms, then
+AUTOTUNE_CALLS interleaved timed calls), keeps the fastest by its fastest call, and reuses
+that choice for every later call in the bucket. QAT_KERNEL_AUTOTUNE=0 turns measuring off:
+then `static_choice` (the crossovers measured here) decides, deterministically.
+
+Example:
+    >>> name = choose_by_measurement(x, weight, ["cpu_int4pack", "cpu_blocked"], run)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .weights import PackedInt4Weight
+
+AUTOTUNE_ENV_VAR = "QAT_KERNEL_AUTOTUNE"
+AUTOTUNE_CALLS = 2  # timed calls per candidate after the warm-up call
+# Largest M at which the static rule keeps torch's int4pack kernel (above: the blocked path), per x dtype;
+# measured crossovers, benchmarks/kernels-cpu-allM.md.
+STATIC_INT4PACK_MAX_M = {torch.float32: 128, torch.bfloat16: 128, torch.float16: 128}
+
+_CHOICES: dict[tuple, str] = {}
+
+
+def autotune_enabled() -> bool:
+    """False when QAT_KERNEL_AUTOTUNE is 0 / false / off (then the static rule decides)."""
+    return os.environ.get(AUTOTUNE_ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def rows_bucket(rows: int) -> int:
+    """The power-of-two bucket of M that shares one choice: 0 for M = 0, then 1, 2-3, 4-7, ... -> 1, 2, 3, ..."""
+    return rows.bit_length()
+
+
+def choice_key(x: Tensor, weight: PackedInt4Weight) -> tuple:
+    """What a measured choice depends on: dtype, layer shape and format, M bucket, thread count."""
+    rows = x.numel() // weight.in_features
+    return (x.device.type, x.dtype, weight.out_features, weight.in_features, weight.group_size,
+            weight.zeros is None, rows_bucket(rows), torch.get_num_threads())
+
+
+def clear_choices() -> None:
+    """Forget every measured choice (e.g. after changing the thread count or for a fresh benchmark)."""
+    _CHOICES.clear()
+
+
+def measured_choices() -> dict[tuple, str]:
+    """A copy of the cached choices: key (see `choice_key`) -> backend name."""
+    return dict(_CHOICES)
+
+
+def static_choice(x: Tensor, candidates: Sequence[str]) -> str:
+    """The deterministic rule: int4pack up to STATIC_INT4PACK_MAX_M rows, else the first blocked candidate."""
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    blocked = [name for name in candidates if name.startswith("cpu_blocked")]
+    if "cpu_int4pack" in candidates and (not blocked or rows <= STATIC_INT4PACK_MAX_M.get(x.dtype, 32)):
+        return "cpu_int4pack"
+    return blocked[0] if blocked else candidates[0]
+
+
+def _fastest(x: Tensor, weight: PackedInt4Weight, candidates: Sequence[str],
+             run: Callable[[str, Tensor, PackedInt4Weight], Tensor]) -> str:
+    """Time each candidate (interleaved, after one warm-up call each); the one with the fastest call."""
+    for name in candidates:
+        run(name, x, weight)
+    best = {name: float("inf") for name in candidates}
+    for _ in range(AUTOTUNE_CALLS):
+        for name in candidates:
+            start = time.perf_counter()
+            run(name, x, weight)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return min(candidates, key=lambda name: best[name])
+
+
+def choose_by_measurement(x: Tensor, weight: PackedInt4Weight, candidates: Sequence[str],
+                          run: Callable[[str, Tensor, PackedInt4Weight], Tensor]) -> str:
+    """The cached or newly measured fastest of `candidates` (all able to run x) for x's bucket.
+
+    run(name, x, weight) runs one candidate. With one candidate, M = 0 or autotuning off,
+    nothing is timed.
+    """
+    if len(candidates) == 1:
+        return candidates[0]
+    if not autotune_enabled() or x.numel() == 0:
+        return static_choice(x, candidates)
+    key = choice_key(x, weight)
+    if key not in _CHOICES:
+        _CHOICES[key] = _fastest(x, weight, candidates, run)
+    return _CHOICES[key]

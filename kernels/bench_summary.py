@@ -1,0 +1,156 @@
+"""The dtype x M summary: int4 layer vs dense float of the same activation dtype, plus peak memory.
+
+`python -m qat.kernels.bench --summary` (or `qat bench --summary`) times, interleaved in one
+process, `dense` (F.linear on the weight dequantized to x's dtype), torch's int4pack kernel,
+the blocked path and automatic dispatch for every activation dtype and M, and prints one
+row per (dtype, M) with the ratios dense / method. Peak memory: a fresh child process per
+(method, dtype) builds one int4 layer, resets the kernel's peak-RSS counter (Linux
+/proc/self/clear_refs) after one M = 1 call (so load-time repacks are done), runs every M and
+reports the growth of the peak resident set over the int4 layer (the per-call transient
+buffers and outputs), next to the size of a dense copy of the weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import autotune
+from .dispatch import int4_linear_prepared
+from .weights import PackedInt4Weight
+
+SUMMARY_HEADER = ("| x | M | dense ms | int4pack | blocked | auto (dispatch) | auto picks | auto, fastest call "
+                  "| auto spread |")
+
+
+def blocked_name(dtype: torch.dtype) -> str:
+    """The blocked backend dispatch considers for this activation dtype."""
+    return "cpu_blocked" if dtype == torch.bfloat16 else "cpu_blocked_bf16"
+
+
+def summary_methods(dtype: torch.dtype) -> dict[str, Callable]:
+    """name -> function(x, layer) for the summary (besides dense)."""
+    def backend(name: Optional[str]) -> Callable:
+        return lambda x, layer: int4_linear_prepared(x, layer.weight, backend=name)
+
+    return {"int4pack": backend("cpu_int4pack"), "blocked": backend(blocked_name(dtype)), "auto": backend(None)}
+
+
+def summary_rows(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace) -> list[dict]:
+    """One summary row per M for this shape and activation dtype (all methods interleaved)."""
+    from .bench import Layer, copies_needed, make_layer, time_methods
+    from .reference import dequantize_int4
+
+    generator = torch.Generator().manual_seed(0)
+    layers = [Layer(make_layer(n, k, args.group_size, "cpu", generator)) for _ in range(copies_needed(n * k // 2))]
+    dense_layers = layers[: copies_needed(n * k * dtype.itemsize)]
+    for layer in dense_layers:
+        w = layer.weight
+        layer.dense = dequantize_int4(w.packed, w.scales, w.zeros, w.group_size).to(dtype)
+    rows = []
+    for m in args.rows:
+        x = torch.randn(m, k, generator=generator).to(dtype)
+        methods = {"dense": ((lambda x, layer: F.linear(x, layer.dense)), dense_layers)}
+        methods |= {name: (method, layers) for name, method in summary_methods(dtype).items()}
+        reps = max(2, min(args.reps, int(args.budget_flop / (2 * m * n * k))))
+        timed = time_methods(methods, x, "cpu", args.rounds, reps)
+        picked = autotune.measured_choices().get(autotune.choice_key(x, layers[0].weight), "static rule")
+        dense = timed["dense"]
+        row = {"x": str(dtype).removeprefix("torch."), "M": m, "dense_ms": dense.median * 1e3, "picks": picked,
+               **{name: dense.median / timed[name].median for name in ("int4pack", "blocked", "auto")},
+               "auto_best": dense.best / timed["auto"].best, "auto_spread": timed["auto"].spread}
+        rows.append(row)
+        print(format_summary_row(row), flush=True)
+    for layer in layers:
+        layer.weight.drop_forms()
+    return rows
+
+
+def format_summary_row(row: dict) -> str:
+    cells = [row["x"], row["M"], f"{row['dense_ms']:.3f}", f"{row['int4pack']:.2f}x", f"{row['blocked']:.2f}x",
+             f"{row['auto']:.2f}x", row["picks"], f"{row['auto_best']:.2f}x", f"{row['auto_spread'] * 100:.0f}%"]
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def _peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _rss_child(n: int, k: int, group_size: int, dtype_name: str, method: str, rows: list[int], threads: int,
+               queue) -> None:
+    """In a fresh process: peak RSS growth while running `method` at every M, over the int4 layer."""
+    from .bench import make_layer
+
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    weight: PackedInt4Weight = make_layer(n, k, group_size, "cpu", torch.Generator().manual_seed(0))
+    inputs = [torch.randn(m, k).to(dtype) for m in rows]
+    dense = None
+    if method == "dense":
+        from .reference import dequantize_int4
+
+        dense = dequantize_int4(weight.packed, weight.scales, weight.zeros, group_size).to(dtype)
+    warm_up = torch.randn(1, k).to(dtype)  # load-time repacks and library start-up happen before the baseline
+    if dense is None:
+        int4_linear_prepared(warm_up, weight, backend=method)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current resident set
+    baseline = _peak_rss_bytes()
+    for x in inputs:
+        y = F.linear(x, dense) if dense is not None else int4_linear_prepared(x, weight, backend=method)
+        del y
+    queue.put(_peak_rss_bytes() - baseline)
+
+
+def peak_rss_growth(n: int, k: int, group_size: int, dtype: torch.dtype, method: Optional[str], rows: list[int],
+                    threads: int) -> Optional[int]:
+    """Bytes the peak RSS grows by while `method` (None: auto) runs every M; None where Linux cannot tell."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    name = "auto" if method is None else method
+    child = context.Process(target=_rss_child, args=(n, k, group_size, str(dtype)[6:], name, rows, threads, queue))
+    child.start()
+    try:
+        return queue.get(timeout=900)
+    finally:
+        child.join()
+
+
+def memory_lines(n: int, k: int, args: argparse.Namespace) -> list[str]:
+    """A markdown table of peak-RSS growth per (dtype, method) for this shape, over every M."""
+    lines = ["| x | method | peak RSS growth over the int4 layer (MiB) | dense weight (MiB) | int4 layer (MiB) |",
+             "| --- | --- | --- | --- | --- |"]
+    int4_mib = (n * k // 2 + 3 * n * (k // args.group_size)) / 2**20
+    for dtype in args.dtypes:
+        for method in ("dense", "cpu_int4pack", blocked_name(dtype), None):
+            growth = peak_rss_growth(n, k, args.group_size, dtype, method, args.rows, args.threads)
+            shown = "n/a" if growth is None else f"{growth / 2**20:.1f}"
+            lines.append(f"| {str(dtype)[6:]} | {method or 'auto (dispatch)'} | {shown} | "
+                         f"{n * k * dtype.itemsize / 2**20:.0f} (held for dense) | {int4_mib:.1f} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def run_summary(args: argparse.Namespace) -> list[str]:
+    """Print and return the markdown lines of the summary (timings, then memory) for every shape."""
+    lines: list[str] = []
+    for n, k in args.shapes:
+        autotune.clear_choices()
+        started = time.perf_counter()
+        print(f"\n{n}x{k}, group {args.group_size}:\n{SUMMARY_HEADER}", flush=True)
+        table = [format_summary_row(row) for dtype in args.dtypes for row in summary_rows(n, k, dtype, args)]
+        lines += [f"### {n}x{k}, group {args.group_size} ({time.perf_counter() - started:.0f} s)", "",
+                  SUMMARY_HEADER, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *table, ""]
+        if not args.no_memory:
+            lines += [*memory_lines(n, k, args), ""]
+    return lines
