@@ -99,8 +99,12 @@ def train(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None, q
     from qat.eval.float_reference import FloatReference
 
     # <run_dir>/float.safetensors at the end of warm-up: the float reference `qat eval` compares with
-    # A pretrained Hugging Face model's float reference is its source (model.hf): nothing to write.
-    reference = [FloatReference(recipe.schedule.warmup_steps)] if recipe.model.hf is None else []
+    # A pretrained Hugging Face model's float reference is its source (model.hf): nothing to write. Under
+    # FSDP2 the model cannot be copied (a sharded run has no float.safetensors; `qat eval` says so).
+    from qat.lightning.sharding import is_sharded
+
+    needs_reference = recipe.model.hf is None and not is_sharded(recipe.trainer.strategy)
+    reference = [FloatReference(recipe.schedule.warmup_steps)] if needs_reference else []
     run = build(recipe, [*(extra_callbacks or []), *reference])
     console = Console(quiet=quiet or not run.trainer.is_global_zero)
     if not quiet and run.trainer.is_global_zero:
