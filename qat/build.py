@@ -105,7 +105,7 @@ def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -
     floats: list[nn.Module] = []
     keep_float = (recipe.distill.enabled and recipe.distill.teacher == "initial") or recipe.task == "embedding"
     model, report = build_model(recipe, (lambda m: floats.append(copy.deepcopy(m))) if keep_float else None)
-    datamodule = make_datamodule(recipe)
+    datamodule = make_datamodule(recipe, model)
     if recipe.model.hf is not None:
         datamodule.setup("fit")  # a corpus or tokenizer problem is an error now, before the run directory exists
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -115,8 +115,9 @@ def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -
             "quant_spec_hash": quant_spec_hash(recipe.quant)}
     check_sharded_run(recipe)
     task = make_task(recipe.task, num_classes)
-    if floats:
-        task.reference = freeze_teacher(copy.deepcopy(floats[0]))  # what 'embedding' is measured against
+    if floats:  # what 'embedding' is measured against; its own copy only when the teacher is cast to bf16
+        bf16_teacher = recipe.distill.enabled and recipe.distill.teacher_dtype == "bfloat16"
+        task.reference = freeze_teacher(copy.deepcopy(floats[0]) if bf16_teacher else floats[0])
     module_class = ShardedQATModule if is_sharded(recipe.trainer.strategy) else QATModule
     module = module_class(model, task, num_classes, recipe.optimizer, checkpoint_info=info)
     schedule = QuantizationSchedule(recipe.schedule)
@@ -133,9 +134,10 @@ def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -
                pruning)
 
 
-def make_datamodule(recipe: Recipe) -> pl.LightningDataModule:
-    """The recipe's data module; a Hugging Face model's tokenizer and limits go to the arguments it takes
-    (`tokenizer`, `max_positions`, `vocab_size`)."""
+def make_datamodule(recipe: Recipe, model: Optional[nn.Module] = None) -> pl.LightningDataModule:
+    """The recipe's data module; a Hugging Face model's tokenizer and limits (from `model.config`, or the
+    source's config when no model is given) go to the arguments it takes (`tokenizer`, `max_positions`,
+    `vocab_size`)."""
     factory = import_object(recipe.data._target_, "data")
     extra: dict[str, Any] = {}
     if recipe.model.hf is not None:
@@ -144,7 +146,7 @@ def make_datamodule(recipe: Recipe) -> pl.LightningDataModule:
         accepted = _parameters(factory)
         if "tokenizer" in accepted and "tokenizer" not in recipe.data.args:
             extra["tokenizer"] = load_tokenizer(recipe.model.hf)
-        config = _hf_config(recipe)
+        config = model.config if model is not None and hasattr(model, "config") else _hf_config(recipe)
         limits = {"max_positions": getattr(config, "max_position_embeddings", None),
                   "vocab_size": getattr(config, "vocab_size", None)}
         extra.update({k: v for k, v in limits.items() if v is not None and k in accepted and k not in recipe.data.args})

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from qat.lightning.tasks import logits_of, model_output
+
 
 class EvalError(ValueError):
     """An evaluation input is unusable (wrong file, no float reference, data that does not fit)."""
@@ -52,8 +54,7 @@ def split_batch(batch: Any) -> tuple[Any, Tensor]:
 
 def call_model(model: nn.Module, inputs: Any) -> Tensor:
     """Logits of `model` on `inputs` (a tensor, or a dict of keyword tensors)."""
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    return out.logits if hasattr(out, "logits") else out
+    return logits_of(model_output(model, inputs))
 
 
 def _check_fit(logits: Tensor, labels: Tensor, describe: str) -> None:
