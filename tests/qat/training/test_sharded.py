@@ -92,7 +92,9 @@ def test_per_tensor_scales_are_named_before_fsdp2_refuses_them():
 @pytest.mark.slow
 def test_fsdp2_rank_killed_then_resumed_ends_bit_identical(ddp_and_fsdp2, tmp_path):
     killed = run_dist(tmp_path, "kill", "7", "trainer.strategy=fsdp2")
-    assert killed.returncode != 0 and "Connection reset by peer" in killed.stderr
+    # gloo words the dead peer as "reset" or "closed" depending on timing (as in test_ddp_faults)
+    peer_gone = ("Connection reset by peer", "Connection closed by peer", "caused by a remote worker crashing")
+    assert killed.returncode != 0 and any(text in killed.stderr for text in peer_gone)
     resumed = run_dist(tmp_path, "resume", "trainer.strategy=fsdp2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = torch.load(ddp_and_fsdp2["fsdp2"], weights_only=True)["state_dict"]
