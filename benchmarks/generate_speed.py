@@ -2,11 +2,13 @@
 
 Same prompt, greedy decoding of the same number of tokens, prefill and decode measured
 separately (`qat.hf.generate`), each configuration `--rounds` times, interleaved (the
-machine is shared: compare the medians side by side, not with other runs).
+machine is shared: compare the medians side by side, not with other runs). `--gguf FILE`
+adds llama.cpp (llama-cpp-python, `make llama`) on that file with the same prompt tokens,
+e.g. the `qat export --to gguf` conversion of the same int4 file.
 
 Usage:
     .venv/bin/python -m benchmarks.generate_speed runs/smollm2_w4_kd/version_0/model.safetensors \\
-        --new-tokens 32 --rounds 3 --threads 2
+        --new-tokens 32 --rounds 3 --threads 2 [--gguf smollm2-q4.gguf]
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import statistics
 import torch
 
 import qat
-from qat.hf.generate import generate, tokenizer_for
+from qat.export.targets.llama_cpp_run import llama_greedy, open_llama
+from qat.hf.generate import Generation, generate, tokenizer_for
 from qat.hf.load import HFSource, load_hf_model
 
 PROMPT = "The for statement is used to iterate over the elements of a sequence"
@@ -30,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gguf", help="also run llama.cpp on this GGUF file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from qat.export.manifest import read_manifest
@@ -43,13 +47,21 @@ def main(argv: list[str] | None = None) -> None:
         "int4 fp32": qat.load(args.file, dtype=torch.float32),
         "int4 bf16": qat.load(args.file, dtype=torch.bfloat16),
     }
-    results: dict[str, list] = {name: [] for name in models}
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    llm = open_llama(args.gguf, n_ctx=256, threads=args.threads) if args.gguf else None
+    results: dict[str, list] = {name: [] for name in [*models, *(["llama.cpp " + args.gguf] if llm else [])]}
     texts = {}
     for _ in range(args.rounds):
         for name, model in models.items():
             out = generate(model, tokenizer, PROMPT, max_new_tokens=args.new_tokens)
             results[name].append(out)
             texts[name] = out.text
+        if llm is not None:
+            name = "llama.cpp " + args.gguf
+            run = llama_greedy(llm, prompt_ids, args.new_tokens)
+            results[name].append(Generation("", len(run.tokens), run.prefill_tokens_per_s(len(prompt_ids)),
+                                            run.decode_tokens_per_s))
+            texts[name] = tokenizer.decode(run.tokens, skip_special_tokens=True)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
           f"prompt {len(tokenizer(PROMPT)['input_ids'])} tokens, {args.new_tokens} new tokens, {args.rounds} rounds")
     base = statistics.median(r.decode_tokens_per_s for r in results["float fp32"])

@@ -4,6 +4,7 @@ Example:
     $ qat export digits.safetensors --to onnx -o digits.onnx
     $ qat export lm.safetensors --to onnx -o lm.onnx --input-shape 1,16 --input-dtype int64
     $ qat export llama.safetensors --to compressed-tensors -o llama-int4/
+    $ qat export smollm2.safetensors --to gguf -o smollm2-q4.gguf
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
                        "instead of failing")
     group.add_argument("--input-shape",
                        help="onnx: example input shape, e.g. 1,1,8,8 (default: the file's golden inputs)")
+    group.add_argument("--vocab", help="gguf: a GGUF file to copy the tokenizer from (default: the model's own "
+                       "GGUF source, if it came from one)")
     group.add_argument("--input-dtype", choices=sorted(INPUT_DTYPES), default="float32",
                        help="onnx: dtype of the example input (int64 for token ids)")
 
 
 def _options(args: argparse.Namespace) -> dict:
+    if args.to == "gguf":
+        return {"vocab": args.vocab} if args.vocab else {}
     if args.to != "onnx":
         return {}
     options = {"accuracy_level": args.accuracy_level, "dequantize_unsupported": args.dequantize_unsupported}

@@ -14,9 +14,12 @@ Llama's q_proj / k_proj rows are permuted as llama.cpp expects (its rotary embed
 dimensions (i, i + d/2) of a head as (2i, 2i + 1)); rows move whole, with their scales.
 Norms and float layers are written as F32. The golden data goes into the key `qat.golden`.
 
-Not written: the tokenizer (the qat file holds none), so llama.cpp needs one added
-(for example with gguf's `gguf_new_metadata` script from the model's tokenizer) before it can run
-the file; building and running llama.cpp itself is not part of the tests.
+Tied embeddings (SmolLM2): the shared table is written once, as `token_embd`; with no
+`output.weight` llama.cpp computes the logits from it, as the tied model does.
+
+The tokenizer comes from the model's own GGUF source, or `vocab=` another GGUF file
+(`qat.export.targets.gguf_vocab`); without one the file runs token ids only. The suite runs
+llama.cpp (`llama-cpp-python`, `make llama`) on the result when it is installed.
 
 Example:
     >>> export_gguf("llama.safetensors", "llama-q4.gguf")
@@ -38,6 +41,7 @@ from qat.export.pack import stored_codes
 from qat.export.spec import LayerSpec
 from qat.export.targets import ConversionError, refuse
 from qat.export.targets.compressed_tensors import _read_file
+from qat.export.targets.gguf_vocab import tokenizer_fields
 
 TARGET = "gguf"
 BLOCK = 32
@@ -50,12 +54,14 @@ class GGUFReport:
 
     path: str
     types: dict[str, str] = field(default_factory=dict)
+    tokenizer: str = "none (token ids only)"
 
     def __str__(self) -> str:
         counts: dict[str, int] = {}
         for kind in self.types.values():
             counts[kind] = counts.get(kind, 0) + 1
-        return f"{self.path}: " + ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) + " tensor(s)"
+        tensors = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+        return f"{self.path}: {tensors} tensor(s); tokenizer: {self.tokenizer}"
 
 
 def permute_rows(rows: Tensor, heads: int) -> Tensor:
@@ -122,24 +128,43 @@ def _check_llama(path: str, config: dict) -> None:
     scaling = config.get("rope_scaling") or {}
     if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
         raise ConversionError(f"cannot convert to {TARGET}: rope scaling {scaling} is not written by this converter")
+
+
+def _tied_layers(path: str, config: dict, manifest, stored: dict) -> set[str]:
+    """Layers stored as another layer's table: written once, under that layer's name."""
+    tied = {layer for layer in manifest.layers
+            if all(layer_tensor(layer, s) in manifest.tied for s in manifest.layers[layer].tensor_shapes())}
     if config.get("tie_word_embeddings"):
-        raise ConversionError(f"cannot convert to {TARGET}: tied word embeddings are not handled yet")
+        head_source = manifest.tied.get(layer_tensor("lm_head", "weight_packed"), "")
+        if "lm_head" in manifest.layers and not head_source.startswith("model.embed_tokens."):
+            raise ConversionError(f"cannot convert to {TARGET}: {path} ties the word embeddings in its config "
+                                  "but stores its own lm_head; llama.cpp would read the head from token_embd")
+    return tied
 
 
-def export_gguf(path: str | os.PathLike, out: str | os.PathLike) -> GGUFReport:
-    """Write the qat file `path` (a Hugging Face Llama) as a GGUF file at `out`; returns a `GGUFReport`."""
+def export_gguf(path: str | os.PathLike, out: str | os.PathLike,
+                vocab: str | os.PathLike | None = None) -> GGUFReport:
+    """Write the qat file `path` (a Hugging Face Llama) as a GGUF file at `out`; returns a `GGUFReport`.
+
+    `vocab`: a GGUF file to copy the tokenizer from (default: the model's own GGUF source, if any).
+    """
     import gguf
 
     path = os.fspath(path)
     manifest, stored = _read_file(path)
     config = manifest.architecture["hf_config"]
     _check_llama(path, config)
+    tied = _tied_layers(path, config, manifest, stored)
+    tokenizer = tokenizer_fields(manifest, vocab, config["vocab_size"])
+    tied_config = bool(config.get("tie_word_embeddings"))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     tensors: dict[str, tuple[np.ndarray, str]] = {}
     owned = manifest.layer_tensor_names()
     for layer, spec in manifest.layers.items():
+        if layer in tied:
+            continue
         if spec.weight is None:
             raise refuse(TARGET, layer, "static input quantization without weight quantization")
         layer_stored = {suffix: stored[layer_tensor(layer, suffix)] for suffix in spec.tensor_shapes()}
@@ -148,12 +173,12 @@ def export_gguf(path: str | os.PathLike, out: str | os.PathLike) -> GGUFReport:
         tensors[_gguf_name(names, layer + ".weight", layer)] = q4_blocks(codes, scales, zeros, spec.weight.group_size)
     persistent = set(build_architecture(manifest.architecture, path).state_dict())  # not rotary buffers
     for name, tensor in stored.items():
-        if name in owned or name not in persistent:
+        if name in owned or name not in persistent or (name == "lm_head.weight" and tied_config):
             continue
         if name.endswith("q_proj.weight") or name.endswith("k_proj.weight"):
             tensor = permute_rows(tensor, heads if name.endswith("q_proj.weight") else kv_heads)
         tensors[_gguf_name(names, name, name)] = (tensor.float().numpy(), "F32")
-    return _write(out, config, tensors, manifest)
+    return _write(out, config, tensors, manifest, tokenizer)
 
 
 def _permuted(layer: str, arrays: tuple, heads: int, kv_heads: int) -> tuple:
@@ -171,14 +196,18 @@ def _gguf_name(names, name: str, layer: str) -> str:
     return mapped
 
 
-def _write(out: str | os.PathLike, config: dict, tensors: dict, manifest) -> GGUFReport:
+def _write(out: str | os.PathLike, config: dict, tensors: dict, manifest, tokenizer: tuple) -> GGUFReport:
     import gguf
 
-    writer = gguf.GGUFWriter(os.fspath(out), "llama")
+    partial = os.fspath(out) + ".partial"  # a failed write never leaves a file that looks complete
+    writer = gguf.GGUFWriter(partial, "llama")
     _hparams(writer, config)
+    fields, origin = tokenizer
+    for key, value, kind, sub_kind in fields:
+        writer.add_key_value(key, value, kind, sub_type=sub_kind)
     if manifest.golden is not None:
         writer.add_string(KEY_GOLDEN, encode_golden(manifest.golden))
-    report = GGUFReport(os.fspath(out))
+    report = GGUFReport(os.fspath(out), tokenizer=origin)
     for name, (data, kind) in tensors.items():
         raw_dtype = None if kind == "F32" else gguf.GGMLQuantizationType[kind]
         writer.add_tensor(name, np.ascontiguousarray(data), raw_dtype=raw_dtype)
@@ -187,4 +216,5 @@ def _write(out: str | os.PathLike, config: dict, tensors: dict, manifest) -> GGU
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    os.replace(partial, out)
     return report

@@ -64,13 +64,15 @@ def export_bert(path: Path) -> nn.Module:
 LLAMA_HEADS, LLAMA_KV_HEADS = 4, 2
 
 
-def export_llama(path: Path, lm_head_per_channel: bool = False, **weight_options: object) -> nn.Module:
-    """A 2-layer Llama (grouped-query attention) from a local LlamaConfig (random weights; no download)."""
+def export_llama(path: Path, lm_head_per_channel: bool = False, tie: bool = False,
+                 **weight_options: object) -> nn.Module:
+    """A 2-layer Llama (grouped-query attention) from a local LlamaConfig (random weights; no download);
+    `tie`: the embedding table is also the output head (as in SmolLM2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=LLAMA_HEADS, num_key_value_heads=LLAMA_KV_HEADS,
-                         max_position_embeddings=64, tie_word_embeddings=False, use_cache=False)
+                         max_position_embeddings=64, tie_word_embeddings=tie, use_cache=False)
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     rules = [QuantRule(name="lm_head", granularity="channel")] if lm_head_per_channel else []

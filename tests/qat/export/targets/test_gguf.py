@@ -1,7 +1,7 @@
 """qat file -> GGUF (llama.cpp), checked against the gguf package's own reader and dequantizer.
 
-Running llama.cpp itself is not part of the suite (building it is out of scope here); these
-tests pin the layout: block bytes, the Q/K row permutation, hyper-parameters and refusals.
+These tests pin the layout: block bytes, the Q/K row permutation, tied tables, the tokenizer,
+hyper-parameters and refusals; `test_llama_cpp.py` runs llama.cpp itself on the result.
 """
 
 from __future__ import annotations
@@ -101,3 +101,55 @@ def test_cli_converts_and_reports_refusals(tmp_path: Path, capsys) -> None:
     assert main(["export", str(tmp_path / "tiny.safetensors"), "--to", "compressed-tensors", "-o",
                  str(tmp_path / "folder")]) == 1
     assert "qat export: error: cannot convert to compressed-tensors" in capsys.readouterr().err
+
+
+def test_tied_embeddings_are_written_once_as_token_embd(tmp_path: Path) -> None:
+    export_llama(tmp_path / "tied.safetensors", tie=True, group_size=32)
+    report = export_gguf(tmp_path / "tied.safetensors", tmp_path / "tied.gguf")
+    tensors = read_back(tmp_path / "tied.gguf")
+    loaded = qat.load(tmp_path / "tied.safetensors", kernel_backend="reference")
+    assert loaded.lm_head.weight_packed is loaded.model.embed_tokens.weight_packed  # one table in the model too
+    assert "output.weight" not in tensors  # llama.cpp computes the logits from token_embd
+    weight, kind = tensors["token_embd.weight"]
+    assert kind == "Q4_0" and torch.equal(weight, loaded.model.embed_tokens.dequantized_weight())
+    assert report.tokenizer.startswith("none")
+
+
+def write_vocab(path: Path, tokens: int) -> None:
+    """A GGUF file holding only a byte-level BPE tokenizer's keys, `tokens` tokens long."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(tokens)])
+    writer.add_token_types([1] * tokens)
+    writer.add_token_merges(["t 1", "t 2"])
+    writer.add_bos_token_id(1)
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        step()
+
+
+def test_the_tokenizer_is_copied_from_a_vocabulary_file_or_left_out(tmp_path: Path) -> None:
+    export_llama(tmp_path / "llama.safetensors")
+    export_gguf(tmp_path / "llama.safetensors", tmp_path / "bare.gguf")
+    assert gguf.GGUFReader(tmp_path / "bare.gguf").fields["tokenizer.ggml.model"].contents() == "none"
+    write_vocab(tmp_path / "vocab.gguf", 128)
+    report = export_gguf(tmp_path / "llama.safetensors", tmp_path / "with.gguf", vocab=tmp_path / "vocab.gguf")
+    fields = gguf.GGUFReader(tmp_path / "with.gguf").fields
+    assert report.tokenizer == str(tmp_path / "vocab.gguf")
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.tokens"].contents() == [f"t{i}" for i in range(128)]
+    assert fields["tokenizer.ggml.merges"].contents() == ["t 1", "t 2"]
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == 1
+    assert len(gguf.GGUFReader(tmp_path / "with.gguf").tensors) == len(gguf.GGUFReader(tmp_path / "bare.gguf").tensors)
+
+
+def test_a_vocabulary_that_does_not_fit_is_refused(tmp_path: Path) -> None:
+    export_llama(tmp_path / "llama.safetensors")
+    write_vocab(tmp_path / "small.gguf", 100)
+    with pytest.raises(ConversionError, match="has 100 tokens, the model's vocabulary 128"):
+        export_gguf(tmp_path / "llama.safetensors", tmp_path / "out.gguf", vocab=tmp_path / "small.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(ConversionError, match="cannot read the vocabulary file"):
+        export_gguf(tmp_path / "llama.safetensors", tmp_path / "out.gguf", vocab=tmp_path / "junk.gguf")
+    with pytest.raises(ConversionError, match="does not exist"):
+        export_gguf(tmp_path / "llama.safetensors", tmp_path / "out.gguf", vocab=tmp_path / "missing.gguf")
+    assert not (tmp_path / "out.gguf").exists()
