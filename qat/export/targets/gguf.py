@@ -130,15 +130,19 @@ def _check_llama(path: str, config: dict) -> None:
         raise ConversionError(f"cannot convert to {TARGET}: rope scaling {scaling} is not written by this converter")
 
 
-def _tied_layers(path: str, config: dict, manifest, stored: dict) -> set[str]:
-    """Layers stored as another layer's table: written once, under that layer's name."""
-    tied = {layer for layer in manifest.layers
-            if all(layer_tensor(layer, s) in manifest.tied for s in manifest.layers[layer].tensor_shapes())}
-    if config.get("tie_word_embeddings"):
-        head_source = manifest.tied.get(layer_tensor("lm_head", "weight_packed"), "")
-        if "lm_head" in manifest.layers and not head_source.startswith("model.embed_tokens."):
-            raise ConversionError(f"cannot convert to {TARGET}: {path} ties the word embeddings in its config "
-                                  "but stores its own lm_head; llama.cpp would read the head from token_embd")
+def _tied_layers(path: str, config: dict, manifest) -> set[str]:
+    """Layers stored as another layer's table. The one llama.cpp knows: a tied output head, read from
+    token_embd when the file has no output.weight; it is written once, as token_embd."""
+    tied = {layer for layer, spec in manifest.layers.items()
+            if any(layer_tensor(layer, suffix) in manifest.tied for suffix in spec.tensor_shapes())}
+    for layer in tied:
+        source = manifest.tied.get(layer_tensor(layer, "weight_packed"), "")
+        if not (layer == "lm_head" and config.get("tie_word_embeddings") and source.startswith("model.embed_tokens.")):
+            raise refuse(TARGET, layer, f"shares its table with {source.rsplit('.', 1)[0] or 'another layer'}; "
+                         "llama.cpp shares only the output head with the token embeddings")
+    if config.get("tie_word_embeddings") and "lm_head" in manifest.layers and "lm_head" not in tied:
+        raise ConversionError(f"cannot convert to {TARGET}: {path} ties the word embeddings in its config "
+                              "but stores its own lm_head; llama.cpp would read the head from token_embd")
     return tied
 
 
@@ -154,7 +158,7 @@ def export_gguf(path: str | os.PathLike, out: str | os.PathLike,
     manifest, stored = _read_file(path)
     config = manifest.architecture["hf_config"]
     _check_llama(path, config)
-    tied = _tied_layers(path, config, manifest, stored)
+    tied = _tied_layers(path, config, manifest)
     tokenizer = tokenizer_fields(manifest, vocab, config["vocab_size"])
     tied_config = bool(config.get("tie_word_embeddings"))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
