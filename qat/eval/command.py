@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from qat.eval.evaluate import compare, latency
 from qat.eval.float_reference import FLOAT_FILE
+from qat.eval.log_report import log_report
 from qat.eval.outputs import EvalError
 from qat.eval.report import write_report
 from qat.eval.sources import INT4_FILE, EvalSources, resolve
@@ -113,20 +113,12 @@ def report_run(run: Any) -> dict[str, Any]:
     report = build_report(sources, settings.noise_levels, settings.latency, settings.budget_bits,
                           sensitivity=settings.budget_bits is not None)
     paths = write_report(report, run_dir)
-    log_to_loggers(run.trainer.loggers, report, run.trainer.global_step)
+    plots = {name: path for name, path in paths.items() if name not in ("json", "md")}
+    log_report(run.trainer.loggers, report, plots, run.trainer.global_step)
     stages = report["stages"]
     brief = {stage: {k: stages[stage][k] for k in ("agreement", "kl", "correct_to_wrong") if k in stages[stage]}
              for stage in stages if stage != "float"}
     return {"path": str(paths["md"]), "vs_float": brief, "gap_recovered": report["gap_recovered"]}
-
-
-def log_to_loggers(loggers: Sequence[Any], report: dict[str, Any], step: int) -> None:
-    """The report's stage metrics as `eval/<stage>/<metric>` on the run's loggers (CSV, wandb)."""
-    scalars = {f"eval/{stage}/{key}": float(value) for stage, row in report["stages"].items()
-               for key, value in row.items() if isinstance(value, (int, float)) and math.isfinite(value)}
-    for logger in loggers:
-        logger.log_metrics(scalars, step=step)
-        logger.save()
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -39,10 +39,18 @@ def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     return [*lines, ""]
 
 
+STAGE_COLUMNS = ("accuracy", "perplexity", "perplexity_ratio", "nll", "ece", "agreement", "kl", "correct_to_wrong",
+                 "wrong_to_correct")
+
+
+def stage_columns(report: dict) -> list[str]:
+    """The metrics of the stages table (those the float row has), in reading order."""
+    return [k for k in STAGE_COLUMNS if k in report["stages"]["float"]]
+
+
 def _stages_section(report: dict) -> list[str]:
     stages = report["stages"]
-    keys = [k for k in ("accuracy", "perplexity", "perplexity_ratio", "nll", "ece", "agreement", "kl",
-                        "correct_to_wrong", "wrong_to_correct") if k in stages["float"]]
+    keys = stage_columns(report)
     lines = [f"## Stages ({report['examples']} examples; agreement, KL and flips against float)", "",
              "Float is the model at the end of FP warm-up; QAT also trains the weights further, so its "
              "distance to float is quantization error plus that training.", ""]

@@ -23,9 +23,11 @@ PLOTS = ("layers.png", "reliability.png", "slices.png", "robustness.png", "size.
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The default recipe, shrunk: 30 steps, warm-up 10, its report (with a bit budget) at the end."""
+    """The default recipe, shrunk: 30 steps, warm-up 10, its report (with a bit budget) at the end; wandb
+    offline, as the recipe has it."""
     base = tmp_path_factory.mktemp("eval_run")
-    recipe = fast_recipe(base, "report.latency=false", "report.noise_levels=[0.0,0.3]", path=ROOT / DEFAULT_RECIPE)
+    recipe = fast_recipe(base, "report.latency=false", "report.noise_levels=[0.0,0.3]", "logging.wandb=offline",
+                         path=ROOT / DEFAULT_RECIPE)
     summary = train(recipe, quiet=True)
     return summary, base / "digits_w2a4" / "version_0"
 
@@ -52,6 +54,14 @@ def test_the_run_ends_with_the_report_and_its_numbers_match_the_summary(run):
     suggestion = report["sensitivity"]["suggestion"]
     assert suggestion["average_bits"] <= 2.5
     assert "quant.rules=[" in (run_dir / "report.md").read_text()
+
+
+def test_the_runs_wandb_gets_the_reports_plots(run):
+    _, run_dir = run
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    images = {p.name.split("_")[0] for p in (offline / "files" / "media" / "images").rglob("*.png")}
+    assert images == {name.removesuffix(".png") for name in PLOTS}
+    assert list((offline / "files" / "media" / "table").rglob("stages*.table.json"))
 
 
 @pytest.mark.parametrize("which", ["run_dir", "ckpt", "int4"])
