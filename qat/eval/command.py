@@ -27,13 +27,22 @@ from qat.eval.report import write_report
 from qat.eval.sources import INT4_FILE, EvalSources, resolve
 
 
+def _check_data(model: Any, batch: Any, task: str, describe: str) -> None:
+    """An `EvalError` naming the model and the data when `batch` does not fit `model`."""
+    from qat.eval.outputs import collect, collect_embeddings
+    from qat.lightning.tasks import make_task
+
+    if task == "embedding":
+        collect_embeddings(model, [batch], make_task(task), describe=describe)
+    else:
+        collect(model, [batch], describe=describe, task=make_task(task))
+
+
 def _models(sources: EvalSources, train_batches: list, val_batches: list) -> dict[str, Any]:
-    from qat.eval.outputs import collect
     from qat.export import load
 
     float_model = sources.float_model()
-    recipe = sources.recipe
-    collect(float_model, val_batches[:1], describe=f" ({recipe.model._target_} on {recipe.data._target_})")
+    _check_data(float_model, val_batches[0], sources.recipe.task, sources.describe())
     models = {"float": float_model, "ptq": sources.ptq_model(train_batches)}
     qat_model = sources.qat_model()
     if qat_model is not None:
@@ -42,7 +51,18 @@ def _models(sources: EvalSources, train_batches: list, val_batches: list) -> dic
     return models
 
 
-def _size(sources: EvalSources) -> dict[str, Any]:
+def _float_bytes(sources: EvalSources, float_model: Any) -> int:
+    """The float reference's bytes: its file, or its tensors at fp32 (a pretrained model's source;
+    tied tensors counted once), what a float.safetensors of it would hold."""
+    if sources.float_path is not None:
+        return sources.float_path.stat().st_size
+    seen: dict[int, int] = {}
+    for tensor in float_model.state_dict().values():
+        seen.setdefault(tensor.data_ptr(), tensor.numel() * 4)
+    return sum(seen.values())
+
+
+def _size(sources: EvalSources, float_model: Any) -> dict[str, Any]:
     """Bytes of the float file and of the int4 file; `nominal_bytes`: the int4 file with its codes
     packed at their nominal width (2- and 3-bit codes are stored in 4-bit nibbles today)."""
     from qat.export import inspect_checkpoint
@@ -57,10 +77,20 @@ def _size(sources: EvalSources) -> dict[str, Any]:
             weights = spec.weight.rows * spec.weight.columns
             stored_bits = 4 if spec.weight.layout == LAYOUT_INT4 else 8
             saved += weights * (stored_bits - spec.weight.bits) / 8
-    float_bytes = sources.float_path.stat().st_size
+    float_bytes = _float_bytes(sources, float_model)
     return {"float_bytes": float_bytes, "int4_bytes": size.file_bytes, "bits_per_weight": size.bits_per_weight,
             "nominal_bytes": int(size.file_bytes - saved), "ratio_vs_float": float_bytes / size.file_bytes,
             "int4_path": str(int4)}
+
+
+def _vocab_size(data: Any, recipe: Any, float_model: Any) -> Optional[int]:
+    config = getattr(float_model, "config", None)
+    return (getattr(data, "vocab_size", None) or recipe.model.args.get("vocab_size")
+            or getattr(config, "vocab_size", None))
+
+
+SENSITIVITY_NOT_FOR_EMBEDDINGS = ("per-layer sensitivity ranks layers by the KL of output distributions; an "
+                                  "embedding model has none (not measured)")
 
 
 def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] = None, with_latency: bool = True,
@@ -71,16 +101,24 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
     val_batches = list(data.val_dataloader())
     train_batches = list(itertools.islice(iter(data.train_dataloader()), recipe.schedule.calibration_batches))
     models = _models(sources, train_batches, val_batches)
-    vocab = getattr(data, "vocab_size", None) or recipe.model.args.get("vocab_size")
+    vocab = _vocab_size(data, recipe, models["float"])
     report = compare(models, val_batches, recipe.task, noise_levels, vocab)
-    report.update(name=recipe.name, source=str(sources.source), float_reference=str(sources.float_path),
-                  size=_size(sources))
+    pretrained = sources.float_path is None
+    report.update(name=recipe.name, source=str(sources.source),
+                  float_reference=f"{recipe.model.hf.path} (pretrained)" if pretrained else str(sources.float_path),
+                  float_is=f"the pretrained model the run started from ({recipe.model.hf.path})" if pretrained
+                  else f"the model at the end of FP warm-up ({sources.float_path.name})",
+                  size=_size(sources, models["float"]))
     if with_latency:
-        report["latency"] = latency(models["float"], models["int4"], val_batches[0])
-    if sensitivity or budget_bits is not None:
+        report["latency"] = latency(models["float"], models["int4"], val_batches[0], recipe.task)
+    if (sensitivity or budget_bits is not None) and recipe.task == "embedding":
+        report["not_applicable"]["sensitivity"] = SENSITIVITY_NOT_FOR_EMBEDDINGS
+    elif sensitivity or budget_bits is not None:
         from qat.eval.sensitivity import DEFAULT_BITS, layer_sensitivity, quantized_layers, suggest
+        from qat.lightning.tasks import make_task
 
-        rows = layer_sensitivity(recipe, models["float"], val_batches, layers=quantized_layers(models["ptq"]))
+        rows = layer_sensitivity(recipe, models["float"], val_batches, layers=quantized_layers(models["ptq"]),
+                                 task=make_task(recipe.task))
         report["sensitivity"] = {"bits_choices": list(DEFAULT_BITS), "layers": rows}
         if budget_bits is not None:
             report["sensitivity"]["suggestion"] = suggest(recipe, rows, budget_bits)
@@ -103,7 +141,9 @@ def report_run(run: Any) -> dict[str, Any]:
     its run directory, using the trained model in memory; a short summary entry back."""
     settings, run_dir = run.recipe.report, Path(run.run_dir)
     float_path = run_dir / FLOAT_FILE
-    if not float_path.is_file():  # e.g. resumed from a run made before float.safetensors existed
+    if run.recipe.model.hf is not None and not float_path.is_file():
+        float_path = None  # the float reference is the pretrained model of model.hf
+    elif not float_path.is_file():  # e.g. resumed from a run made before float.safetensors existed
         message = f"no evaluation report: no float reference {float_path}"
         print(f"qat: warning: {message}", file=sys.stderr)
         return {"error": message}
@@ -116,9 +156,13 @@ def report_run(run: Any) -> dict[str, Any]:
     plots = {name: path for name, path in paths.items() if name not in ("json", "md")}
     log_report(run.trainer.loggers, report, plots, run.trainer.global_step)
     stages = report["stages"]
-    brief = {stage: {k: stages[stage][k] for k in ("agreement", "kl", "correct_to_wrong") if k in stages[stage]}
+    brief = {stage: {k: stages[stage][k] for k in ("agreement", "kl", "correct_to_wrong", "cosine", "nn_agreement")
+                     if k in stages[stage]}
              for stage in stages if stage != "float"}
     return {"path": str(paths["md"]), "vs_float": brief, "gap_recovered": report["gap_recovered"]}
+
+
+SUMMARY_KEYS = ("accuracy", "perplexity", "perplexity_ratio", "cosine", "nn_agreement", "agreement", "kl", "ece")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -130,11 +174,8 @@ def run_eval(args: argparse.Namespace) -> int:
     except (EvalError, ValueError, FileNotFoundError) as err:
         print(f"qat eval: error: {err}", file=sys.stderr)
         return 2
-    stages = report["stages"]
-    key = "perplexity" if report["task"] == "language_model" else "accuracy"
-    for name, row in stages.items():
-        print(f"{name:>6}: {key} {row[key]:.4f}  agreement {row['agreement']:.4f}  KL {row['kl']:.4f}  "
-              f"ECE {row['ece']:.4f}")
+    for name, row in report["stages"].items():
+        print(f"{name:>6}: " + "  ".join(f"{key} {row[key]:.4f}" for key in SUMMARY_KEYS if key in row))
     suggestion = report.get("sensitivity", {}).get("suggestion")
     if suggestion:
         print(f"suggested rules ({suggestion['average_bits']:.3f} bits/weight): '{suggestion['override']}'")

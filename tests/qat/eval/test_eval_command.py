@@ -29,7 +29,10 @@ def run(tmp_path_factory):
     recipe = fast_recipe(base, "report.latency=false", "report.noise_levels=[0.0,0.3]", "logging.wandb=offline",
                          path=ROOT / DEFAULT_RECIPE)
     summary = train(recipe, quiet=True)
-    return summary, base / "digits_w2a4" / "version_0"
+    yield summary, base / "digits_w2a4" / "version_0"
+    import wandb
+
+    wandb.finish()  # the run's wandb run stays open in this process; later tests start their own
 
 
 def test_the_default_recipe_is_w2a4_with_the_report_on():

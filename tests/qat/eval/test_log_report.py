@@ -49,6 +49,9 @@ def test_csv_gets_the_scalars_and_no_media(written, tmp_path):
 
 def test_wandb_offline_run_holds_the_plots_and_the_stages_table(written, tmp_path):
     report, plots = written
+    import wandb
+
+    wandb.finish()  # none left open by an earlier test in this process
     logger = FailSafeLogger(make_wandb_logger(tmp_path, "offline", "qat-test", "eval"), "wandb")
     assert takes_media(logger)
     with warnings.catch_warnings():
