@@ -89,6 +89,16 @@ def _vocab_size(data: Any, recipe: Any, float_model: Any) -> Optional[int]:
             or getattr(config, "vocab_size", None))
 
 
+def _drop_token(data: Any) -> Optional[int]:
+    """The token that token dropout puts in: the tokenizer's unknown token, else its padding token."""
+    tokenizer = getattr(data, "tokenizer", None)
+    for name in ("unk_token_id", "pad_token_id"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            return int(token)
+    return None
+
+
 SENSITIVITY_NOT_FOR_EMBEDDINGS = ("per-layer sensitivity ranks layers by the KL of output distributions; an "
                                   "embedding model has none (not measured)")
 
@@ -102,7 +112,7 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
     train_batches = list(itertools.islice(iter(data.train_dataloader()), recipe.schedule.calibration_batches))
     models = _models(sources, train_batches, val_batches)
     vocab = _vocab_size(data, recipe, models["float"])
-    report = compare(models, val_batches, recipe.task, noise_levels, vocab)
+    report = compare(models, val_batches, recipe.task, noise_levels, vocab, _drop_token(data))
     pretrained = sources.float_path is None
     report.update(name=recipe.name, source=str(sources.source),
                   float_reference=f"{recipe.model.hf.path} (pretrained)" if pretrained else str(sources.float_path),

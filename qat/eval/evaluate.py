@@ -93,19 +93,20 @@ def gap_recovered(stages: dict[str, dict[str, Any]], quantized: str = "qat") -> 
 
 
 def robustness(models: dict[str, nn.Module], batches: list, task: str | Task, levels: Sequence[float],
-               vocab_size: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
-    """The task metric of each model under input perturbation at each level (same noise for all).
-    Embeddings: the mean cosine of each model's embeddings of the perturbed input to the float
-    model's embeddings of the clean input."""
+               vocab_size: Optional[int] = None, seed: int = 0, drop_token: Optional[int] = None) -> dict[str, Any]:
+    """The task metric of each model under input perturbation at each level (same noise for all;
+    token inputs: random substitution, or dropout to `drop_token` when given). Embeddings: the
+    mean cosine of each model's embeddings of the perturbed input to the float model's
+    embeddings of the clean input."""
     task = _task(task)
     key = main_metric(task.name)
     result: dict[str, Any] = {"metric": key, "levels": list(levels), "stages": {},
-                              "perturbation": describe(task.split(batches[0])[0])}
+                              "perturbation": describe(task.split(batches[0])[0], drop_token)}
     clean = collect_embeddings(models[REFERENCE], batches, task) if key == "cosine" else None
     for name, model in models.items():
         values = []
         for level in levels:
-            noisy = perturbation(level, seed, vocab_size)
+            noisy = perturbation(level, seed, vocab_size, drop_token)
             if clean is not None:
                 values.append(metrics.mean_cosine(collect_embeddings(model, batches, task, transform=noisy), clean))
                 continue
@@ -161,23 +162,32 @@ def per_layer(models: dict[str, nn.Module], batch: Any, task: str | Task = "clas
     return result
 
 
-def _levels(noise_levels: Optional[Sequence[float]], task: Task, batch: Any) -> Sequence[float]:
-    return noise_levels if noise_levels is not None else default_levels(task.split(batch)[0])
-
-
-def _robust_models(models: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    return {k: v for k, v in models.items() if k in (REFERENCE, "qat", "int4")}
+def robustness_sections(models: dict[str, nn.Module], batches: list, task: Task,
+                        noise_levels: Optional[Sequence[float]], vocab_size: Optional[int],
+                        drop_token: Optional[int]) -> dict[str, Any]:
+    """`robustness` (Gaussian noise, or typo-style token substitution) and, for token inputs with a
+    `drop_token`, `robustness_dropout` (token dropout), for float, QAT and int4."""
+    robust_models = {k: v for k, v in models.items() if k in (REFERENCE, "qat", "int4")}
+    sample = task.split(batches[0])[0]
+    levels = noise_levels if noise_levels is not None else default_levels(sample)
+    sections = {"robustness": robustness(robust_models, batches, task, levels, vocab_size)}
+    tokens = sample["input_ids"] if isinstance(sample, dict) else sample
+    if drop_token is not None and not tokens.is_floating_point():
+        sections["robustness_dropout"] = robustness(robust_models, batches, task, levels, vocab_size,
+                                                    drop_token=drop_token)
+    return sections
 
 
 def compare(models: dict[str, nn.Module], batches: list, task: str, noise_levels: Optional[Sequence[float]] = None,
-            vocab_size: Optional[int] = None) -> dict[str, Any]:
+            vocab_size: Optional[int] = None, drop_token: Optional[int] = None) -> dict[str, Any]:
     """The report dict of `models` (must include 'float') on `batches` (a list of batches) for `task`
-    (a `qat.lightning.tasks` name)."""
+    (a `qat.lightning.tasks` name); `drop_token` (e.g. the tokenizer's unknown token) adds token dropout
+    to the robustness part."""
     if REFERENCE not in models:
         raise ValueError(f"compare needs a '{REFERENCE}' model as the reference; got {sorted(models)}")
     runner = make_task(task)
     if task == "embedding":
-        return compare_embeddings(models, batches, runner, noise_levels, vocab_size)
+        return compare_embeddings(models, batches, runner, noise_levels, vocab_size, drop_token)
     outputs = {name: collect(model, batches, describe=f" ({name})", task=runner) for name, model in models.items()}
     reference = outputs[REFERENCE]
     stages = {name: stage_metrics(out, reference, task) for name, out in outputs.items()}
@@ -191,14 +201,13 @@ def compare(models: dict[str, nn.Module], batches: list, task: str, noise_levels
         report["slices"] = {name: metrics.per_class(out.logits, out.labels) for name, out in outputs.items()}
     else:
         report["not_applicable"]["slices"] = SLICES_NOT_FOR_LMS
-    levels = _levels(noise_levels, runner, batches[0])
-    report["robustness"] = robustness(_robust_models(models), batches, runner, levels, vocab_size)
+    report.update(robustness_sections(models, batches, runner, noise_levels, vocab_size, drop_token))
     return report
 
 
 def compare_embeddings(models: dict[str, nn.Module], batches: list, task: Task,
-                       noise_levels: Optional[Sequence[float]] = None,
-                       vocab_size: Optional[int] = None) -> dict[str, Any]:
+                       noise_levels: Optional[Sequence[float]] = None, vocab_size: Optional[int] = None,
+                       drop_token: Optional[int] = None) -> dict[str, Any]:
     """The report dict of sentence-embedding models: cosine to float and nearest-neighbour agreement."""
     embeddings = {name: collect_embeddings(model, batches, task, describe=f" ({name})")
                   for name, model in models.items()}
@@ -211,6 +220,5 @@ def compare_embeddings(models: dict[str, nn.Module], batches: list, task: Task,
         "gap_recovered": {"qat": gap_recovered(stages, "qat"), "int4": gap_recovered(stages, "int4")},
         "layers": per_layer(models, batches[0], task), "not_applicable": dict(NOT_FOR_EMBEDDINGS),
     }
-    levels = _levels(noise_levels, task, batches[0])
-    report["robustness"] = robustness(_robust_models(models), batches, task, levels, vocab_size)
+    report.update(robustness_sections(models, batches, task, noise_levels, vocab_size, drop_token))
     return report

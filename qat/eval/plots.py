@@ -100,13 +100,17 @@ def reliability_plot(report: dict, path: Path) -> Path:
 
 
 def robustness_plot(report: dict, path: Path) -> Path:
-    """Task metric against noise level for each stage."""
+    """Task metric against noise level for each stage (token dropout, when measured, dashed)."""
     plt = _pyplot()
     robust = report["robustness"]
     fig, ax = plt.subplots(figsize=(5, 4))
-    for stage, values in robust["stages"].items():
-        ax.plot(robust["levels"], values, "o-", label=stage, color=STAGE_COLORS.get(stage))
-    ax.set_xlabel("noise level (Gaussian sigma / token substitution rate)")
+    series = [(robust, "o-", "")]
+    if report.get("robustness_dropout"):
+        series = [(robust, "o-", " (substitution)"), (report["robustness_dropout"], "s--", " (dropout)")]
+    for section, style, suffix in series:
+        for stage, values in section["stages"].items():
+            ax.plot(section["levels"], values, style, label=stage + suffix, color=STAGE_COLORS.get(stage))
+    ax.set_xlabel("noise level (Gaussian sigma / share of tokens replaced)")
     ax.set_ylabel(ROBUSTNESS_LABELS.get(robust["metric"], robust["metric"]))
     ax.legend(fontsize=7)
     return _save(fig, path)

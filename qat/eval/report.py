@@ -22,6 +22,7 @@ from typing import Any
 
 from qat.eval import plots
 
+ROBUSTNESS_KEYS = ("robustness", "robustness_dropout")  # noise / token substitution; token dropout
 STAGE_LABELS = {"float": "float", "ptq": "PTQ", "qat": "QAT", "int4": "int4 file"}
 
 
@@ -115,15 +116,18 @@ def _slices_section(report: dict) -> list[str]:
 
 
 def _robustness_section(report: dict) -> list[str]:
-    robust = report.get("robustness")
-    if not robust:
-        return []
-    what = "cosine to the float embeddings of the clean input" if robust["metric"] == "cosine" else robust["metric"]
-    kind = robust.get("perturbation", "input noise")
-    lines = [f"## Robustness: {what} under {kind}", ""]
-    head = ["level", *(STAGE_LABELS.get(s, s) for s in robust["stages"])]
-    rows = [[lvl, *(vals[i] for vals in robust["stages"].values())] for i, lvl in enumerate(robust["levels"])]
-    return lines + _table(head, rows)
+    lines: list[str] = []
+    for key in ROBUSTNESS_KEYS:
+        robust = report.get(key)
+        if not robust:
+            continue
+        what = "cosine to the float embeddings of the clean input" if robust["metric"] == "cosine" \
+            else robust["metric"]
+        lines += [f"## Robustness: {what} under {robust.get('perturbation', 'input noise')}", ""]
+        head = ["level", *(STAGE_LABELS.get(s, s) for s in robust["stages"])]
+        rows = [[lvl, *(vals[i] for vals in robust["stages"].values())] for i, lvl in enumerate(robust["levels"])]
+        lines += _table(head, rows)
+    return lines
 
 
 def _sensitivity_section(report: dict) -> list[str]:

@@ -75,10 +75,16 @@ def test_causal_lm_run_ends_with_a_perplexity_report(lm_run):
     assert robust["metric"] == "perplexity" and "token substitution" in robust["perturbation"]
     assert robust["stages"]["float"][0] == pytest.approx(float_row["perplexity"], rel=1e-6)
     assert robust["stages"]["float"][1] > robust["stages"]["float"][0]  # 20% random tokens hurt
+    unk = data.tokenizer.unk_token_id
+    dropout = report["robustness_dropout"]  # the same levels, tokens replaced by the unknown token instead
+    assert f"token dropout (level: share of tokens replaced by token {unk})" == dropout["perturbation"]
+    assert dropout["stages"]["int4"][0] == robust["stages"]["int4"][0]
+    assert dropout["stages"]["int4"][1] != robust["stages"]["int4"][1]
     layers = {row["layer"] for row in report["layers"]["output_error"]["int4"]}
     assert {"model.layers.0.self_attn.q_proj", "lm_head"} <= layers
     md = (run_dir / "report.md").read_text()
     assert SLICES_NOT_FOR_LMS in md and "next tokens scored" in md and "Per-class" not in md
+    assert "perplexity under typo-style token substitution" in md and "perplexity under token dropout" in md
 
 
 def test_qat_eval_reads_the_causal_lm_export(lm_run, tmp_path, capsys):
