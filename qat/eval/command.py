@@ -180,7 +180,7 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         report, paths = evaluate(args.source, args.output, args.float, args.recipe, list(args.overrides),
                                  noise_levels=args.noise, with_latency=not args.no_latency,
-                                 budget_bits=args.budget_bits)
+                                 budget_bits=args.budget_bits, sensitivity=not args.no_sensitivity)
     except (EvalError, ValueError, FileNotFoundError) as err:
         print(f"qat eval: error: {err}", file=sys.stderr)
         return 2
@@ -208,5 +208,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--noise", type=float, nargs="+", help="noise levels (default: by input kind)")
     parser.add_argument("--budget-bits", type=float, help="suggest per-layer bits under this average")
     parser.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
+    parser.add_argument("--no-sensitivity", action="store_true",
+                        help="skip per-layer sensitivity (one pass over the data per layer and bit width: long "
+                             "for a large language model); --budget-bits still computes it")
     parser.set_defaults(func=run_eval)
     return parser

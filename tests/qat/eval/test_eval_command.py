@@ -72,9 +72,11 @@ def test_qat_eval_works_on_all_three_inputs(run, which, tmp_path, capsys):
     _, run_dir = run
     source = {"run_dir": run_dir, "ckpt": run_dir / "checkpoints" / "last.ckpt",
               "int4": run_dir / "model.safetensors"}[which]
-    code = main(["eval", str(source), "-o", str(tmp_path), "--no-latency", "--noise", "0", "0.2"])
+    skip = ["--no-sensitivity"] if which == "int4" else []
+    code = main(["eval", str(source), "-o", str(tmp_path), "--no-latency", "--noise", "0", "0.2", *skip])
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "report.json").read_text())
+    assert ("sensitivity" in report) == (not skip)
     assert set(report["stages"]) == ({"float", "ptq", "int4"} if which == "int4" else {"float", "ptq", "qat", "int4"})
     assert report["stages"]["float"]["agreement"] == 1.0
     assert all((tmp_path / name).stat().st_size > 0 for name in PLOTS)

@@ -133,3 +133,11 @@ def test_encoder_run_reports_cosine_and_neighbour_agreement(tmp_path):
     assert not (run_dir / "reliability.png").exists()
     md = (run_dir / "report.md").read_text()
     assert "## Not measured for this model" in md and "no ECE or reliability diagram" in md
+
+
+def test_bad_input_for_a_hugging_face_run_is_named(lm_run, tmp_path, capsys):
+    _, _, run_dir = lm_run
+    assert main(["eval", str(run_dir), "-o", str(tmp_path), "model.hf.path=/nowhere/tiny_llama"]) == 2
+    assert "model path '/nowhere/tiny_llama'" in capsys.readouterr().err  # the float reference cannot be loaded
+    assert main(["eval", str(run_dir), "-o", str(tmp_path), "data.args.seq_len=128"]) == 2
+    assert "seq_len" in capsys.readouterr().err  # the model has 64 positions
