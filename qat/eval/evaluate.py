@@ -34,7 +34,7 @@ from qat.eval import metrics
 from qat.eval.layers import output_errors, weight_sqnr
 from qat.eval.outputs import Outputs, collect, collect_embeddings
 from qat.eval.robustness import default_levels, describe, perturbation
-from qat.lightning.tasks import Task, make_task
+from qat.lightning.tasks import Task, make_task, model_output
 
 REFERENCE = "float"
 LM_TASKS = ("language_model", "causal_lm")
@@ -120,14 +120,12 @@ def robustness(models: dict[str, nn.Module], batches: list, task: str | Task, le
 @torch.no_grad()
 def latency_ms(model: nn.Module, inputs: Any, repeats: int = 7) -> float:
     """Median wall time of one forward of `inputs`, in ms (after one warm-up call)."""
-    from qat.eval.outputs import call_model
-
     model.eval()
-    call_model(model, inputs)
+    model_output(model, inputs)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        call_model(model, inputs)
+        model_output(model, inputs)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 

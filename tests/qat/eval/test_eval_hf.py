@@ -115,7 +115,7 @@ def test_encoder_run_reports_cosine_and_neighbour_agreement(tmp_path):
         "schedule={warmup_steps: 0, calibration_batches: 2}",
         "distill={enabled: true, teacher: initial, task_weight: 0.0, embedding_loss: cosine}",
         "optimizer={lr: 1e-3}", "trainer={max_steps: 4, max_epochs: 1}", "export.enabled=true",
-        "report={enabled: true, latency: false, noise_levels: [0.0, 0.2], budget_bits: 3}",
+        "report={enabled: true, latency: true, noise_levels: [0.0, 0.2], budget_bits: 3}",
         f"logging={{wandb: disabled, progress_bar: false, run_dir: {tmp_path}}}"])
     summary = train(recipe, quiet=True)
     run_dir = tmp_path / "run" / "version_0"
@@ -131,6 +131,7 @@ def test_encoder_run_reports_cosine_and_neighbour_agreement(tmp_path):
     for name in ("layers.png", "robustness.png", "size.png"):
         assert (run_dir / name).stat().st_size > 0, name
     assert not (run_dir / "reliability.png").exists()
+    assert [row["batch"] for row in report["latency"]["rows"]] == [1, 8]  # an encoder is timed too
     md = (run_dir / "report.md").read_text()
     assert "## Not measured for this model" in md and "no ECE or reliability diagram" in md
 
