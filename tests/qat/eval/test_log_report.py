@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
 
 import pytest
@@ -68,10 +69,15 @@ def test_wandb_offline_run_holds_the_plots_and_the_stages_table(written, tmp_pat
     logged = json.loads(table.read_text())
     assert logged["columns"][:2] == ["stage", "accuracy"]
     assert logged["data"][1][1] == pytest.approx(report["stages"]["ptq"]["accuracy"])
-    # an offline run keeps its history in the run's record file (protobuf records: key names verbatim)
+    # an offline run keeps its history in the run's record file (protobuf records: key names verbatim),
+    # written by wandb's service process, which may still be writing it when finish() returns
     (records,) = offline.glob("run-*.wandb")
+    keys = ("eval/ptq/kl", "eval/gap_recovered/qat/accuracy", "eval/stages", *(f"eval/plots/{n}" for n in plots))
+    deadline = time.monotonic() + 30
+    while not all(key.encode() in records.read_bytes() for key in keys) and time.monotonic() < deadline:
+        time.sleep(0.2)
     history = records.read_bytes()
-    for key in ("eval/ptq/kl", "eval/gap_recovered/qat/accuracy", "eval/stages", *(f"eval/plots/{n}" for n in plots)):
+    for key in keys:
         assert key.encode() in history, key
 
 
