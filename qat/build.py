@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from torch import nn
 
@@ -101,6 +102,8 @@ def build_callbacks(recipe: Recipe, run_dir: Path, schedule: QuantizationSchedul
 def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -> Run:
     """Make every object of a run, write the resolved recipe into its directory, start nothing."""
     pl.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
+    if recipe.trainer.cpu_threads is not None:
+        torch.set_num_threads(recipe.trainer.cpu_threads)
     run_dir, resume_from = resolve_run_dir(recipe)
     floats: list[nn.Module] = []
     keep_float = (recipe.distill.enabled and recipe.distill.teacher == "initial") or recipe.task == "embedding"

@@ -107,7 +107,10 @@ class OptimizerConfig:
 
 @dataclass
 class TrainerConfig:
-    """What Lightning's Trainer gets (see README for DDP / FSDP on N GPUs)."""
+    """What Lightning's Trainer gets (see README for DDP / FSDP on N GPUs). `cpu_threads`: torch's
+    intra-op threads in this process (`torch.set_num_threads`); null keeps torch's default (one
+    per core). A small model is faster on 1: splitting its tiny matmuls costs more than it saves,
+    and far more on a machine whose cores are busy with other work."""
 
     max_epochs: int = 10
     max_steps: int = -1
@@ -124,6 +127,11 @@ class TrainerConfig:
     deterministic: bool = True
     accumulate_grad_batches: int = 1
     val_check_interval: Optional[float] = None
+    cpu_threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"trainer.cpu_threads={self.cpu_threads} must be >= 1, or null for torch's default")
 
 
 @dataclass

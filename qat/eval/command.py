@@ -15,25 +15,34 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from qat.eval.evaluate import compare, latency
 from qat.eval.float_reference import FLOAT_FILE
+from qat.eval.log_report import log_report
 from qat.eval.outputs import EvalError
 from qat.eval.report import write_report
 from qat.eval.sources import INT4_FILE, EvalSources, resolve
 
 
+def _check_data(model: Any, batch: Any, task: str, describe: str) -> None:
+    """An `EvalError` naming the model and the data when `batch` does not fit `model`."""
+    from qat.eval.outputs import collect, collect_embeddings
+    from qat.lightning.tasks import make_task
+
+    if task == "embedding":
+        collect_embeddings(model, [batch], make_task(task), describe=describe)
+    else:
+        collect(model, [batch], describe=describe, task=make_task(task))
+
+
 def _models(sources: EvalSources, train_batches: list, val_batches: list) -> dict[str, Any]:
-    from qat.eval.outputs import collect
     from qat.export import load
 
     float_model = sources.float_model()
-    recipe = sources.recipe
-    collect(float_model, val_batches[:1], describe=f" ({recipe.model._target_} on {recipe.data._target_})")
+    _check_data(float_model, val_batches[0], sources.recipe.task, sources.describe())
     models = {"float": float_model, "ptq": sources.ptq_model(train_batches)}
     qat_model = sources.qat_model()
     if qat_model is not None:
@@ -42,7 +51,18 @@ def _models(sources: EvalSources, train_batches: list, val_batches: list) -> dic
     return models
 
 
-def _size(sources: EvalSources) -> dict[str, Any]:
+def _float_bytes(sources: EvalSources, float_model: Any) -> int:
+    """The float reference's bytes: its file, or its tensors at fp32 (a pretrained model's source;
+    tied tensors counted once), what a float.safetensors of it would hold."""
+    if sources.float_path is not None:
+        return sources.float_path.stat().st_size
+    seen: dict[int, int] = {}
+    for tensor in float_model.state_dict().values():
+        seen.setdefault(tensor.data_ptr(), tensor.numel() * 4)
+    return sum(seen.values())
+
+
+def _size(sources: EvalSources, float_model: Any) -> dict[str, Any]:
     """Bytes of the float file and of the int4 file; `nominal_bytes`: the int4 file with its codes
     packed at their nominal width (2- and 3-bit codes are stored in 4-bit nibbles today)."""
     from qat.export import inspect_checkpoint
@@ -57,10 +77,30 @@ def _size(sources: EvalSources) -> dict[str, Any]:
             weights = spec.weight.rows * spec.weight.columns
             stored_bits = 4 if spec.weight.layout == LAYOUT_INT4 else 8
             saved += weights * (stored_bits - spec.weight.bits) / 8
-    float_bytes = sources.float_path.stat().st_size
+    float_bytes = _float_bytes(sources, float_model)
     return {"float_bytes": float_bytes, "int4_bytes": size.file_bytes, "bits_per_weight": size.bits_per_weight,
             "nominal_bytes": int(size.file_bytes - saved), "ratio_vs_float": float_bytes / size.file_bytes,
             "int4_path": str(int4)}
+
+
+def _vocab_size(data: Any, recipe: Any, float_model: Any) -> Optional[int]:
+    config = getattr(float_model, "config", None)
+    return (getattr(data, "vocab_size", None) or recipe.model.args.get("vocab_size")
+            or getattr(config, "vocab_size", None))
+
+
+def _drop_token(data: Any) -> Optional[int]:
+    """The token that token dropout puts in: the tokenizer's unknown token, else its padding token."""
+    tokenizer = getattr(data, "tokenizer", None)
+    for name in ("unk_token_id", "pad_token_id"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            return int(token)
+    return None
+
+
+SENSITIVITY_NOT_FOR_EMBEDDINGS = ("per-layer sensitivity ranks layers by the KL of output distributions; an "
+                                  "embedding model has none (not measured)")
 
 
 def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] = None, with_latency: bool = True,
@@ -71,16 +111,24 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
     val_batches = list(data.val_dataloader())
     train_batches = list(itertools.islice(iter(data.train_dataloader()), recipe.schedule.calibration_batches))
     models = _models(sources, train_batches, val_batches)
-    vocab = getattr(data, "vocab_size", None) or recipe.model.args.get("vocab_size")
-    report = compare(models, val_batches, recipe.task, noise_levels, vocab)
-    report.update(name=recipe.name, source=str(sources.source), float_reference=str(sources.float_path),
-                  size=_size(sources))
+    vocab = _vocab_size(data, recipe, models["float"])
+    report = compare(models, val_batches, recipe.task, noise_levels, vocab, _drop_token(data))
+    pretrained = sources.float_path is None
+    report.update(name=recipe.name, source=str(sources.source),
+                  float_reference=f"{recipe.model.hf.path} (pretrained)" if pretrained else str(sources.float_path),
+                  float_is=f"the pretrained model the run started from ({recipe.model.hf.path})" if pretrained
+                  else f"the model at the end of FP warm-up ({sources.float_path.name})",
+                  size=_size(sources, models["float"]))
     if with_latency:
-        report["latency"] = latency(models["float"], models["int4"], val_batches[0])
-    if sensitivity or budget_bits is not None:
+        report["latency"] = latency(models["float"], models["int4"], val_batches[0], recipe.task)
+    if (sensitivity or budget_bits is not None) and recipe.task == "embedding":
+        report["not_applicable"]["sensitivity"] = SENSITIVITY_NOT_FOR_EMBEDDINGS
+    elif sensitivity or budget_bits is not None:
         from qat.eval.sensitivity import DEFAULT_BITS, layer_sensitivity, quantized_layers, suggest
+        from qat.lightning.tasks import make_task
 
-        rows = layer_sensitivity(recipe, models["float"], val_batches, layers=quantized_layers(models["ptq"]))
+        rows = layer_sensitivity(recipe, models["float"], val_batches, layers=quantized_layers(models["ptq"]),
+                                 task=make_task(recipe.task))
         report["sensitivity"] = {"bits_choices": list(DEFAULT_BITS), "layers": rows}
         if budget_bits is not None:
             report["sensitivity"]["suggestion"] = suggest(recipe, rows, budget_bits)
@@ -103,7 +151,9 @@ def report_run(run: Any) -> dict[str, Any]:
     its run directory, using the trained model in memory; a short summary entry back."""
     settings, run_dir = run.recipe.report, Path(run.run_dir)
     float_path = run_dir / FLOAT_FILE
-    if not float_path.is_file():  # e.g. resumed from a run made before float.safetensors existed
+    if run.recipe.model.hf is not None and not float_path.is_file():
+        float_path = None  # the float reference is the pretrained model of model.hf
+    elif not float_path.is_file():  # e.g. resumed from a run made before float.safetensors existed
         message = f"no evaluation report: no float reference {float_path}"
         print(f"qat: warning: {message}", file=sys.stderr)
         return {"error": message}
@@ -113,20 +163,16 @@ def report_run(run: Any) -> dict[str, Any]:
     report = build_report(sources, settings.noise_levels, settings.latency, settings.budget_bits,
                           sensitivity=settings.budget_bits is not None)
     paths = write_report(report, run_dir)
-    log_to_loggers(run.trainer.loggers, report, run.trainer.global_step)
+    plots = {name: path for name, path in paths.items() if name not in ("json", "md")}
+    log_report(run.trainer.loggers, report, plots, run.trainer.global_step)
     stages = report["stages"]
-    brief = {stage: {k: stages[stage][k] for k in ("agreement", "kl", "correct_to_wrong") if k in stages[stage]}
+    brief = {stage: {k: stages[stage][k] for k in ("agreement", "kl", "correct_to_wrong", "cosine", "nn_agreement")
+                     if k in stages[stage]}
              for stage in stages if stage != "float"}
     return {"path": str(paths["md"]), "vs_float": brief, "gap_recovered": report["gap_recovered"]}
 
 
-def log_to_loggers(loggers: Sequence[Any], report: dict[str, Any], step: int) -> None:
-    """The report's stage metrics as `eval/<stage>/<metric>` on the run's loggers (CSV, wandb)."""
-    scalars = {f"eval/{stage}/{key}": float(value) for stage, row in report["stages"].items()
-               for key, value in row.items() if isinstance(value, (int, float)) and math.isfinite(value)}
-    for logger in loggers:
-        logger.log_metrics(scalars, step=step)
-        logger.save()
+SUMMARY_KEYS = ("accuracy", "perplexity", "perplexity_ratio", "cosine", "nn_agreement", "agreement", "kl", "ece")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -134,15 +180,12 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         report, paths = evaluate(args.source, args.output, args.float, args.recipe, list(args.overrides),
                                  noise_levels=args.noise, with_latency=not args.no_latency,
-                                 budget_bits=args.budget_bits)
+                                 budget_bits=args.budget_bits, sensitivity=not args.no_sensitivity)
     except (EvalError, ValueError, FileNotFoundError) as err:
         print(f"qat eval: error: {err}", file=sys.stderr)
         return 2
-    stages = report["stages"]
-    key = "perplexity" if report["task"] == "language_model" else "accuracy"
-    for name, row in stages.items():
-        print(f"{name:>6}: {key} {row[key]:.4f}  agreement {row['agreement']:.4f}  KL {row['kl']:.4f}  "
-              f"ECE {row['ece']:.4f}")
+    for name, row in report["stages"].items():
+        print(f"{name:>6}: " + "  ".join(f"{key} {row[key]:.4f}" for key in SUMMARY_KEYS if key in row))
     suggestion = report.get("sensitivity", {}).get("suggestion")
     if suggestion:
         print(f"suggested rules ({suggestion['average_bits']:.3f} bits/weight): '{suggestion['override']}'")
@@ -165,5 +208,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--noise", type=float, nargs="+", help="noise levels (default: by input kind)")
     parser.add_argument("--budget-bits", type=float, help="suggest per-layer bits under this average")
     parser.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
+    parser.add_argument("--no-sensitivity", action="store_true",
+                        help="skip per-layer sensitivity (one pass over the data per layer and bit width: long "
+                             "for a large language model); --budget-bits still computes it")
     parser.set_defaults(func=run_eval)
     return parser

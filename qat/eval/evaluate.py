@@ -5,6 +5,17 @@
 plain functions of `qat.eval.metrics`; robustness, per-layer errors, size and latency
 are added by their own functions. `report.py` writes the dict as JSON, Markdown and plots.
 
+By task (`qat.lightning.tasks`, which also splits, feeds and scores the batches):
+
+    classification            accuracy; agreement, flips, KL, ECE; per-class slices
+    language_model, causal_lm perplexity per next token; same-top-token rate, KL of the
+                              next-token distributions, perplexity ratio (as llama.cpp's
+                              KL-divergence tool reports); flips and ECE per token
+    embedding                 mean cosine to the float embeddings and top-1 nearest-neighbour
+                              agreement (`compare_embeddings`)
+
+Sections that do not apply to a task are listed in `report["not_applicable"]` with the reason.
+
 Example:
     >>> report = compare({"float": fp, "ptq": ptq, "qat": qat, "int4": int4}, val_batches, "classification")
     >>> report["stages"]["qat"]["agreement"]
@@ -21,12 +32,31 @@ from torch import nn
 
 from qat.eval import metrics
 from qat.eval.layers import output_errors, weight_sqnr
-from qat.eval.outputs import Outputs, collect, split_batch
-from qat.eval.robustness import default_levels, perturbation
+from qat.eval.outputs import Outputs, collect, collect_embeddings
+from qat.eval.robustness import default_levels, describe, perturbation
+from qat.lightning.tasks import Task, make_task, model_output
 
 REFERENCE = "float"
+LM_TASKS = ("language_model", "causal_lm")
 # metric -> True when higher is better; the gap-recovered figure is computed for these
-GAP_METRICS = {"accuracy": True, "perplexity": False, "nll": False, "ece": False, "agreement": True, "kl": False}
+GAP_METRICS = {"accuracy": True, "perplexity": False, "nll": False, "ece": False, "agreement": True, "kl": False,
+               "cosine": True, "nn_agreement": True}
+SLICES_NOT_FOR_LMS = ("per-class slices do not apply to next-token prediction: every vocabulary entry is a class, "
+                      "most seen a few times; see agreement, KL and the perplexity ratio instead")
+NOT_FOR_EMBEDDINGS = {
+    "calibration": "an embedding model has no class probabilities: no ECE or reliability diagram",
+    "slices": "an embedding model has no labels: no per-class slices",
+    "flips": "an embedding model makes no predictions to flip; nearest-neighbour agreement takes their place",
+}
+
+
+def main_metric(task: str) -> str:
+    """The report's task metric: perplexity for language models, cosine for embeddings, else accuracy."""
+    return "perplexity" if task in LM_TASKS else "cosine" if task == "embedding" else "accuracy"
+
+
+def _task(task: str | Task) -> Task:
+    return make_task(task) if isinstance(task, str) else task
 
 
 def stage_metrics(out: Outputs, reference: Outputs, task: str) -> dict[str, Any]:
@@ -42,7 +72,7 @@ def stage_metrics(out: Outputs, reference: Outputs, task: str) -> dict[str, Any]
         "correct_to_wrong_rate": flip["correct_to_wrong_rate"], "wrong_to_correct_rate": flip["wrong_to_correct_rate"],
         "count": flip["count"],
     }
-    if task == "language_model":
+    if task in LM_TASKS:
         row["perplexity"] = metrics.perplexity(out.logits, out.labels)
         row["perplexity_ratio"] = metrics.perplexity_ratio(out.logits, reference.logits, out.labels)
     return row
@@ -62,15 +92,25 @@ def gap_recovered(stages: dict[str, dict[str, Any]], quantized: str = "qat") -> 
     return result
 
 
-def robustness(models: dict[str, nn.Module], batches: list, task: str, levels: Sequence[float],
-               vocab_size: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
-    """The task metric of each model under input perturbation at each level (same noise for all)."""
-    key = "perplexity" if task == "language_model" else "accuracy"
-    result: dict[str, Any] = {"metric": key, "levels": list(levels), "stages": {}}
+def robustness(models: dict[str, nn.Module], batches: list, task: str | Task, levels: Sequence[float],
+               vocab_size: Optional[int] = None, seed: int = 0, drop_token: Optional[int] = None) -> dict[str, Any]:
+    """The task metric of each model under input perturbation at each level (same noise for all;
+    token inputs: random substitution, or dropout to `drop_token` when given). Embeddings: the
+    mean cosine of each model's embeddings of the perturbed input to the float model's
+    embeddings of the clean input."""
+    task = _task(task)
+    key = main_metric(task.name)
+    result: dict[str, Any] = {"metric": key, "levels": list(levels), "stages": {},
+                              "perturbation": describe(task.split(batches[0])[0], drop_token)}
+    clean = collect_embeddings(models[REFERENCE], batches, task) if key == "cosine" else None
     for name, model in models.items():
         values = []
         for level in levels:
-            out = collect(model, batches, transform=perturbation(level, seed, vocab_size))
+            noisy = perturbation(level, seed, vocab_size, drop_token)
+            if clean is not None:
+                values.append(metrics.mean_cosine(collect_embeddings(model, batches, task, transform=noisy), clean))
+                continue
+            out = collect(model, batches, transform=noisy, task=task)
             values.append(metrics.perplexity(out.logits, out.labels) if key == "perplexity"
                           else metrics.accuracy(out.logits, out.labels))
         result["stages"][name] = values
@@ -80,14 +120,12 @@ def robustness(models: dict[str, nn.Module], batches: list, task: str, levels: S
 @torch.no_grad()
 def latency_ms(model: nn.Module, inputs: Any, repeats: int = 7) -> float:
     """Median wall time of one forward of `inputs`, in ms (after one warm-up call)."""
-    from qat.eval.outputs import call_model
-
     model.eval()
-    call_model(model, inputs)
+    model_output(model, inputs)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        call_model(model, inputs)
+        model_output(model, inputs)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -96,9 +134,10 @@ def _slice_input(inputs: Any, rows: int) -> Any:
     return {k: v[:rows] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:rows]
 
 
-def latency(float_model: nn.Module, int4_model: nn.Module, batch: Any) -> dict[str, Any]:
+def latency(float_model: nn.Module, int4_model: nn.Module, batch: Any, task: str | Task = "classification",
+            ) -> dict[str, Any]:
     """CPU latency of the int4 model against float, on one input row and on a whole batch."""
-    inputs, _ = split_batch(batch)
+    inputs, _ = _task(task).split(batch)
     rows = []
     for size in (1, len(inputs["input_ids"] if isinstance(inputs, dict) else inputs)):
         x = _slice_input(inputs, size)
@@ -107,9 +146,9 @@ def latency(float_model: nn.Module, int4_model: nn.Module, batch: Any) -> dict[s
     return {"device": "cpu", "threads": torch.get_num_threads(), "rows": rows}
 
 
-def per_layer(models: dict[str, nn.Module], batch: Any) -> dict[str, Any]:
+def per_layer(models: dict[str, nn.Module], batch: Any, task: str | Task = "classification") -> dict[str, Any]:
     """Weight SQNR of the fake-quant stages and each stage's per-layer output error, worst first."""
-    inputs, _ = split_batch(batch)
+    inputs, _ = _task(task).split(batch)
     result: dict[str, Any] = {"weight_sqnr": {}, "output_error": {}}
     for name, model in models.items():
         if name == REFERENCE:
@@ -121,23 +160,63 @@ def per_layer(models: dict[str, nn.Module], batch: Any) -> dict[str, Any]:
     return result
 
 
+def robustness_sections(models: dict[str, nn.Module], batches: list, task: Task,
+                        noise_levels: Optional[Sequence[float]], vocab_size: Optional[int],
+                        drop_token: Optional[int]) -> dict[str, Any]:
+    """`robustness` (Gaussian noise, or typo-style token substitution) and, for token inputs with a
+    `drop_token`, `robustness_dropout` (token dropout), for float, QAT and int4."""
+    robust_models = {k: v for k, v in models.items() if k in (REFERENCE, "qat", "int4")}
+    sample = task.split(batches[0])[0]
+    levels = noise_levels if noise_levels is not None else default_levels(sample)
+    sections = {"robustness": robustness(robust_models, batches, task, levels, vocab_size)}
+    tokens = sample["input_ids"] if isinstance(sample, dict) else sample
+    if drop_token is not None and not tokens.is_floating_point():
+        sections["robustness_dropout"] = robustness(robust_models, batches, task, levels, vocab_size,
+                                                    drop_token=drop_token)
+    return sections
+
+
 def compare(models: dict[str, nn.Module], batches: list, task: str, noise_levels: Optional[Sequence[float]] = None,
-            vocab_size: Optional[int] = None) -> dict[str, Any]:
-    """The report dict of `models` (must include 'float') on `batches` (a list of batches)."""
+            vocab_size: Optional[int] = None, drop_token: Optional[int] = None) -> dict[str, Any]:
+    """The report dict of `models` (must include 'float') on `batches` (a list of batches) for `task`
+    (a `qat.lightning.tasks` name); `drop_token` (e.g. the tokenizer's unknown token) adds token dropout
+    to the robustness part."""
     if REFERENCE not in models:
         raise ValueError(f"compare needs a '{REFERENCE}' model as the reference; got {sorted(models)}")
-    outputs = {name: collect(model, batches, describe=f" ({name})") for name, model in models.items()}
+    runner = make_task(task)
+    if task == "embedding":
+        return compare_embeddings(models, batches, runner, noise_levels, vocab_size, drop_token)
+    outputs = {name: collect(model, batches, describe=f" ({name})", task=runner) for name, model in models.items()}
     reference = outputs[REFERENCE]
     stages = {name: stage_metrics(out, reference, task) for name, out in outputs.items()}
     report: dict[str, Any] = {
-        "task": task, "examples": int(reference.labels.numel()), "stages": stages,
+        "task": task, "metric": main_metric(task), "examples": int(reference.labels.numel()), "stages": stages,
         "gap_recovered": {"qat": gap_recovered(stages, "qat"), "int4": gap_recovered(stages, "int4")},
         "calibration": {name: metrics.reliability_bins(out.probabilities, out.labels) for name, out in outputs.items()},
-        "layers": per_layer(models, batches[0]),
+        "layers": per_layer(models, batches[0], runner), "not_applicable": {},
     }
     if task == "classification":
         report["slices"] = {name: metrics.per_class(out.logits, out.labels) for name, out in outputs.items()}
-    levels = noise_levels if noise_levels is not None else default_levels(split_batch(batches[0])[0])
-    robust_models = {k: v for k, v in models.items() if k in (REFERENCE, "qat", "int4")}
-    report["robustness"] = robustness(robust_models, batches, task, levels, vocab_size)
+    else:
+        report["not_applicable"]["slices"] = SLICES_NOT_FOR_LMS
+    report.update(robustness_sections(models, batches, runner, noise_levels, vocab_size, drop_token))
+    return report
+
+
+def compare_embeddings(models: dict[str, nn.Module], batches: list, task: Task,
+                       noise_levels: Optional[Sequence[float]] = None, vocab_size: Optional[int] = None,
+                       drop_token: Optional[int] = None) -> dict[str, Any]:
+    """The report dict of sentence-embedding models: cosine to float and nearest-neighbour agreement."""
+    embeddings = {name: collect_embeddings(model, batches, task, describe=f" ({name})")
+                  for name, model in models.items()}
+    reference = embeddings[REFERENCE]
+    stages = {name: {"cosine": metrics.mean_cosine(e, reference),
+                     "nn_agreement": metrics.neighbour_agreement(e, reference), "count": int(e.shape[0])}
+              for name, e in embeddings.items()}
+    report: dict[str, Any] = {
+        "task": task.name, "metric": "cosine", "examples": int(reference.shape[0]), "stages": stages,
+        "gap_recovered": {"qat": gap_recovered(stages, "qat"), "int4": gap_recovered(stages, "int4")},
+        "layers": per_layer(models, batches[0], task), "not_applicable": dict(NOT_FOR_EMBEDDINGS),
+    }
+    report.update(robustness_sections(models, batches, task, noise_levels, vocab_size, drop_token))
     return report

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qat.eval.outputs import call_model
+from qat.lightning.tasks import model_output
 from qat.lightning.telemetry import weight_stats
 from qat.modules import QuantModule
 
@@ -63,7 +63,7 @@ def _capture(model: nn.Module, inputs: Any) -> dict[str, tuple[tuple, Tensor]]:
     hooks = [module.register_forward_hook(keep(name)) for name, module in model.named_modules()
              if isinstance(module, LAYER_TYPES) and name]
     try:
-        call_model(model, inputs)
+        model_output(model, inputs)
     finally:
         for hook in hooks:
             hook.remove()

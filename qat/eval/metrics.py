@@ -10,6 +10,9 @@ models alike. `reference` always means the float model.
     ece              expected calibration error (torchmetrics), top-1, equal-width bins
     per_class        accuracy per label, worst first, with the support of each
     perplexity_ratio exp(mean NLL(model)) / exp(mean NLL(reference))
+    mean_cosine      mean cosine similarity of embeddings to the reference's, row by row
+    neighbour_agreement  share of rows whose nearest other row (by cosine) is the same as
+                     under the reference embeddings (top-1 nearest-neighbour agreement)
 
 Example:
     >>> flips(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]), torch.tensor([0, 0, 0]))
@@ -130,3 +133,19 @@ def gap_recovered(float_value: float, ptq_value: float, qat_value: float) -> Opt
     if abs(gap) < 1e-12:
         return None
     return 100.0 * (qat_value - ptq_value) / gap
+
+
+def mean_cosine(embeddings: Tensor, reference_embeddings: Tensor) -> float:
+    """Mean over rows of cos(embedding, reference embedding) for (N, H) embeddings."""
+    return float(F.cosine_similarity(embeddings.float(), reference_embeddings.float(), dim=-1).mean())
+
+
+def neighbour_agreement(embeddings: Tensor, reference_embeddings: Tensor) -> float:
+    """Share of the N rows whose nearest other row by cosine is the one the reference picks."""
+    from qat.lightning.tasks import nearest_neighbours
+
+    if embeddings.shape[0] < 2:
+        raise ValueError(f"nearest-neighbour agreement needs at least 2 embeddings; got {embeddings.shape[0]}")
+    mine = nearest_neighbours(F.normalize(embeddings.float(), dim=-1))
+    theirs = nearest_neighbours(F.normalize(reference_embeddings.float(), dim=-1))
+    return float((mine == theirs).float().mean())

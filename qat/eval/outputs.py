@@ -1,8 +1,10 @@
 """The one place that calls a model for evaluation: batches in, (logits, labels) out.
 
-A batch is `(input, labels)` (qat's data modules) or a dict with `input_ids` and `labels`
-(Hugging Face style, `attention_mask` passed along); a model returns logits or an object
-with `.logits`. Everything downstream (metrics, report) sees plain tensors.
+Batches are split, fed and scored by the run's task (`qat.lightning.tasks`: classification,
+language_model, causal_lm, embedding); without a task a batch is `(input, labels)` or a dict
+with `input_ids` and `labels`. A model returns logits or an object with `.logits` (an encoder:
+`.last_hidden_state`, pooled by the 'embedding' task). Everything downstream (metrics,
+report) sees plain tensors.
 
 Example:
     >>> out = collect(model, loader)          # out.logits (N, C), out.labels (N,)
@@ -17,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from qat.lightning.tasks import logits_of, model_output
+from qat.lightning.tasks import Task, logits_of, model_output
 
 
 class EvalError(ValueError):
@@ -67,27 +69,36 @@ def _check_fit(logits: Tensor, labels: Tensor, describe: str) -> None:
                         f"{int(valid.max())} but the model has {logits.shape[-1]} outputs")
 
 
+def _forward(model: nn.Module, inputs: Any, task: Optional[Task], describe: str) -> Tensor:
+    try:
+        return call_model(model, inputs) if task is None else task.forward(model, inputs)
+    except (RuntimeError, IndexError, ValueError) as err:
+        tensor = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
+        shape = list(tensor.shape) if isinstance(tensor, Tensor) else sorted(inputs)
+        first = str(err).splitlines()[0]
+        raise EvalError(f"the data does not fit the model{describe}: input {shape} -> {first}") from None
+
+
 @torch.no_grad()
 def collect(model: nn.Module, batches: Iterable, transform: Optional[Callable[[Any], Any]] = None,
-            describe: str = "") -> Outputs:
+            describe: str = "", task: Optional[Task] = None) -> Outputs:
     """Run `model` (eval mode) over `batches`; `transform` changes each input first (noise).
 
-    Raises `EvalError` naming the shapes when the data does not fit the model.
+    With a `task` (`qat.lightning.tasks`), batches are split, fed and scored its way (a causal
+    LM's logits are shifted against its next-token targets); without one, a batch is
+    `(input, labels)` or a dict with `labels`. Raises `EvalError` naming the shapes when the
+    data does not fit the model.
     """
     was_training = model.training
     model.eval()
     logits, labels = [], []
     try:
         for batch in batches:
-            inputs, y = split_batch(batch)
+            inputs, y = split_batch(batch) if task is None else task.split(batch)
             if transform is not None:
                 inputs = transform(inputs)
-            try:
-                out = call_model(model, inputs)
-            except (RuntimeError, IndexError, ValueError) as err:
-                shape = list(inputs.shape) if isinstance(inputs, Tensor) else sorted(inputs)
-                first = str(err).splitlines()[0]
-                raise EvalError(f"the data does not fit the model{describe}: input {shape} -> {first}") from None
+            out = _forward(model, inputs, task, describe)
+            out = out if task is None else task.scored(out)
             _check_fit(out, y, describe)
             keep = y.reshape(-1) != -100
             logits.append(out.reshape(-1, out.shape[-1]).float()[keep])
@@ -97,3 +108,23 @@ def collect(model: nn.Module, batches: Iterable, transform: Optional[Callable[[A
     if not logits:
         raise EvalError("no evaluation batches: the data module's val_dataloader is empty")
     return Outputs(torch.cat(logits), torch.cat(labels))
+
+
+@torch.no_grad()
+def collect_embeddings(model: nn.Module, batches: Iterable, task: Task,
+                       transform: Optional[Callable[[Any], Any]] = None, describe: str = "") -> Tensor:
+    """The (N, H) sentence embeddings of `model` over `batches`, as `task` ('embedding') pools them."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for batch in batches:
+            inputs, _ = task.split(batch)
+            if transform is not None:
+                inputs = transform(inputs)
+            rows.append(_forward(model, inputs, task, describe).float())
+    finally:
+        model.train(was_training)
+    if not rows:
+        raise EvalError("no evaluation batches: the data module's val_dataloader is empty")
+    return torch.cat(rows)

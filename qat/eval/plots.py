@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+ROBUSTNESS_LABELS = {"cosine": "cosine to the float embeddings of the clean input"}
 STAGE_COLORS = {"float": "#444444", "ptq": "#d62728", "qat": "#1f77b4", "int4": "#2ca02c"}
 
 
@@ -99,14 +100,18 @@ def reliability_plot(report: dict, path: Path) -> Path:
 
 
 def robustness_plot(report: dict, path: Path) -> Path:
-    """Task metric against noise level for each stage."""
+    """Task metric against noise level for each stage (token dropout, when measured, dashed)."""
     plt = _pyplot()
     robust = report["robustness"]
     fig, ax = plt.subplots(figsize=(5, 4))
-    for stage, values in robust["stages"].items():
-        ax.plot(robust["levels"], values, "o-", label=stage, color=STAGE_COLORS.get(stage))
-    ax.set_xlabel("noise level (Gaussian sigma / token substitution rate)")
-    ax.set_ylabel(robust["metric"])
+    series = [(robust, "o-", "")]
+    if report.get("robustness_dropout"):
+        series = [(robust, "o-", " (substitution)"), (report["robustness_dropout"], "s--", " (dropout)")]
+    for section, style, suffix in series:
+        for stage, values in section["stages"].items():
+            ax.plot(section["levels"], values, style, label=stage + suffix, color=STAGE_COLORS.get(stage))
+    ax.set_xlabel("noise level (Gaussian sigma / share of tokens replaced)")
+    ax.set_ylabel(ROBUSTNESS_LABELS.get(robust["metric"], robust["metric"]))
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -136,9 +141,15 @@ def size_plot(points: list[dict[str, Any]], metric: str, path: Path, title: str 
     return _save(fig, path)
 
 
+def _metric(report: dict) -> str:
+    from qat.eval.evaluate import main_metric
+
+    return report.get("metric") or main_metric(report["task"])
+
+
 def _size_points(report: dict) -> list[dict[str, Any]]:
     size, stages = report["size"], report["stages"]
-    key = "perplexity" if report["task"] == "language_model" else "accuracy"
+    key = _metric(report)
     nbytes = {"float": size["float_bytes"], "ptq": size["int4_bytes"], "qat": size["int4_bytes"],
               "int4": size["int4_bytes"]}
     return [{"label": s, "bytes": nbytes[s], key: stages[s][key]} for s in stages if s in nbytes]
@@ -146,13 +157,13 @@ def _size_points(report: dict) -> list[dict[str, Any]]:
 
 def write_all(report: dict, directory: Path) -> dict[str, Path]:
     """Every plot the report has data for, as PNG files in `directory`."""
-    written = {"layers": layers_plot(report, directory / "layers.png"),
-               "reliability": reliability_plot(report, directory / "reliability.png")}
+    written = {"layers": layers_plot(report, directory / "layers.png")}
+    if report.get("calibration"):
+        written["reliability"] = reliability_plot(report, directory / "reliability.png")
     if report.get("slices"):
         written["slices"] = slices_plot(report, directory / "slices.png")
     if report.get("robustness"):
         written["robustness"] = robustness_plot(report, directory / "robustness.png")
     if report.get("size"):
-        key = "perplexity" if report["task"] == "language_model" else "accuracy"
-        written["size"] = size_plot(_size_points(report), key, directory / "size.png")
+        written["size"] = size_plot(_size_points(report), _metric(report), directory / "size.png")
     return written

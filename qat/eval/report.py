@@ -22,6 +22,7 @@ from typing import Any
 
 from qat.eval import plots
 
+ROBUSTNESS_KEYS = ("robustness", "robustness_dropout")  # noise / token substitution; token dropout
 STAGE_LABELS = {"float": "float", "ptq": "PTQ", "qat": "QAT", "int4": "int4 file"}
 
 
@@ -39,13 +40,29 @@ def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     return [*lines, ""]
 
 
+STAGE_COLUMNS = ("accuracy", "perplexity", "perplexity_ratio", "cosine", "nn_agreement", "nll", "ece", "agreement",
+                 "kl", "correct_to_wrong", "wrong_to_correct")
+COUNTED = {"classification": "examples", "language_model": "next tokens scored", "causal_lm": "next tokens scored",
+           "embedding": "sentences"}
+AGAINST_FLOAT = {"embedding": "cosine and nearest-neighbour agreement against the float embeddings",
+                 "language_model": "same-top-token rate (agreement), KL of the next-token distributions, perplexity "
+                                   "ratio and flips against float",
+                 "causal_lm": "same-top-token rate (agreement), KL of the next-token distributions, perplexity "
+                              "ratio and flips against float"}
+
+
+def stage_columns(report: dict) -> list[str]:
+    """The metrics of the stages table (those the float row has), in reading order."""
+    return [k for k in STAGE_COLUMNS if k in report["stages"]["float"]]
+
+
 def _stages_section(report: dict) -> list[str]:
     stages = report["stages"]
-    keys = [k for k in ("accuracy", "perplexity", "perplexity_ratio", "nll", "ece", "agreement", "kl",
-                        "correct_to_wrong", "wrong_to_correct") if k in stages["float"]]
-    lines = [f"## Stages ({report['examples']} examples; agreement, KL and flips against float)", "",
-             "Float is the model at the end of FP warm-up; QAT also trains the weights further, so its "
-             "distance to float is quantization error plus that training.", ""]
+    keys = stage_columns(report)
+    against = AGAINST_FLOAT.get(report["task"], "agreement, KL and flips against float")
+    lines = [f"## Stages ({report['examples']} {COUNTED.get(report['task'], 'examples')}; {against})", "",
+             f"Float is {report.get('float_is', 'the model at the end of FP warm-up')}; QAT also trains the "
+             "weights further, so its distance to float is quantization error plus that training.", ""]
     lines += _table(["stage", *keys], [[STAGE_LABELS.get(s, s), *(row[k] for k in keys)] for s, row in stages.items()])
     for name, gap in report.get("gap_recovered", {}).items():
         if gap:
@@ -99,13 +116,18 @@ def _slices_section(report: dict) -> list[str]:
 
 
 def _robustness_section(report: dict) -> list[str]:
-    robust = report.get("robustness")
-    if not robust:
-        return []
-    lines = [f"## Robustness: {robust['metric']} under input noise", ""]
-    head = ["level", *(STAGE_LABELS.get(s, s) for s in robust["stages"])]
-    rows = [[lvl, *(vals[i] for vals in robust["stages"].values())] for i, lvl in enumerate(robust["levels"])]
-    return lines + _table(head, rows)
+    lines: list[str] = []
+    for key in ROBUSTNESS_KEYS:
+        robust = report.get(key)
+        if not robust:
+            continue
+        what = "cosine to the float embeddings of the clean input" if robust["metric"] == "cosine" \
+            else robust["metric"]
+        lines += [f"## Robustness: {what} under {robust.get('perturbation', 'input noise')}", ""]
+        head = ["level", *(STAGE_LABELS.get(s, s) for s in robust["stages"])]
+        rows = [[lvl, *(vals[i] for vals in robust["stages"].values())] for i, lvl in enumerate(robust["levels"])]
+        lines += _table(head, rows)
+    return lines
 
 
 def _sensitivity_section(report: dict) -> list[str]:
@@ -125,6 +147,13 @@ def _sensitivity_section(report: dict) -> list[str]:
     return lines
 
 
+def _not_applicable_section(report: dict) -> list[str]:
+    skipped = report.get("not_applicable")
+    if not skipped:
+        return []
+    return ["## Not measured for this model", "", *(f"- {name}: {reason}" for name, reason in skipped.items()), ""]
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown (the numbers of `report`, rounded to 4 decimals)."""
     title = f"# Evaluation report: {report.get('name', 'model')}"
@@ -132,7 +161,7 @@ def markdown(report: dict) -> str:
     if report.get("plots"):
         lines += [" ".join(f"![{p}]({p})" for p in report["plots"]), ""]
     for section in (_stages_section, _size_section, _slices_section, _robustness_section, _layers_section,
-                    _sensitivity_section):
+                    _sensitivity_section, _not_applicable_section):
         lines += section(report)
     return "\n".join(lines)
 

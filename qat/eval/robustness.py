@@ -64,3 +64,13 @@ def default_levels(sample_input: Any) -> tuple[float, ...]:
     """Noise levels for images (float input) or tokens (integer input)."""
     tensor = sample_input["input_ids"] if isinstance(sample_input, dict) else sample_input
     return DEFAULT_IMAGE_LEVELS if tensor.is_floating_point() else DEFAULT_TOKEN_LEVELS
+
+
+def describe(sample_input: Any, drop_token: Optional[int] = None) -> str:
+    """What `perturbation` does to inputs like `sample_input`, in words (for the report)."""
+    tensor = sample_input["input_ids"] if isinstance(sample_input, dict) else sample_input
+    if tensor.is_floating_point():
+        return "Gaussian input noise (level: sigma)"
+    if drop_token is not None:
+        return f"token dropout (level: share of tokens replaced by token {drop_token})"
+    return "typo-style token substitution (level: share of tokens replaced by random ones)"

@@ -32,6 +32,7 @@ from torch import nn
 from qat.config import QuantRule
 from qat.eval import metrics
 from qat.eval.outputs import Outputs, collect
+from qat.lightning.tasks import Task
 from qat.recipe import Recipe
 
 DEFAULT_BITS = (2, 3, 4, 8)
@@ -117,13 +118,14 @@ def _model_at_bits(recipe: Recipe, float_state: dict, layers: Sequence[str], bit
 
 def layer_sensitivity(recipe: Recipe, float_model: nn.Module, batches: list,
                       bits_choices: Sequence[int] = DEFAULT_BITS,
-                      layers: Optional[dict[str, int]] = None) -> list[dict[str, Any]]:
+                      layers: Optional[dict[str, int]] = None, task: Optional[Task] = None) -> list[dict[str, Any]]:
     """Per layer: weight count, and KL to float and accuracy at each of `bits_choices` with only
     that layer quantized (weights only), most sensitive (at the fewest bits) first. `layers`
-    (name -> weight count; default: those the recipe quantizes) limits the layers."""
+    (name -> weight count; default: those the recipe quantizes) limits the layers; `task` splits
+    and scores the batches (`qat.eval.outputs.collect`)."""
     from qat.build import build_model
 
-    reference: Outputs = collect(float_model, batches)
+    reference: Outputs = collect(float_model, batches, task=task)
     float_state = float_model.state_dict()
     if layers is None:
         layers = quantized_layers(build_model(recipe, on_float=lambda m: m.load_state_dict(float_state))[0])
@@ -133,7 +135,7 @@ def layer_sensitivity(recipe: Recipe, float_model: nn.Module, batches: list,
         for layer in layers:
             quantizer = model.get_submodule(layer).weight_quantizer
             quantizer.enable(True)
-            out = collect(model, batches)
+            out = collect(model, batches, task=task)
             quantizer.enable(False)
             rows[layer]["kl"][str(bits)] = metrics.mean_kl(out.logits, reference.logits)
             rows[layer]["accuracy"][str(bits)] = metrics.accuracy(out.logits, out.labels)

@@ -6,6 +6,9 @@
     int4 file       a `qat.load` file; recipe and float reference from its run directory
                     (or `recipe_path` / `float_path`)
 
+A Hugging Face run (`model.hf`) writes no float.safetensors: its float reference is the
+pretrained model it started from, loaded again from `model.hf` (unless `float_path` is given).
+
 PTQ is computed on the spot: the float weights with the recipe's quantization spec,
 calibrated on `schedule.calibration_batches` training batches (round-to-nearest of the
 same spec, no training). When the run has no int4 file, the QAT model is exported to a
@@ -41,26 +44,32 @@ class EvalSources:
 
     recipe: Recipe
     source: Path
-    float_path: Path
+    float_path: Optional[Path]  # None: the recipe's pretrained Hugging Face model is the float reference
     checkpoint: Optional[Path] = None
     int4_path: Optional[Path] = None
     trained: Optional[nn.Module] = None  # the QAT model in memory (end of a run) instead of the checkpoint's
     _tmp: list = field(default_factory=list, repr=False)
 
     def datamodule(self):
-        """The recipe's data module, set up."""
-        from qat.build import instantiate
+        """The recipe's data module (a Hugging Face model's tokenizer and limits passed in), set up."""
+        from qat.build import make_datamodule
 
-        data = instantiate(self.recipe.data, "data")
+        data = make_datamodule(self.recipe)
         data.setup("fit")
         return data
 
+    def describe(self) -> str:
+        """' (model on data)' for error messages."""
+        model = self.recipe.model.hf.path if self.recipe.model.hf is not None else self.recipe.model.target
+        return f" ({model} on {self.recipe.data._target_})"
+
     def float_model(self) -> nn.Module:
         """The recipe's model holding the float reference weights."""
-        from qat.build import instantiate
+        from qat.model_loader import load_float_model
 
-        model = instantiate(self.recipe.model, "model")
-        _load_float(model, _read_state(self.float_path), self)
+        model = load_float_model(self.recipe)
+        if self.float_path is not None:
+            _load_float(model, _read_state(self.float_path), self)
         return model.eval()
 
     def ptq_model(self, calibration_batches: list) -> nn.Module:
@@ -68,8 +77,9 @@ class EvalSources:
         from qat.build import build_model
         from qat.control import calibrate, set_fake_quant
 
-        state = _read_state(self.float_path)
-        model, _ = build_model(self.recipe, on_float=lambda float_model: _load_float(float_model, state, self))
+        state = _read_state(self.float_path) if self.float_path is not None else None
+        model, _ = build_model(self.recipe, on_float=None if state is None else
+                               lambda float_model: _load_float(float_model, state, self))
         set_fake_quant(model, weights=True, activations=True)
         calibrate(model, calibration_batches, weights=False)  # weight ranges: set by prepare from these weights
         return model.eval()
@@ -94,12 +104,12 @@ class EvalSources:
         self._tmp.append(tmp)
         self.int4_path = Path(tmp.name) / INT4_FILE
         if self.trained is not None:
+            from qat.model_loader import architecture_of
             from qat.prune import remove_masks
 
             model = copy.deepcopy(self.trained)
             remove_masks(model)
-            export_model(model, self.int4_path, architecture={"_target_": self.recipe.model._target_,
-                                                              **self.recipe.model.args})
+            export_model(model, self.int4_path, architecture=architecture_of(self.recipe, model))
         else:
             export_checkpoint(self.checkpoint, self.int4_path)
         return self.int4_path
@@ -145,11 +155,14 @@ def _is_qat_file(path: Path) -> bool:
     return True
 
 
-def _float_reference(run_dir: Optional[Path], float_path: Optional[str], what: Path) -> Path:
+def _float_reference(run_dir: Optional[Path], float_path: Optional[str], what: Path, recipe: Recipe,
+                     ) -> Optional[Path]:
     if float_path is not None:
         path = Path(float_path)
     elif run_dir is not None and (run_dir / FLOAT_FILE).is_file():
         path = run_dir / FLOAT_FILE
+    elif recipe.model.hf is not None:
+        return None  # the pretrained model of model.hf
     else:
         raise EvalError(f"no float reference for {what}: expected {FLOAT_FILE} in its run directory (written at "
                         f"the end of FP warm-up by runs of this version of qat); pass --float FLOAT.safetensors")
@@ -182,7 +195,7 @@ def resolve(path: str | Path, float_path: Optional[str] = None, recipe_path: Opt
         recipe = load_recipe(run_dir / "recipe.yaml", overrides)
     else:
         raise EvalError(f"no recipe for {path}: it is not in a run directory; pass --recipe RECIPE.yaml")
-    float_file = _float_reference(run_dir, float_path, path)
+    float_file = _float_reference(run_dir, float_path, path, recipe)
     return EvalSources(recipe, path, float_file, checkpoint, int4 if int4.is_file() else None)
 
 

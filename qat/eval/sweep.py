@@ -77,14 +77,16 @@ def run_setting(recipe_path: str, setting: dict[str, Any], extra: list[str], run
 
 def row_of(setting: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     """A setting's row from its run summary and evaluation report."""
+    from qat.eval.evaluate import main_metric
+
     report = json.loads(Path(summary["report"]["path"]).with_suffix(".json").read_text())
-    key = "perplexity" if report["task"] == "language_model" else "accuracy"
+    key = report.get("metric") or main_metric(report["task"])
     stages = report["stages"]
     return {**{k: v for k, v in setting.items() if k != "overrides"}, "metric": key,
             "float": stages["float"][key], "ptq": stages["ptq"][key], "qat": stages["qat"][key],
-            "int4": stages["int4"][key], "int4_agreement": stages["int4"]["agreement"],
-            "int4_kl": stages["int4"]["kl"], "int4_ece": stages["int4"]["ece"],
-            "ptq_kl": stages["ptq"]["kl"], "gap_recovered": report["gap_recovered"]["qat"].get(key),
+            "int4": stages["int4"][key], "int4_agreement": stages["int4"].get("agreement"),
+            "int4_kl": stages["int4"].get("kl"), "int4_ece": stages["int4"].get("ece"),
+            "ptq_kl": stages["ptq"].get("kl"), "gap_recovered": report["gap_recovered"]["qat"].get(key),
             "file_bytes": report["size"]["int4_bytes"], "bytes": report["size"]["nominal_bytes"],
             "bits_per_weight": report["size"]["bits_per_weight"],
             "seconds": summary["seconds"], "run_dir": summary["run_dir"]}
@@ -94,11 +96,12 @@ def mixed_setting(first_run_dir: str, budget_bits: float) -> dict[str, Any]:
     """The mixed-precision setting suggested from the first run's float reference."""
     from qat.eval.sensitivity import layer_sensitivity, suggest
     from qat.eval.sources import resolve
+    from qat.lightning.tasks import make_task
 
     sources = resolve(first_run_dir)
     data = sources.datamodule()
     batches = list(data.val_dataloader())
-    rows = layer_sensitivity(sources.recipe, sources.float_model(), batches)
+    rows = layer_sensitivity(sources.recipe, sources.float_model(), batches, task=make_task(sources.recipe.task))
     suggestion = suggest(sources.recipe, rows, budget_bits)
     return {"label": f"mixed@{budget_bits:g}", "bits": round(suggestion["average_bits"], 3), "group_size": "-",
             "method": "lsq", "overrides": [suggestion["override"]], "assignment": suggestion["bits"]}

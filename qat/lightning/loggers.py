@@ -67,6 +67,17 @@ class FailSafeLogger(Logger):
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         self._call("log_hyperparams", params, *args, **kwargs)
 
+    @rank_zero_only
+    def log_image(self, key: str, images: list, step: Optional[int] = None, **kwargs: Any) -> None:
+        """Images (file paths or arrays) under `key`, when the wrapped logger takes images (wandb)."""
+        self._call("log_image", key, images, step, **kwargs)
+
+    @rank_zero_only
+    def log_table(self, key: str, columns: Optional[list[str]] = None, data: Optional[list[list[Any]]] = None,
+                  step: Optional[int] = None) -> None:
+        """A table under `key`, when the wrapped logger takes tables (wandb)."""
+        self._call("log_table", key, columns=columns, data=data, step=step)
+
     def save(self) -> None:
         self._call("save")
 

@@ -90,6 +90,10 @@ class Task:
     def forward(self, model: nn.Module, inputs: Any) -> Tensor:
         return logits_of(model_output(model, inputs))
 
+    def scored(self, output: Tensor) -> Tensor:
+        """The logits that `targets` score, position for position (a causal LM drops its last position)."""
+        return output
+
     def loss(self, output: Tensor, targets: Any, inputs: Any) -> Tensor:
         return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), targets.reshape(-1))
 
@@ -137,8 +141,11 @@ class CausalLMTask(LanguageModelTask):
     def split(self, batch: dict) -> tuple[dict, Tensor]:
         return batch, shifted_targets(batch, batch.get("labels"))
 
+    def scored(self, output: Tensor) -> Tensor:
+        return output[:, :-1]  # (B, T-1, V): position t predicts token t+1
+
     def loss(self, output: Tensor, targets: Tensor, inputs: Any) -> Tensor:
-        logits = output[:, :-1]  # (B, T-1, V): position t predicts token t+1
+        logits = self.scored(output)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                ignore_index=IGNORE)
 
@@ -147,7 +154,7 @@ class CausalLMTask(LanguageModelTask):
                                                                                    sync_on_compute=sync)})
 
     def update(self, metrics: torchmetrics.MetricCollection, output: Tensor, targets: Any, inputs: Any) -> None:
-        metrics.update(output[:, :-1].float(), targets)
+        metrics.update(self.scored(output).float(), targets)
 
 
 class EmbeddingTask(Task):

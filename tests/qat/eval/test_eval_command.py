@@ -23,11 +23,16 @@ PLOTS = ("layers.png", "reliability.png", "slices.png", "robustness.png", "size.
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The default recipe, shrunk: 30 steps, warm-up 10, its report (with a bit budget) at the end."""
+    """The default recipe, shrunk: 30 steps, warm-up 10, its report (with a bit budget) at the end; wandb
+    offline, as the recipe has it."""
     base = tmp_path_factory.mktemp("eval_run")
-    recipe = fast_recipe(base, "report.latency=false", "report.noise_levels=[0.0,0.3]", path=ROOT / DEFAULT_RECIPE)
+    recipe = fast_recipe(base, "report.latency=false", "report.noise_levels=[0.0,0.3]", "logging.wandb=offline",
+                         path=ROOT / DEFAULT_RECIPE)
     summary = train(recipe, quiet=True)
-    return summary, base / "digits_w2a4" / "version_0"
+    yield summary, base / "digits_w2a4" / "version_0"
+    import wandb
+
+    wandb.finish()  # the run's wandb run stays open in this process; later tests start their own
 
 
 def test_the_default_recipe_is_w2a4_with_the_report_on():
@@ -54,14 +59,24 @@ def test_the_run_ends_with_the_report_and_its_numbers_match_the_summary(run):
     assert "quant.rules=[" in (run_dir / "report.md").read_text()
 
 
+def test_the_runs_wandb_gets_the_reports_plots(run):
+    _, run_dir = run
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    images = {p.name.split("_")[0] for p in (offline / "files" / "media" / "images").rglob("*.png")}
+    assert images == {name.removesuffix(".png") for name in PLOTS}
+    assert list((offline / "files" / "media" / "table").rglob("stages*.table.json"))
+
+
 @pytest.mark.parametrize("which", ["run_dir", "ckpt", "int4"])
 def test_qat_eval_works_on_all_three_inputs(run, which, tmp_path, capsys):
     _, run_dir = run
     source = {"run_dir": run_dir, "ckpt": run_dir / "checkpoints" / "last.ckpt",
               "int4": run_dir / "model.safetensors"}[which]
-    code = main(["eval", str(source), "-o", str(tmp_path), "--no-latency", "--noise", "0", "0.2"])
+    skip = ["--no-sensitivity"] if which == "int4" else []
+    code = main(["eval", str(source), "-o", str(tmp_path), "--no-latency", "--noise", "0", "0.2", *skip])
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "report.json").read_text())
+    assert ("sensitivity" in report) == (not skip)
     assert set(report["stages"]) == ({"float", "ptq", "int4"} if which == "int4" else {"float", "ptq", "qat", "int4"})
     assert report["stages"]["float"]["agreement"] == 1.0
     assert all((tmp_path / name).stat().st_size > 0 for name in PLOTS)

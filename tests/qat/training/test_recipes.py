@@ -74,6 +74,7 @@ def test_unknown_key_inside_a_rule_names_the_rule_fields():
         ("quant.weight.bits=9", r"bits=9.*2..8"),
         ("quant.weight.granularity=row", r"granularity='row'.*'tensor', 'channel', 'group'"),
         ("optimizer.lr=-1", r"optimizer.lr=-1"),
+        ("trainer.cpu_threads=0", r"trainer.cpu_threads=0 must be >= 1"),
         ("no_equals_sign", r"key=value"),
     ],
 )

@@ -170,3 +170,17 @@ def test_language_model_task_logs_perplexity(tmp_path):
     summary = train(recipe, quiet=True)
     assert summary["qat"]["ppl"] > 1.0
     assert summary["qat"]["ppl"] == pytest.approx(torch.tensor(summary["qat"]["loss"]).exp().item(), rel=1e-4)
+
+
+def test_cpu_threads_sets_torchs_intra_op_threads_for_the_run(tmp_path):
+    from qat.build import build
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        build(fast_recipe(tmp_path, "trainer.cpu_threads=1"))
+        assert torch.get_num_threads() == 1
+        build(fast_recipe(tmp_path))  # not set: torch's count is left as it is
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
