@@ -21,9 +21,9 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ class HFSource:
         kind: 'causal_lm' (AutoModelForCausalLM) or 'encoder' (AutoModel: hidden states).
         dtype: the dtype of the loaded weights: 'float32', 'bfloat16' or 'float16'.
         tokenizer: the tokenizer's folder when it is not `path` (same spelling as `path`).
+        config: settings that replace the model config's, e.g. `{hidden_dropout_prob: 0.0}`
+            (dropout is on in training mode; distilling a quantized copy of a pretrained model
+            usually wants it off).
     """
 
     path: str = "???"
@@ -56,6 +59,7 @@ class HFSource:
     kind: str = "causal_lm"
     dtype: str = "float32"
     tokenizer: Optional[str] = None
+    config: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -180,9 +184,13 @@ def load_hf_model(source: HFSource) -> nn.Module:
     folder = weights_folder(source)
     try:
         with torch.random.fork_rng(devices=[]):
-            model = _auto_class(source).from_pretrained(str(folder), dtype=DTYPES[source.dtype])
+            model = _auto_class(source).from_pretrained(str(folder), dtype=DTYPES[source.dtype],
+                                                         **dict(source.config))
     except Exception as err:  # corrupt weights, unknown model types, missing files
         raise HFLoadError(f"transformers cannot load the model in {folder}: {type(err).__name__}: {err}") from None
+    unknown = sorted(key for key in source.config if not hasattr(model.config, key))
+    if unknown:
+        raise HFLoadError(f"model.hf.config: {', '.join(unknown)} not a setting of {type(model.config).__name__}")
     _clean_config(model.config)
     return model.train()
 

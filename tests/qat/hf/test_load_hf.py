@@ -26,7 +26,18 @@ def test_architecture_records_config_and_source(llama_folder):
     assert architecture["hf_config"]["model_type"] == "llama"
     assert architecture["hf_config"]["architectures"] == ["LlamaForCausalLM"]
     assert architecture["hf_source"] == {"path": str(llama_folder), "gguf_file": None, "kind": "causal_lm",
-                                         "dtype": "float32", "tokenizer": None}
+                                         "dtype": "float32", "tokenizer": None, "config": {}}
+
+
+def test_config_settings_replace_the_pretrained_ones_and_unknown_ones_are_refused(llama_folder, tmp_path):
+    model = load_hf_model(HFSource(path=str(llama_folder), config={"attention_dropout": 0.25}))
+    assert model.config.attention_dropout == 0.25
+    assert all(layer.self_attn.attention_dropout == 0.25 for layer in model.model.layers)
+    with pytest.raises(HFLoadError, match=r"not_a_setting"):
+        load_hf_model(HFSource(path=str(llama_folder), config={"not_a_setting": 1}))
+    recipe = load_recipe(None, ["task=causal_lm", f"model.hf.path={llama_folder}",
+                                "model.hf.config={attention_dropout: 0.0}"])
+    assert recipe.model.hf.config == {"attention_dropout": 0.0}
 
 
 def test_package_paths_resolve_inside_the_installed_package_without_importing_it():
