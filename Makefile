@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qat-installed
-# llama.cpp (llama-cpp-python) compiles from source for this CPU (-march=native), about 15 minutes on
+# llama.cpp (llama-cpp-python) compiles from source for this CPU (-march=native), about 20 minutes on
 # two cores: the wheel is built once per CPU model and kept in $(WHEELS), outside the clone.
 LLAMA_CPP := llama-cpp-python==0.3.36
 WHEELS ?= $(HOME)/.cache/qat/wheels/$(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | sha1sum | cut -c1-12)
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 $(LLAMA_STAMP): $(STAMP)
 	@$(PY) -m pip install --quiet -c constraints.txt --find-links $(WHEELS) --only-binary llama-cpp-python \
 		"$(LLAMA_CPP)" 2>/dev/null || \
-	( echo "building $(LLAMA_CPP) into $(WHEELS) (once per CPU model; about 15 minutes on 2 cores)" && \
+	( echo "building $(LLAMA_CPP) into $(WHEELS) (once per CPU model; about 20 minutes on 2 cores)" && \
 	  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
 	  $(PY) -m pip wheel --quiet --no-deps --no-binary llama-cpp-python "$(LLAMA_CPP)" -w $(WHEELS) && \
 	  $(PY) -m pip install --quiet -c constraints.txt --find-links $(WHEELS) --only-binary llama-cpp-python \
