@@ -26,7 +26,9 @@ files, so load with `CompressedTensorsConfig(run_compressed=False)` (symmetric f
 
 Refused (ConversionError naming the layer): bits other than 4, Conv2d layers, static input
 quantization (the format would need another scheme), architectures not given as a Hugging Face
-config. Quantized Embedding layers are written as their exact dequantized float table.
+config. Quantized Embedding layers are written as their exact dequantized float table; a quantized
+output head tied to them (SmolLM2) is written packed like any Linear, and the config's
+`tie_word_embeddings` is set to false, since the two now differ in form (not in value).
 
 Example:
     >>> export_compressed_tensors("llama.safetensors", "llama-int4")    # then AutoModelForCausalLM.from_pretrained
@@ -143,8 +145,9 @@ def export_compressed_tensors(path: str | os.PathLike, out: str | os.PathLike) -
     persistent = set(build_architecture(manifest.architecture, path).state_dict())
     tensors, dense, quantized = {}, [], {}
     owned = manifest.layer_tensor_names()
-    layer_stored = {layer: {suffix: stored[layer_tensor(layer, suffix)] for suffix in spec.tensor_shapes()}
-                    for layer, spec in manifest.layers.items()}
+    layer_stored = {layer: {suffix: stored[manifest.tied.get(name, name)]
+                            for suffix in spec.tensor_shapes() for name in [layer_tensor(layer, suffix)]}
+                    for layer, spec in manifest.layers.items()}  # a tied table is stored once, under its owner
     for layer, spec in manifest.layers.items():
         if spec.weight is not None and spec.type == "Embedding" and spec.input is None:
             weight = dequantize_weight(spec.weight, layer_stored[layer])
@@ -163,6 +166,8 @@ def export_compressed_tensors(path: str | os.PathLike, out: str | os.PathLike) -
         tensors.update(_layer_tensors(layer, spec, layer_stored[layer], scheme))
     tensors.update({name: t for name, t in stored.items() if name not in owned and name in persistent})
     config = dict(manifest.architecture["hf_config"])
+    if config.get("tie_word_embeddings") and "lm_head" in quantized:
+        config["tie_word_embeddings"] = False  # the table as exact floats, the head packed: equal weights, two forms
     group = {"targets": [f"re:^{re.escape(layer)}$" for layer in quantized], "weights": scheme,
              "input_activations": None, "output_activations": None, "format": "pack-quantized"}
     config["quantization_config"] = {

@@ -121,3 +121,20 @@ def test_smollm2_gguf_runs_in_llama_cpp_like_qat_load(smollm2, tmp_path):
         lead = float(ours_logits[first, ours[first]] - ours_logits[first, theirs[first]])
         assert lead <= 2 * deviation * float(expected.abs().max()), (first, lead, tokenizer.decode(ours),
                                                                       tokenizer.decode(theirs))
+
+
+def test_smollm2_compressed_tensors_folder_loads_in_transformers_with_equal_logits(smollm2, tmp_path):
+    """The tied quantized table becomes an exact float embedding plus a packed head (config untied)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from qat.export.targets.compressed_tensors import export_compressed_tensors
+
+    run, exported = smollm2
+    report = export_compressed_tensors(exported["path"], tmp_path / "folder")
+    assert "lm_head" in report.quantized and report.dense == ["model.embed_tokens"]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "folder", dtype=torch.float32,
+                                              quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
+    loaded = qat.load(exported["path"], kernel_backend="reference")
+    ids = run.datamodule.val_dataloader().dataset[0]["input_ids"][None, :32]
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids).logits, loaded(input_ids=ids).logits)

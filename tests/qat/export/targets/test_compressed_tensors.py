@@ -76,3 +76,19 @@ def test_non_hugging_face_architectures_and_unsupported_layers_are_refused(tmp_p
     with pytest.raises(ConversionError, match=r"layer 'pooler.dense': 3-bit weights"):
         export_compressed_tensors(tmp_path / "bert.safetensors", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_tied_embedding_and_head_load_untied_with_equal_logits(tmp_path: Path) -> None:
+    """SmolLM2's layout: one quantized table for the embedding and the head, stored once in the qat file."""
+    export_llama(tmp_path / "tied.safetensors", tie=True, group_size=32, symmetric=False, quantizer="lsq_plus")
+    report = export_compressed_tensors(tmp_path / "tied.safetensors", tmp_path / "folder")
+    assert "lm_head" in report.quantized and report.dense == ["model.embed_tokens"]
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "folder").tie_word_embeddings is False
+    loaded = qat.load(tmp_path / "tied.safetensors", kernel_backend="reference")
+    hf = load_folder(tmp_path / "folder", run_compressed=False)
+    assert torch.equal(hf.model.embed_tokens.weight, loaded.model.embed_tokens.dequantized_weight())
+    assert torch.equal(hf.lm_head.weight, loaded.lm_head.dequantized_weight())
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, loaded(ids).logits)
