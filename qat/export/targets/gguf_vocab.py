@@ -8,7 +8,8 @@ them from. With neither, the file gets `tokenizer.ggml.model = "none"`: llama.cp
 and runs token ids, but cannot turn text into tokens.
 
 Example:
-    >>> fields = tokenizer_fields(manifest, vocab=None)   # [(key, value, type, sub_type), ...]
+    >>> fields, origin = tokenizer_fields(manifest, vocab=None, vocab_size=49152)
+    >>> fields[0]    # (key, value, GGUF value type, element type of an array or None)
 """
 
 from __future__ import annotations
