@@ -58,6 +58,7 @@ AUTO = "auto"
 # from M ~ 8-16 with bf16 x, M ~ 16 with fp32 x). None (the default) never caches, so the int4 model's
 # memory stays what it is; set it (e.g. 16) where memory allows.
 CPU_CACHE_DENSE_ABOVE_M: Optional[int] = None
+MAX_AUTO_CHOICES = 256  # remembered `auto` choices per layer (one per distinct M seen; cleared when full)
 
 RunFn = Callable[[Tensor, PackedInt4Weight, Optional[Tensor]], Tensor]
 
@@ -203,12 +204,22 @@ def choose_backend(x: Tensor, weight: PackedInt4Weight) -> str:
 def _run(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
     check_activation(x, weight.in_features, bias, weight.out_features)
     name = backend or os.environ.get(ENV_VAR) or AUTO
+    key = None
     if name == AUTO:
+        key = (x.dtype, x.device, x.numel() // weight.in_features, CPU_CACHE_DENSE_ABOVE_M,
+               autotune.autotune_enabled())
+        cached = weight.auto_choices.get(key)
+        if cached is not None:
+            return BACKENDS[cached].run(x, weight, bias)  # checked when it was chosen
         name = choose_backend(x, weight)
     chosen = get_backend(name)
     reason = chosen.unsupported(x, weight)
     if reason is not None:
         raise ValueError(f"int4 kernel backend {name!r} cannot run this layer: {reason}")
+    if key is not None:
+        if len(weight.auto_choices) >= MAX_AUTO_CHOICES:
+            weight.auto_choices.clear()
+        weight.auto_choices[key] = name
     return chosen.run(x, weight, bias)
 
 

@@ -81,6 +81,9 @@ class PackedInt4Weight:
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
         self._forms: dict[str, Any] = {}
         self._signature = _version_signature(packed, scales, zeros)
+        # the backend the `auto` dispatch chose, per (activation dtype, device, M, its settings): a decode
+        # step calls every layer with the same M, so the choice and its checks run once, not per token
+        self.auto_choices: dict[tuple, str] = {}
 
     def form(self, name: str, build: Callable[[PackedInt4Weight], Any]) -> Any:
         """The cached kernel-specific form `name`, built by `build(self)` on first use.

@@ -148,3 +148,26 @@ assert not loaded, loaded
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_auto_dispatch_chooses_once_per_layer_and_m(monkeypatch) -> None:
+    """A decode step calls each layer with the same M: the choice (and its checks) runs once, not per call."""
+    packed, scales, zeros = make_layer(32, 128, 64)
+    weight = PackedInt4Weight(packed, scales, zeros, 64)
+    calls = []
+    real = dispatch.choose_backend
+    monkeypatch.setattr(dispatch, "choose_backend", lambda x, w: calls.append(x.shape) or real(x, w))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    one, four = torch.randn(1, 128), torch.randn(4, 128)
+    first = dispatch.int4_linear_prepared(one, weight)
+    assert torch.equal(dispatch.int4_linear_prepared(one, weight), first)
+    dispatch.int4_linear_prepared(four, weight)
+    dispatch.int4_linear_prepared(four, weight)
+    assert calls == [(1, 128), (4, 128)]  # once per M
+    monkeypatch.setattr(dispatch, "CPU_CACHE_DENSE_ABOVE_M", 2)  # a setting the choice depends on
+    dispatch.int4_linear_prepared(four, weight)
+    assert len(calls) == 3 and weight.auto_choices[(torch.float32, torch.device("cpu"), 4, 2, True)] == \
+        "cpu_bf16_cached"
+    monkeypatch.setenv(ENV_VAR, "reference")  # a named backend bypasses the remembered choice
+    expected = int4_linear_reference(one, packed, scales, zeros, 64)
+    assert torch.equal(dispatch.int4_linear_prepared(one, weight), expected)
