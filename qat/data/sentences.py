@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from qat.data.corpus import read_documents, split_sentences
-from qat.data.tokenize import check_ids_in_vocab, check_length
+from qat.data.tokenize import check_ids_in_vocab, check_length, check_split_settings
 from qat.data_loading import ResumableLoader
 
 _PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0}  # input_ids pad with the tokenizer's pad id
@@ -84,12 +84,8 @@ class SentenceDataModule(pl.LightningDataModule):
                  max_positions: Optional[int] = None, val_batch_size: Optional[int] = None) -> None:
         super().__init__()
         check_length(max_length, "max_length", tokenizer, max_positions)
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction={val_fraction!r} must be between 0 and 1 (exclusive)")
-        for name, value in (("batch_size", batch_size), ("val_sentences", val_sentences),
-                            ("max_train_sentences", max_train_sentences), ("val_batch_size", val_batch_size)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+        check_split_settings(val_fraction, batch_size=batch_size, val_sentences=val_sentences,
+                             max_train_sentences=max_train_sentences, val_batch_size=val_batch_size)
         if getattr(tokenizer, "pad_token_id", None) is None:
             raise ValueError("the tokenizer has no pad token (pad_token_id is None): sentence batches need padding")
         self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed

@@ -26,7 +26,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from qat.data.corpus import default_corpus, read_corpus, read_documents
-from qat.data.tokenize import check_ids_in_vocab, check_length, encode_documents, encode_text, tokenizer_eos_id
+from qat.data.tokenize import (
+    check_ids_in_vocab,
+    check_length,
+    check_split_settings,
+    encode_documents,
+    encode_text,
+    tokenizer_eos_id,
+)
 from qat.data_loading import ResumableLoader
 
 __all__ = ["PackedBlocks", "TextDataModule", "default_corpus", "pack_tokens", "read_corpus"]
@@ -115,12 +122,8 @@ class TextDataModule(pl.LightningDataModule):
                  val_batch_size: Optional[int] = None, join_documents: bool = False) -> None:
         super().__init__()
         check_length(seq_len, "seq_len", tokenizer, max_positions)
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction={val_fraction!r} must be between 0 and 1 (exclusive)")
-        for name, value in (("batch_size", batch_size), ("val_tokens", val_tokens),
-                            ("max_train_blocks", max_train_blocks), ("val_batch_size", val_batch_size)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+        check_split_settings(val_fraction, batch_size=batch_size, val_tokens=val_tokens,
+                             max_train_blocks=max_train_blocks, val_batch_size=val_batch_size)
         self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
         self.files = [files] if isinstance(files, str) else files
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size

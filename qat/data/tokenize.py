@@ -61,6 +61,15 @@ def check_length(length: int, what: str, tokenizer: Any, max_positions: Optional
         raise ValueError(f"{what}={length} is above the model's maximum sequence length {limit} ({source})")
 
 
+def check_split_settings(val_fraction: float, **counts: Optional[int]) -> None:
+    """ValueError unless 0 < val_fraction < 1 and every count given (None = unset) is a positive integer."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction!r} must be between 0 and 1 (exclusive)")
+    for name, value in counts.items():
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
 def check_ids_in_vocab(ids: torch.Tensor, vocab_size: Optional[int]) -> None:
     """ValueError when a token id is outside [0, vocab_size): the tokenizer does not match the model."""
     if vocab_size is None or ids.numel() == 0:

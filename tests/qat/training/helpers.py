@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from qat.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -25,3 +27,13 @@ FAST = [
 def fast_recipe(run_dir: Path, *overrides: str, path: Path = DEFAULT_RECIPE) -> Recipe:
     """The recipe at `path`, shrunk by FAST, writing under `run_dir`, plus `overrides`."""
     return load_recipe(path, [*FAST, f"logging.run_dir={run_dir}", *overrides])
+
+
+def assert_same_state(expected: dict, actual: dict) -> None:
+    """The same keys, tensors bit-identical, everything else equal (e.g. the quantizers' extra states)."""
+    assert expected.keys() == actual.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, actual[key]), key
+        else:
+            assert value == actual[key], key

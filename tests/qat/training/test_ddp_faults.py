@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import ROOT
+from .helpers import ROOT, assert_same_state
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")]
@@ -39,15 +39,6 @@ def assert_no_rank_left(run_dir: Path) -> None:
             pytest.fail(f"{pid_file.name} ({pid_file.read_text()}) is still running")
 
 
-def same_state(expected: dict, actual: dict) -> None:
-    assert expected.keys() == actual.keys()
-    for key, value in expected.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, actual[key]), key
-        else:
-            assert value == actual[key], key
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tinylm_runs):
     return torch.load(tinylm_runs["ddp"] / "final_state.pt", weights_only=True)
@@ -63,7 +54,7 @@ def test_killed_rank_fails_the_job_and_resume_ends_bit_identical(tmp_path, unint
     assert mid_run["global_step"] in (6, 7)  # a mid-run checkpoint (rank 0 may have saved step 7's)
     resumed = run_dist(tmp_path, "resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    same_state(uninterrupted, torch.load(tmp_path / "final_state.pt", weights_only=True))
+    assert_same_state(uninterrupted, torch.load(tmp_path / "final_state.pt", weights_only=True))
     for key in ("qkv.weight", "lm_head.weight"):  # the resumed run trained on from the mid-run state
         assert not torch.equal(uninterrupted[key], mid_run["state_dict"][f"model.{key}"]), key
 

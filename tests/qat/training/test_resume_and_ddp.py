@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from .helpers import ROOT
+from .helpers import ROOT, assert_same_state
 
 
 def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -38,14 +38,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, uninterrupted,
     assert not (broken / "final_state.pt").exists()
     resumed = run_script(str(broken), "resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = uninterrupted
-    actual = torch.load(broken / "final_state.pt", weights_only=True)
-    assert expected.keys() == actual.keys()
-    for key, value in expected.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, actual[key]), key
-        else:
-            assert value == actual[key], key
+    assert_same_state(uninterrupted, torch.load(broken / "final_state.pt", weights_only=True))
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
