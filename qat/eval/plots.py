@@ -37,6 +37,16 @@ def _finite(value: float, cap: float = 100.0) -> float:
     return cap if math.isinf(value) else value
 
 
+def _grouped_bars(ax: Any, categories: list[str], series: list[tuple[str, dict, str, float]], **ticks: Any) -> None:
+    """One group of bars per category, one bar per (label, {category: value}, stage, alpha) series
+    (a missing value draws 0); the tick sits under the middle of each group."""
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values, stage, alpha) in enumerate(series):
+        ax.bar([j + i * width for j in range(len(categories))], [values.get(c, 0.0) for c in categories], width,
+               label=label, color=STAGE_COLORS.get(stage), alpha=alpha)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(categories))], categories, **ticks)
+
+
 def layers_plot(report: dict, path: Path) -> Path:
     """Bars: weight SQNR and per-layer output SQNR of each quantized stage (dB)."""
     plt = _pyplot()
@@ -47,12 +57,9 @@ def layers_plot(report: dict, path: Path) -> Path:
               for s, rows in layers["weight_sqnr"].items()]
     series += [(f"{s} output", {r["layer"]: r["output_sqnr_db"] for r in rows}, s)
                for s, rows in layers["output_error"].items()]
-    width = 0.8 / max(len(series), 1)
-    for i, (label, values, stage) in enumerate(series):
-        xs = [j + i * width for j in range(len(names))]
-        ax.bar(xs, [_finite(values.get(n, 0.0)) for n in names], width, label=label,
-               color=STAGE_COLORS.get(stage), alpha=0.5 if "weight" in label else 1.0)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right")
+    bars = [(label, {n: _finite(v) for n, v in values.items()}, stage, 0.5 if "weight" in label else 1.0)
+            for label, values, stage in series]
+    _grouped_bars(ax, names, bars, rotation=30, ha="right")
     ax.set_ylabel("SQNR (dB, higher is better)")
     ax.set_title("per-layer SQNR vs float")
     ax.legend(fontsize=7)
@@ -66,12 +73,8 @@ def slices_plot(report: dict, path: Path) -> Path:
     classes = [r["slice"] for r in next(iter(slices.values()))]
     classes = sorted(classes, key=lambda c: (len(c), c))
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes) + 2), 4))
-    width = 0.8 / len(slices)
-    for i, (stage, rows) in enumerate(slices.items()):
-        acc = {r["slice"]: r["accuracy"] for r in rows}
-        ax.bar([j + i * width for j in range(len(classes))], [acc.get(c, 0.0) for c in classes], width,
-               label=stage, color=STAGE_COLORS.get(stage))
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(classes))], classes)
+    _grouped_bars(ax, classes, [(stage, {r["slice"]: r["accuracy"] for r in rows}, stage, 1.0)
+                                for stage, rows in slices.items()])
     low = min(r["accuracy"] for rows in slices.values() for r in rows)
     ax.set_ylim(max(0.0, low - 0.05), 1.0)
     ax.set_xlabel("class")

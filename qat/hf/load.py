@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -123,12 +124,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QAT_CACHE", Path.home() / ".cache" / "qat"))
 
 
-def _gguf_cache(gguf: Path, kind: str) -> Path:
-    digest = hashlib.sha256(kind.encode())
-    with open(gguf, "rb") as handle:
+@functools.lru_cache(maxsize=16)
+def _content_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """SHA-256 of the file's bytes, computed once per process for a given size and modification time
+    (a run loads the same GGUF for the student, the teacher, the reference and the tokenizer)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
-    return cache_dir() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
+    return digest.hexdigest()
+
+
+def _gguf_cache(gguf: Path, kind: str) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{kind}|{_content_digest(gguf.resolve(), stat.st_size, stat.st_mtime_ns)}".encode())
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key.hexdigest()[:16]}"
 
 
 def _convert_gguf(source: HFSource, folder: Path) -> Path:

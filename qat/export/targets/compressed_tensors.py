@@ -142,7 +142,8 @@ def export_compressed_tensors(path: str | os.PathLike, out: str | os.PathLike) -
     """Write the qat file `path` (a Hugging Face architecture) as a compressed-tensors folder `out`."""
     path, folder = os.fspath(path), Path(out)
     manifest, stored = _read_file(path)
-    persistent = set(build_architecture(manifest.architecture, path).state_dict())
+    skeleton = build_architecture(manifest.architecture, path)
+    persistent = set(skeleton.state_dict())
     tensors, dense, quantized = {}, [], {}
     owned = manifest.layer_tensor_names()
     layer_stored = {layer: {suffix: stored[manifest.tied.get(name, name)]
@@ -172,7 +173,7 @@ def export_compressed_tensors(path: str | os.PathLike, out: str | os.PathLike) -
              "input_activations": None, "output_activations": None, "format": "pack-quantized"}
     config["quantization_config"] = {
         "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-        "config_groups": {"group_0": group}, "ignore": dense + _float_linears(path, manifest),
+        "config_groups": {"group_0": group}, "ignore": dense + _float_linears(skeleton, manifest),
         "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -185,8 +186,7 @@ def export_compressed_tensors(path: str | os.PathLike, out: str | os.PathLike) -
     return CompressedTensorsReport(os.fspath(folder), list(quantized), scheme, dense)
 
 
-def _float_linears(path: str, manifest: Manifest) -> list[str]:
+def _float_linears(skeleton: torch.nn.Module, manifest: Manifest) -> list[str]:
     """Linear layers of the architecture the file does not quantize (compressed-tensors must skip them)."""
-    skeleton = build_architecture(manifest.architecture, path)
     return [name for name, module in skeleton.named_modules()
             if isinstance(module, torch.nn.Linear) and name not in manifest.layers]
