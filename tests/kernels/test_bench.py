@@ -40,6 +40,12 @@ def test_summary_table_has_every_dtype_and_m(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
 def test_peak_rss_growth_sees_the_dense_copy_a_call_makes():
-    """`dequant` dequantizes the whole 1024x1024 fp32 weight per call (4 MiB): the child must see that."""
+    """`dequant` dequantizes the whole 1024x1024 fp32 weight per call (4 MiB): the child must see that.
+
+    The bound is 3 MiB, not 4: the allocator may place the copy partly on pages that are already resident
+    (CI once measured 4 MiB less 3 pages). The packed kernel makes no dense copy: it grows by under 1 MiB.
+    """
     growth = bench_summary.peak_rss_growth(1024, 1024, 32, torch.float32, "dequant", [1], threads=1)
-    assert growth is not None and growth >= 4 * 2**20
+    assert growth is not None and growth >= 3 * 2**20
+    packed = bench_summary.peak_rss_growth(1024, 1024, 32, torch.float32, "cpu_int4pack", [1], threads=1)
+    assert packed is not None and packed < 2**20
