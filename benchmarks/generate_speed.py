@@ -2,7 +2,8 @@
 
 Same prompt, greedy decoding of the same number of tokens, prefill and decode measured
 separately (`qat.hf.generate`), each configuration `--rounds` times, interleaved (the
-machine is shared: compare the medians side by side, not with other runs). `--gguf FILE`
+machine is shared: compare the medians side by side, not with other runs). Each model runs
+with both engines: `hf` (Hugging Face generate) and `qat` (the lean Llama decoder). `--gguf FILE`
 adds llama.cpp (llama-cpp-python, `make llama`) on that file with the same prompt tokens,
 e.g. the `qat export --to gguf` conversion of the same int4 file.
 
@@ -41,19 +42,25 @@ def main(argv: list[str] | None = None) -> None:
 
     source = HFSource(**read_manifest(read_header(args.file)).architecture["hf_source"])
     tokenizer = tokenizer_for(args.file)
-    models = {
-        "float fp32": load_hf_model(source).eval(),
-        "float bf16": load_hf_model(HFSource(**{**source.to_json(), "dtype": "bfloat16"})).eval(),
-        "int4 fp32": qat.load(args.file, dtype=torch.float32),
-        "int4 bf16": qat.load(args.file, dtype=torch.bfloat16),
+    float32 = load_hf_model(source).eval()
+    bfloat16 = load_hf_model(HFSource(**{**source.to_json(), "dtype": "bfloat16"})).eval()
+    int4 = qat.load(args.file, dtype=torch.float32)
+    models = {  # name: (model, engine); the qat engine keeps its residual stream in fp32 whatever the weights
+        "float fp32, hf": (float32, "hf"),
+        "float fp32, qat": (float32, "qat"),
+        "float bf16, hf": (bfloat16, "hf"),
+        "float bf16 weights, qat": (bfloat16, "qat"),
+        "int4 fp32, hf": (int4, "hf"),
+        "int4 bf16, hf": (qat.load(args.file, dtype=torch.bfloat16), "hf"),
+        "int4, qat": (int4, "qat"),
     }
     prompt_ids = tokenizer(PROMPT)["input_ids"]
     llm = open_llama(args.gguf, n_ctx=256, threads=args.threads) if args.gguf else None
     results: dict[str, list] = {name: [] for name in [*models, *(["llama.cpp " + args.gguf] if llm else [])]}
     texts = {}
     for _ in range(args.rounds):
-        for name, model in models.items():
-            out = generate(model, tokenizer, PROMPT, max_new_tokens=args.new_tokens)
+        for name, (model, engine) in models.items():
+            out = generate(model, tokenizer, PROMPT, max_new_tokens=args.new_tokens, engine=engine)
             results[name].append(out)
             texts[name] = out.text
         if llm is not None:
@@ -64,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
             texts[name] = tokenizer.decode(run.tokens, skip_special_tokens=True)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
           f"prompt {len(tokenizer(PROMPT)['input_ids'])} tokens, {args.new_tokens} new tokens, {args.rounds} rounds")
-    base = statistics.median(r.decode_tokens_per_s for r in results["float fp32"])
-    print("| model | prefill tok/s | decode tok/s | decode vs float fp32 |")
+    base = statistics.median(r.decode_tokens_per_s for r in results["float fp32, hf"])
+    print("| model, engine | prefill tok/s | decode tok/s | decode vs float fp32 (hf) |")
     print("| --- | --- | --- | --- |")
     for name, runs in results.items():
         prefill = statistics.median(r.prefill_tokens_per_s for r in runs)

@@ -19,9 +19,11 @@ Example:
     >>> y = int4_linear(x, packed, scales, zeros, group_size=128)            # tensors as stored
     >>> layer = prepare_weights(packed, scales, zeros, 128, bias=bias)       # or once at load time
     >>> y = layer(x)
+    >>> run = bind(x, layer); y = run(x)                                    # per-token loops: checks once
 """
 
-from .dispatch import BACKENDS, choose_backend, int4_linear, int4_linear_prepared
+from .dispatch import BACKENDS, bind, choose_backend, int4_linear, int4_linear_prepared
 from .weights import PackedInt4Weight, prepare_weights
 
-__all__ = ["BACKENDS", "PackedInt4Weight", "choose_backend", "int4_linear", "int4_linear_prepared", "prepare_weights"]
+__all__ = ["BACKENDS", "PackedInt4Weight", "bind", "choose_backend", "int4_linear", "int4_linear_prepared",
+           "prepare_weights"]

@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -136,3 +136,32 @@ def linear_int4pack(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] 
     if bias is not None:
         out = out + bias.to(x.dtype)
     return out.reshape(*x.shape[:-1], form.out_features)
+
+
+def int4pack_bound(weight: PackedInt4Weight, bias: Optional[Tensor] = None,
+                   plain_rows: bool = False) -> Callable[[Tensor], Tensor]:
+    """`linear_int4pack(·, weight, bias)` with the tiles fetched once: for one layer called many times.
+
+    The returned function skips the cached-form lookup (and its stale-weight check) of each call:
+    the weights must not be written while it is in use. bf16 x costs no cast at all. `plain_rows`:
+    every x will be a contiguous 2-D (M, K) tensor, so the reshapes are skipped too.
+    """
+    form: Int4PackForm = weight.form("cpu_int4pack", build_int4pack)
+    tiles, group, scale_and_offset, out_features = (form.tiles, form.kernel_group_size, form.scale_and_offset,
+                                                     form.out_features)
+    padded = tiles.shape[0] != out_features  # rows were padded to a multiple of 16
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def run(x: Tensor) -> Tensor:
+        out = kernel(x.reshape(-1, weight.in_features).to(torch.bfloat16).contiguous(), tiles, group, scale_and_offset)
+        if padded:
+            out = out[:, :out_features]
+        out = out.to(x.dtype)
+        if bias is not None:
+            out = out + bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], out_features)
+
+    def run_rows(x: Tensor) -> Tensor:  # x (M, K) contiguous: no reshapes, nothing to slice or add
+        return kernel(x.to(torch.bfloat16), tiles, group, scale_and_offset).to(x.dtype)
+
+    return run_rows if plain_rows and not padded and bias is None else run

@@ -6,7 +6,9 @@ Two ways to call it:
   Repacked forms are cached on the `packed` tensor (built on first call, rebuilt if it is
   written in place), so calling this per step costs the repack once.
 * a prepared layer: ``weight = prepare_weights(packed, scales, zeros, group_size, bias=bias)``
-  at load time (weights.py), then ``weight(x)`` or ``int4_linear_prepared(x, weight)``.
+  at load time (weights.py), then ``weight(x)`` or ``int4_linear_prepared(x, weight)``;
+  ``run = bind(x, weight)`` fixes the backend and checks for inputs like x once, for loops that
+  call a layer per token (qat/hf/llama_decoder.py).
 
 `backend=<name>` or the environment variable QAT_KERNEL_BACKEND=<name> forces a backend
 (`auto` or unset: pick). A forced backend that cannot run these inputs raises (no silent
@@ -221,6 +223,27 @@ def _run(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor], backend: O
             weight.auto_choices.clear()
         weight.auto_choices[key] = name
     return chosen.run(x, weight, bias)
+
+
+def bind(x: Tensor, weight: PackedInt4Weight, backend: Optional[str] = None) -> Callable[[Tensor], Tensor]:
+    """`int4_linear_prepared(·, weight, backend)` for inputs like `x`, with the choice and checks done now.
+
+    For loops that call one layer many times with the same input dtype, device and row count (a decode
+    step): each call then skips the checks, the environment lookup and the backend choice. The weights
+    must not be written while the bound function is in use; inputs unlike `x` (in dtype, device, rows,
+    or, when x is a contiguous 2-D tensor, in being one) need a new `bind`.
+    """
+    check_activation(x, weight.in_features, weight.bias, weight.out_features)
+    name = backend or os.environ.get(ENV_VAR) or AUTO
+    if name == AUTO:
+        name = choose_backend(x, weight)
+    reason = get_backend(name).unsupported(x, weight)
+    if reason is not None:
+        raise ValueError(f"int4 kernel backend {name!r} cannot run this layer: {reason}")
+    if name == "cpu_int4pack":
+        return cpu.int4pack_bound(weight, weight.bias, plain_rows=x.dim() == 2 and x.is_contiguous())
+    run, bias = BACKENDS[name].run, weight.bias
+    return lambda inputs: run(inputs, weight, bias)
 
 
 def int4_linear_prepared(x: Tensor, weight: PackedInt4Weight, backend: Optional[str] = None) -> Tensor:

@@ -171,3 +171,26 @@ def test_auto_dispatch_chooses_once_per_layer_and_m(monkeypatch) -> None:
     monkeypatch.setenv(ENV_VAR, "reference")  # a named backend bypasses the remembered choice
     expected = int4_linear_reference(one, packed, scales, zeros, 64)
     assert torch.equal(dispatch.int4_linear_prepared(one, weight), expected)
+
+
+@pytest.mark.parametrize("backend", ["dequant", "reference", "cpu_int4pack", None])
+@pytest.mark.parametrize("rows_shape", [(1,), (3,), (2, 3)])
+@pytest.mark.parametrize("out_features, biased", [(32, False), (20, True)])  # 20: int4pack pads rows to 32
+def test_bound_call_equals_the_dispatched_call(backend, rows_shape, out_features, biased):
+    if backend == "cpu_int4pack" and not cpu.int4pack_available():
+        pytest.skip("no vectorized int4pack kernel on this CPU")
+    packed, scales, zeros = make_layer(out_features, 128, 32)
+    bias = torch.randn(out_features) if biased else None
+    weight = prepare_weights(packed, scales, zeros, 32, bias=bias)
+    x = torch.randn(*rows_shape, 128)
+    bound = dispatch.bind(x, weight, backend=backend)
+    for inputs in (x, torch.randn(*rows_shape, 128)):  # same signature, other values
+        assert_bitwise_equal(bound(inputs), dispatch.int4_linear_prepared(inputs, weight, backend=backend))
+
+
+def test_bind_checks_and_refuses_once(layer):
+    weight = prepare_weights(*layer)
+    with pytest.raises(ValueError, match="last dimension must be K = 128"):
+        dispatch.bind(torch.randn(1, 64), weight)
+    with pytest.raises(ValueError, match="'triton' cannot run this layer"):
+        dispatch.bind(torch.randn(1, 128), weight, backend="triton")
