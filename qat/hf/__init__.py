@@ -2,6 +2,8 @@
 
     HFSource / load_hf_model / load_tokenizer   qat.hf.load
     generate                                    qat.hf.generate (`qat generate FILE "prompt"`)
+    LlamaDecoder                                qat.hf.llama_decoder (the `qat` generation engine)
+    fuse_linears                                qat.hf.fused_linear (q|k|v, gate|up as one call)
 
 How batches and outputs of these models are handled lives in `qat.lightning.tasks`
 ('causal_lm', 'embedding'); `prepare` quantizes their Linear layers and ties.
