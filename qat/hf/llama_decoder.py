@@ -60,26 +60,6 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
-@dataclass
-class _Layer:
-    input_norm: _Norm
-    qkv: FusedLinear
-    o_proj: FusedLinear
-    post_norm: _Norm
-    gate_up: FusedLinear
-    down_proj: FusedLinear
-
-
-@dataclass
-class _DecodeCalls:
-    """A layer's projections bound to one-token inputs (kernel chosen and checked once)."""
-
-    qkv: Callable[[Tensor], Tensor]
-    o_proj: Callable[[Tensor], Tensor]
-    gate_up: Callable[[Tensor], Tensor]
-    down_proj: Callable[[Tensor], Tensor]
-
-
 @dataclass(frozen=True)
 class _Norm:
     """A LlamaRMSNorm's weight (in the decoder's dtype) and epsilon."""
@@ -97,8 +77,42 @@ def _rms_norm(x: Tensor, norm: _Norm) -> Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
 
+@dataclass
+class _Layer:
+    """One decoder layer's norms and projections (q|k|v and gate|up fused)."""
+
+    input_norm: _Norm
+    qkv: FusedLinear
+    o_proj: FusedLinear
+    post_norm: _Norm
+    gate_up: FusedLinear
+    down_proj: FusedLinear
+
+
+def _layer(layer: nn.Module, dtype: torch.dtype) -> _Layer:
+    attention, mlp = layer.self_attn, layer.mlp
+    return _Layer(_norm(layer.input_layernorm, dtype),
+                  fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj]),
+                  fuse_linears([attention.o_proj]), _norm(layer.post_attention_layernorm, dtype),
+                  fuse_linears([mlp.gate_proj, mlp.up_proj]), fuse_linears([mlp.down_proj]))
+
+
+@dataclass
+class _DecodeCalls:
+    """A layer's projections bound to one-token inputs (kernel chosen and checked once)."""
+
+    qkv: Callable[[Tensor], Tensor]
+    o_proj: Callable[[Tensor], Tensor]
+    gate_up: Callable[[Tensor], Tensor]
+    down_proj: Callable[[Tensor], Tensor]
+
+
 class LlamaDecoder:
-    """Prefill and one-token steps for a Llama-architecture model (one sequence, batch 1)."""
+    """Prefill and one-token steps for a Llama-architecture model (one sequence, batch 1).
+
+    Building it fuses the model's projections (the model keeps working, on the same storage); the
+    weights must not change while it is in use. Logits come back as float32 inference-mode tensors.
+    """
 
     def __init__(self, model: nn.Module, max_length: int = 512, dtype: torch.dtype = torch.float32) -> None:
         reason = unsupported_reason(model)
@@ -111,13 +125,7 @@ class LlamaDecoder:
         self.scale = self.head_dim ** -0.5
         self.max_position = int(getattr(config, "max_position_embeddings", 1 << 30))
         self.dtype, self.device = dtype, body.norm.weight.device
-        self.layers = [
-            _Layer(_norm(layer.input_layernorm, dtype), fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                                        layer.self_attn.v_proj]),
-                   fuse_linears([layer.self_attn.o_proj]), _norm(layer.post_attention_layernorm, dtype),
-                   fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]), fuse_linears([layer.mlp.down_proj]))
-            for layer in body.layers
-        ]
+        self.layers = [_layer(layer, dtype) for layer in body.layers]
         self.head = fuse_linears([model.lm_head])
         self._decode: Optional[tuple[list[_DecodeCalls], Callable[[Tensor], Tensor]]] = None
         self.length = 0  # tokens in the cache
@@ -136,7 +144,7 @@ class LlamaDecoder:
         self.cache = list(torch.zeros(shape, dtype=self.dtype, device=self.device))
         positions = torch.arange(max_length, device=self.device).unsqueeze(0)
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-        cos, sin = self.model.model.rotary_emb(probe, positions)  # (1, L, D) each, in the model's dtype
+        cos, sin = self.model.model.rotary_emb(probe, positions)  # (1, L, D) each, in the decoder's dtype
         half = self.head_dim // 2
         sign = torch.ones(self.head_dim, dtype=self.dtype, device=self.device)
         sign[:half] = -1  # rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * sign

@@ -63,10 +63,10 @@ def int4_files(tmp_path_factory, llama_folder):
 
 @pytest.mark.parametrize("overrides", [
     {},
-    {"num_key_value_heads": 4, "tie_word_embeddings": False},
+    {"num_key_value_heads": 4, "tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True},
     {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 16}},
-], ids=["gqa-tied", "mha-untied", "llama3-rope"])
+], ids=["gqa-tied", "mha-untied-biases", "llama3-rope"])
 def test_float_model_prefill_and_steps_match_transformers(overrides):
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
