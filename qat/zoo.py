@@ -38,9 +38,13 @@ class DigitsCNN(nn.Module):
 
 
 class TinyLM(nn.Module):
-    """A one-block causal transformer language model (embedding, attention, MLP, head)."""
+    """A one-block causal transformer language model (embedding, attention, MLP, head).
 
-    def __init__(self, vocab_size: int = 64, dim: int = 64, heads: int = 4, seq_len: int = 32):
+    `tie_embeddings=True` makes the output head use the embedding table (one weight, as in most LLMs).
+    """
+
+    def __init__(self, vocab_size: int = 64, dim: int = 64, heads: int = 4, seq_len: int = 32,
+                 tie_embeddings: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.zeros(seq_len, dim))
@@ -49,6 +53,8 @@ class TinyLM(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.lm_head = nn.Linear(dim, vocab_size)
+        if tie_embeddings:
+            self.lm_head.weight = self.embed.weight
         self.heads = heads
 
     def forward(self, tokens: Tensor) -> Tensor:  # (B, T) -> (B, T, vocab)

@@ -37,4 +37,17 @@ class FloatReference(pl.Callback):
 
         state = float_copy(pl_module.model).state_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+        safetensors.torch.save_file(separate_tied(state), str(path))
+
+
+def separate_tied(state: dict) -> dict:
+    """The state as CPU tensors, a tied table (one tensor under two names) copied for its second name:
+    safetensors refuses tensors that share memory, and loading both names back restores the tie."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        pointer = tensor.data_ptr()
+        out[name] = tensor.clone() if pointer in seen and tensor.numel() else tensor
+        seen.add(pointer)
+    return out

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Optional, Union
 
 from torch import nn
@@ -115,14 +116,33 @@ def check_shardable(model: nn.Module) -> None:
         )
 
 
+def _uses(modules: list[nn.Module]) -> Counter:
+    """How many times each parameter (by id) appears under `modules`, shared submodules counted per owner."""
+    return Counter(id(p) for module in modules for _, p in module.named_parameters(remove_duplicate=False))
+
+
+def layer_groups(model: nn.Module) -> list[list[nn.Module]]:
+    """The quantized layers as FSDP2 groups: one per layer, layers that share a weight (a tied embedding
+    and output head, with their one quantizer) in one group, since FSDP2 refuses a parameter managed by
+    two groups. A shared parameter also used outside the quantized layers leaves its group to the root."""
+    layers = [module for module in model.modules() if isinstance(module, QuantModule)]
+    groups: list[list[nn.Module]] = []
+    for layer in layers:
+        mine = set(_uses([layer]))
+        joined = [group for group in groups if mine & set(_uses(group))]
+        groups = [group for group in groups if all(group is not other for other in joined)]
+        groups.append([module for group in joined for module in group] + [layer])
+    everywhere = _uses([model])
+    return [group for group in groups if all(everywhere[key] == count for key, count in _uses(group).items())]
+
+
 def shard_model(model: nn.Module, mesh: Any) -> None:
-    """fully_shard every quantized layer, then the root (embeddings, norms and other loose parameters)."""
+    """fully_shard every quantized layer (tied ones together), then the root (embeddings, norms, the rest)."""
     from torch.distributed.fsdp import fully_shard
 
     check_shardable(model)
-    for module in model.modules():
-        if isinstance(module, QuantModule):
-            fully_shard(module, mesh=mesh)
+    for group in layer_groups(model):
+        fully_shard(group if len(group) > 1 else group[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 

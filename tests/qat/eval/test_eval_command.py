@@ -132,3 +132,18 @@ def test_a_run_without_float_reference_ends_with_a_warning_not_a_crash(tmp_path,
     entry = report_run(run)
     assert entry == {"error": f"no evaluation report: no float reference {tmp_path / 'float.safetensors'}"}
     assert "qat: warning: no evaluation report" in capsys.readouterr().err
+
+
+def test_a_tied_table_is_written_twice_and_loads_back_tied(tmp_path):
+    """safetensors refuses two names on one tensor: the float reference copies the second name's table."""
+    from qat.eval.float_reference import separate_tied
+    from qat.zoo import TinyLM
+
+    model = TinyLM(tie_embeddings=True)
+    state = separate_tied(model.state_dict())
+    assert state["embed.weight"].data_ptr() != state["lm_head.weight"].data_ptr()
+    assert torch.equal(state["embed.weight"], state["lm_head.weight"])
+    safetensors.torch.save_file(state, str(tmp_path / "float.safetensors"))
+    again = TinyLM(tie_embeddings=True)
+    again.load_state_dict(safetensors.torch.load_file(str(tmp_path / "float.safetensors")))
+    assert again.lm_head.weight is again.embed.weight and torch.equal(again.embed.weight, model.embed.weight)

@@ -18,7 +18,7 @@ from torch import nn
 from qat.build import build, model_from_checkpoint
 from qat.config import ConfigError
 from qat.export import export_model
-from qat.lightning.sharding import check_shardable
+from qat.lightning.sharding import check_shardable, layer_groups
 from qat.prepare import prepare
 from qat.recipe import load_recipe
 
@@ -117,3 +117,28 @@ def test_extra_states_reach_the_quantizers_when_a_loader_skips_them():
                                                  "initialized": True}, "0.weight": torch.zeros(1)}
     assert apply_extra_states(model, saved) == 1
     assert not quantizer.enabled and quantizer.frozen and not quantizer.scale.requires_grad
+
+
+def test_tied_layers_form_one_fsdp2_group(tmp_path):
+    from qat.model_loader import build_model
+
+    recipe = fast_recipe(tmp_path, "model.args.tie_embeddings=true", "quant.rules=[]", path=TINYLM)
+    model, _ = build_model(recipe)
+    assert model.embed.weight is model.lm_head.weight
+    groups = {tuple(sorted(name for name, m in model.named_modules() if any(m is g for g in group)))
+              for group in layer_groups(model)}
+    assert ("embed", "lm_head") in groups  # together: FSDP2 refuses one parameter in two groups
+    assert {("qkv",), ("proj",), ("mlp.0",), ("mlp.2",)} <= groups
+
+
+@pytest.mark.slow
+def test_fsdp2_with_a_tied_embedding_and_head_ends_bit_identical_to_ddp(tmp_path):
+    """SmolLM2-style tying (one table for the embedding and the head, one quantizer) under both strategies."""
+    states = {}
+    for strategy in ("ddp", "fsdp2"):
+        done = run_dist(tmp_path / strategy, "full", f"trainer.strategy={strategy}", "model.args.tie_embeddings=true",
+                        "quant.rules=[]")
+        assert done.returncode == 0, done.stderr[-3000:]
+        states[strategy] = torch.load(tmp_path.joinpath(strategy, *CHECKPOINT), weights_only=True)["state_dict"]
+    assert_same_state(states["ddp"], states["fsdp2"])
+    assert torch.equal(states["fsdp2"]["model.embed.weight"], states["fsdp2"]["model.lm_head.weight"])
