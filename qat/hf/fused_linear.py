@@ -95,6 +95,7 @@ def _fuse_dense(layers: Sequence[nn.Linear]) -> FusedLinear:
         rows = layer.out_features
         layer.weight = nn.Parameter(weight[start:start + rows], requires_grad=layer.weight.requires_grad)
         start += rows
+
     def run(x: Tensor) -> Tensor:
         return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
