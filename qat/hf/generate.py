@@ -6,7 +6,7 @@ the one asked for); the tokenizer comes from the source the file records (its
 `--sample` (temperature, top-k, top-p, seed):
 
 * `qat` (the default where it applies): `llama_decoder.LlamaDecoder`, fused projections and a
-  preallocated KV cache, for Llama-architecture models;
+  preallocated KV cache, for Llama-layout models (Llama, Mistral, Qwen2);
 * `hf`: Hugging Face's `generate` with its KV cache, for every causal LM.
 
 `--engine auto` takes `qat` when the model is one it runs and `hf` otherwise. Prefill and

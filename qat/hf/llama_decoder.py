@@ -1,4 +1,4 @@
-"""A lean forward for Llama-architecture causal LMs: fused projections, a preallocated KV cache.
+"""A lean forward for Llama-architecture causal LMs (Llama, Mistral, Qwen2): fused projections, one KV cache.
 
 Hugging Face's forward spends most of an int4 decode step outside the matmuls: SmolLM2-135M
 int4 on 2 CPU cores ran 211 kernel calls and some 4,000 small ops per token, the int4
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from qat.hf.fused_linear import FusedLinear, fuse_linears
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # the same layer layout (qwen2: q/k/v biases)
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -49,6 +49,9 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
         return f"activation {config.hidden_act!r} (the decoder implements silu)"
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         return f"pretraining_tp={config.pretraining_tp} (the decoder implements 1)"
+    if getattr(config, "use_sliding_window", False) and "sliding_attention" in (getattr(config, "layer_types", None)
+                                                                                 or ["sliding_attention"]):
+        return "sliding-window attention layers (the decoder implements full attention)"
     body = getattr(model, "model", None)
     if body is None or not hasattr(body, "layers") or not hasattr(body, "rotary_emb") or not hasattr(model, "lm_head"):
         return "it does not have the LlamaForCausalLM layout (model.layers, model.rotary_emb, lm_head)"
@@ -124,6 +127,8 @@ class LlamaDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = self.head_dim ** -0.5
         self.max_position = int(getattr(config, "max_position_embeddings", 1 << 30))
+        # Mistral's window: full attention is the same computation while the sequence fits in it
+        self.window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
         self.dtype, self.device = dtype, body.norm.weight.device
         self.layers = [_layer(layer, dtype) for layer in body.layers]
         self.head = fuse_linears([model.lm_head])
@@ -136,6 +141,9 @@ class LlamaDecoder:
         """Make room for `max_length` tokens (cache and rotary tables); drops the cached sequence."""
         if max_length > self.max_position:
             raise ValueError(f"{max_length} tokens exceed the model's {self.max_position} positions")
+        if self.window is not None and max_length > self.window:
+            raise ValueError(f"{max_length} tokens exceed the model's sliding window of {self.window} "
+                             "(the decoder implements full attention within it)")
         self.length = 0
         if max_length <= self.capacity:
             return

@@ -81,6 +81,22 @@ def test_float_model_prefill_and_steps_match_transformers(overrides):
     assert relative(hf_logits(model, ids), expected) == 0.0  # the model itself is unchanged by the fusion
 
 
+@pytest.mark.parametrize("architecture", ["Mistral", "Qwen2"])
+def test_other_llama_layout_architectures_match_transformers(architecture):
+    import transformers
+
+    config = getattr(transformers, f"{architecture}Config")(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=32)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{architecture}ForCausalLM")(config).eval()
+    ids = torch.randint(0, VOCAB, (24,))
+    assert relative(decoded_logits(LlamaDecoder(model, max_length=32), ids, prompt=9), hf_logits(model, ids)) < EXACT
+    if architecture == "Mistral":  # full attention equals the sliding window only while the sequence fits in it
+        with pytest.raises(ValueError, match="sliding window of 32"):
+            LlamaDecoder(model, max_length=33)
+
+
 def test_fused_projections_share_the_layers_storage():
     model = LlamaForCausalLM(tiny_llama_config()).eval()
     attention = model.model.layers[0].self_attn
@@ -124,6 +140,11 @@ def test_what_the_decoder_cannot_run_is_refused_with_the_reason(bert_folder):
     assert "'bert'" in unsupported_reason(bert)
     with pytest.raises(ValueError, match="bert"):
         LlamaDecoder(bert)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    sliding = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, use_sliding_window=True, max_window_layers=0))
+    assert "sliding-window" in unsupported_reason(sliding)
     gelu = LlamaForCausalLM(tiny_llama_config(hidden_act="gelu"))
     assert "gelu" in unsupported_reason(gelu)
     assert choose_engine(gelu, "auto") == "hf"
