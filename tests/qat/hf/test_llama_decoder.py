@@ -165,6 +165,10 @@ def test_lengths_past_the_model_or_the_reservation_are_refused():
         decoder.step(6)
     with pytest.raises(ValueError, match="non-empty 1-D"):
         decoder.prefill(torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="token id 64 is outside the model's vocabulary of 64"):
+        decoder.prefill(torch.tensor([1, 64]))
+    with pytest.raises(ValueError, match="token id -1 is outside"):
+        decoder.step(-1)
 
 
 def test_both_engines_generate_the_same_greedy_tokens(int4_files):
