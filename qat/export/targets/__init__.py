@@ -30,7 +30,13 @@ def refuse(target: str, layer: str, reason: str) -> ConversionError:
     return ConversionError(f"cannot convert to {target}: layer '{layer}': {reason}")
 
 
-def _onnx(path: str, out: str, **options: Any) -> Any:
+def _onnx(path: str, out: str, kv_cache: bool = False, **options: Any) -> Any:
+    if kv_cache:  # a causal LM graph with past / present key-value tensors (onnx_cache.py)
+        from qat.export.targets.onnx_cache import export_onnx_with_cache
+
+        if "example_inputs" in options:
+            raise ConversionError("--kv-cache graphs take ids and cache tensors of any size: no example input")
+        return export_onnx_with_cache(path, out, **options)
     from qat.export.targets.onnx import export_onnx
 
     return export_onnx(path, out, **options)

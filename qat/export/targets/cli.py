@@ -3,6 +3,7 @@
 Example:
     $ qat export digits.safetensors --to onnx -o digits.onnx
     $ qat export lm.safetensors --to onnx -o lm.onnx --input-shape 1,16 --input-dtype int64
+    $ qat export smollm2.safetensors --to onnx -o smollm2-kv.onnx --kv-cache
     $ qat export llama.safetensors --to compressed-tensors -o llama-int4/
     $ qat export smollm2.safetensors --to gguf -o smollm2-q4.gguf
 """
@@ -28,6 +29,9 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dequantize-unsupported", action="store_true",
                        help="onnx: store Linear layers MatMulNBits cannot hold as exact float weights "
                        "instead of failing")
+    group.add_argument("--kv-cache", action="store_true",
+                       help="onnx, Llama-layout causal LMs: inputs input_ids, past_keys, past_values; outputs "
+                       "logits, present_keys, present_values")
     group.add_argument("--input-shape",
                        help="onnx: example input shape, e.g. 1,1,8,8 (default: the file's golden inputs)")
     group.add_argument("--vocab", help="gguf: a GGUF file to copy the tokenizer from (default: the model's own "
@@ -42,6 +46,8 @@ def _options(args: argparse.Namespace) -> dict:
     if args.to != "onnx":
         return {}
     options = {"accuracy_level": args.accuracy_level, "dequantize_unsupported": args.dequantize_unsupported}
+    if args.kv_cache:
+        options["kv_cache"] = True
     if args.input_shape:
         shape = [int(part) for part in args.input_shape.split(",")]
         options["example_inputs"] = (torch.zeros(shape, dtype=INPUT_DTYPES[args.input_dtype]),)

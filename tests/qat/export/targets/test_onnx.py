@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from deploy_models import (
+    LLAMA_KV_HEADS,
     digits_validation,
     export_bert,
     export_digits,
@@ -23,7 +24,7 @@ from deploy_models import (
 import qat
 from qat import QuantSpec
 from qat.export.pack import dequantize_codes
-from qat.export.targets import ConversionError
+from qat.export.targets import ConversionError, convert
 from qat.export.targets.matmul_nbits import choose_layout, dequantize_nbits, nbits_tensors
 
 onnx = pytest.importorskip("onnx")
@@ -130,6 +131,40 @@ def test_llama_causal_lm_onnx_runtime_agrees_at_other_batch_and_length(tmp_path)
     for shape in [(1, 8), (2, 5), (1, 20)]:
         ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(shape[1]))
         assert relative_deviation(run_onnx(session, (ids,)), loaded(ids).logits) < ONNX_TOLERANCE
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_with_a_kv_cache_prefill_then_steps_equal_the_whole_sequence(tmp_path, tie) -> None:
+    """A prompt of 5 tokens from an empty cache, then one token at a time feeding the presents back:
+    every position's logits as `qat.load` gives for the whole sequence at once (same float32 tolerance)."""
+    from qat.cli import main
+    from qat.export.targets.onnx_cache import empty_cache
+
+    export_llama(tmp_path / "llama.safetensors", tie=tie, symmetric=False)
+    assert main(["export", str(tmp_path / "llama.safetensors"), "--to", "onnx", "--kv-cache",
+                 "-o", str(tmp_path / "llama-kv.onnx")]) == 0
+    session = onnx_session(tmp_path / "llama-kv.onnx")
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "past_keys", "past_values"]
+    loaded = qat.load(tmp_path / "llama.safetensors", kernel_backend="reference")
+    for batch in (1, 2):
+        ids = torch.randint(0, 128, (batch, 9), generator=torch.Generator().manual_seed(batch))
+        keys, values = (t.numpy() for t in empty_cache(loaded.config, batch))
+        logits, keys, values = session.run(None, {"input_ids": ids[:, :5].numpy(), "past_keys": keys,
+                                                  "past_values": values})
+        rows = [torch.from_numpy(logits)]
+        for position in range(5, 9):
+            logits, keys, values = session.run(None, {"input_ids": ids[:, position:position + 1].numpy(),
+                                                      "past_keys": keys, "past_values": values})
+            rows.append(torch.from_numpy(logits))
+        assert keys.shape == (2, batch, LLAMA_KV_HEADS, 9, 16)
+        assert relative_deviation(torch.cat(rows, dim=1), loaded(ids).logits) < ONNX_TOLERANCE
+
+
+def test_kv_cache_graphs_are_refused_for_other_models(tmp_path) -> None:
+    export_tiny_lm(tmp_path / "tiny.safetensors")
+    with pytest.raises(ConversionError, match="KV cache: model type 'TinyLM'"):
+        convert(tmp_path / "tiny.safetensors", "onnx", tmp_path / "tiny.onnx", kv_cache=True)
+    assert not (tmp_path / "tiny.onnx").exists()
 
 
 def test_unsupported_layers_are_refused_by_name(tmp_path) -> None:
