@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,13 +79,12 @@ class LlamaWithCache(nn.Module):
         return logits, torch.stack(keys_out), torch.stack(values_out)
 
 
-def empty_cache(model_config: dict | object, batch: int = 1) -> tuple[Tensor, Tensor]:
-    """Zero-length past keys and values for a prompt: (layers, batch, kv_heads, 0, head_dim) each."""
-    get = model_config.get if isinstance(model_config, dict) else lambda key, default=None: getattr(
-        model_config, key, default)
-    heads = get("num_attention_heads")
-    dim = get("head_dim") or get("hidden_size") // heads
-    shape = (get("num_hidden_layers"), batch, get("num_key_value_heads") or heads, 0, dim)
+def empty_cache(config: Any, batch: int = 1) -> tuple[Tensor, Tensor]:
+    """Zero-length past keys and values for a prompt: (layers, batch, kv_heads, 0, head_dim) each, from the
+    model's Hugging Face config (`qat.load(file).config`)."""
+    heads = config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    shape = (config.num_hidden_layers, batch, getattr(config, "num_key_value_heads", None) or heads, 0, dim)
     return torch.zeros(shape), torch.zeros(shape)
 
 
