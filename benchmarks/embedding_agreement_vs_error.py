@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import qat
 from qat.build import build
-from qat.lightning.tasks import nearest_neighbours
+from qat.lightning.tasks import EmbeddingTask, nearest_neighbours
 from qat.model_loader import load_float_model
 from qat.recipe import load_recipe
 
@@ -27,14 +27,10 @@ SCALES = (1.0, 0.75, 0.5, 0.35, 0.25, 0.1)
 
 
 def sentence_embeddings(model: torch.nn.Module, batches) -> torch.Tensor:
-    """Mean-pooled, L2-normalized last hidden states of every batch, (N, H)."""
-    rows = []
+    """The embedding task's sentence embeddings (mean-pooled, L2-normalized) of every batch, (N, H)."""
+    task = EmbeddingTask()
     with torch.no_grad():
-        for batch in batches:
-            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            rows.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(rows)
+        return torch.cat([task.forward(model, batch) for batch in batches])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -125,8 +125,12 @@ def build_int4pack(weight: PackedInt4Weight) -> Int4PackForm:
 
 def linear_int4pack(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Tensor:
     """Fast path: torch's CPU int4pack kernel in bf16; returns x's dtype (tolerance, not bit-exact)."""
-    form: Int4PackForm = weight.form("cpu_int4pack", build_int4pack)
-    rows = x.reshape(-1, weight.in_features).to(torch.bfloat16).contiguous()  # (M, K)
+    return _int4pack_apply(x, weight.form("cpu_int4pack", build_int4pack), weight.in_features, bias)
+
+
+def _int4pack_apply(x: Tensor, form: Int4PackForm, in_features: int, bias: Optional[Tensor]) -> Tensor:
+    """x (..., K) -> (..., N) in x's dtype through the int4pack tiles of `form`."""
+    rows = x.reshape(-1, in_features).to(torch.bfloat16).contiguous()  # (M, K)
     if rows.shape[0] == 0:
         return x.new_zeros(*x.shape[:-1], form.out_features)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, form.tiles, form.kernel_group_size, form.scale_and_offset)
@@ -147,21 +151,12 @@ def int4pack_bound(weight: PackedInt4Weight, bias: Optional[Tensor] = None,
     every x will be a contiguous 2-D (M, K) tensor, so the reshapes are skipped too.
     """
     form: Int4PackForm = weight.form("cpu_int4pack", build_int4pack)
-    tiles, group, scale_and_offset, out_features = (form.tiles, form.kernel_group_size, form.scale_and_offset,
-                                                     form.out_features)
-    padded = tiles.shape[0] != out_features  # rows were padded to a multiple of 16
+    if not plain_rows or bias is not None or form.tiles.shape[0] != form.out_features:  # padded rows: slice
+        return lambda x: _int4pack_apply(x, form, weight.in_features, bias)
+    tiles, group, scale_and_offset = form.tiles, form.kernel_group_size, form.scale_and_offset
     kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
-
-    def run(x: Tensor) -> Tensor:
-        out = kernel(x.reshape(-1, weight.in_features).to(torch.bfloat16).contiguous(), tiles, group, scale_and_offset)
-        if padded:
-            out = out[:, :out_features]
-        out = out.to(x.dtype)
-        if bias is not None:
-            out = out + bias.to(x.dtype)
-        return out.reshape(*x.shape[:-1], out_features)
 
     def run_rows(x: Tensor) -> Tensor:  # x (M, K) contiguous: no reshapes, nothing to slice or add
         return kernel(x.to(torch.bfloat16), tiles, group, scale_and_offset).to(x.dtype)
 
-    return run_rows if plain_rows and not padded and bias is None else run
+    return run_rows

@@ -203,9 +203,23 @@ def choose_backend(x: Tensor, weight: PackedInt4Weight) -> str:
     return autotune.choose_by_measurement(x, weight, candidates, _run_unchecked)
 
 
+def _requested(backend: Optional[str]) -> str:
+    """The backend asked for: the argument, else $QAT_KERNEL_BACKEND, else `auto`."""
+    return backend or os.environ.get(ENV_VAR) or AUTO
+
+
+def _checked(x: Tensor, weight: PackedInt4Weight, name: str) -> Backend:
+    """The backend `name`, or a ValueError saying why it cannot run these inputs."""
+    chosen = get_backend(name)
+    reason = chosen.unsupported(x, weight)
+    if reason is not None:
+        raise ValueError(f"int4 kernel backend {name!r} cannot run this layer: {reason}")
+    return chosen
+
+
 def _run(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
     check_activation(x, weight.in_features, bias, weight.out_features)
-    name = backend or os.environ.get(ENV_VAR) or AUTO
+    name = _requested(backend)
     key = None
     if name == AUTO:
         key = (x.dtype, x.device, x.numel() // weight.in_features, CPU_CACHE_DENSE_ABOVE_M,
@@ -214,10 +228,7 @@ def _run(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor], backend: O
         if cached is not None:
             return BACKENDS[cached].run(x, weight, bias)  # checked when it was chosen
         name = choose_backend(x, weight)
-    chosen = get_backend(name)
-    reason = chosen.unsupported(x, weight)
-    if reason is not None:
-        raise ValueError(f"int4 kernel backend {name!r} cannot run this layer: {reason}")
+    chosen = _checked(x, weight, name)
     if key is not None:
         if len(weight.auto_choices) >= MAX_AUTO_CHOICES:
             weight.auto_choices.clear()
@@ -234,15 +245,12 @@ def bind(x: Tensor, weight: PackedInt4Weight, backend: Optional[str] = None) -> 
     or, when x is a contiguous 2-D tensor, in being one) need a new `bind`.
     """
     check_activation(x, weight.in_features, weight.bias, weight.out_features)
-    name = backend or os.environ.get(ENV_VAR) or AUTO
+    name = _requested(backend)
     if name == AUTO:
         name = choose_backend(x, weight)
-    reason = get_backend(name).unsupported(x, weight)
-    if reason is not None:
-        raise ValueError(f"int4 kernel backend {name!r} cannot run this layer: {reason}")
+    run, bias = _checked(x, weight, name).run, weight.bias
     if name == "cpu_int4pack":
-        return cpu.int4pack_bound(weight, weight.bias, plain_rows=x.dim() == 2 and x.is_contiguous())
-    run, bias = BACKENDS[name].run, weight.bias
+        return cpu.int4pack_bound(weight, bias, plain_rows=x.dim() == 2 and x.is_contiguous())
     return lambda inputs: run(inputs, weight, bias)
 
 

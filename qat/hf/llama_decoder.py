@@ -26,7 +26,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,11 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
             if missing:
                 return f"layer {index} has no {', '.join(missing)}"
     return None
+
+
+def head_dim(config: Any) -> int:
+    """A Llama-layout config's attention head size (`head_dim`, else hidden size / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ class LlamaDecoder:
         self.model, self.embed, self.final_norm = model, body.embed_tokens, _norm(body.norm, dtype)
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.vocab_size = int(config.vocab_size)
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.head_dim = head_dim(config)
         self.scale = self.head_dim ** -0.5
         self.max_position = int(getattr(config, "max_position_embeddings", 1 << 30))
         # Mistral's window: full attention is the same computation while the sequence fits in it

@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from qat.export.load import load
 from qat.export.targets import ConversionError
 from qat.export.targets.onnx import ACCURACY_LEVELS, METADATA_SOURCE, OnnxReport, convert_layers
-from qat.hf.llama_decoder import unsupported_reason
+from qat.hf.llama_decoder import head_dim, unsupported_reason
 
 INPUT_NAMES = ["input_ids", "past_keys", "past_values"]
 OUTPUT_NAMES = ["logits", "present_keys", "present_values"]
@@ -46,7 +46,7 @@ class LlamaWithCache(nn.Module):
         config = model.config
         self.model = model
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.head_dim = head_dim(config)
 
     def forward(self, ids: Tensor, past_keys: Tensor, past_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         body, (batch, count), past = self.model.model, ids.shape, past_keys.shape[3]
@@ -82,9 +82,8 @@ class LlamaWithCache(nn.Module):
 def empty_cache(config: Any, batch: int = 1) -> tuple[Tensor, Tensor]:
     """Zero-length past keys and values for a prompt: (layers, batch, kv_heads, 0, head_dim) each, from the
     model's Hugging Face config (`qat.load(file).config`)."""
-    heads = config.num_attention_heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    shape = (config.num_hidden_layers, batch, getattr(config, "num_key_value_heads", None) or heads, 0, dim)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    shape = (config.num_hidden_layers, batch, kv_heads, 0, head_dim(config))
     return torch.zeros(shape), torch.zeros(shape)
 
 
