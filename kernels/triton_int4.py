@@ -1,25 +1,33 @@
 """Fused unpack + dequantize + matmul for int4 weights (W4A16) in Triton, and their launchers.
 
 Both kernels read the canonical layout directly (reference.py): byte k // 2 of row n holds
-code k in its low nibble when k is even, high nibble when odd, so no repack is needed; each
-weight is dequantized exactly as the reference does, w = (code - zero) * scale in fp32, then
-rounded to x's dtype before it meets x.
+code k in its low nibble when k is even, high nibble when odd, so no repack is needed. Codes
+become floats without an int -> float conversion (a quarter-rate instruction on NVIDIA GPUs):
+the nibble is OR-ed into the mantissa of a float constant ("magic number"), and the constant
+is folded into the scale. Rows past N are clamped into the layer (their results are not
+stored) and, when the tile size divides K, nothing is masked along K, so loads vectorize.
 
-* `gemv_kernel` (small M): one program per (row of x, BLOCK_N outputs, slice of K). Slices
-  ("split-K") give enough programs to fill the GPU when M * N / BLOCK_N is small; their fp32
-  partial sums go to a (SPLIT_K, M, N) buffer summed on the host (deterministic, no atomics).
-* `gemm_kernel` (medium M): (BLOCK_M, BLOCK_N) output tiles, weight tiles dequantized in
-  registers and fed to tl.dot (tensor cores) with fp32 accumulation.
+* `gemv_kernel` (small M): one program per (up to 4 rows of x, BLOCK_N outputs, slice of K);
+  each weight byte is read once for all of the program's rows, and the weights are formed in
+  fp32 exactly as the reference forms them (`_weights`). The exact form (default) then rounds
+  them to x's dtype as the reference does; `exact=False` skips that rounding (one instruction
+  fewer per weight; the result then differs from the reference by that rounding, see
+  tests/kernels/helpers.py). K slices ("split-K", SPLIT_K in the config) give enough programs
+  to fill the GPU when N is small; with one slice the kernel writes y itself, else fp32 partial
+  sums go to a (SPLIT_K, M, N) buffer summed on the host (deterministic, no atomics).
+* `gemm_kernel` (medium M): (BLOCK_M, BLOCK_N) output tiles; the same weights, rounded to x's
+  dtype, fed to tl.dot (tensor cores) with fp32 accumulation.
 * Above `GEMM_MAX_M` the weight is dequantized once and the dense matmul runs (the fused
-  kernels lose to cuBLAS when the matmul is compute-bound). The crossovers are not tuned:
-  no GPU was available when this was written; see benchmarks/kernels-cpu.md.
+  kernels lose to cuBLAS when the matmul is compute-bound).
 
-On a GPU the kernels are autotuned per (M bucket, N, K, group size). Under Triton's
-interpreter (TRITON_INTERPRET=1, CPU tensors) they run one fixed small config, and two
-interpreter gaps are worked around behind the INTERPRET constexpr: its tl.dot multiplies
-bf16 bit patterns as integers (so operands go to fp32 first: bf16 x bf16 products are exact
-in fp32, as on tensor cores), and its fp32 -> bf16 cast truncates (so rounding to nearest
-even is done with integer ops).
+On a GPU the kernels are autotuned per (M bucket, N, K, group size); configs whose BLOCK_K
+does not divide the group size are dropped where others remain (then a tile shares one scale
+per row). Under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors), and on a GPU with
+QAT_TRITON_AUTOTUNE=0, they run one fixed small config. Two interpreter gaps are worked
+around behind the INTERPRET constexpr: its tl.dot multiplies bf16 bit patterns as integers
+(so operands go to fp32 first: bf16 x bf16 products are exact in fp32, as on tensor cores),
+and its fp32 -> bf16 cast truncates (so rounding to nearest even is done with integer ops).
+GPU figures: benchmarks/kernels-gpu.md.
 
 This module imports triton at import time: import it only through dispatch (which guards it).
 """
@@ -42,11 +50,17 @@ from .reference import dequantize_int4
 from .weights import PackedInt4Weight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-GEMV_MAX_M = 4  # GEMV for M <= 4 (re-reads the weight per row of x; L2 absorbs it)
-GEMM_MAX_M = 64  # fused GEMM for 4 < M <= 64; dequantize + dense matmul above
-SPLIT_K_QUANTUM = 256  # K slices are multiples of this: every GEMV BLOCK_K must divide it
+# QAT_TRITON_AUTOTUNE=0: run the fixed config on the GPU too (no tuning; the GPU test run uses it)
+AUTOTUNE = not INTERPRET and os.environ.get("QAT_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off")
+GEMV_MAX_M = 1  # GEMV for one row; the tensor-core GEMM was faster from M = 2 on an H200 (kernels-gpu.md)
+GEMM_MAX_M = 4096  # fused GEMM above that; dequantize + dense matmul above this (slower at every M measured)
+GEMV_ROWS = 4  # rows of x per GEMV program
+GEMV_EXACT = True  # the GEMV rounds the weights to x's dtype as the reference does (module docstring)
 
 _TORCH_TO_TRITON = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_MAGIC_ONE = tl.constexpr(0x3F800000)  # 1.0f: OR-ing a code into bits 19..22 gives 1 + code / 16
+_MAGIC_2_23 = tl.constexpr(0x4B000000)  # 2**23 as fp32: OR-ing a code into bits 0..3 gives 2**23 + code
+_NIBBLE_AT_19 = tl.constexpr(0x780000)  # 0xF << 19
 
 
 @triton.jit
@@ -61,72 +75,150 @@ def _round_to(values, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _dequantize(packed_ptr, scales_ptr, zeros_ptr, rows, cols, k_first, row_mask, mask, packed_stride,
-                groups_stride, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 weights w[rows, cols] = (code - zero) * scale; rows/cols broadcast to the tile shape.
+def _group_scale_zero(scales_ptr, zeros_ptr, rows, k, k_block, groups_stride,
+                      GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 scale and zero of the group of each k (k broadcasts against rows; zero 8 without zero points).
 
-    The tile's columns are k_first + [0, BLOCK_K) with k_first a multiple of BLOCK_K; when BLOCK_K
-    divides the group size they share one group, so one scale (and zero) per row is loaded.
+    Rows are clamped into the layer by the caller and k stays inside K, so no mask is needed. When
+    BLOCK_K divides the group size, a tile starting at k_block (a multiple of BLOCK_K) lies in one
+    group: one scale (and zero) per row is loaded, shaped like `rows`. Otherwise one per element.
     """
-    byte = tl.load(packed_ptr + rows * packed_stride + cols // 2, mask=mask, other=0).to(tl.int32)
-    code = ((byte >> ((cols & 1) * 4)) & 0xF).to(tl.float32)
     if GROUP_SIZE % BLOCK_K == 0:
-        group_offsets = rows * groups_stride + k_first // GROUP_SIZE
-        group_mask = row_mask
+        offsets = rows * groups_stride + k_block // GROUP_SIZE
     else:
-        group_offsets = rows * groups_stride + cols // GROUP_SIZE
-        group_mask = mask
-    scale = tl.load(scales_ptr + group_offsets, mask=group_mask, other=0.0).to(tl.float32)
+        offsets = rows * groups_stride + k // GROUP_SIZE
+    scale = tl.load(scales_ptr + offsets).to(tl.float32)
     if HAS_ZEROS:
-        zero = tl.load(zeros_ptr + group_offsets, mask=group_mask, other=0).to(tl.float32)
+        zero = tl.load(zeros_ptr + offsets).to(tl.float32)
     else:
         zero = 8.0
-    return (code - zero) * scale
+    return scale, zero
 
 
 @triton.jit
-def gemv_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, partial_ptr, M, N, K, x_stride, packed_stride,
-                groups_stride, k_per_split, M_BUCKET,
-                GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, X_DTYPE: tl.constexpr,
-                INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """partial[split, m, n] = sum over this split's k of x[m, k] * w[n, k]   (grid: M, N / BLOCK_N, SPLIT_K)."""
-    row, block_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _weight_halves(packed_ptr, scales_ptr, zeros_ptr, rows, k0, K, byte_mask, packed_stride, groups_stride,
+                   GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, SCALES_FP32: tl.constexpr,
+                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The fp32 weights of codes k0 + 2j and k0 + 2j + 1 (two (BN, BLOCK_K // 2) tiles), the reference's bit for bit.
+
+    rows: (BN, 1) row indices inside the layer. One byte load per two codes (contiguous, vectorized when
+    EVEN_K: no mask); each nibble is OR-ed into a float's mantissa. With 16-bit scales
+    w = (1 + code/16) * 16 s - (16 + zero) s in one fused multiply-add: both products are exact in fp32,
+    so its single rounding is the reference's. fp32 scales would make them inexact: there
+    w = ((2**23 + code) - (2**23 + zero)) * s, also one rounding.
+    """
+    offs_j = tl.arange(0, BLOCK_K // 2)[None, :]  # (1, BJ)
+    at = packed_ptr + rows * packed_stride + k0 // 2 + offs_j
+    if EVEN_K:
+        byte = tl.load(at).to(tl.int32)  # (BN, BJ)
+    else:
+        byte = tl.load(at, mask=byte_mask, other=0).to(tl.int32)  # codes past K read as 0 (x is 0 there)
+    k_even = tl.minimum(k0 + 2 * offs_j, K - 1)  # (1, BJ); codes 2j and 2j + 1 share a group (sizes are even)
+    scale, zero = _group_scale_zero(scales_ptr, zeros_ptr, rows, k_even, k0, groups_stride, GROUP_SIZE, HAS_ZEROS,
+                                    BLOCK_K)
+    if SCALES_FP32:
+        offset = 8388608.0 + zero
+        low = ((byte & 0xF | _MAGIC_2_23).to(tl.float32, bitcast=True) - offset) * scale  # 2**23 + code - ...
+        high = ((byte >> 4 | _MAGIC_2_23).to(tl.float32, bitcast=True) - offset) * scale
+    else:
+        step, offset = 16.0 * scale, -((16.0 + zero) * scale)
+        low = tl.fma(((byte << 19) & _NIBBLE_AT_19 | _MAGIC_ONE).to(tl.float32, bitcast=True), step, offset)
+        high = tl.fma(((byte << 15) & _NIBBLE_AT_19 | _MAGIC_ONE).to(tl.float32, bitcast=True), step, offset)
+    return low, high
+
+
+@triton.jit
+def _weights(packed_ptr, scales_ptr, zeros_ptr, rows, k0, K, byte_mask, packed_stride, groups_stride,
+             GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, SCALES_FP32: tl.constexpr, BLOCK_K: tl.constexpr,
+             EVEN_K: tl.constexpr):
+    """The fp32 weights w[rows, k0 : k0 + BLOCK_K] in k order (the two halves interleaved): (BN, BLOCK_K)."""
+    low, high = _weight_halves(packed_ptr, scales_ptr, zeros_ptr, rows, k0, K, byte_mask, packed_stride,
+                               groups_stride, GROUP_SIZE, HAS_ZEROS, SCALES_FP32, BLOCK_K, EVEN_K)
+    return tl.interleave(low, high)
+
+
+def _even_k(args: dict) -> bool:
+    """Whether every tile lies inside K (then loads need no mask along K, and vectorize)."""
+    return args["K"] % (args["BLOCK_K"] * args.get("SPLIT_K", 1)) == 0
+
+
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def gemv_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, M, N, K, x_stride,
+                packed_stride, groups_stride, M_BUCKET,
+                GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SCALES_FP32: tl.constexpr,
+                X_DTYPE: tl.constexpr, INTERPRET: tl.constexpr, ROUND_W: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] * w[n, k] over this program's K slice   (grid: M / ROWS, N / BN, SPLIT_K)."""
+    block_m, block_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    offs_r = block_m * ROWS + tl.arange(0, ROWS)  # (R,)
+    rows = (offs_n % N)[:, None]  # (BN, 1) clamped into the layer: loads need no row mask, stores have one
+    x_rows = x_ptr + (offs_r % M)[:, None] * x_stride  # (R, 1)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = split * k_per_split
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, k_per_split, BLOCK_K):
-        offs_k = k_start + k0 + tl.arange(0, BLOCK_K)  # (BK,)
-        in_k = (offs_k < K) & (offs_k < k_start + k_per_split)
-        x = tl.load(x_ptr + row * x_stride + offs_k, mask=in_k, other=0.0).to(tl.float32)  # (BK,)
-        row_mask = offs_n[:, None] < N  # (BN, 1)
-        mask = row_mask & in_k[None, :]
-        # "% K": a tile wholly past K (last slice) reads a valid scale; its x is 0, so it adds nothing
-        k_first = (k_start + k0) % K
-        w = _dequantize(packed_ptr, scales_ptr, zeros_ptr, offs_n[:, None], offs_k[None, :], k_first, row_mask, mask,
-                        packed_stride, groups_stride, GROUP_SIZE, HAS_ZEROS, BLOCK_K)  # (BN, BK) fp32
-        w = _round_to(w, X_DTYPE, INTERPRET).to(tl.float32)
-        acc += tl.sum(w * x[None, :], axis=1)
-    tl.store(partial_ptr + (split * M + row) * N + offs_n, acc, mask=offs_n < N)
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    if ROWS == 1:
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)  # summed over k once, after the loop
+    else:
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)[None, :]  # (1, BK)
+        if EVEN_K:
+            x = tl.load(x_rows + offs_k).to(tl.float32)  # (R, BK)
+        else:
+            x = tl.load(x_rows + offs_k, mask=offs_k < k_stop, other=0.0).to(tl.float32)  # 0 past the slice
+        byte_mask = (k0 + 2 * tl.arange(0, BLOCK_K // 2)[None, :]) < k_stop
+        if ROWS == 1:  # x split into even and odd k: the weights stay as loaded, no interleave
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))  # (BJ,) each
+            low, high = _weight_halves(packed_ptr, scales_ptr, zeros_ptr, rows, k0, K, byte_mask, packed_stride,
+                                       groups_stride, GROUP_SIZE, HAS_ZEROS, SCALES_FP32, BLOCK_K, EVEN_K)
+            if ROUND_W:
+                low = _round_to(low, X_DTYPE, INTERPRET).to(tl.float32)
+                high = _round_to(high, X_DTYPE, INTERPRET).to(tl.float32)
+            acc += low * x_even[None, :] + high * x_odd[None, :]
+        else:
+            w = _weights(packed_ptr, scales_ptr, zeros_ptr, rows, k0, K, byte_mask, packed_stride, groups_stride,
+                         GROUP_SIZE, HAS_ZEROS, SCALES_FP32, BLOCK_K, EVEN_K)  # (BN, BK) fp32
+            if ROUND_W:
+                w = _round_to(w, X_DTYPE, INTERPRET).to(tl.float32)
+            acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
+    if ROWS == 1:
+        y = tl.sum(acc, axis=1)[None, :]  # (1, BN)
+    else:
+        y = acc  # (R, BN)
+    y_mask = (offs_r < M)[:, None] & (offs_n < N)[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n % N).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_r[:, None] * N + offs_n[None, :], _round_to(y, X_DTYPE, INTERPRET), mask=y_mask)
+    else:
+        tl.store(partial_ptr + (split * M + offs_r[:, None]) * N + offs_n[None, :], y, mask=y_mask)
 
 
+@triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
 def gemm_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, x_stride, packed_stride,
                 groups_stride, M_BUCKET,
-                GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, X_DTYPE: tl.constexpr,
-                INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SCALES_FP32: tl.constexpr,
+                X_DTYPE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for one (BLOCK_M, BLOCK_N) tile (grid: M / BM, N / BN)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    rows = (offs_n % N)[:, None]  # (BN, 1) clamped: loads need no row mask
+    x_rows = x_ptr + (offs_m % M)[:, None] * x_stride  # (BM, 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
-        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * x_stride + offs_k[None, :], mask=x_mask, other=0.0)  # (BM, BK)
-        row_mask = offs_n[None, :] < N  # (1, BN)
-        w_mask = (offs_k[:, None] < K) & row_mask
-        w = _dequantize(packed_ptr, scales_ptr, zeros_ptr, offs_n[None, :], offs_k[:, None], k0, row_mask, w_mask,
-                        packed_stride, groups_stride, GROUP_SIZE, HAS_ZEROS, BLOCK_K)  # (BK, BN) fp32
-        w = _round_to(w, X_DTYPE, INTERPRET)
+        offs_k = k0 + tl.arange(0, BLOCK_K)[None, :]  # (1, BK)
+        if EVEN_K:
+            x = tl.load(x_rows + offs_k)  # (BM, BK)
+        else:
+            x = tl.load(x_rows + offs_k, mask=offs_k < K, other=0.0)  # 0 past K: those weights add nothing
+        byte_mask = (k0 + 2 * tl.arange(0, BLOCK_K // 2)[None, :]) < K
+        w = _weights(packed_ptr, scales_ptr, zeros_ptr, rows, k0, K, byte_mask, packed_stride, groups_stride,
+                     GROUP_SIZE, HAS_ZEROS, SCALES_FP32, BLOCK_K, EVEN_K)  # (BN, BK) fp32
+        w = tl.trans(_round_to(w, X_DTYPE, INTERPRET))  # (BK, BN), rounded as the reference rounds it
         if INTERPRET:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
         elif X_DTYPE == tl.float32:
@@ -134,35 +226,60 @@ def gemm_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, 
         else:
             acc += tl.dot(x, w)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        acc += tl.load(bias_ptr + offs_n % N).to(tl.float32)[None, :]
+    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], _round_to(acc, X_DTYPE, INTERPRET), mask=out_mask)
 
 
-# Modest GPU configs; the interpreter uses the first-listed small one instead of autotuning.
+# GPU configs, pruned per call by `_prune` and then autotuned; without autotuning, `_fixed_config`.
 GEMV_CONFIGS = [
-    triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps)
-    for block_n, block_k, warps in ((32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 64, 8), (16, 256, 2))
+    triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}, num_warps=warps)
+    for block_n, block_k, warps in ((8, 128, 4), (16, 128, 4), (32, 128, 4), (64, 128, 8), (16, 64, 4), (16, 256, 4))
+    for split in (1, 2, 4)
 ]
 GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
     for bm, bn, bk, warps, stages in (
-        (16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 4), (64, 128, 32, 4, 4),
+        (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 3), (32, 128, 128, 4, 3),
+        (64, 64, 128, 4, 3), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+        (128, 128, 128, 8, 3),
     )
 ]
-INTERPRETER_GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128}
-INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}
-_TUNING_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE"]
+MAX_SPLIT_K = max(config.kwargs["SPLIT_K"] for config in GEMV_CONFIGS)
+_TUNING_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE", "ROUND_W"]
 _autotuned: dict[str, object] = {}
 
 
+def _prune(configs, named_args, **kwargs):
+    """Keep configs whose BLOCK_K divides the group size (one scale per tile row) and whose tiles all lie
+    inside K (no masks); failing that, those whose K slices each hold a tile; else the smallest BLOCK_K."""
+    arguments = {**named_args, **kwargs}
+    group_size, k = arguments["GROUP_SIZE"], arguments["K"]
+    fits = [c for c in configs if group_size % c.kwargs["BLOCK_K"] == 0
+            and c.kwargs.get("SPLIT_K", 1) * c.kwargs["BLOCK_K"] <= max(k, c.kwargs["BLOCK_K"])]
+    even = [c for c in fits if _even_k({"K": k, **c.kwargs})]
+    if even or fits:
+        return even or fits
+    smallest = min(c.kwargs["BLOCK_K"] for c in configs)
+    return [c for c in configs if c.kwargs["BLOCK_K"] == smallest and c.kwargs.get("SPLIT_K", 1) == 1]
+
+
+def _fixed_config(name: str, k: int) -> dict:
+    """The config without autotuning: small tiles; two K slices when K allows, so both GEMV outputs run."""
+    if name == "gemv":
+        return {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2 if k >= 512 else 1}
+    return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}
+
+
 def _launcher(name: str):
-    """The kernel to launch: autotuned on a GPU, the raw kernel (fixed config) in the interpreter."""
-    if INTERPRET:
+    """The kernel to launch: autotuned, or the raw kernel (run with `_fixed_config`)."""
+    if not AUTOTUNE:
         return gemv_kernel if name == "gemv" else gemm_kernel
     if name not in _autotuned:
         kernel, configs = (gemv_kernel, GEMV_CONFIGS) if name == "gemv" else (gemm_kernel, GEMM_CONFIGS)
-        _autotuned[name] = triton.autotune(configs=configs, key=_TUNING_KEY)(kernel)
+        key = _TUNING_KEY if name == "gemv" else _TUNING_KEY[:-1]
+        _autotuned[name] = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(
+            kernel)
     return _autotuned[name]
 
 
@@ -175,47 +292,49 @@ def _check_device(x: Tensor, weight: PackedInt4Weight) -> None:
         raise ValueError(f"the Triton int4 kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
 
 
-def _split_k(rows: int, weight: PackedInt4Weight, x: Tensor) -> int:
-    """Enough K slices that (M x N/64 x slices) programs cover the GPU about twice."""
-    if INTERPRET:
-        return 2 if weight.in_features >= 2 * SPLIT_K_QUANTUM else 1
-    programs = rows * triton.cdiv(weight.out_features, 64)
-    target = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    return max(1, min(triton.cdiv(target, programs), weight.in_features // SPLIT_K_QUANTUM))
-
-
 def _common_args(weight: PackedInt4Weight) -> tuple[Tensor, Tensor, Tensor]:
     """packed, scales, zeros as contiguous tensors (scales stand in for zeros, never read, if there are none)."""
     zeros = weight.zeros if weight.zeros is not None else weight.scales
     return weight.packed.contiguous(), weight.scales.contiguous(), zeros.contiguous()
 
 
-def linear_gemv(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Tensor:
-    """y = x @ W.T + bias with the split-K GEMV kernel (any M; meant for M <= GEMV_MAX_M)."""
+def linear_gemv(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = None,
+                exact: Optional[bool] = None) -> Tensor:
+    """y = x @ W.T + bias with the GEMV kernel (any M; meant for M <= GEMV_MAX_M).
+
+    `exact`: round the weights to x's dtype as the reference does (module docstring); None: GEMV_EXACT.
+    """
     _check_device(x, weight)
+    exact = GEMV_EXACT if exact is None else exact
     rows_x = x.reshape(-1, weight.in_features).contiguous()  # (M, K)
     rows, n, k = rows_x.shape[0], weight.out_features, weight.in_features
-    split = _split_k(rows, weight, x)
-    k_per_split = triton.cdiv(triton.cdiv(k, split), SPLIT_K_QUANTUM) * SPLIT_K_QUANTUM
-    split = triton.cdiv(k, k_per_split)
-    partial = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)  # (SPLIT_K, M, N)
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return out.reshape(*x.shape[:-1], n)
+    row_block = min(GEMV_ROWS, triton.next_power_of_2(rows))
+    partial = torch.empty(MAX_SPLIT_K, rows, n, dtype=torch.float32, device=x.device)  # (SPLIT_K, M, N)
     packed, scales, zeros = _common_args(weight)
-    extra = INTERPRETER_GEMV_CONFIG if INTERPRET else {}
+    bias_arg = bias.contiguous() if bias is not None else scales  # never read when HAS_BIAS is False
+    extra = {} if AUTOTUNE else _fixed_config("gemv", k)
 
     def grid(meta):
-        return (rows, triton.cdiv(n, meta["BLOCK_N"]), split)
+        return (triton.cdiv(rows, row_block), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    if rows:
-        _launcher("gemv")[grid](
-            rows_x, packed, scales, zeros, partial, rows, n, k, rows_x.stride(0), k // 2,
-            k // weight.group_size, k_per_split, triton.next_power_of_2(rows),
-            GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, X_DTYPE=_TORCH_TO_TRITON[x.dtype],
-            INTERPRET=INTERPRET, **extra,
-        )
-    out = partial.sum(dim=0)
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    launcher = _launcher("gemv")
+    launcher[grid](
+        rows_x, packed, scales, zeros, bias_arg, out, partial, rows, n, k, rows_x.stride(0), k // 2,
+        k // weight.group_size, triton.next_power_of_2(rows),
+        GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
+        SCALES_FP32=weight.scales.dtype == torch.float32, X_DTYPE=_TORCH_TO_TRITON[x.dtype], INTERPRET=INTERPRET,
+        ROUND_W=exact, ROWS=row_block, **extra,
+    )
+    split = launcher.best_config.kwargs["SPLIT_K"] if AUTOTUNE else extra["SPLIT_K"]
+    if split > 1:
+        summed = partial[:split].sum(dim=0)
+        if bias is not None:
+            summed += bias.float()
+        out = summed.to(x.dtype)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def linear_gemm(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Tensor:
@@ -226,7 +345,7 @@ def linear_gemm(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = No
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     packed, scales, zeros = _common_args(weight)
     bias_arg = bias.contiguous() if bias is not None else scales  # never read when HAS_BIAS is False
-    extra = INTERPRETER_GEMM_CONFIG if INTERPRET else {}
+    extra = {} if AUTOTUNE else _fixed_config("gemm", k)
 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
@@ -236,7 +355,8 @@ def linear_gemm(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = No
             rows_x, packed, scales, zeros, bias_arg, out, rows, n, k, rows_x.stride(0), k // 2,
             k // weight.group_size, triton.next_power_of_2(rows),
             GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-            X_DTYPE=_TORCH_TO_TRITON[x.dtype], INTERPRET=INTERPRET, **extra,
+            SCALES_FP32=weight.scales.dtype == torch.float32, X_DTYPE=_TORCH_TO_TRITON[x.dtype], INTERPRET=INTERPRET,
+            **extra,
         )
     return out.reshape(*x.shape[:-1], n)
 

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from qat.kernels import triton_int4
 from qat.kernels.dispatch import int4_linear
 from qat.kernels.reference import int4_linear_reference
+from qat.kernels.weights import prepare_weights
 
 from .helpers import (
     TOLERANCES,
@@ -34,15 +35,32 @@ if not INTERPRETED and not torch.cuda.is_available():
     pytest.skip("neither TRITON_INTERPRET=1 nor a CUDA device", allow_module_level=True)
 assert triton_int4.INTERPRET == INTERPRETED, "triton was imported before TRITON_INTERPRET was set"
 
-KERNELS = ("triton_gemv", "triton_gemm")
+# triton_gemv is the backend (the GEMV's default form); triton_gemv_exact / _unrounded are its two forms
+# called directly (weights rounded to x's dtype as the reference does, or not).
+KERNELS = ("triton_gemv", "triton_gemv_unrounded", "triton_gemm")
+GEMV_FORMS = {"triton_gemv_exact": True, "triton_gemv_unrounded": False}
+
+
+def _tolerance(kernel, dtype):
+    if kernel == "triton_gemv":
+        kernel = "triton_gemv_exact" if triton_int4.GEMV_EXACT else "triton_gemv_unrounded"
+    return TOLERANCES[kernel, dtype]
+
+
+def _run(kernel, x, packed, scales, zeros, group_size, bias=None):
+    """`kernel` on DEVICE (inputs moved there), the result back on the CPU."""
+    x, packed, scales, zeros, bias = (t if t is None else t.to(DEVICE) for t in (x, packed, scales, zeros, bias))
+    if kernel in GEMV_FORMS:
+        weight = prepare_weights(packed, scales, zeros, group_size)
+        return triton_int4.linear_gemv(x, weight, bias, exact=GEMV_FORMS[kernel]).cpu()
+    return int4_linear(x, packed, scales, zeros, group_size, bias, backend=kernel).cpu()
 
 
 def _check(kernel, x, packed, scales, zeros, group_size, bias, label):
     """Run `kernel` on DEVICE, compare with the CPU reference within the tolerance table's bound."""
-    on_device = [t if t is None else t.to(DEVICE) for t in (x, packed, scales, zeros, bias)]
-    actual = int4_linear(*on_device[:4], group_size, on_device[4], backend=kernel).cpu()
+    actual = _run(kernel, x, packed, scales, zeros, group_size, bias)
     expected = int4_linear_reference(x, packed, scales, zeros, group_size, bias)
-    bound = error_bound(x, packed, scales, zeros, group_size, bias, TOLERANCES[kernel, x.dtype])
+    bound = error_bound(x, packed, scales, zeros, group_size, bias, _tolerance(kernel, x.dtype))
     assert_within_bound(actual, expected, bound, label)
 
 
@@ -68,18 +86,21 @@ def test_kernel_is_bitwise_exact_when_the_arithmetic_is(kernel, dtype):
         x, packed, scales, zeros = make_exact_case(48, 512, 32, rows=5, dtype=dtype)
         zeros = zeros if zero_points else None
         scales = scales.to(dtype)
-        actual = int4_linear(x.to(DEVICE), packed.to(DEVICE), scales.to(DEVICE),
-                             None if zeros is None else zeros.to(DEVICE), 32, backend=kernel).cpu()
+        actual = _run(kernel, x, packed, scales, zeros, 32)
         assert_bitwise_equal(actual, int4_linear_reference(x, packed, scales, zeros, 32), f"{kernel} {dtype}")
 
 
 @pytest.mark.parametrize(
     ("kernel", "rows", "k", "group_size"),
-    (("triton_gemv", 3, 4160, 64), ("triton_gemm", 17, 4160, 64), ("triton_gemv", 1, 640, 128)),
+    (("triton_gemv", 3, 4160, 64), ("triton_gemv_exact", 3, 4160, 64), ("triton_gemm", 17, 4160, 64),
+     ("triton_gemv", 1, 640, 128), ("triton_gemv", 6, 576, 576), ("triton_gemm", 17, 4192, 32),
+     ("triton_gemv_unrounded", 1, 4192, 32)),
 )
 def test_awkward_shape(kernel, rows, k, group_size):
-    """N = 48 (not a multiple of any block); K = 4160 = 65 groups of 64, or 640: K slices of 512 whose
-    last one runs past K (tiles wholly beyond K must add nothing, with one scale per tile or per column)."""
+    """N = 48 (not a multiple of any block: rows past N are clamped, never stored); K = 4160 = 65 groups
+    of 64, or 640: K slices whose last one runs past K (tiles wholly beyond K must add nothing, with one
+    scale per tile or per column); K = 576 per channel (SmolLM2's width, not a power of two) with M = 6:
+    two row blocks, the second partly empty; K = 4192: a last tile partly past K (the masked loads)."""
     packed, scales, zeros = make_layer(48, k, group_size, torch.bfloat16, seed=1)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).bfloat16()
     _check(kernel, x, packed, scales, zeros, group_size, None, f"{kernel} 48x{k}")
@@ -99,7 +120,7 @@ def test_auto_path_crosses_over_by_rows():
         on_device = [t.to(DEVICE) for t in (x, packed, scales, zeros)]
         actual = int4_linear(*on_device, 32, backend="triton").cpu()
         kernel = "triton_gemv" if rows == 1 else "triton_gemm"  # the dense path is exact: within either bound
-        bound = error_bound(x, packed, scales, zeros, 32, None, TOLERANCES[kernel, x.dtype])
+        bound = error_bound(x, packed, scales, zeros, 32, None, _tolerance(kernel, x.dtype))
         assert_within_bound(actual, int4_linear_reference(x, packed, scales, zeros, 32), bound, f"auto M={rows}")
 
 
@@ -113,7 +134,6 @@ def test_worst_case_accumulation_against_float64(kernel):
     scales = torch.full((n, k // group_size), 2.0**-4, dtype=torch.float16)
     x = torch.full((2, k), 1.0, dtype=torch.float16)  # y = 4096 * 15 / 16 = 3840
     x[1, 1::2] = -1.0  # second row cancels exactly to 0
-    on_device = [t.to(DEVICE) for t in (x, packed, scales, zeros)]
-    actual = int4_linear(*on_device, group_size, backend=kernel).cpu().double()
+    actual = _run(kernel, x, packed, scales, zeros, group_size).double()
     expected = torch.tensor([[3840.0] * n, [0.0] * n], dtype=torch.float64)
     assert torch.equal(actual, expected)
