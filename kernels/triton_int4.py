@@ -7,18 +7,20 @@ the nibble is OR-ed into the mantissa of a float constant ("magic number"), and 
 is folded into the scale. Rows past N are clamped into the layer (their results are not
 stored) and, when the tile size divides K, nothing is masked along K, so loads vectorize.
 
-* `gemv_kernel` (small M): one program per (up to 4 rows of x, BLOCK_N outputs, slice of K);
-  each weight byte is read once for all of the program's rows, and the weights are formed in
-  fp32 exactly as the reference forms them (`_weights`). The exact form (default) then rounds
-  them to x's dtype as the reference does; `exact=False` skips that rounding (one instruction
-  fewer per weight; the result then differs from the reference by that rounding, see
-  tests/kernels/helpers.py). K slices ("split-K", SPLIT_K in the config) give enough programs
-  to fill the GPU when N is small; with one slice the kernel writes y itself, else fp32 partial
-  sums go to a (SPLIT_K, M, N) buffer summed on the host (deterministic, no atomics).
-* `gemm_kernel` (medium M): (BLOCK_M, BLOCK_N) output tiles; the same weights, rounded to x's
+* `gemv_kernel` (M = 1; any M works): one program per (up to 4 rows of x, BLOCK_N outputs,
+  slice of K); each weight byte is read once for all of the program's rows, and the weights are
+  formed in fp32 exactly as the reference forms them (`_weight_halves`). For one row, x is split
+  into even and odd k to meet the two nibbles of each byte; for more, the nibbles are interleaved.
+  The exact form (default) then rounds them to x's dtype as the reference does; `exact=False`
+  skips that rounding (one instruction fewer per weight; the result then differs from the
+  reference by that rounding, see tests/kernels/helpers.py). K slices ("split-K", SPLIT_K in
+  the config) give enough programs to fill the GPU when N is small; with one slice the kernel
+  writes y itself, else fp32 partial sums go to a (SPLIT_K, M, N) buffer summed on the host
+  (deterministic, no atomics).
+* `gemm_kernel` (M >= 2): (BLOCK_M, BLOCK_N) output tiles; the same weights, rounded to x's
   dtype, fed to tl.dot (tensor cores) with fp32 accumulation.
-* Above `GEMM_MAX_M` the weight is dequantized once and the dense matmul runs (the fused
-  kernels lose to cuBLAS when the matmul is compute-bound).
+* Above `GEMM_MAX_M` the weight is dequantized once and the dense matmul runs (on an H200 the
+  fused GEMM was faster than that at every M measured, up to 1024).
 
 On a GPU the kernels are autotuned per (M bucket, N, K, group size); configs whose BLOCK_K
 does not divide the group size are dropped where others remain (then a tile shares one scale
