@@ -17,8 +17,8 @@ stored) and, when the tile size divides K, nothing is masked along K, so loads v
   the config) give enough programs to fill the GPU when N is small; with one slice the kernel
   writes y itself, else fp32 partial sums go to a (SPLIT_K, M, N) buffer summed on the host
   (deterministic, no atomics).
-* `gemm_kernel` (M >= 2): (BLOCK_M, BLOCK_N) output tiles; the same weights, rounded to x's
-  dtype, fed to tl.dot (tensor cores) with fp32 accumulation.
+* `gemm_kernel` (M >= 2): (BLOCK_M, BLOCK_N) output tiles, split-K as in the GEMV; the same
+  weights, rounded to x's dtype, fed to tl.dot (tensor cores) with fp32 accumulation.
 * Above `GEMM_MAX_M` the weight is dequantized once and the dense matmul runs (on an H200 the
   fused GEMM was faster than that at every M measured, up to 1024).
 
@@ -200,24 +200,29 @@ def gemv_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, par
 
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
-def gemm_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, x_stride, packed_stride,
-                groups_stride, M_BUCKET,
+def gemm_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, M, N, K, x_stride,
+                packed_stride, groups_stride, M_BUCKET,
                 GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SCALES_FP32: tl.constexpr,
                 X_DTYPE: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for one (BLOCK_M, BLOCK_N) tile (grid: M / BM, N / BN)."""
+                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for one (BLOCK_M, BLOCK_N) tile and K slice
+    (grid: M / BM, N / BN, SPLIT_K); several slices write fp32 partial sums, as in the GEMV."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    split = tl.program_id(2)
     rows = (offs_n % N)[:, None]  # (BN, 1) clamped: loads need no row mask
     x_rows = x_ptr + (offs_m % M)[:, None] * x_stride  # (BM, 1)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = split * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)[None, :]  # (1, BK)
         if EVEN_K:
             x = tl.load(x_rows + offs_k)  # (BM, BK)
         else:
-            x = tl.load(x_rows + offs_k, mask=offs_k < K, other=0.0)  # 0 past K: those weights add nothing
-        byte_mask = (k0 + 2 * tl.arange(0, BLOCK_K // 2)[None, :]) < K
+            x = tl.load(x_rows + offs_k, mask=offs_k < k_stop, other=0.0)  # 0 past the slice: adds nothing
+        byte_mask = (k0 + 2 * tl.arange(0, BLOCK_K // 2)[None, :]) < k_stop
         w = _weights(packed_ptr, scales_ptr, zeros_ptr, rows, k0, K, byte_mask, packed_stride, groups_stride,
                      GROUP_SIZE, HAS_ZEROS, SCALES_FP32, BLOCK_K, EVEN_K)  # (BN, BK) fp32
         w = tl.trans(_round_to(w, X_DTYPE, INTERPRET))  # (BK, BN), rounded as the reference rounds it
@@ -227,27 +232,33 @@ def gemm_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, 
             acc += tl.dot(x, w, input_precision="ieee")
         else:
             acc += tl.dot(x, w)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n % N).to(tl.float32)[None, :]
     out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], _round_to(acc, X_DTYPE, INTERPRET), mask=out_mask)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n % N).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], _round_to(acc, X_DTYPE, INTERPRET), mask=out_mask)
+    else:
+        tl.store(partial_ptr + (split * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
 
 
 # GPU configs, pruned per call by `_prune` and then autotuned; without autotuning, `_fixed_config`.
+# Large tiles (up to 256 rows x 128 codes: 16 KiB of packed weights per step) keep enough bytes in flight per
+# SM; K slices fill the 132 SMs of an H200 when N / BLOCK_N alone would not.
 GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}, num_warps=warps)
-    for block_n, block_k, warps in ((8, 128, 4), (16, 128, 4), (32, 128, 4), (64, 128, 8), (16, 64, 4), (16, 256, 4))
+    for block_n, block_k, warps in ((16, 128, 4), (32, 128, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8),
+                                    (256, 128, 8), (64, 64, 4), (16, 256, 4))
     for split in (1, 2, 4)
 ]
 GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
     for bm, bn, bk, warps, stages in (
-        (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 3), (32, 128, 128, 4, 3),
-        (64, 64, 128, 4, 3), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-        (128, 128, 128, 8, 3),
+        (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 256, 64, 8, 3), (32, 128, 128, 4, 3), (64, 128, 64, 4, 4),
+        (64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
     )
+    for split in (1, 2, 4)
 ]
-MAX_SPLIT_K = max(config.kwargs["SPLIT_K"] for config in GEMV_CONFIGS)
+MAX_SPLIT_K = max(config.kwargs["SPLIT_K"] for config in GEMV_CONFIGS + GEMM_CONFIGS)
 _TUNING_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE", "ROUND_W"]
 _autotuned: dict[str, object] = {}
 
@@ -268,9 +279,10 @@ def _prune(configs, named_args, **kwargs):
 
 def _fixed_config(name: str, k: int) -> dict:
     """The config without autotuning: small tiles; two K slices when K allows, so both GEMV outputs run."""
+    split = 2 if k >= 512 else 1
     if name == "gemv":
-        return {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2 if k >= 512 else 1}
-    return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}
+        return {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": split}
+    return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": split}
 
 
 def _launcher(name: str):
@@ -330,37 +342,45 @@ def linear_gemv(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = No
         SCALES_FP32=weight.scales.dtype == torch.float32, X_DTYPE=_TORCH_TO_TRITON[x.dtype], INTERPRET=INTERPRET,
         ROUND_W=exact, ROWS=row_block, **extra,
     )
-    split = launcher.best_config.kwargs["SPLIT_K"] if AUTOTUNE else extra["SPLIT_K"]
-    if split > 1:
-        summed = partial[:split].sum(dim=0)
-        if bias is not None:
-            summed += bias.float()
-        out = summed.to(x.dtype)
-    return out.reshape(*x.shape[:-1], n)
+    return _finish(out, partial, launcher, extra, bias).reshape(*x.shape[:-1], n)
 
 
 def linear_gemm(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Tensor:
-    """y = x @ W.T + bias with the fused tensor-core GEMM kernel (any M; meant for medium M)."""
+    """y = x @ W.T + bias with the fused tensor-core GEMM kernel (any M; meant for M > GEMV_MAX_M)."""
     _check_device(x, weight)
     rows_x = x.reshape(-1, weight.in_features).contiguous()  # (M, K)
     rows, n, k = rows_x.shape[0], weight.out_features, weight.in_features
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return out.reshape(*x.shape[:-1], n)
+    partial = torch.empty(MAX_SPLIT_K, rows, n, dtype=torch.float32, device=x.device)  # (SPLIT_K, M, N)
     packed, scales, zeros = _common_args(weight)
     bias_arg = bias.contiguous() if bias is not None else scales  # never read when HAS_BIAS is False
     extra = {} if AUTOTUNE else _fixed_config("gemm", k)
 
     def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+        return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    if rows:
-        _launcher("gemm")[grid](
-            rows_x, packed, scales, zeros, bias_arg, out, rows, n, k, rows_x.stride(0), k // 2,
-            k // weight.group_size, triton.next_power_of_2(rows),
-            GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-            SCALES_FP32=weight.scales.dtype == torch.float32, X_DTYPE=_TORCH_TO_TRITON[x.dtype], INTERPRET=INTERPRET,
-            **extra,
-        )
-    return out.reshape(*x.shape[:-1], n)
+    launcher = _launcher("gemm")
+    launcher[grid](
+        rows_x, packed, scales, zeros, bias_arg, out, partial, rows, n, k, rows_x.stride(0), k // 2,
+        k // weight.group_size, triton.next_power_of_2(rows),
+        GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
+        SCALES_FP32=weight.scales.dtype == torch.float32, X_DTYPE=_TORCH_TO_TRITON[x.dtype], INTERPRET=INTERPRET,
+        **extra,
+    )
+    return _finish(out, partial, launcher, extra, bias).reshape(*x.shape[:-1], n)
+
+
+def _finish(out: Tensor, partial: Tensor, launcher, extra: dict, bias: Optional[Tensor]) -> Tensor:
+    """`out` as the kernel wrote it (one K slice), or the sum of the slices' fp32 partials, + bias, in out's dtype."""
+    split = launcher.best_config.kwargs["SPLIT_K"] if AUTOTUNE else extra["SPLIT_K"]
+    if split == 1:
+        return out
+    summed = partial[:split].sum(dim=0)
+    if bias is not None:
+        summed += bias.float()
+    return summed.to(out.dtype)
 
 
 def linear_auto(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Tensor:
