@@ -137,3 +137,20 @@ def test_worst_case_accumulation_against_float64(kernel):
     actual = _run(kernel, x, packed, scales, zeros, group_size).double()
     expected = torch.tensor([[3840.0] * n, [0.0] * n], dtype=torch.float64)
     assert torch.equal(actual, expected)
+
+
+def test_autotune_prune_keeps_configs_with_one_scale_per_row_and_no_masks():
+    """The GPU autotuner only sees configs whose BLOCK_K divides the group size and whose tiles lie inside K
+    (K = 4096, groups of 128); when none fits (K = 4160 in groups of 64), those whose slices hold a tile."""
+    def described(configs):
+        return {(c.kwargs["BLOCK_K"], c.kwargs.get("SPLIT_K", 1)) for c in configs}
+
+    for configs in (triton_int4.GEMV_CONFIGS, triton_int4.GEMM_CONFIGS):
+        kept = triton_int4._prune(configs, {"K": 4096}, GROUP_SIZE=128)
+        assert kept and all(128 % bk == 0 and 4096 % (bk * split) == 0 for bk, split in described(kept))
+        assert described(kept) == {(bk, split) for bk, split in described(configs)
+                                   if 128 % bk == 0 and 4096 % (bk * split) == 0}
+        uneven = triton_int4._prune(configs, {"K": 4160}, GROUP_SIZE=64)
+        assert uneven and all(64 % bk == 0 and bk * split <= 4160 for bk, split in described(uneven))
+    per_channel = triton_int4._prune(triton_int4.GEMV_CONFIGS, {"K": 96}, GROUP_SIZE=96)  # no BLOCK_K divides 96
+    assert described(per_channel) == {(min(bk for bk, _ in described(triton_int4.GEMV_CONFIGS)), 1)}
