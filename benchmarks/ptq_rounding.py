@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/minilm_w4_kd.yaml")
     parser.add_argument("--damping", type=float, nargs="*", default=[0.01], help="GPTQ dampings to try")
+    parser.add_argument("--skip-nearest", action="store_true", help="GPTQ rows only")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, ["logging.wandb=disabled", "logging.progress_bar=false",
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     float_model = load_float_model(recipe).eval()
     print("| rounding | cosine | NN agreement | rounding s |\n| --- | --- | --- | --- |")
     reference = None
-    for damping in [None, *args.damping]:
+    for damping in [*([] if args.skip_nearest else [None]), *args.damping]:
         run = build(recipe)
         run.datamodule.setup("fit")
         val_batches = list(run.datamodule.val_dataloader())
