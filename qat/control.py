@@ -88,10 +88,15 @@ def calibrate(model: nn.Module, batches: Iterable, weights: bool = True) -> int:
     seen = 0
     with calibration(model, weights=weights):
         for batch in batches:
-            if isinstance(batch, dict):
-                model(**{key: value for key, value in batch.items() if key != "labels"})
-            else:
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            forward_batch(model, batch)
             seen += 1
     model.train(was_training)
     return seen
+
+
+def forward_batch(model: nn.Module, batch: object) -> object:
+    """`model` on one calibration batch: a tensor, a tuple whose first item is the input, or a dict of
+    keyword inputs (a `labels` entry is left out)."""
+    if isinstance(batch, dict):
+        return model(**{key: value for key, value in batch.items() if key != "labels"})
+    return model(batch[0] if isinstance(batch, (tuple, list)) else batch)

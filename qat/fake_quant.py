@@ -135,9 +135,13 @@ class FakeQuantizer(nn.Module):
 
     @torch.no_grad()
     def _load_observed(self) -> None:
-        scale, zero_point = self.observer.qparams()
-        _assign(self.scale, scale)
-        _assign(self.zero_point, zero_point)
+        self.set_qparams(*self.observer.qparams())
+
+    @torch.no_grad()
+    def set_qparams(self, scale: Tensor, zero_point: Tensor) -> None:
+        """Set scale and zero point (qparam shape) from outside, e.g. from GPTQ rounding; marks them initialized."""
+        _assign(self.scale, scale.reshape(self.scale.shape))
+        _assign(self.zero_point, zero_point.reshape(self.zero_point.shape))
         self.initialized = True
 
     # ---- forward ----------------------------------------------------------------------

@@ -34,6 +34,7 @@ FEATURE_LOSSES = ("mse", "cosine")
 DEFAULT_MODEL = "qat.zoo.DigitsCNN"
 TEACHER_DTYPES = ("float32", "bfloat16")
 PRUNE_METHODS = ("magnitude", "global_magnitude", "nm")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 
 
 @dataclass
@@ -78,6 +79,12 @@ class ScheduleConfig:
     training batches initialize observers and scales, and fake-quant goes on (weights,
     and activations from `activation_start_step` if later). Scales and observers freeze
     at `freeze_step`, BatchNorm statistics at `freeze_bn_step` (None: never).
+
+    `weight_rounding`: 'nearest' (weights start as round-to-nearest with the ranges of
+    `quant.weight.init`) or 'gptq': after calibration the Linear weights are GPTQ-rounded on
+    the same batches (`qat.ptq`; each group's range still from `init`, `gptq_damping` times the
+    mean diagonal of X^T X added); the weights are replaced by GPTQ's updated weights, so
+    training starts from GPTQ's codes. Embedding and Conv2d layers keep round-to-nearest.
     """
 
     warmup_steps: int = 0
@@ -85,6 +92,13 @@ class ScheduleConfig:
     activation_start_step: Optional[int] = None
     freeze_step: Optional[int] = None
     freeze_bn_step: Optional[int] = None
+    weight_rounding: str = "nearest"
+    gptq_damping: float = 0.01
+
+    def __post_init__(self) -> None:
+        _choice("schedule.weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
+        if not 0 < self.gptq_damping <= 1:
+            raise ConfigError(f"schedule.gptq_damping={self.gptq_damping} is not valid; allowed: (0, 1]")
 
 
 @dataclass

@@ -11,8 +11,9 @@ pretrained model it started from, loaded again from `model.hf` (unless `float_pa
 
 PTQ is computed on the spot: the float weights with the recipe's quantization spec,
 calibrated on `schedule.calibration_batches` training batches (round-to-nearest of the
-same spec, no training). When the run has no int4 file, the QAT model is exported to a
-temporary one. Every unusable input raises `EvalError` naming the problem.
+same spec, or GPTQ when the recipe's `schedule.weight_rounding` is 'gptq'; no training).
+When the run has no int4 file, the QAT model is exported to a temporary one. Every unusable input
+raises `EvalError` naming the problem.
 
 Example:
     >>> sources = resolve("runs/digits_w2a4/version_0")
@@ -82,6 +83,10 @@ class EvalSources:
                                lambda float_model: _load_float(float_model, state, self))
         set_fake_quant(model, weights=True, activations=True)
         calibrate(model, calibration_batches, weights=False)  # weight ranges: set by prepare from these weights
+        if self.recipe.schedule.weight_rounding == "gptq":
+            from qat.ptq import gptq_round
+
+            gptq_round(model, calibration_batches, self.recipe.schedule.gptq_damping)
         return model.eval()
 
     def qat_model(self) -> Optional[nn.Module]:

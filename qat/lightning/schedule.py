@@ -2,7 +2,8 @@
 
 At `warmup_steps` (counted in optimizer steps) it measures the float model, runs
 `calibration_batches` training batches through the model to initialize observers and
-scales (weights re-initialized from their warmed-up values), switches fake-quant on and
+scales (weights re-initialized from their warmed-up values; with `weight_rounding: gptq`
+the Linear weights are then GPTQ-rounded on the same batches), switches fake-quant on and
 measures again: the float (FP) and post-training-quantization (PTQ) figures. Later it
 turns on activations, freezes scales and observers, and freezes BatchNorm statistics at
 the configured steps. Its state is in every checkpoint, so a resumed run picks up
@@ -24,6 +25,7 @@ from torch import nn
 
 from qat.control import calibrate, freeze, quantizers, set_fake_quant
 from qat.lightning.tasks import move_batch
+from qat.ptq import gptq_round
 from qat.recipe import ScheduleConfig
 
 
@@ -35,6 +37,15 @@ def broadcast_quantizer_state(model: nn.Module) -> None:
         for tensor in (quantizer.scale, quantizer.zero_point, quantizer.observer.lo, quantizer.observer.hi):
             if not hasattr(tensor, "device_mesh"):  # sharded (FSDP2) qparams already hold rank 0's values
                 dist.broadcast(tensor.data, src=0)
+
+
+def broadcast_weights(model: nn.Module, names: list[str]) -> None:
+    """Give every rank rank 0's weights of the layers `names` (GPTQ changes weights by each rank's batches)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    modules = dict(model.named_modules())
+    for name in names:
+        dist.broadcast(modules[name].weight.data, src=0)
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -83,6 +94,9 @@ class QuantizationSchedule(pl.Callback):
         calibration_batches = self._calibration_batches(trainer, pl_module.device)
         set_fake_quant(model, weights=True, activations=True)  # calibrate every quantizer the model will use
         calibrate(model, calibration_batches)
+        if self.config.weight_rounding == "gptq":
+            rounded = gptq_round(model, calibration_batches, self.config.gptq_damping)
+            broadcast_weights(model, list(rounded))
         broadcast_quantizer_state(model)
         activations_now = (self.config.activation_start_step or 0) <= trainer.global_step
         set_fake_quant(model, weights=True, activations=activations_now)

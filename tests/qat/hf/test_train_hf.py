@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM
 import qat
 from qat.build import build
 from qat.export.reader import read_header
+from qat.ptq import gptq_round
 from qat.recipe import load_recipe
 from qat.runner import export_run, summarize
 from tests.qat.hf.tiny_models import save_tiny_llama
@@ -67,21 +68,45 @@ def test_label_free_kd_run_exports_a_file_that_rebuilds_the_transformer(tmp_path
     assert summary["int4"]["ppl"] == pytest.approx(qat_ppl, rel=5e-3)
 
 
-@pytest.mark.slow
-def test_encoder_distils_sentence_embeddings(tmp_path, bert_folder):
-    recipe = load_recipe(None, [
-        "task=embedding", f"model.hf={{path: {bert_folder}, kind: encoder}}",
+def encoder_recipe(tmp_path, folder, *extra):
+    return load_recipe(None, [
+        "task=embedding", f"model.hf={{path: {folder}, kind: encoder}}",
         "data._target_=qat.data.SentenceDataModule",
         "data.args={max_length: 24, batch_size: 8, val_sentences: 32, max_train_sentences: 64}",
         "quant.weight={bits: 4, symmetric: false, group_size: 32, quantizer: lsq_plus, init: minmax}",
         "schedule={warmup_steps: 0, calibration_batches: 2}",
         "distill={enabled: true, teacher: initial, task_weight: 0.0, embedding_loss: cosine}",
         "optimizer={lr: 1e-3}", "trainer={max_steps: 4, max_epochs: 1}",
-        f"logging={{wandb: disabled, progress_bar: false, run_dir: {tmp_path}}}"])
-    run = fit(recipe)
+        f"logging={{wandb: disabled, progress_bar: false, run_dir: {tmp_path}}}", *extra])
+
+
+@pytest.mark.slow
+def test_encoder_distils_sentence_embeddings(tmp_path, bert_folder):
+    run = fit(encoder_recipe(tmp_path, bert_folder))
     summary = summarize(run, 0.0)
     assert summary["fp"]["cosine"] == pytest.approx(1.0, abs=1e-6) and summary["fp"]["nn_agreement"] == 1.0
     assert 0.5 < summary["ptq"]["cosine"] < 1.0 and 0.5 < summary["qat"]["cosine"] < 1.0
+
+
+@pytest.mark.slow
+def test_gptq_weight_rounding_runs_at_calibration_on_the_calibration_batches(tmp_path, bert_folder, monkeypatch):
+    import qat.lightning.schedule as schedule_module
+
+    calls = []
+
+    def spy(model, batches, damping):
+        losses = gptq_round(model, batches, damping)
+        calls.append((len(batches), damping, sorted(losses)))
+        return losses
+
+    monkeypatch.setattr(schedule_module, "gptq_round", spy)
+    fit(encoder_recipe(tmp_path / "nearest", bert_folder, "trainer.max_steps=1"))
+    assert calls == []
+    run = fit(encoder_recipe(tmp_path / "gptq", bert_folder, "schedule.weight_rounding=gptq",
+                             "schedule.gptq_damping=0.05", "trainer.max_steps=1"))
+    linears = sorted(name for name, m in run.model.named_modules() if isinstance(m, qat.QuantLinear))
+    assert calls == [(2, 0.05, linears)]  # once, on the 2 calibration batches, every quantized Linear
+    assert 0.5 < summarize(run, 0.0)["ptq"]["cosine"] < 1.0
 
 
 @pytest.mark.slow
