@@ -139,6 +139,20 @@ def _weights(packed_ptr, scales_ptr, zeros_ptr, rows, k0, K, byte_mask, packed_s
     return tl.interleave(low, high)
 
 
+@triton.jit
+def _store(y, offs_m, offs_n, split, M, N, bias_ptr, out_ptr, partial_ptr, HAS_BIAS: tl.constexpr,
+           SPLIT_K: tl.constexpr, X_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Write a (rows, BN) fp32 tile: with one K slice y + bias in x's dtype to out (M, N); else the fp32
+    partial sum to partial[split] (the host adds the slices and the bias). Rows past M, N are not written."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n % N).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], _round_to(y, X_DTYPE, INTERPRET), mask=mask)
+    else:
+        tl.store(partial_ptr + (split * M + offs_m[:, None]) * N + offs_n[None, :], y, mask=mask)
+
+
 def _even_k(args: dict) -> bool:
     """Whether every tile lies inside K (then loads need no mask along K, and vectorize)."""
     return args["K"] % (args["BLOCK_K"] * args.get("SPLIT_K", 1)) == 0
@@ -189,13 +203,7 @@ def gemv_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, par
         y = tl.sum(acc, axis=1)[None, :]  # (1, BN)
     else:
         y = acc  # (R, BN)
-    y_mask = (offs_r < M)[:, None] & (offs_n < N)[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n % N).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_r[:, None] * N + offs_n[None, :], _round_to(y, X_DTYPE, INTERPRET), mask=y_mask)
-    else:
-        tl.store(partial_ptr + (split * M + offs_r[:, None]) * N + offs_n[None, :], y, mask=y_mask)
+    _store(y, offs_r, offs_n, split, M, N, bias_ptr, out_ptr, partial_ptr, HAS_BIAS, SPLIT_K, X_DTYPE, INTERPRET)
 
 
 @triton.heuristics({"EVEN_K": _even_k})
@@ -232,13 +240,7 @@ def gemm_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, par
             acc += tl.dot(x, w, input_precision="ieee")
         else:
             acc += tl.dot(x, w)
-    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n % N).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], _round_to(acc, X_DTYPE, INTERPRET), mask=out_mask)
-    else:
-        tl.store(partial_ptr + (split * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
+    _store(acc, offs_m, offs_n, split, M, N, bias_ptr, out_ptr, partial_ptr, HAS_BIAS, SPLIT_K, X_DTYPE, INTERPRET)
 
 
 # GPU configs, pruned per call by `_prune` and then autotuned; without autotuning, `_fixed_config`.
