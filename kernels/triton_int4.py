@@ -320,35 +320,19 @@ def linear_gemv(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = No
 
     `exact`: round the weights to x's dtype as the reference does (module docstring); None: GEMV_EXACT.
     """
-    _check_device(x, weight)
-    exact = GEMV_EXACT if exact is None else exact
-    rows_x = x.reshape(-1, weight.in_features).contiguous()  # (M, K)
-    rows, n, k = rows_x.shape[0], weight.out_features, weight.in_features
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    if rows == 0:
-        return out.reshape(*x.shape[:-1], n)
-    row_block = min(GEMV_ROWS, triton.next_power_of_2(rows))
-    partial = torch.empty(MAX_SPLIT_K, rows, n, dtype=torch.float32, device=x.device)  # (SPLIT_K, M, N)
-    packed, scales, zeros = _common_args(weight)
-    bias_arg = bias.contiguous() if bias is not None else scales  # never read when HAS_BIAS is False
-    extra = {} if AUTOTUNE else _fixed_config("gemv", k)
-
-    def grid(meta):
-        return (triton.cdiv(rows, row_block), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-
-    launcher = _launcher("gemv")
-    launcher[grid](
-        rows_x, packed, scales, zeros, bias_arg, out, partial, rows, n, k, rows_x.stride(0), k // 2,
-        k // weight.group_size, triton.next_power_of_2(rows),
-        GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        SCALES_FP32=weight.scales.dtype == torch.float32, X_DTYPE=_TORCH_TO_TRITON[x.dtype], INTERPRET=INTERPRET,
-        ROUND_W=exact, ROWS=row_block, **extra,
-    )
-    return _finish(out, partial, launcher, extra, bias).reshape(*x.shape[:-1], n)
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    return _launch("gemv", "ROWS", x, weight, bias, ROUND_W=GEMV_EXACT if exact is None else exact,
+                   ROWS=min(GEMV_ROWS, triton.next_power_of_2(max(rows, 1))))
 
 
 def linear_gemm(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Tensor:
     """y = x @ W.T + bias with the fused tensor-core GEMM kernel (any M; meant for M > GEMV_MAX_M)."""
+    return _launch("gemm", "BLOCK_M", x, weight, bias)
+
+
+def _launch(name: str, rows_per_program: str, x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor],
+            **constexprs) -> Tensor:
+    """Run kernel `name` over x's rows (`rows_per_program`: the meta key giving a program's rows of x)."""
     _check_device(x, weight)
     rows_x = x.reshape(-1, weight.in_features).contiguous()  # (M, K)
     rows, n, k = rows_x.shape[0], weight.out_features, weight.in_features
@@ -358,18 +342,18 @@ def linear_gemm(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = No
     partial = torch.empty(MAX_SPLIT_K, rows, n, dtype=torch.float32, device=x.device)  # (SPLIT_K, M, N)
     packed, scales, zeros = _common_args(weight)
     bias_arg = bias.contiguous() if bias is not None else scales  # never read when HAS_BIAS is False
-    extra = {} if AUTOTUNE else _fixed_config("gemm", k)
+    extra = {} if AUTOTUNE else _fixed_config(name, k)
 
     def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+        return (triton.cdiv(rows, meta[rows_per_program]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    launcher = _launcher("gemm")
+    launcher = _launcher(name)
     launcher[grid](
         rows_x, packed, scales, zeros, bias_arg, out, partial, rows, n, k, rows_x.stride(0), k // 2,
         k // weight.group_size, triton.next_power_of_2(rows),
         GROUP_SIZE=weight.group_size, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
         SCALES_FP32=weight.scales.dtype == torch.float32, X_DTYPE=_TORCH_TO_TRITON[x.dtype], INTERPRET=INTERPRET,
-        **extra,
+        **constexprs, **extra,
     )
     return _finish(out, partial, launcher, extra, bias).reshape(*x.shape[:-1], n)
 
