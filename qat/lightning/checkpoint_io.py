@@ -9,6 +9,10 @@ fsync'ed, and only then replaces the destination with `os.replace`; the director
 fsync'ed so the rename itself survives a power cut. On any failure the temporary file is
 removed and `CheckpointWriteError` says what failed and that the previous file is kept.
 
+A full disk does not always arrive as an OSError: torch.save's zip writer checks how far
+each write got and reports a short write as a RuntimeError ("unexpected pos N vs M", or
+"PytorchStreamWriter failed writing file"); those are write failures too.
+
 Example:
     >>> pl.Trainer(plugins=[AtomicCheckpointIO()])
 """
@@ -16,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -49,6 +54,16 @@ def _current_umask() -> int:
     return mask
 
 
+_WRITER_FAILURES = ("unexpected pos", "PytorchStreamWriter failed")
+
+
+def _free_space(directory: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(directory).free / 2**20:.0f} MiB free in {directory}"
+    except OSError:
+        return f"free space in {directory} unknown"
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """`torch.save(obj, path)` that either fully replaces `path` or leaves it as it was."""
     path = Path(path)
@@ -66,11 +81,15 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp_name, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(err, RuntimeError) and not any(text in str(err) for text in _WRITER_FAILURES):
+            raise  # not a write failure (e.g. an object torch cannot serialize)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else f"the write stopped short ({err})"
         kept = "the previous checkpoint there is intact" if path.exists() else "no checkpoint was there before"
         raise CheckpointWriteError(
-            f"cannot write checkpoint {path}: {err.strerror or err} (disk full or quota exceeded?); {kept}"
+            f"cannot write checkpoint {path}: {reason} (disk full or quota exceeded? {_free_space(path.parent)}); "
+            f"{kept}"
         ) from err
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

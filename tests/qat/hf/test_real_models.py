@@ -44,12 +44,18 @@ def fit(recipe):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """(run, export summary) of a 2-step SmolLM2 QAT + KD run, shared by the SmolLM2 tests."""
+    """(run, export summary) of a 2-step SmolLM2 QAT + KD run, shared by the SmolLM2 tests. The run's
+    Lightning checkpoints (over a GB each: the weights and AdamW's moments; no test reads them) are deleted once the
+    export is written, so the suite's disk peak stays low."""
+    run_dir = tmp_path_factory.mktemp("smollm2")
     recipe = load_recipe(ROOT / "recipes" / "smollm2_w4_kd.yaml", [
-        *SMALL, f"logging.run_dir={tmp_path_factory.mktemp('smollm2')}", "data.args.seq_len=64",
+        *SMALL, f"logging.run_dir={run_dir}", "data.args.seq_len=64",
         "data.args.batch_size=2", "data.args.val_tokens=256", "data.args.max_train_blocks=16", "export.enabled=true"])
     run = fit(recipe)
-    return run, export_run(run)["export"]
+    exported = export_run(run)["export"]
+    for checkpoint in run_dir.rglob("*.ckpt"):
+        checkpoint.unlink()
+    return run, exported
 
 
 def test_smollm2_qat_kd_export_load_generate(smollm2):

@@ -52,6 +52,57 @@ def test_disk_full_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # the temporary file is gone
 
 
+def test_a_short_write_reported_by_torchs_zip_writer_is_a_checkpoint_write_error(tmp_path, monkeypatch):
+    """On a full disk torch.save raises RuntimeError, not OSError: its zip writer checks the file position
+    after each write (text below as torch 2.13 prints it on a 1 MiB tmpfs)."""
+    path, before = _previous_checkpoint(tmp_path)
+
+    def save_until_short_write(obj, file, *args, **kwargs):
+        file.write(b"partial bytes of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1002747904 vs 1002747792")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", save_until_short_write)
+    with pytest.raises(CheckpointWriteError, match=r"last\.ckpt: the write stopped short .*unexpected pos.*"
+                                                    r"disk full.*MiB free in .*previous checkpoint .*intact"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_other_runtime_errors_of_torch_save_pass_through_and_leave_no_temporary(tmp_path, monkeypatch):
+    def save_fails(obj, file, *args, **kwargs):
+        raise RuntimeError("cannot pickle this object")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", save_fails)
+    with pytest.raises(RuntimeError, match="cannot pickle this object") as caught:
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, tmp_path / "last.ckpt")
+    assert not isinstance(caught.value, CheckpointWriteError)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root and a kernel that lets this process mount; skipped elsewhere)."""
+    import subprocess
+
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount rights)")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_real_full_disk_keeps_the_previous_checkpoint(tiny_disk):
+    path, before = _previous_checkpoint(tiny_disk)
+    with pytest.raises(CheckpointWriteError, match=r"last\.ckpt: .*disk full.*previous checkpoint .*intact"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "w": torch.zeros(2**19)}, path)  # 2 MiB > the disk
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["last.ckpt"]
+
+
 def test_lightnings_own_writer_truncates_the_previous_checkpoint_on_a_full_disk(tmp_path, monkeypatch):
     """The fault the atomic writer fixes. Lightning's TorchCheckpointIO writes into a temporary file in
     the system temp dir, then `shutil.move`s it over the checkpoint; with the run directory on another
@@ -202,6 +253,10 @@ def test_checkpoint_of_a_qat_module_carries_the_cuda_states(monkeypatch):
 
 
 def _import_failing(monkeypatch, error: ImportError) -> None:
+    """Fail the CLI's own `from qat.export.commands import ...`. The parser is built once first so every
+    module it pulls in is already imported: run alone, the test would otherwise fail inside an unrelated
+    import of the qat.export package (other commands reach it through qat.hf) instead of at the CLI's."""
+    build_parser()
     real_import = builtins.__import__
 
     def failing_import(name, *args, **kwargs):
