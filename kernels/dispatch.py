@@ -21,13 +21,15 @@ fallback); an unknown name raises listing the available ones. Backends:
     cpu_bf16_cached bf16 matmul on a cached bf16 dequantized weight (exact for bf16 x; else bf16 compute)
     cpu_blocked     dequantize tiles of rows into a small reused buffer + dense GEMM in x's dtype (fp16 x: fp32)
     cpu_blocked_bf16 the same with a bf16 GEMM (for fp32 / fp16 x; bf16 compute, documented tolerance)
+    cpu_small_m     compiled AVX512-BF16 kernel for few rows (small_m.py; needs a C++ compiler), bf16 compute
     triton          fused Triton kernels on CUDA: GEMV / GEMM / dequant+dense by M
     triton_gemv     the split-K GEMV kernel alone (any M)
     triton_gemm     the fused tensor-core GEMM kernel alone (any M)
 
-Automatic choice: CUDA -> `triton` if importable, else `dequant`. CPU -> the faster of
-`cpu_int4pack` (when its kernel is available and the group size is a multiple of 32) and the
-blocked path (`cpu_blocked` for bf16 x, `cpu_blocked_bf16` for fp32 / fp16 x), measured on
+Automatic choice: CUDA -> `triton` if importable, else `dequant`. CPU -> the fastest of
+`cpu_int4pack` (when its kernel is available and the group size is a multiple of 32), the
+blocked path (`cpu_blocked` for bf16 x, `cpu_blocked_bf16` for fp32 / fp16 x) and, up to
+SMALL_M_MAX_ROWS rows, `cpu_small_m` (where it could be built), measured on
 the first call of each (dtype, shape, power-of-two bucket of M) and cached (autotune.py;
 QAT_KERNEL_AUTOTUNE=0: a fixed crossover in M instead); `dequant` (exact) when int4pack
 cannot run the layer (group size not a multiple of 32, no vectorized kernel).
@@ -49,7 +51,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import autotune, blocked, cpu
+from . import autotune, blocked, cpu, small_m
 from .reference import int4_linear_reference
 from .weights import PackedInt4Weight, cached_weight, check_activation
 
@@ -60,6 +62,9 @@ AUTO = "auto"
 # from M ~ 8-16 with bf16 x, M ~ 16 with fp32 x). None (the default) never caches, so the int4 model's
 # memory stays what it is; set it (e.g. 16) where memory allows.
 CPU_CACHE_DENSE_ABOVE_M: Optional[int] = None
+# Up to this many rows of x, automatic CPU dispatch also measures cpu_small_m (one pass over the weights per
+# 16 rows; above, the blocked path's dense GEMM wins: benchmarks/kernels-cpu-allM.md).
+SMALL_M_MAX_ROWS = 32
 MAX_AUTO_CHOICES = 256  # remembered `auto` choices per layer (one per distinct M seen; cleared when full)
 
 RunFn = Callable[[Tensor, PackedInt4Weight, Optional[Tensor]], Tensor]
@@ -149,6 +154,8 @@ BACKENDS: dict[str, Backend] = {
             lambda x, w, b: blocked.linear_blocked(x, w, b, compute_dtype=torch.bfloat16),
             _blocked_unsupported,
         ),
+        Backend("cpu_small_m", small_m.linear_small_m, small_m.small_m_unsupported,
+                prepare=lambda w: w.form(small_m.FORM, small_m.tiles16)),
         Backend(
             "cpu_int4pack",
             cpu.linear_int4pack,
@@ -178,6 +185,8 @@ def cpu_candidates(x: Tensor, weight: PackedInt4Weight) -> list[str]:
         return []  # layers int4pack cannot run keep the exact `dequant` path (as before the blocked path)
     blocked_name = "cpu_blocked" if x.dtype == torch.bfloat16 else "cpu_blocked_bf16"
     names = ("cpu_int4pack", blocked_name)
+    if x.numel() // weight.in_features <= SMALL_M_MAX_ROWS:
+        names += ("cpu_small_m",)
     return [name for name in names if BACKENDS[name].unsupported(x, weight) is None]
 
 

@@ -187,3 +187,21 @@ TOLERANCES |= {
         BF16, 2.0, 0.0, "for bf16 x it is cpu_blocked",
     ),
 }
+
+# The small-M kernel (kernels/small_m.py): the weights are cpu_bf16_cached's bit for bit ((code - zero) * scale in
+# fp32, one rounding to bf16), x is taken in bf16, products are exact and summed in fp32 (vdpbf16ps), and the fp32
+# result is cast to x's dtype.
+TOLERANCES |= {
+    ("cpu_small_m", torch.bfloat16): Tolerance(
+        BF16, 2.0, 0.0,
+        "bf16 weights and x bitwise the reference's, exact products, fp32 sums in another order (last term); "
+        "the final rounding of y to bf16 can land one unit to either side: 2 units",
+    ),
+    ("cpu_small_m", torch.float32): Tolerance(
+        BF16, 2.0, 0.0, "x and W each rounded to bf16 once (1 unit of |x||W| each); y stays fp32",
+    ),
+    ("cpu_small_m", torch.float16): Tolerance(
+        BF16, 4.0, 0.0, "x and W rounded to bf16 (2 units), y to fp16 and the reference's fp16 roundings of W and y "
+        "(each under a bf16 unit)",
+    ),
+}

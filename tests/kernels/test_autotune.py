@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qat.kernels import autotune, cpu
-from qat.kernels.dispatch import BACKENDS, ENV_VAR, choose_backend, cpu_candidates, int4_linear
+from qat.kernels import autotune, cpu, small_m
+from qat.kernels.dispatch import BACKENDS, ENV_VAR, SMALL_M_MAX_ROWS, choose_backend, cpu_candidates, int4_linear
 from qat.kernels.weights import PackedInt4Weight
 
 from .helpers import make_layer
@@ -35,25 +35,29 @@ def test_dispatch_picks_a_backend_that_runs_for_every_combination(tune, x_dtype,
         x = torch.randn(rows, k).to(x_dtype)
         name = choose_backend(x, weight)
         assert name in BACKENDS and BACKENDS[name].unsupported(x, weight) is None, (name, group, rows)
-        expected = {"cpu_int4pack", "cpu_blocked", "cpu_blocked_bf16"} if group % 32 == 0 else {"dequant"}
+        expected = {"cpu_int4pack", "cpu_blocked", "cpu_blocked_bf16", "cpu_small_m"} if group % 32 == 0 \
+            else {"dequant"}
         if not cpu.int4pack_available():
             expected = {"dequant"}
         assert name in expected, (name, group)
         assert int4_linear(x, weight.packed, weight.scales, weight.zeros, group).shape == (rows, n)
 
 
-def test_candidates_depend_on_dtype_and_group_size():
+def test_candidates_depend_on_dtype_group_size_and_rows():
     weight = _weight(32, 128, 32)
     with_int4pack = ["cpu_int4pack"] if cpu.int4pack_available() else []
     blocked_f32 = ["cpu_blocked_bf16"] if with_int4pack else []
     blocked_bf16 = ["cpu_blocked"] if with_int4pack else []
-    assert cpu_candidates(torch.randn(1, 128), weight) == [*with_int4pack, *blocked_f32]
-    assert cpu_candidates(torch.randn(1, 128).bfloat16(), weight) == [*with_int4pack, *blocked_bf16]
+    few = ["cpu_small_m"] if with_int4pack and small_m.small_m_unsupported(torch.randn(1, 128), weight) is None else []
+    assert cpu_candidates(torch.randn(1, 128), weight) == [*with_int4pack, *blocked_f32, *few]
+    assert cpu_candidates(torch.randn(1, 128).bfloat16(), weight) == [*with_int4pack, *blocked_bf16, *few]
+    assert cpu_candidates(torch.randn(SMALL_M_MAX_ROWS, 128), weight) == [*with_int4pack, *blocked_f32, *few]
+    assert cpu_candidates(torch.randn(SMALL_M_MAX_ROWS + 1, 128), weight) == [*with_int4pack, *blocked_f32]
     assert cpu_candidates(torch.randn(1, 128), _weight(32, 128, 16)) == []
 
 
-def _spies(monkeypatch, slow: str) -> list[str]:
-    """Replace the two CPU candidates with counting stand-ins; `slow` sleeps 20 ms per call."""
+def _spies(monkeypatch, slow: str | tuple[str, ...]) -> list[str]:
+    """Replace the CPU candidates with counting stand-ins (all able to run); those in `slow` sleep 20 ms per call."""
     import time
 
     calls: list[str] = []
@@ -61,26 +65,26 @@ def _spies(monkeypatch, slow: str) -> list[str]:
     def make(name: str):
         def run(x, weight, bias):
             calls.append(name)
-            if name == slow:
+            if name in ((slow,) if isinstance(slow, str) else slow):
                 time.sleep(0.02)
             return x.new_zeros(*x.shape[:-1], weight.out_features)
         return run
 
-    for name in ("cpu_int4pack", "cpu_blocked_bf16"):
+    for name in ("cpu_int4pack", "cpu_blocked_bf16", "cpu_small_m"):
         monkeypatch.setitem(BACKENDS, name, BACKENDS[name].__class__(name, make(name), lambda x, w: None))
     return calls
 
 
 def test_measures_once_per_bucket_and_keeps_the_fastest(monkeypatch):
-    calls = _spies(monkeypatch, slow="cpu_int4pack")
+    calls = _spies(monkeypatch, slow=("cpu_int4pack", "cpu_small_m"))
     weight = _weight(32, 128, 32)
     assert choose_backend(torch.randn(20, 128), weight) == "cpu_blocked_bf16"
     timed = len(calls)
-    assert timed == 2 * (1 + autotune.AUTOTUNE_CALLS)  # one warm-up + timed calls per candidate
+    assert timed == 3 * (1 + autotune.AUTOTUNE_CALLS)  # one warm-up + timed calls per candidate (3 up to M = 32)
     assert choose_backend(torch.randn(31, 128), weight) == "cpu_blocked_bf16"  # same bucket (16-31): no timing
     assert len(calls) == timed
-    choose_backend(torch.randn(32, 128), weight)  # next bucket: measured again
-    assert len(calls) == 2 * timed
+    choose_backend(torch.randn(33, 128), weight)  # next bucket (32-63), above SMALL_M_MAX_ROWS: two candidates
+    assert len(calls) == timed + 2 * (1 + autotune.AUTOTUNE_CALLS)
     assert sorted(key[6] for key in autotune.measured_choices()) == [5, 6]
 
 
@@ -91,6 +95,10 @@ def test_autotune_off_uses_the_static_rule_without_timing(monkeypatch):
     limit = autotune.STATIC_INT4PACK_MAX_M[torch.float32]
     assert choose_backend(torch.randn(limit, 128), weight) == "cpu_int4pack"
     assert choose_backend(torch.randn(limit + 1, 128), weight) == "cpu_blocked_bf16"
+    for rows in (1, 7, 17, SMALL_M_MAX_ROWS):
+        assert choose_backend(torch.randn(rows, 128), weight) == "cpu_int4pack"
+    for rows in autotune.STATIC_SMALL_M_ROWS:
+        assert choose_backend(torch.randn(rows, 128), weight) == "cpu_small_m"
     assert calls == [] and autotune.measured_choices() == {}
 
 

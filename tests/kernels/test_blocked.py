@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from qat.kernels import blocked
+from qat.kernels import blocked, native
 from qat.kernels.dispatch import int4_linear
 from qat.kernels.reference import dequantize_int4, int4_linear_reference
 from qat.kernels.weights import PackedInt4Weight
@@ -19,6 +19,18 @@ SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SHAPES = ((47, 320, 32), (33, 384, 128), (64, 4160, 64), (40, 192, 64))
 
 
+@pytest.fixture(params=("compiled", "torch ops"))
+def dequantizer(request, monkeypatch):
+    """Each test runs with the compiled tile dequantizer (kernels/csrc; skipped where it cannot be built) and with
+    the torch-op fallback; both must give the same bits."""
+    if request.param == "compiled":
+        if native.native_module() is None:
+            pytest.skip("the compiled dequantizer could not be built here")
+    else:
+        monkeypatch.setattr(blocked, "native_module", lambda: None)
+    return request.param
+
+
 def _cases():
     """Every group size, scale dtype and zero-point form, spread over the shapes (not the full product)."""
     combos = itertools.product(SHAPES, SCALE_DTYPES, (True, False))
@@ -28,7 +40,7 @@ def _cases():
 
 
 @pytest.mark.parametrize(("shape", "scale_dtype", "zero_points"), _cases())
-def test_tiles_are_the_reference_weights_permuted(shape, scale_dtype, zero_points, monkeypatch):
+def test_tiles_are_the_reference_weights_permuted(shape, scale_dtype, zero_points, dequantizer, monkeypatch):
     monkeypatch.setattr(blocked, "DEQUANT_ROWS", 6)  # tiles of 16 rows dequantized 6, 6, 4 rows at a time
     n, k, group = shape
     packed, scales, zeros = make_layer(n, k, group, scale_dtype, zero_points, seed=n)
@@ -36,7 +48,7 @@ def test_tiles_are_the_reference_weights_permuted(shape, scale_dtype, zero_point
     reference = dequantize_int4(packed, scales, zeros, group)  # (N, K) fp32
     permuted = blocked.permute_k(reference, group)
     for dtype in (torch.float32, torch.bfloat16):
-        buffers = blocked.TileBuffers(16, k, dtype)
+        buffers = blocked.TileBuffers(16, k, dtype, native=dequantizer == "compiled")
         for start in range(0, n, 16):
             stop = min(start + 16, n)
             assert_bitwise_equal(blocked.dequantize_tile(weight, start, stop, buffers),
@@ -51,7 +63,7 @@ def test_permute_k_orders_each_group_even_then_odd():
 @pytest.mark.parametrize("backend", ("cpu_blocked", "cpu_blocked_bf16"))
 @pytest.mark.parametrize("x_dtype", X_DTYPES)
 @pytest.mark.parametrize(("shape", "scale_dtype", "zero_points"), _cases())
-def test_blocked_within_tolerance(backend, x_dtype, shape, scale_dtype, zero_points, monkeypatch):
+def test_blocked_within_tolerance(backend, x_dtype, shape, scale_dtype, zero_points, dequantizer, monkeypatch):
     monkeypatch.setattr(blocked, "DEQUANT_ROWS", 7)
     n, k, group = shape
     packed, scales, zeros = make_layer(n, k, group, scale_dtype, zero_points, seed=k)
@@ -70,7 +82,7 @@ def test_blocked_within_tolerance(backend, x_dtype, shape, scale_dtype, zero_poi
 
 @pytest.mark.parametrize("rows", (1, 5, 130))
 @pytest.mark.parametrize("x_dtype", (torch.float32, torch.bfloat16))
-def test_blocked_is_bitwise_exact_when_the_arithmetic_is(rows, x_dtype):
+def test_blocked_is_bitwise_exact_when_the_arithmetic_is(rows, x_dtype, dequantizer):
     """Exact products and sums: a misplaced code, zero or scale (or a wrong permutation) cannot hide."""
     x, packed, scales, zeros = make_exact_case(40, 256, 64, rows=rows, dtype=x_dtype)
     weight = PackedInt4Weight(packed, scales, zeros, 64)
@@ -106,3 +118,43 @@ def test_blocked_refuses_odd_group_sizes():
     packed, scales, zeros = make_layer(8, 6, 3)
     with pytest.raises(ValueError, match=r"cpu_blocked.*even group size, got 3"):
         int4_linear(torch.randn(1, 6), packed, scales, zeros, 3, backend="cpu_blocked")
+
+
+def test_the_compiled_dequantizer_builds_where_a_compiler_is(monkeypatch):
+    """CI has g++: a build that breaks must fail here, not fall back to the torch path unnoticed."""
+    import shutil
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    module = native.native_module()
+    assert module is not None
+    assert module.vectorized() == (set(native.AVX512_FLAGS) <= native.cpu_flags())
+
+
+def test_the_compiled_dequantizer_checks_its_inputs():
+    module = native.native_module()
+    if module is None:
+        pytest.skip("the compiled dequantizer could not be built here")
+    packed, scales, zeros = make_layer(8, 64, 32)
+    out = torch.empty(8, 64)
+    with pytest.raises(RuntimeError, match="scales must be contiguous float32"):
+        module.dequantize_tile(packed, scales, zeros, 32, 0, 8, out)  # fp16 scales
+    with pytest.raises(RuntimeError, match="rows out of range"):
+        module.dequantize_tile(packed, scales.float(), zeros, 32, 0, 9, out)
+    with pytest.raises(RuntimeError, match="group_size does not match K"):
+        module.dequantize_tile(packed, scales.float(), zeros, 16, 0, 8, out)
+
+
+def test_native_module_is_none_when_disabled(monkeypatch):
+    native.native_module.cache_clear()
+    monkeypatch.setenv(native.ENV_DISABLE, "0")
+    try:
+        assert native.native_module() is None
+    finally:
+        native.native_module.cache_clear()
+
+
+def test_compile_flags_add_avx512_only_when_the_cpu_has_all_of_it():
+    assert native.compile_flags(set()) == ["-O3"]
+    assert native.compile_flags({"avx512f", "avx512bw"}) == ["-O3"]
+    assert "-mavx512bf16" in native.compile_flags({"avx512f", "avx512bw", "avx512_bf16", "sse2"})

@@ -26,3 +26,13 @@ def test_every_package_folder_is_listed_in_pyproject():
                 for init in (ROOT / "kernels").rglob("__init__.py") if init.parent != ROOT / "kernels"}
     assert package_dir.get("qat.kernels") == "kernels"
     assert folders - listed == set(), f"package folders missing from pyproject.toml's packages: {folders - listed}"
+
+
+def test_the_compiled_kernels_sources_ship_with_the_package():
+    """kernels/native.py builds kernels/csrc/*.cpp on first use: a wheel without them loses the fast CPU paths."""
+    from qat.kernels import native
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "csrc/*.cpp" in setuptools["package-data"]["qat.kernels"]
+    shipped = {path.name for path in (ROOT / "kernels" / "csrc").glob("*.cpp")}
+    assert {source.name for source in native.SOURCES} == shipped

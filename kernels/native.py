@@ -1,0 +1,84 @@
+"""Compiled CPU helpers (kernels/csrc/), built on first use with torch's C++ extension loader.
+
+`native_module()` returns the built module, or None where it cannot be had: no C++ compiler,
+a failed build (the reason is printed once, to stderr), or QAT_NATIVE=0. Callers keep their
+torch-only path for None, so the package still imports and runs with torch alone (the device
+image, a machine without a compiler). The build takes ~30 s once per machine and torch
+version; the library is cached under $QAT_NATIVE_BUILD_DIR (default
+~/.cache/qat/native/<python>-<torch>), rebuilt when the source changes.
+
+The AVX-512 path is compiled in when the CPU has AVX-512 F/BW/BF16 (`-march=native` is not
+used, so a cached build never carries instructions the CPU lacks); otherwise a scalar loop.
+
+Example:
+    >>> module = native_module()
+    >>> if module is not None: module.dequantize_tile(packed, scales_f32, zeros, 128, 0, 256, out)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name
+                for name in ("bindings.cpp", "dequant_tile.cpp", "small_m_bf16.cpp"))
+ENV_DISABLE = "QAT_NATIVE"
+ENV_BUILD_DIR = "QAT_NATIVE_BUILD_DIR"
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def compile_flags(flags: set[str]) -> list[str]:
+    """-O3, plus the AVX-512 options when the CPU has every one of AVX512_FLAGS."""
+    vector = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"] if set(AVX512_FLAGS) <= flags else []
+    return ["-O3", *vector]
+
+
+def build_directory() -> Path:
+    default = Path.home() / ".cache" / "qat" / "native" / f"py{platform.python_version()}-torch{torch.__version__}"
+    return Path(os.environ.get(ENV_BUILD_DIR) or default)
+
+
+@functools.cache
+def native_module() -> Optional[ModuleType]:
+    """The compiled module, or None (disabled, no compiler, or the build failed: said once on stderr)."""
+    if os.environ.get(ENV_DISABLE, "1") == "0":
+        return None
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        print("qat.kernels: no C++ compiler found; the blocked CPU path dequantizes with torch ops "
+              "(slower). Install g++ to build kernels/csrc/.", file=sys.stderr)
+        return None
+    from torch.utils.cpp_extension import load
+
+    flags = compile_flags(cpu_flags())
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    name = "qat_native_avx512" if len(flags) > 1 else "qat_native_scalar"
+    if not (directory / f"{name}.so").exists():
+        print(f"qat.kernels: compiling the CPU kernels (kernels/csrc) into {directory}, once: 30-60 s",
+              file=sys.stderr)
+    try:
+        return load(name, [str(source) for source in SOURCES], extra_cflags=flags, build_directory=str(directory),
+                    verbose=False)
+    except Exception as error:
+        print(f"qat.kernels: building kernels/csrc failed ({type(error).__name__}: {str(error)[:300]}); "
+              "the blocked CPU path dequantizes with torch ops (slower).", file=sys.stderr)
+        return None

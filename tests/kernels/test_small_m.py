@@ -1,0 +1,102 @@
+"""The small-M CPU kernel (kernels/small_m.py, kernels/csrc/small_m_bf16.cpp) against the reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from qat.kernels import small_m
+from qat.kernels.dispatch import int4_linear
+from qat.kernels.reference import int4_linear_reference
+from qat.kernels.weights import PackedInt4Weight
+
+from .helpers import TOLERANCES, assert_bitwise_equal, assert_within_bound, error_bound, make_exact_case, make_layer
+
+if small_m.small_m_unsupported(torch.zeros(1, 2), PackedInt4Weight(*make_layer(16, 64, 32), 32)) is not None:
+    pytest.skip("the small-M kernel cannot run here (no C++ compiler or no AVX-512 BF16)", allow_module_level=True)
+
+# (N, K, group): odd N (padded to 16 lanes), K not a multiple of 256, groups of 32 / 64 / 128, a group of 256 (two
+# 64-pair segments), one group spanning K = 384 (three segments) and a single output row
+SHAPES = ((47, 320, 32), (33, 384, 128), (64, 4160, 64), (17, 512, 256), (40, 384, 384), (1, 96, 32))
+ROWS = (1, 3, 8, 9, 16, 17, 40)  # register tiles of 8 plus tails; more than 16 rows: several kernel calls
+
+
+def _param(shape, scale_dtype, zero_points):
+    name = f"{shape[0]}x{shape[1]}g{shape[2]}-{str(scale_dtype)[6:]}-{'asym' if zero_points else 'sym'}"
+    return pytest.param(shape, scale_dtype, zero_points, id=name)
+
+
+def _cases():
+    """Every scale dtype and zero-point form over the shapes, and every shape asymmetric with fp16 scales."""
+    forms = itertools.product((torch.float16, torch.bfloat16, torch.float32), (True, False))
+    spread = [_param(shape, scale_dtype, zero_points) for shape, (scale_dtype, zero_points)
+              in zip(itertools.cycle(SHAPES), forms)]
+    return spread + [_param(shape, torch.float16, True) for shape in SHAPES if _param(shape, torch.float16, True).id
+                     not in {case.id for case in spread}]
+
+
+@pytest.mark.parametrize("x_dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize(("shape", "scale_dtype", "zero_points"), _cases())
+def test_small_m_within_tolerance(x_dtype, shape, scale_dtype, zero_points):
+    n, k, group = shape
+    packed, scales, zeros = make_layer(n, k, group, scale_dtype, zero_points, seed=k + n)
+    generator = torch.Generator().manual_seed(n)
+    bias = torch.randn(n, generator=generator).to(x_dtype) if zero_points else None
+    weight = PackedInt4Weight(packed, scales, zeros, group, bias)
+    for rows in ROWS:
+        x = torch.randn(rows, k, generator=generator).to(x_dtype)
+        actual = small_m.linear_small_m(x, weight, bias)
+        expected = int4_linear_reference(x, packed, scales, zeros, group, bias)
+        bound = error_bound(x, packed, scales, zeros, group, bias, TOLERANCES["cpu_small_m", x_dtype])
+        assert_within_bound(actual, expected, bound, f"cpu_small_m x {x_dtype} M={rows}")
+
+
+@pytest.mark.parametrize("rows", (1, 5, 8, 16, 21))
+@pytest.mark.parametrize("x_dtype", (torch.float32, torch.bfloat16))
+def test_small_m_is_bitwise_exact_when_the_arithmetic_is(rows, x_dtype):
+    """Exact weights, products and sums: a misplaced code, lane, zero, scale or x pair cannot hide in a tolerance."""
+    for n, k, group in ((40, 256, 64), (19, 384, 128), (16, 512, 256)):
+        x, packed, scales, zeros = make_exact_case(n, k, group, rows=rows, dtype=x_dtype, seed=rows)
+        weight = PackedInt4Weight(packed, scales, zeros, group)
+        assert_bitwise_equal(small_m.linear_small_m(x, weight), int4_linear_reference(x, packed, scales, zeros, group),
+                             f"{n}x{k} g{group} M={rows}")
+
+
+def test_tiles16_layout_puts_sixteen_rows_side_by_side_and_pads_with_zero_scales():
+    packed, scales, zeros = make_layer(20, 64, 32)
+    codes, tile_scales, tile_zeros = small_m.tiles16(PackedInt4Weight(packed, scales, zeros, 32))
+    assert codes.shape == (2, 32, 16) and tile_scales.shape == tile_zeros.shape == (2, 2, 16)
+    assert torch.equal(codes[1, 5, 3], packed[19, 5]) and torch.equal(tile_scales[0, 1, 7], scales[7, 1].float())
+    assert torch.equal(tile_zeros[1, 0, 2], zeros[18, 0].float())
+    assert (tile_scales[1, :, 4:] == 0).all()  # rows 20..31 are padding: zero scale, so their outputs are 0
+
+
+def test_small_m_keeps_leading_dimensions_empty_batches_and_dispatch_runs_it():
+    packed, scales, zeros = make_layer(24, 128, 32)
+    weight = PackedInt4Weight(packed, scales, zeros, 32)
+    x = torch.randn(2, 3, 128)
+    y = small_m.linear_small_m(x, weight)
+    assert y.shape == (2, 3, 24) and y.dtype == torch.float32
+    assert small_m.linear_small_m(x[:0], weight).shape == (0, 3, 24)
+    assert_bitwise_equal(int4_linear(x, packed, scales, zeros, 32, backend="cpu_small_m"), y)
+
+
+def test_small_m_refuses_what_it_cannot_run():
+    packed, scales, zeros = make_layer(8, 6, 3)
+    with pytest.raises(ValueError, match=r"cpu_small_m.*even group size, got 3"):
+        int4_linear(torch.randn(1, 6), packed, scales, zeros, 3, backend="cpu_small_m")
+
+
+def test_the_kernel_checks_its_inputs():
+    from qat.kernels.native import native_module
+
+    weight = PackedInt4Weight(*make_layer(16, 64, 32), 32)
+    codes, scales, zeros = small_m.tiles16(weight)
+    kernel = native_module().small_m_bf16
+    with pytest.raises(RuntimeError, match="x must be contiguous bf16"):
+        kernel(torch.randn(1, 64), codes, scales, zeros, 32)
+    with pytest.raises(RuntimeError, match="1 to 16 rows, got 17"):
+        kernel(torch.randn(17, 64).bfloat16(), codes, scales, zeros, 32)
+    with pytest.raises(RuntimeError, match="codes hold K = 64, x has K = 32"):
+        kernel(torch.randn(1, 32).bfloat16(), codes, scales, zeros, 32)
