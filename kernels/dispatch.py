@@ -155,7 +155,7 @@ BACKENDS: dict[str, Backend] = {
             _blocked_unsupported,
         ),
         Backend("cpu_small_m", small_m.linear_small_m, small_m.small_m_unsupported,
-                prepare=lambda w: w.form(small_m.FORM, small_m.tiles16)),
+                prepare=lambda w: w.form(small_m.FORM, small_m.float_qparams)),
         Backend(
             "cpu_int4pack",
             cpu.linear_int4pack,

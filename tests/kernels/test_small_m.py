@@ -13,11 +13,11 @@ from qat.kernels.weights import PackedInt4Weight
 
 from .helpers import TOLERANCES, assert_bitwise_equal, assert_within_bound, error_bound, make_exact_case, make_layer
 
-if small_m.small_m_unsupported(torch.zeros(1, 2), PackedInt4Weight(*make_layer(16, 64, 32), 32)) is not None:
+if small_m.small_m_unsupported(torch.zeros(1, 64), PackedInt4Weight(*make_layer(16, 64, 32), 32)) is not None:
     pytest.skip("the small-M kernel cannot run here (no C++ compiler or no AVX-512 BF16)", allow_module_level=True)
 
-# (N, K, group): odd N (padded to 16 lanes), K not a multiple of 256, groups of 32 / 64 / 128, a group of 256 (two
-# 64-pair segments), one group spanning K = 384 (three segments) and a single output row
+# (N, K, group): odd N (blocks of 4 output rows plus a tail), K not a multiple of 256 (4160: 8 segments of 512 k
+# and a partial one), groups of 32 / 64 / 128 / 256, one group of 384 that spans a segment boundary, one output row
 SHAPES = ((47, 320, 32), (33, 384, 128), (64, 4160, 64), (17, 512, 256), (40, 384, 384), (1, 96, 32))
 ROWS = (1, 3, 8, 9, 16, 17, 40)  # register tiles of 8 plus tails; more than 16 rows: several kernel calls
 
@@ -63,13 +63,12 @@ def test_small_m_is_bitwise_exact_when_the_arithmetic_is(rows, x_dtype):
                              f"{n}x{k} g{group} M={rows}")
 
 
-def test_tiles16_layout_puts_sixteen_rows_side_by_side_and_pads_with_zero_scales():
+def test_float_qparams_are_the_scales_and_zeros_in_float32_with_8_for_symmetric_layers():
     packed, scales, zeros = make_layer(20, 64, 32)
-    codes, tile_scales, tile_zeros = small_m.tiles16(PackedInt4Weight(packed, scales, zeros, 32))
-    assert codes.shape == (2, 32, 16) and tile_scales.shape == tile_zeros.shape == (2, 2, 16)
-    assert torch.equal(codes[1, 5, 3], packed[19, 5]) and torch.equal(tile_scales[0, 1, 7], scales[7, 1].float())
-    assert torch.equal(tile_zeros[1, 0, 2], zeros[18, 0].float())
-    assert (tile_scales[1, :, 4:] == 0).all()  # rows 20..31 are padding: zero scale, so their outputs are 0
+    got_scales, got_zeros = small_m.float_qparams(PackedInt4Weight(packed, scales, zeros, 32))
+    assert torch.equal(got_scales, scales.float()) and torch.equal(got_zeros, zeros.float())
+    _, symmetric_zeros = small_m.float_qparams(PackedInt4Weight(packed, scales, None, 32))
+    assert symmetric_zeros.shape == (20, 2) and (symmetric_zeros == 8).all()
 
 
 def test_small_m_keeps_leading_dimensions_empty_batches_and_dispatch_runs_it():
@@ -82,21 +81,24 @@ def test_small_m_keeps_leading_dimensions_empty_batches_and_dispatch_runs_it():
     assert_bitwise_equal(int4_linear(x, packed, scales, zeros, 32, backend="cpu_small_m"), y)
 
 
-def test_small_m_refuses_what_it_cannot_run():
-    packed, scales, zeros = make_layer(8, 6, 3)
-    with pytest.raises(ValueError, match=r"cpu_small_m.*even group size, got 3"):
-        int4_linear(torch.randn(1, 6), packed, scales, zeros, 3, backend="cpu_small_m")
+@pytest.mark.parametrize("group", (3, 16, 48))
+def test_small_m_refuses_group_sizes_that_are_not_multiples_of_32(group):
+    packed, scales, zeros = make_layer(8, 96, group)
+    with pytest.raises(ValueError, match=rf"cpu_small_m.*multiple of 32, got {group}"):
+        int4_linear(torch.randn(1, 96), packed, scales, zeros, group, backend="cpu_small_m")
 
 
 def test_the_kernel_checks_its_inputs():
     from qat.kernels.native import native_module
 
     weight = PackedInt4Weight(*make_layer(16, 64, 32), 32)
-    codes, scales, zeros = small_m.tiles16(weight)
+    scales, zeros = small_m.float_qparams(weight)
     kernel = native_module().small_m_bf16
     with pytest.raises(RuntimeError, match="x must be contiguous bf16"):
-        kernel(torch.randn(1, 64), codes, scales, zeros, 32)
+        kernel(torch.randn(1, 64), weight.packed, scales, zeros, 32)
     with pytest.raises(RuntimeError, match="1 to 16 rows, got 17"):
-        kernel(torch.randn(17, 64).bfloat16(), codes, scales, zeros, 32)
-    with pytest.raises(RuntimeError, match="codes hold K = 64, x has K = 32"):
-        kernel(torch.randn(1, 32).bfloat16(), codes, scales, zeros, 32)
+        kernel(torch.randn(17, 64).bfloat16(), weight.packed, scales, zeros, 32)
+    with pytest.raises(RuntimeError, match="packed holds K = 64, x has K = 32"):
+        kernel(torch.randn(1, 32).bfloat16(), weight.packed, scales, zeros, 32)
+    with pytest.raises(RuntimeError, match="scales and zeros must be contiguous float32"):
+        kernel(torch.randn(1, 64).bfloat16(), weight.packed, weight.scales, zeros, 32)
