@@ -2,7 +2,8 @@
 
 `python -m qat.kernels.bench --summary` (or `qat bench --summary`) times, interleaved in one
 process, `dense` (F.linear on the weight dequantized to x's dtype), torch's int4pack kernel,
-the blocked path and automatic dispatch for every activation dtype and M, and prints one
+the blocked path, the small-M kernel (up to dispatch.SMALL_M_MAX_ROWS rows, where it is
+available) and automatic dispatch for every activation dtype and M, and prints one
 row per (dtype, M) with the ratios dense / method. Peak memory: a fresh child process per
 (method, dtype) builds one int4 layer, resets the kernel's peak-RSS counter (Linux
 /proc/self/clear_refs) after one M = 1 call (so load-time repacks are done), runs every M and
@@ -25,8 +26,8 @@ from . import autotune
 from .dispatch import int4_linear_prepared
 from .weights import PackedInt4Weight
 
-SUMMARY_HEADER = ("| x | M | dense ms | int4pack | blocked | auto (dispatch) | auto picks | auto, fastest call "
-                  "| auto spread |")
+SUMMARY_HEADER = ("| x | M | dense ms | int4pack | blocked | small_m | auto (dispatch) | auto picks "
+                  "| auto, fastest call | auto spread |")
 
 
 def blocked_name(dtype: torch.dtype) -> str:
@@ -39,7 +40,16 @@ def summary_methods(dtype: torch.dtype) -> dict[str, Callable]:
     def backend(name: Optional[str]) -> Callable:
         return lambda x, layer: int4_linear_prepared(x, layer.weight, backend=name)
 
-    return {"int4pack": backend("cpu_int4pack"), "blocked": backend(blocked_name(dtype)), "auto": backend(None)}
+    return {"int4pack": backend("cpu_int4pack"), "blocked": backend(blocked_name(dtype)),
+            "small_m": backend("cpu_small_m"), "auto": backend(None)}
+
+
+def _small_m_runs(x: torch.Tensor, weight: PackedInt4Weight) -> bool:
+    """Whether the small-M column is timed: the kernel is available and M is within dispatch's range for it."""
+    from .dispatch import SMALL_M_MAX_ROWS
+    from .small_m import small_m_unsupported
+
+    return x.shape[0] <= SMALL_M_MAX_ROWS and small_m_unsupported(x, weight) is None
 
 
 def summary_rows(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace) -> list[dict]:
@@ -57,13 +67,15 @@ def summary_rows(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace) -
     for m in args.rows:
         x = torch.randn(m, k, generator=generator).to(dtype)
         methods = {"dense": ((lambda x, layer: F.linear(x, layer.dense)), dense_layers)}
-        methods |= {name: (method, layers) for name, method in summary_methods(dtype).items()}
+        methods |= {name: (method, layers) for name, method in summary_methods(dtype).items()
+                    if name != "small_m" or _small_m_runs(x, layers[0].weight)}
         reps = max(2, min(args.reps, int(args.budget_flop / (2 * m * n * k))))
         timed = time_methods(methods, x, "cpu", args.rounds, reps)
         picked = autotune.measured_choices().get(autotune.choice_key(x, layers[0].weight), "static rule")
         dense = timed["dense"]
         row = {"x": str(dtype).removeprefix("torch."), "M": m, "dense_ms": dense.median * 1e3, "picks": picked,
-               **{name: dense.median / timed[name].median for name in ("int4pack", "blocked", "auto")},
+               **{name: dense.median / timed[name].median if name in timed else None
+                  for name in ("int4pack", "blocked", "small_m", "auto")},
                "auto_best": dense.best / timed["auto"].best, "auto_spread": timed["auto"].spread}
         rows.append(row)
         print(format_summary_row(row), flush=True)
@@ -73,7 +85,8 @@ def summary_rows(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace) -
 
 
 def format_summary_row(row: dict) -> str:
-    cells = [row["x"], row["M"], f"{row['dense_ms']:.3f}", f"{row['int4pack']:.2f}x", f"{row['blocked']:.2f}x",
+    ratios = [("n/a" if row[name] is None else f"{row[name]:.2f}x") for name in ("int4pack", "blocked", "small_m")]
+    cells = [row["x"], row["M"], f"{row['dense_ms']:.3f}", *ratios,
              f"{row['auto']:.2f}x", row["picks"], f"{row['auto_best']:.2f}x", f"{row['auto_spread'] * 100:.0f}%"]
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
@@ -126,13 +139,21 @@ def peak_rss_growth(n: int, k: int, group_size: int, dtype: torch.dtype, method:
         child.join()
 
 
+def _probe_layer(n: int, k: int, group_size: int) -> PackedInt4Weight:
+    from .bench import make_layer
+
+    return make_layer(n, k, group_size, "cpu", torch.Generator().manual_seed(0))
+
+
 def memory_lines(n: int, k: int, args: argparse.Namespace) -> list[str]:
     """A markdown table of peak-RSS growth per (dtype, method) for this shape, over every M."""
     lines = ["| x | method | peak RSS growth over the int4 layer (MiB) | dense weight (MiB) | int4 layer (MiB) |",
              "| --- | --- | --- | --- | --- |"]
     int4_mib = (n * k // 2 + 3 * n * (k // args.group_size)) / 2**20
     for dtype in args.dtypes:
-        for method in ("dense", "cpu_int4pack", blocked_name(dtype), None):
+        for method in ("dense", "cpu_int4pack", blocked_name(dtype), "cpu_small_m", None):
+            if method == "cpu_small_m" and not _small_m_runs(torch.zeros(1, k), _probe_layer(n, k, args.group_size)):
+                continue
             growth = peak_rss_growth(n, k, args.group_size, dtype, method, args.rows, args.threads)
             shown = "n/a" if growth is None else f"{growth / 2**20:.1f}"
             lines.append(f"| {str(dtype)[6:]} | {method or 'auto (dispatch)'} | {shown} | "
@@ -150,7 +171,7 @@ def run_summary(args: argparse.Namespace) -> list[str]:
         print(f"\n{n}x{k}, group {args.group_size}:\n{SUMMARY_HEADER}", flush=True)
         table = [format_summary_row(row) for dtype in args.dtypes for row in summary_rows(n, k, dtype, args)]
         lines += [f"### {n}x{k}, group {args.group_size} ({time.perf_counter() - started:.0f} s)", "",
-                  SUMMARY_HEADER, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *table, ""]
+                  SUMMARY_HEADER, "| --- " * SUMMARY_HEADER.count("|", 1) + "|", *table, ""]
         if not args.no_memory:
             lines += [*memory_lines(n, k, args), ""]
     return lines
