@@ -1,6 +1,7 @@
 """qat.kernels: int4 inference kernels (this folder installs as `qat.kernels`).
 
-Imports torch only (triton lazily, when a Triton backend first runs): a deployment can use
+Imports torch only (triton lazily, when a Triton backend first runs; csrc/ is compiled by torch's
+C++ extension loader when a CPU path first needs it): a deployment can use
 these without qat's training stack (Lightning, omegaconf, wandb). The folder is `kernels/`
 in the source tree; the import name is `qat.kernels` so it cannot collide with the PyPI
 package `kernels`.
@@ -9,6 +10,8 @@ package `kernels`.
     weights.py      PackedInt4Weight: one layer, checked once, kernel forms cached at load time
     cpu.py          CPU paths (torch's int4pack kernel; exact dequantize + matmul; cached bf16)
     blocked.py      CPU path for large M: tiles of rows dequantized into a reused buffer + dense GEMM
+    small_m.py      CPU path for few rows: compiled AVX512-BF16 kernel, weights dequantized in registers
+    native.py       builds and loads the compiled CPU code in csrc/ on first use (None without a compiler)
     autotune.py     measured CPU choice per (dtype, shape, M bucket), cached in-process
     triton_int4.py  fused Triton GEMV / GEMM kernels for CUDA (also run by Triton's interpreter)
     dispatch.py     int4_linear(...): picks a backend by device / M / shape; overrides
