@@ -63,8 +63,8 @@ AUTO = "auto"
 # memory stays what it is; set it (e.g. 16) where memory allows.
 CPU_CACHE_DENSE_ABOVE_M: Optional[int] = None
 # Up to this many rows of x, automatic CPU dispatch also measures cpu_small_m (one pass over the weights per
-# 16 rows; above, the blocked path's dense GEMM wins: benchmarks/kernels-cpu-allM.md).
-SMALL_M_MAX_ROWS = 32
+# call of up to 64 rows; where compute dominates the blocked path's dense GEMM wins: benchmarks/kernels-cpu-allM.md).
+SMALL_M_MAX_ROWS = 64
 MAX_AUTO_CHOICES = 256  # remembered `auto` choices per layer (one per distinct M seen; cleared when full)
 
 RunFn = Callable[[Tensor, PackedInt4Weight, Optional[Tensor]], Tensor]

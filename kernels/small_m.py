@@ -1,10 +1,10 @@
 """CPU path for a few rows of activations: int4 weights dequantized in registers, AVX512-BF16 dot products.
 
-For M <= 16 (decode steps, small batches) a dense layer is memory-bound: it streams 2-4 bytes
+For small M (decode steps, small batches) a dense layer is memory-bound: it streams 2-4 bytes
 per weight for few multiply-adds. This path streams the int4 codes (0.5 byte per weight),
 turns 32 of them at a time into bf16 in registers (one table lookup per vector: the 16
 possible weights of a row's group) and runs vdpbf16ps against every row of x, so the
-weights are read once per 16 rows (torch's int4pack kernel re-reads and re-dequantizes them
+weights are read once per 64 rows (torch's int4pack kernel re-reads and re-dequantizes them
 for every few rows, which is why it falls below dense bf16 at M = 16). The kernel is
 kernels/csrc/small_m_bf16.cpp (compiled by native.py); it needs a CPU with AVX-512 BF16 and a
 group size that is a multiple of 32, otherwise `small_m_unsupported` says why and dispatch
@@ -32,7 +32,7 @@ from .native import native_module
 from .reference import SYMMETRIC_ZERO
 from .weights import PackedInt4Weight
 
-MAX_ROWS = 16  # rows of x per kernel call; more rows are split into calls of 16 (each reads the weights again)
+MAX_ROWS = 64  # rows of x per kernel call; more rows are split into calls of 64 (each reads the weights again)
 FORM = "cpu_small_m:float_qparams"
 
 
@@ -56,7 +56,7 @@ def float_qparams(weight: PackedInt4Weight) -> tuple[Tensor, Tensor]:
 
 
 def linear_small_m(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Tensor:
-    """y = x @ W.T + bias for any number of rows (16 per kernel call); returns x's dtype."""
+    """y = x @ W.T + bias for any number of rows (64 per kernel call); returns x's dtype."""
     scales, zeros = weight.form(FORM, float_qparams)
     packed = weight.packed.contiguous()
     rows = x.reshape(-1, weight.in_features).to(torch.bfloat16).contiguous()

@@ -1,4 +1,4 @@
-// int4 x bf16 for a few rows of activations (M <= 16): the weights are dequantized in registers to bf16 and
+// int4 x bf16 for a few rows of activations (M <= 64 per call): the weights are dequantized in registers to bf16 and
 // multiplied with AVX512-BF16 dot products (vdpbf16ps), fp32 accumulation.
 //
 // Numbers: each weight is (code - zero) * scale in float32 (the reference's arithmetic: exact subtraction, one
@@ -29,13 +29,14 @@
 #define QAT_SMALL_M_AVX512 0
 #endif
 
+constexpr int64_t kMaxRows = 64;  // rows of x per call (accumulators: 4 x 64 x 64 B = 16 KiB per thread)
+
 #if QAT_SMALL_M_AVX512
 namespace {
 
 constexpr int kRowsN = 4;             // output rows dequantized together
 constexpr int kRowsM = 4;             // rows of x per register tile (kRowsN x kRowsM accumulators)
 constexpr int64_t kSegment = 16;      // vectors of 32 k per output row per segment: 4 rows x 16 x 64 B = 4 KiB
-constexpr int64_t kMaxRows = 16;      // rows of x per call
 
 // bf16((c - zero) * scale) for c = 0..15 in the low 16 words (the rest unused by the lookups).
 inline __m512i weight_table(float scale, float zero) {
@@ -93,7 +94,8 @@ template <int NB>
 void block(const uint8_t* packed, const float* scales, const float* zeros, const uint16_t* x, int64_t rows, int64_t k,
            int64_t group_size, int64_t n0, float* out, int64_t out_stride) {
   alignas(64) __m512i weights[kRowsN][kSegment];
-  alignas(64) float acc[kRowsN][kMaxRows][16] = {};
+  alignas(64) float acc[kRowsN][kMaxRows][16];
+  for (int n = 0; n < NB; ++n) std::fill(&acc[n][0][0], &acc[n][0][0] + rows * 16, 0.0f);  // the rows in use only
   const int64_t groups = k / group_size, vectors_per_group = group_size / 32, total = k / 32;
   for (int64_t first = 0; first < total; first += kSegment) {
     const int64_t vectors = std::min(kSegment, total - first);
@@ -138,7 +140,7 @@ void run(const uint8_t* packed, const float* scales, const float* zeros, const u
 
 bool small_m_available() { return QAT_SMALL_M_AVX512; }
 
-// x bf16 (M, K) contiguous, 1 <= M <= 16; packed uint8 (N, K/2); scales, zeros float32 (N, G). Returns float32 (M, N).
+// x bf16 (M, K) contiguous, 1 <= M <= 64; packed uint8 (N, K/2); scales, zeros float32 (N, G). Returns float32 (M, N).
 at::Tensor small_m_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                         const at::Tensor& zeros, int64_t group_size) {
   TORCH_CHECK(QAT_SMALL_M_AVX512, "small_m_bf16 needs a build with AVX-512 F/BW/BF16");
@@ -154,7 +156,7 @@ at::Tensor small_m_bf16(const at::Tensor& x, const at::Tensor& packed, const at:
                     t->size(1) == k / group_size,
                 "scales and zeros must be contiguous float32 (N, G)");
   }
-  TORCH_CHECK(m >= 1 && m <= 16, "small_m_bf16 takes 1 to 16 rows, got ", m);
+  TORCH_CHECK(m >= 1 && m <= kMaxRows, "small_m_bf16 takes 1 to ", kMaxRows, " rows, got ", m);
   at::Tensor out = at::empty({m, n}, x.options().dtype(at::kFloat));
 #if QAT_SMALL_M_AVX512
   run(packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(),

@@ -80,12 +80,12 @@ def test_measures_once_per_bucket_and_keeps_the_fastest(monkeypatch):
     weight = _weight(32, 128, 32)
     assert choose_backend(torch.randn(20, 128), weight) == "cpu_blocked_bf16"
     timed = len(calls)
-    assert timed == 3 * (1 + autotune.AUTOTUNE_CALLS)  # one warm-up + timed calls per candidate (3 up to M = 32)
+    assert timed == 3 * (1 + autotune.AUTOTUNE_CALLS)  # one warm-up + timed calls per candidate (3 up to M = 64)
     assert choose_backend(torch.randn(31, 128), weight) == "cpu_blocked_bf16"  # same bucket (16-31): no timing
     assert len(calls) == timed
-    choose_backend(torch.randn(33, 128), weight)  # next bucket (32-63), above SMALL_M_MAX_ROWS: two candidates
+    choose_backend(torch.randn(SMALL_M_MAX_ROWS + 1, 128), weight)  # bucket 64-127, above SMALL_M_MAX_ROWS: 2 left
     assert len(calls) == timed + 2 * (1 + autotune.AUTOTUNE_CALLS)
-    assert sorted(key[6] for key in autotune.measured_choices()) == [5, 6]
+    assert sorted(key[6] for key in autotune.measured_choices()) == [5, 7]
 
 
 def test_autotune_off_uses_the_static_rule_without_timing(monkeypatch):

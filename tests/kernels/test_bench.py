@@ -25,19 +25,19 @@ def test_bench_writes_table_and_keeps_notes(tmp_path, capsys):
 
 def test_summary_table_has_every_dtype_and_m(tmp_path, capsys):
     output = tmp_path / "allM.md"
-    bench.main(["--summary", "--shapes", "64x128", "--rows", "1,3,40", "--rounds", "1", "--reps", "2",
+    bench.main(["--summary", "--shapes", "64x128", "--rows", "1,3,70", "--rounds", "1", "--reps", "2",
                 "--group-size", "32", "--no-memory", "--output", str(output),
                 "--threads", str(torch.get_num_threads())])
     text = output.read_text()
     assert "Machine: " in text and "Command: `python -m qat.kernels.bench" in text
     rows = [line for line in text.splitlines() if line.startswith(("| float32 |", "| bfloat16 |"))]
     assert [tuple(line.split(" | ")[:2]) for line in rows] == [
-        (f"| {dtype}", m) for dtype in ("float32", "bfloat16") for m in ("1", "3", "40")]
+        (f"| {dtype}", m) for dtype in ("float32", "bfloat16") for m in ("1", "3", "70")]
     header = next(line for line in text.splitlines() if line.startswith("| x | M |")).split(" | ")
     picks = {line.split(" | ")[header.index("auto picks")] for line in rows}
     assert picks <= {"cpu_int4pack", "cpu_blocked", "cpu_blocked_bf16", "cpu_small_m", "static rule"}, picks
-    small_m = {line.split(" | ")[header.index("small_m")] for line in rows if line.split(" | ")[1] == "40"}
-    assert small_m == {"n/a"}  # 40 rows: above dispatch's range for the small-M kernel, not timed
+    small_m = {line.split(" | ")[header.index("small_m")] for line in rows if line.split(" | ")[1] == "70"}
+    assert small_m == {"n/a"}  # 70 rows: above dispatch's range for the small-M kernel, not timed
 
 
 @pytest.mark.slow
