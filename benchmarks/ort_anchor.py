@@ -1,0 +1,137 @@
+"""The CPU anchor of issue 12: ONNX Runtime's MatMulNBits on the same int4 layer, next to qat's dispatch and dense.
+
+    .venv/bin/python -m benchmarks.ort_anchor [--rows 1,4,16,64,256,1024] [--threads 2] [--out benchmarks/ort-anchor.md]
+
+One 4096 x 4096 layer, int4 g128 asymmetric (fp16 scales in our form; MatMulNBits takes them as fp32,
+exactly), timed interleaved call by call in one process with 2 intra-op threads on both sides:
+dense F.linear in fp32 and bf16, qat's automatic dispatch with fp32 and bf16 activations, and one
+MatMulNBits node with accuracy_level 0 (fp32 compute) and 4 (activations quantized to int8 per block,
+integer dot products: the route that reached 6-8x over fp32 in the design card). Weight copies rotate
+so that no call finds its weight in cache. The relative error of each output against the fp64 product
+with the exact weights is printed too: int8 activations are not free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from qat.kernels.bench import copies_needed, machine_description, make_layer
+from qat.kernels.dispatch import int4_linear_prepared
+from qat.kernels.reference import dequantize_int4, unpack_int4
+
+from qat.export.targets.matmul_nbits import choose_layout, nbits_tensors
+
+N = K = 4096
+GROUP = 128
+
+
+def ort_session(weight, accuracy_level: int, threads: int):
+    """An ONNX Runtime session of one MatMulNBits node (float32 A (M, K) -> Y (M, N)) for this layer."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    layout = choose_layout(K, GROUP)
+    b, scales, zeros = nbits_tensors(unpack_int4(weight.packed), weight.scales, weight.zeros, layout, False)
+    node = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points"], ["Y"], domain="com.microsoft",
+                            K=K, N=N, bits=4, block_size=layout.block_size, accuracy_level=accuracy_level)
+    graph = helper.make_graph(
+        [node], "int4_linear", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])],
+        initializer=[numpy_helper.from_array(t.numpy(), name) for t, name in
+                     ((b, "B"), (scales, "scales"), (zeros, "zero_points"))])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)  # 10: what onnxruntime 1.31 reads
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def timed_methods(x: torch.Tensor, layers: list, dense: dict, sessions: dict) -> dict:
+    """name -> function(copy index) for every column, on activations x."""
+    xb = x.bfloat16()
+    fp32, bf16 = dense[torch.float32], dense[torch.bfloat16]
+    return {
+        "dense fp32": lambda i: F.linear(x, fp32[i % len(fp32)]),
+        "dense bf16": lambda i: F.linear(xb, bf16[i % len(bf16)]),
+        "qat fp32": lambda i: int4_linear_prepared(x, layers[i % len(layers)]),
+        "qat bf16": lambda i: int4_linear_prepared(xb, layers[i % len(layers)]),
+        "ort 0": lambda i: sessions[0][i % len(layers)].run(None, {"A": x.numpy()}),
+        "ort 4": lambda i: sessions[4][i % len(layers)].run(None, {"A": x.numpy()}),
+    }
+
+
+def relative_error(y, reference: torch.Tensor) -> float:
+    y = torch.as_tensor(np.asarray(y)).double()
+    return float((y - reference).norm() / reference.norm())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="1,4,16,64,256,1024")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved calls per method (fewer at large M)")
+    parser.add_argument("--out", default=None, help="markdown table (default: print only)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+    layers = [make_layer(N, K, GROUP, "cpu", generator) for _ in range(copies_needed(N * K // 2))]
+    dense = {dtype: [dequantize_int4(w.packed, w.scales, w.zeros, GROUP).to(dtype)
+                     for w in layers[: copies_needed(N * K * dtype.itemsize)]]
+             for dtype in (torch.float32, torch.bfloat16)}
+    sessions = {level: [ort_session(w, level, args.threads) for w in layers] for level in (0, 4)}
+    exact = dequantize_int4(layers[0].packed, layers[0].scales, layers[0].zeros, GROUP).double()
+    started = time.perf_counter()
+    lines = ["| M | dense fp32 ms | dense bf16 ms | qat auto fp32 x | qat auto bf16 x | ORT acc 0 (fp32) | "
+             "ORT acc 4 (int8 act) | ORT acc 4 vs dense bf16 | rel. error qat bf16 / ORT acc 0 / ORT acc 4 |",
+             "| --- " * 9 + "|"]
+    print(lines[0], flush=True)
+    for m in [int(value) for value in args.rows.split(",")]:
+        x = torch.randn(m, K, generator=generator)
+        methods = timed_methods(x, layers, dense, sessions)
+        for method in methods.values():  # warm-up: ORT prepacking, qat's autotuning, every copy's forms
+            for i in range(len(layers)):
+                method(i)
+        calls = max(3, min(args.rounds, int(4e10 / (2 * m * N * K))))
+        times = {name: [] for name in methods}
+        for i in range(calls):
+            for name, method in methods.items():
+                start = time.perf_counter()
+                method(i)
+                times[name].append(time.perf_counter() - start)
+        ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        reference = x.double() @ exact.T
+        errors = [relative_error(int4_linear_prepared(x.bfloat16(), layers[0]).float(), reference)]
+        errors += [relative_error(sessions[level][0].run(None, {"A": x.numpy()})[0], reference) for level in (0, 4)]
+        fp32, bf16 = ms["dense fp32"], ms["dense bf16"]
+        cells = [m, f"{fp32:.3f}", f"{bf16:.3f}", f"{fp32 / ms['qat fp32']:.2f}x", f"{bf16 / ms['qat bf16']:.2f}x",
+                 f"{fp32 / ms['ort 0']:.2f}x", f"{fp32 / ms['ort 4']:.2f}x", f"{bf16 / ms['ort 4']:.2f}x",
+                 " / ".join(f"{e:.1e}" for e in errors)]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+        print(lines[-1], flush=True)
+    if args.out:
+        import onnxruntime
+
+        header = ["# ONNX Runtime MatMulNBits vs qat's CPU dispatch, 4096x4096 int4 g128 (issue 12 anchor)", "",
+                  f"Machine: {machine_description('cpu', args.threads)}; onnxruntime {onnxruntime.__version__}, "
+                  f"Python {platform.python_version()}.",
+                  f"Command: `.venv/bin/python -m benchmarks.ort_anchor --rows {args.rows} --threads {args.threads} "
+                  f"--out {args.out}` ({time.perf_counter() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M %Z')}).",
+                  "Ratios: time(dense of the column's activation dtype) / time(method), medians of interleaved calls "
+                  "(qat fp32 x and ORT columns vs dense fp32; qat bf16 x vs dense bf16; the next-to-last column: ORT "
+                  "int8 against dense bf16). Relative error: ||y - y_exact|| / ||y_exact||, y_exact the fp64 "
+                  "product with the exact int4 weights.", ""]
+        Path(args.out).write_text("\n".join(header + lines) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
