@@ -33,6 +33,7 @@ SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name
 ENV_DISABLE = "QAT_NATIVE"
 ENV_BUILD_DIR = "QAT_NATIVE_BUILD_DIR"
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+WITHOUT = "cpu_small_m is not offered and the blocked CPU path dequantizes with torch ops (slower)."
 
 
 def cpu_flags() -> set[str]:
@@ -63,8 +64,7 @@ def native_module() -> Optional[ModuleType]:
     if os.environ.get(ENV_DISABLE, "1") == "0":
         return None
     if shutil.which(os.environ.get("CXX", "c++")) is None:
-        print("qat.kernels: no C++ compiler found; the blocked CPU path dequantizes with torch ops "
-              "(slower). Install g++ to build kernels/csrc/.", file=sys.stderr)
+        print(f"qat.kernels: no C++ compiler found; {WITHOUT} Install g++ to build kernels/csrc/.", file=sys.stderr)
         return None
     from torch.utils.cpp_extension import load
 
@@ -79,6 +79,6 @@ def native_module() -> Optional[ModuleType]:
         return load(name, [str(source) for source in SOURCES], extra_cflags=flags, build_directory=str(directory),
                     verbose=False)
     except Exception as error:
-        print(f"qat.kernels: building kernels/csrc failed ({type(error).__name__}: {str(error)[:300]}); "
-              "the blocked CPU path dequantizes with torch ops (slower).", file=sys.stderr)
+        print(f"qat.kernels: building kernels/csrc failed ({type(error).__name__}: {str(error)[:300]}); {WITHOUT}",
+              file=sys.stderr)
         return None

@@ -11,8 +11,8 @@ group size that is a multiple of 32, otherwise `small_m_unsupported` says why an
 does not offer it.
 
 Numbers: the weights are exactly `cpu_bf16_cached`'s ((code - zero) * scale in float32,
-rounded once to bf16), x is rounded to bf16 (fp32 / fp16 x), sums are fp32; the output is cast
-to x's dtype. Tolerance: tests/kernels/helpers.py.
+rounded once to bf16), x is rounded to bf16 (fp32 / fp16 x), sums and the bias are fp32; the
+output is cast to x's dtype once. Tolerance: tests/kernels/helpers.py.
 
 The kernel reads the stored codes as they are; its only form is the scales and zero points
 as float32 (N x G x 8 bytes: 1 MiB for a 4096 x 4096 layer at group 128), kept per layer.
@@ -67,7 +67,6 @@ def linear_small_m(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] =
         parts = [kernel(rows[start:start + MAX_ROWS], packed, scales, zeros, weight.group_size)
                  for start in range(0, rows.shape[0], MAX_ROWS)]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
-    out = out.to(x.dtype)
     if bias is not None:
-        out = out + bias.to(x.dtype)
-    return out.reshape(*x.shape[:-1], weight.out_features)
+        out = out + bias.float()  # in fp32, then one rounding to x's dtype (as a dense GEMM's epilogue)
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
