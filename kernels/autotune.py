@@ -1,10 +1,10 @@
 """Pick a CPU backend by measuring: once per (dtype, layer shape, M bucket, threads), cached in-process.
 
-Which of torch's int4pack kernel, the small-M kernel (small_m.py) and the blocked path (blocked.py) is
-faster depends on the
-activation dtype, the shape, M and the machine (benchmarks/kernels-cpu-allM.md): int4pack
-re-dequantizes the weight for every few rows of x, the blocked path dequantizes it once per
-call and then runs the dense GEMM. So the first time automatic dispatch sees a bucket of M
+Which of torch's int4pack kernel, the small-M kernel (small_m.py) and the blocked path
+(blocked.py) is faster depends on the activation dtype, the shape, M and the machine
+(benchmarks/kernels-cpu-allM.md): int4pack re-dequantizes the weight for every few rows of x,
+the small-M kernel once per 64 rows (in registers, against bf16 dot products), the blocked
+path once per call and then runs the dense GEMM. So the first time automatic dispatch sees a bucket of M
 (powers of two: 1, 2-3, 4-7, ...) for a layer shape and dtype, it runs every candidate on
 the real input (one warm-up call each, which also builds load-time forms, then
 AUTOTUNE_CALLS interleaved timed calls), keeps the fastest by its fastest call, and reuses
