@@ -197,7 +197,10 @@ class DistillConfig:
     training. For task 'causal_lm' the KL is per token, padding masked; for task 'embedding'
     the loss compares sentence embeddings (`embedding_loss` 'cosine' or 'mse'). `features`
     maps student layer names to teacher layer names (`feature_loss` 'mse' or 'cosine');
-    `teacher_dtype: bfloat16` runs the teacher in bf16.
+    `teacher_dtype: bfloat16` runs the teacher in bf16. `relation_weight` (task 'embedding'
+    only; 0 = off) adds r(t) * relation_weight * the mean squared difference of the student's
+    and the teacher's in-batch pairwise cosine similarities (qat.distill.embedding_relation_loss),
+    for nearest-neighbour agreement.
     """
 
     enabled: bool = False
@@ -212,6 +215,7 @@ class DistillConfig:
     feature_weight: float = 1.0
     teacher_dtype: str = "float32"
     embedding_loss: str = "cosine"
+    relation_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("distill.feature_loss", self.feature_loss, FEATURE_LOSSES)
@@ -219,8 +223,8 @@ class DistillConfig:
         _choice("distill.embedding_loss", self.embedding_loss, FEATURE_LOSSES)
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature={self.temperature} must be > 0")
-        for key in ("weight", "task_weight", "feature_weight", "start_step", "ramp_steps"):
-            if getattr(self, key) < 0:
+        for key in ("weight", "task_weight", "feature_weight", "start_step", "ramp_steps", "relation_weight"):
+            if not getattr(self, key) >= 0:  # NaN fails too
                 raise ConfigError(f"distill.{key}={getattr(self, key)} must be >= 0")
         if self.enabled and self.task_weight == 0 and (self.teacher == "warmup" or self.start_step > 0):
             raise ConfigError("distill.task_weight=0 (labels-free) needs the teacher from step 0: "
@@ -301,6 +305,9 @@ class Recipe:
                 raise ConfigError(f"{key}={value} must be >= 0")
         if self.optimizer.lr <= 0:
             raise ConfigError(f"optimizer.lr={self.optimizer.lr} must be > 0")
+        if self.distill.enabled and self.distill.relation_weight > 0 and self.task != "embedding":
+            raise ConfigError(f"distill.relation_weight={self.distill.relation_weight} compares sentence embeddings: "
+                              f"it needs task 'embedding', not {self.task!r} (set it to 0)")
 
 
 def _choice(key: str, value: str, allowed: tuple) -> None:

@@ -9,6 +9,8 @@ separate documents.
                      reference text on Python 3.11. Deterministic for a given Python version.
     .txt             one document per file, read as UTF-8
     .jsonl           one document per line: a JSON object with a string field "text"
+    stdlib:docstrings  the name, in a file list: the docstrings of the standard library's top-level
+                     modules (`stdlib_docstrings`; about 3,900 documents, 9,000 sentences on 3.11)
 
 Example:
     >>> text = read_corpus(None)                      # the pydoc topics
@@ -17,12 +19,15 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import sysconfig
 from pathlib import Path
 from typing import Optional, Sequence
 
 DOCUMENT_SEPARATOR = "\n\n"
+STDLIB_DOCSTRINGS = "stdlib:docstrings"
 
 
 def default_documents() -> list[str]:
@@ -35,6 +40,24 @@ def default_documents() -> list[str]:
 def default_corpus() -> str:
     """The English text of Python's bundled `pydoc_data.topics`, joined in sorted key order by blank lines."""
     return DOCUMENT_SEPARATOR.join(default_documents())
+
+
+def stdlib_docstrings() -> list[str]:
+    """The docstrings (module, class, function) of the standard library's top-level modules: files in name
+    order, docstrings in `ast.walk` order, cleaned as `inspect.cleandoc` does. The sources are parsed, never
+    imported; files that do not parse are skipped. Deterministic for a given Python version."""
+    documents = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                text = ast.get_docstring(node)
+                if text:
+                    documents.append(text)
+    return documents
 
 
 def _read_text_file(path: Path) -> list[str]:
@@ -76,6 +99,9 @@ def read_documents(files: Optional[Sequence[str]] = None) -> list[str]:
         files = [str(files)]
     documents: list[str] = []
     for name in files:
+        if str(name) == STDLIB_DOCSTRINGS:
+            documents.extend(stdlib_docstrings())
+            continue
         path = Path(name)
         if not path.is_file():
             raise FileNotFoundError(f"corpus file {path} does not exist (or is not a file)")

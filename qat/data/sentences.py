@@ -4,7 +4,9 @@
            -> train (first sentences) | validation (last sentences: the end of the corpus)
            -> tokenized with the model's tokenizer (special tokens, truncation to `max_length`)
 
-Each distinct sentence appears once, so no held-out sentence is ever trained on. Batches are
+Each distinct sentence appears once, so no held-out sentence is ever trained on. `extra_train_files`
+adds the sentences of more text to the training split only (a held-out sentence found there is left
+out), so the held-out set stays the corpus's own last sentences. Batches are
 dicts {"input_ids", "attention_mask"} (plus "token_type_ids" when the tokenizer gives them) of
 (B, L) int64 tensors, padded to the longest sentence of the batch (L <= max_length).
 
@@ -74,6 +76,8 @@ class SentenceDataModule(pl.LightningDataModule):
         seed: seed of the training order.
         min_words: sentences with fewer words are dropped (see `split_sentences`).
         max_train_sentences: keep only the first this-many training sentences (None = all).
+        extra_train_files: more text for training only, in `files`' spelling ('stdlib:docstrings' included):
+            its sentences come first, then the corpus's training sentences, each once; held-out ones left out.
         vocab_size, max_positions: the model's vocabulary size and maximum length, checked as in
             `TextDataModule`.
     """
@@ -81,7 +85,8 @@ class SentenceDataModule(pl.LightningDataModule):
     def __init__(self, tokenizer: Any, files: Optional[Sequence[str]] = None, max_length: int = 128,
                  batch_size: int = 32, val_fraction: float = 0.1, val_sentences: Optional[int] = None, seed: int = 0,
                  min_words: int = 5, max_train_sentences: Optional[int] = None, vocab_size: Optional[int] = None,
-                 max_positions: Optional[int] = None, val_batch_size: Optional[int] = None) -> None:
+                 max_positions: Optional[int] = None, val_batch_size: Optional[int] = None,
+                 extra_train_files: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         check_length(max_length, "max_length", tokenizer, max_positions)
         check_split_settings(val_fraction, batch_size=batch_size, val_sentences=val_sentences,
@@ -93,6 +98,7 @@ class SentenceDataModule(pl.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.val_fraction, self.val_sentences, self.min_words = val_fraction, val_sentences, min_words
         self.max_train_sentences, self.vocab_size = max_train_sentences, vocab_size
+        self.extra_train_files = [extra_train_files] if isinstance(extra_train_files, str) else extra_train_files
         self.train_set: Optional[TokenizedSentences] = None
         self.val_set: Optional[TokenizedSentences] = None
 
@@ -106,10 +112,14 @@ class SentenceDataModule(pl.LightningDataModule):
             source = "the default corpus" if not self.files else f"corpus files {list(self.files)}"
             raise ValueError(f"{source} gives {len(sentences)} sentences of at least {self.min_words} words: too few "
                              f"to hold out {num_val} for validation and train on the rest; add text")
-        train = sentences[: len(sentences) - num_val]
+        train, val = sentences[: len(sentences) - num_val], sentences[len(sentences) - num_val:]
+        if self.extra_train_files:
+            held_out = set(val)
+            documents = read_documents(self.extra_train_files) + read_documents(self.files)
+            train = [s for s in split_sentences(documents, min_words=self.min_words) if s not in held_out]
         if self.max_train_sentences is not None:
             train = train[: self.max_train_sentences]
-        return train, sentences[len(sentences) - num_val:]
+        return train, val
 
     def _tokenize(self, sentences: list[str]) -> TokenizedSentences:
         encoded = self.tokenizer(sentences, truncation=True, max_length=self.max_length)

@@ -17,6 +17,8 @@ or bfloat16, on each rank (DDP) on its own. The loss terms go through
 
     kd       = r(t) * weight * T^2 * KL(teacher || student)            (qat.distill.kd_logit_loss)
     feature  = r(t) * feature_weight * sum of feature losses            (student -> teacher layers)
+    relation = r(t) * relation_weight * in-batch pairwise-cosine MSE    (task 'embedding' only;
+               qat.distill.embedding_relation_loss; logged as its own term)
     r(t)     = min(1, (t - start + 1) / ramp_steps)  (1 without a ramp), 0 before start
 
 `task_weight: 0` trains on the distillation terms alone (labels-free).
@@ -42,6 +44,7 @@ from qat.distill import (
     FeatureTaps,
     embedding_cosine_loss,
     embedding_mse_loss,
+    embedding_relation_loss,
     feature_loss,
     kd_logit_loss,
     token_kd_loss,
@@ -186,7 +189,10 @@ class Distillation(pl.Callback):
         if ramp == 0.0:
             return {}
         c = self.config
-        terms = {"kd": (ramp * c.weight) * self.output_loss(output, self.teacher_logits(inputs), inputs)}
+        teacher = self.teacher_logits(inputs)
+        terms = {"kd": (ramp * c.weight) * self.output_loss(output, teacher, inputs)}
+        if c.relation_weight > 0:
+            terms["relation"] = (ramp * c.relation_weight) * embedding_relation_loss(output, teacher)
         if c.features:
             loss = feature_loss(self._student_taps, self._teacher_taps, c.features, c.feature_loss)
             terms["feature"] = (ramp * c.feature_weight) * loss
@@ -198,6 +204,9 @@ class Distillation(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
         self.task = pl_module.task_spec
+        if self.config.relation_weight > 0 and self.task.name != "embedding":
+            raise ValueError(f"distill.relation_weight={self.config.relation_weight} compares sentence embeddings: "
+                             f"it needs task 'embedding', not {self.task.name!r} (set it to 0)")
         if self.loss_terms not in pl_module.loss_hooks:
             pl_module.loss_hooks.append(self.loss_terms)
         pl_module.task_loss_weight = self.config.task_weight

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import textwrap
 
 import pytest
 
 from qat.data import default_corpus, read_corpus, read_documents, split_sentences
+from qat.data.corpus import STDLIB_DOCSTRINGS, stdlib_docstrings
 
 
 def write(path, text):
@@ -71,3 +74,10 @@ def test_default_corpus_gives_thousands_of_distinct_sentences():
     sentences = split_sentences(read_documents(None))
     assert len(sentences) > 2000 and len(set(sentences)) == len(sentences)
     assert all(len(s.split()) >= 5 and len(s) <= 500 for s in sentences)
+
+
+def test_stdlib_docstrings_are_the_standard_library_docstrings_parsed_not_imported():
+    documents = stdlib_docstrings()
+    assert len(documents) > 1000 and all(isinstance(d, str) and d.strip() for d in documents)
+    assert inspect.getdoc(textwrap.dedent) in documents and inspect.getdoc(textwrap) in documents
+    assert read_documents([STDLIB_DOCSTRINGS]) == documents

@@ -96,3 +96,18 @@ def test_corpus_problems_are_refused_at_setup(text_file, kwargs, message):
     dm = SentenceDataModule(word_tokenizer(), [text_file], max_length=16, **kwargs)
     with pytest.raises(ValueError, match=message):
         dm.setup()
+
+
+def test_extra_train_files_add_training_sentences_and_leave_the_held_out_set_alone(text_file, tmp_path):
+    extra = tmp_path / "extra.txt"
+    held_out = split_sentences([TEXT])[-1]
+    extra.write_text(f"an extra sentence of seven words here. {held_out} the value of a name is an object.",
+                     encoding="utf-8")
+    plain = SentenceDataModule(word_tokenizer(), [text_file], max_length=16, batch_size=2, val_sentences=2)
+    more = SentenceDataModule(word_tokenizer(), [text_file], max_length=16, batch_size=2, val_sentences=2,
+                              extra_train_files=str(extra))
+    plain.setup()
+    more.setup()
+    assert more.val_set.sentences == plain.val_set.sentences
+    # the extra text first, then the corpus's training sentences, each once; the held-out sentence left out
+    assert more.train_set.sentences == ["an extra sentence of seven words here.", *plain.train_set.sentences]
