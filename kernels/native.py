@@ -48,9 +48,13 @@ def cpu_flags() -> set[str]:
 
 
 def compile_flags(flags: set[str]) -> list[str]:
-    """-O3, plus the AVX-512 options when the CPU has every one of AVX512_FLAGS."""
+    """-O3 and OpenMP, plus the AVX-512 options when the CPU has every one of AVX512_FLAGS.
+
+    -fopenmp matters: at::parallel_for is a header template whose OpenMP pragmas are compiled into the
+    extension itself; without the flag it silently runs on one thread.
+    """
     vector = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"] if set(AVX512_FLAGS) <= flags else []
-    return ["-O3", *vector]
+    return ["-O3", "-fopenmp", *vector]
 
 
 def build_directory() -> Path:
@@ -71,13 +75,13 @@ def native_module() -> Optional[ModuleType]:
     flags = compile_flags(cpu_flags())
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
-    name = "qat_native_avx512" if len(flags) > 1 else "qat_native_scalar"
+    name = "qat_native_avx512" if "-mavx512bf16" in flags else "qat_native_scalar"
     if not (directory / f"{name}.so").exists():
         print(f"qat.kernels: compiling the CPU kernels (kernels/csrc) into {directory}, once: 30-60 s",
               file=sys.stderr)
     try:
-        return load(name, [str(source) for source in SOURCES], extra_cflags=flags, build_directory=str(directory),
-                    verbose=False)
+        return load(name, [str(source) for source in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                    build_directory=str(directory), verbose=False)
     except Exception as error:
         print(f"qat.kernels: building kernels/csrc failed ({type(error).__name__}: {str(error)[:300]}); {WITHOUT}",
               file=sys.stderr)
