@@ -6,9 +6,9 @@ turns 32 of them at a time into bf16 in registers (one table lookup per vector: 
 possible weights of a row's group) and runs vdpbf16ps against every row of x, so the
 weights are read once per 64 rows (torch's int4pack kernel re-reads and re-dequantizes them
 for every few rows, which is why it falls below dense bf16 at M = 16). The kernel is
-kernels/csrc/small_m_bf16.cpp (compiled by native.py); it needs a CPU with AVX-512 BF16 and a
-group size that is a multiple of 32, otherwise `small_m_unsupported` says why and dispatch
-does not offer it.
+kernels/csrc/small_m_bf16.cpp (compiled by native.py); it needs a CPU with AVX-512 BF16, a
+group size that is a multiple of 32 and K a multiple of 64, otherwise `small_m_unsupported`
+says why and dispatch does not offer it.
 
 Numbers: the weights are exactly `cpu_bf16_cached`'s ((code - zero) * scale in float32,
 rounded once to bf16), x is rounded to bf16 (fp32 / fp16 x), sums and the bias are fp32; the
@@ -42,6 +42,8 @@ def small_m_unsupported(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
         return "it runs on the CPU only"
     if weight.group_size % 32:
         return f"it needs a group size that is a multiple of 32, got {weight.group_size}"
+    if weight.in_features % 64:
+        return f"it needs in_features (K) to be a multiple of 64, got {weight.in_features}"
     module = native_module()
     if module is None or not module.small_m_available():
         return "its compiled kernel is not available (needs a C++ compiler and a CPU with AVX-512 BF16)"
@@ -55,11 +57,21 @@ def float_qparams(weight: PackedInt4Weight) -> tuple[Tensor, Tensor]:
     return scales, zeros
 
 
+def permute_chunks(rows: Tensor) -> Tensor:
+    """x (M, K) with each chunk of 64 k in the order the kernel dequantizes weights (a copy; K % 64 == 0).
+
+    Pair p = 8 L + 4 h + q of a chunk (k = 2p, 2p + 1; 128-bit lane L, half h, q < 4) moves to 16 h + 4 L + q:
+    the order of `lookup_chunk`'s unpacklo (h = 0) and unpackhi (h = 1) words in kernels/csrc/small_m_bf16.cpp.
+    """
+    m, k = rows.shape
+    return rows.reshape(m, k // 64, 4, 2, 4, 2).transpose(2, 3).reshape(m, k)
+
+
 def linear_small_m(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Tensor:
     """y = x @ W.T + bias for any number of rows (64 per kernel call); returns x's dtype."""
     scales, zeros = weight.form(FORM, float_qparams)
     packed = weight.packed.contiguous()
-    rows = x.reshape(-1, weight.in_features).to(torch.bfloat16).contiguous()
+    rows = permute_chunks(x.reshape(-1, weight.in_features).to(torch.bfloat16))
     if rows.shape[0] == 0:
         out = torch.empty(0, weight.out_features)
     else:

@@ -8,13 +8,15 @@
 //
 // Layout: the stored one. packed uint8 (N, K/2), byte p of a row holding k = 2p (low nibble) and 2p + 1 (high);
 // scales and zeros float32 (N, G) (zeros 8 for symmetric layers). The group size must be a multiple of 32.
+// x: bf16 (M, K), permuted within each chunk of 64 k by `permute_chunks`.
 //
-// How: a vector is 32 consecutive k of one output row, as 16 bf16 pairs (k even, k odd) -- the order of its 16
-// code bytes and of 32 consecutive bf16 values of x, so x is loaded as it lies. Within a group the 16 possible
-// weights of a row are a 16-entry bf16 table, built once per (row, group); a vector is then one table lookup
-// (vpermw) of its codes: 16 bytes zero-extended to 16 words pairs of (low nibble, high nibble). Four output rows
-// are dequantized a segment of K at a time into a buffer that stays in L1, and every tile of up to four rows of
-// x runs its dot products against it; each (output, x row) pair accumulates 16 lanes, summed at the end.
+// How: K is taken in chunks of 64 (32 code bytes per row; K must be a multiple of 64). A chunk becomes two vectors
+// of 16 bf16 pairs (k even, k odd) in the order `lookup_chunk` produces them; x comes permuted to the same order
+// (kernels/small_m.py, `permute_chunks`, once per call), so each vdpbf16ps multiplies matching pairs. Within a group
+// the 16 possible weights of a row form a bf16 table, so a vector is one table lookup (vpermw) of its nibbles; a
+// 32-entry table holds the groups of both halves of a chunk (groups of 32 differ there). Four output rows are
+// dequantized a segment of K at a time into a buffer that stays in L1, and every tile of up to four rows of x runs
+// its dot products against it; each (output, x row) pair accumulates 16 lanes, summed at the end.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,21 +38,30 @@ namespace {
 
 constexpr int kRowsN = 4;             // output rows dequantized together
 constexpr int kRowsM = 4;             // rows of x per register tile (kRowsN x kRowsM accumulators)
-constexpr int64_t kSegment = 16;      // vectors of 32 k per output row per segment: 4 rows x 16 x 64 B = 4 KiB
+constexpr int64_t kSegment = 16;      // vectors of 32 k per row per segment (even): 4 rows x 16 x 64 B = 4 KiB
 
-// bf16((c - zero) * scale) for c = 0..15 in the low 16 words (the rest unused by the lookups).
-inline __m512i weight_table(float scale, float zero) {
+// A 32-entry bf16 table: words 0..15 = (c - zero0) * scale0, words 16..31 = (c - zero1) * scale1, c = 0..15, each
+// computed in fp32 and rounded once to bf16 (nearest even). Entry 16 h + c serves the codes of half h of a chunk.
+inline __m512i weight_table(float scale0, float zero0, float scale1, float zero1) {
   const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 values = _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(zero)), _mm512_set1_ps(scale));
-  return _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values)));
+  const __m512 low = _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(zero0)), _mm512_set1_ps(scale0));
+  const __m512 high = _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(zero1)), _mm512_set1_ps(scale1));
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low));
 }
 
-// 32 weights (k = 32 v .. 32 v + 31) of one row from their 16 code bytes, as bf16 pairs.
-inline __m512i lookup(const uint8_t* bytes, __m512i table) {
-  const __m512i dwords = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  const __m512i low = _mm512_and_si512(dwords, _mm512_set1_epi32(0x0F));                   // k even: low word
-  const __m512i high = _mm512_and_si512(_mm512_slli_epi32(dwords, 12), _mm512_set1_epi32(0xF0000));  // k odd
-  return _mm512_permutexvar_epi16(_mm512_or_si512(low, high), table);
+// The 64 weights of one row in a chunk of 64 k (32 code bytes) as two vectors of bf16 pairs, in the chunk order
+// of `permute_chunks` (kernels/small_m.py): the bytes widen to words (byte i -> word i, 128-bit lane i / 8),
+// low and high nibbles interleave per 128-bit lane (unpacklo: bytes 8L..8L+3 of lane L; unpackhi: 8L+4..8L+7),
+// and the table lookup (vpermw) maps each nibble, plus 16 for the chunk's second half (bytes 16..31), to bf16.
+inline void lookup_chunk(const uint8_t* bytes, __m512i table, __m512i* out) {
+  const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+  const __m512i nibble = _mm512_set1_epi16(0x0F);
+  const __m512i half = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);  // words 16..31: +16
+  constexpr int kAndOr = 0xEA;  // ternary logic (a & b) | c
+  const __m512i low = _mm512_ternarylogic_epi32(words, nibble, half, kAndOr);
+  const __m512i high = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 4), nibble, half, kAndOr);
+  out[0] = _mm512_permutexvar_epi16(_mm512_unpacklo_epi16(low, high), table);
+  out[1] = _mm512_permutexvar_epi16(_mm512_unpackhi_epi16(low, high), table);
 }
 
 // acc[n][r] (16 lanes each, in memory) += weights[n][v] . x[r][v] over the segment's vectors.
@@ -96,21 +107,23 @@ void block(const uint8_t* packed, const float* scales, const float* zeros, const
   alignas(64) __m512i weights[kRowsN][kSegment];
   alignas(64) float acc[kRowsN][kMaxRows][16];
   for (int n = 0; n < NB; ++n) std::fill(&acc[n][0][0], &acc[n][0][0] + rows * 16, 0.0f);  // the rows in use only
-  const int64_t groups = k / group_size, vectors_per_group = group_size / 32, total = k / 32;
+  const int64_t groups = k / group_size, vectors_per_group = group_size / 32, total = k / 32;  // total is even
   for (int64_t first = 0; first < total; first += kSegment) {
     const int64_t vectors = std::min(kSegment, total - first);
     for (int n = 0; n < NB; ++n) {
       const uint8_t* row = packed + (n0 + n) * (k / 2);
       const float* row_scales = scales + (n0 + n) * groups;
       const float* row_zeros = zeros + (n0 + n) * groups;
-      int64_t group = first / vectors_per_group;
-      __m512i table = weight_table(row_scales[group], row_zeros[group]);
-      for (int64_t v = 0; v < vectors; ++v) {
-        if ((first + v) / vectors_per_group != group) {
-          group = (first + v) / vectors_per_group;
-          table = weight_table(row_scales[group], row_zeros[group]);
+      int64_t groups_now[2] = {-1, -1};
+      __m512i table = _mm512_setzero_si512();
+      for (int64_t v = 0; v < vectors; v += 2) {  // a chunk of 64 k: vectors v, v + 1
+        const int64_t g0 = (first + v) / vectors_per_group, g1 = (first + v + 1) / vectors_per_group;
+        if (g0 != groups_now[0] || g1 != groups_now[1]) {
+          table = weight_table(row_scales[g0], row_zeros[g0], row_scales[g1], row_zeros[g1]);
+          groups_now[0] = g0;
+          groups_now[1] = g1;
         }
-        weights[n][v] = lookup(row + 16 * (first + v), table);
+        lookup_chunk(row + 16 * (first + v), table, &weights[n][v]);
       }
     }
     dot_rows<NB>(weights, vectors, x, rows, k, 32 * first, acc);
@@ -151,6 +164,7 @@ at::Tensor small_m_bf16(const at::Tensor& x, const at::Tensor& packed, const at:
   TORCH_CHECK(packed.size(1) * 2 == k, "packed holds K = ", packed.size(1) * 2, ", x has K = ", k);
   TORCH_CHECK(group_size % 32 == 0 && k % group_size == 0, "group_size must be a multiple of 32 dividing K, got ",
               group_size);
+  TORCH_CHECK(k % 64 == 0, "K must be a multiple of 64, got ", k);
   for (const at::Tensor* t : {&scales, &zeros}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == n &&
                     t->size(1) == k / group_size,

@@ -17,8 +17,9 @@ if small_m.small_m_unsupported(torch.zeros(1, 64), PackedInt4Weight(*make_layer(
     pytest.skip("the small-M kernel cannot run here (no C++ compiler or no AVX-512 BF16)", allow_module_level=True)
 
 # (N, K, group): odd N (blocks of 4 output rows plus a tail), K not a multiple of 256 (4160: 8 segments of 512 k
-# and a partial one), groups of 32 / 64 / 128 / 256, one group of 384 that spans a segment boundary, one output row
-SHAPES = ((47, 320, 32), (33, 384, 128), (64, 4160, 64), (17, 512, 256), (40, 384, 384), (1, 96, 32))
+# and a partial one), groups of 32 (two groups per 64-k chunk) / 64 / 128 / 256, groups of 96 (chunks straddle two
+# groups) and 384 (spans a segment boundary), one output row
+SHAPES = ((47, 320, 32), (33, 384, 128), (64, 4160, 64), (17, 512, 256), (40, 384, 384), (9, 576, 96), (1, 128, 32))
 ROWS = (1, 3, 4, 9, 16, 40, 70)  # register tiles of 4 rows plus tails; above 64 rows: several kernel calls
 
 
@@ -56,7 +57,7 @@ def test_small_m_within_tolerance(x_dtype, shape, scale_dtype, zero_points):
 @pytest.mark.parametrize("x_dtype", (torch.float32, torch.bfloat16))
 def test_small_m_is_bitwise_exact_when_the_arithmetic_is(rows, x_dtype):
     """Exact weights, products and sums: a misplaced code, lane, zero, scale or x pair cannot hide in a tolerance."""
-    for n, k, group in ((40, 256, 64), (19, 384, 128), (16, 512, 256)):
+    for n, k, group in ((40, 256, 64), (19, 384, 128), (16, 512, 256), (23, 192, 32), (5, 576, 96)):
         x, packed, scales, zeros = make_exact_case(n, k, group, rows=rows, dtype=x_dtype, seed=rows)
         weight = PackedInt4Weight(packed, scales, zeros, group)
         assert_bitwise_equal(small_m.linear_small_m(x, weight), int4_linear_reference(x, packed, scales, zeros, group),
@@ -88,6 +89,19 @@ def test_small_m_refuses_group_sizes_that_are_not_multiples_of_32(group):
         int4_linear(torch.randn(1, 96), packed, scales, zeros, group, backend="cpu_small_m")
 
 
+def test_small_m_refuses_k_not_a_multiple_of_64():
+    packed, scales, zeros = make_layer(8, 96, 32)
+    with pytest.raises(ValueError, match=r"cpu_small_m.*in_features \(K\) to be a multiple of 64, got 96"):
+        int4_linear(torch.randn(1, 96), packed, scales, zeros, 32, backend="cpu_small_m")
+
+
+def test_permute_chunks_orders_pairs_as_the_kernels_unpack_does():
+    x = torch.arange(64.0).view(1, 64)  # one chunk: pair p = (2p, 2p + 1)
+    pairs = small_m.permute_chunks(x).view(32, 2)[:, 0].div(2).long().tolist()
+    assert pairs == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27,
+                     4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31]
+
+
 def test_the_kernel_checks_its_inputs():
     from qat.kernels.native import native_module
 
@@ -100,5 +114,8 @@ def test_the_kernel_checks_its_inputs():
         kernel(torch.randn(65, 64).bfloat16(), weight.packed, scales, zeros, 32)
     with pytest.raises(RuntimeError, match="packed holds K = 64, x has K = 32"):
         kernel(torch.randn(1, 32).bfloat16(), weight.packed, scales, zeros, 32)
+    odd = PackedInt4Weight(*make_layer(16, 96, 32), 32)
+    with pytest.raises(RuntimeError, match="K must be a multiple of 64, got 96"):
+        kernel(torch.randn(1, 96).bfloat16(), odd.packed, *small_m.float_qparams(odd), 32)
     with pytest.raises(RuntimeError, match="scales and zeros must be contiguous float32"):
         kernel(torch.randn(1, 64).bfloat16(), weight.packed, weight.scales, zeros, 32)
