@@ -6,7 +6,8 @@ One 4096 x 4096 layer, int4 g128 asymmetric (fp16 scales in our form; MatMulNBit
 exactly), timed interleaved call by call in one process with 2 intra-op threads on both sides:
 dense F.linear in fp32 and bf16, qat's automatic dispatch with fp32 and bf16 activations, and one
 MatMulNBits node with accuracy_level 0 (fp32 compute) and 4 (activations quantized to int8 per block,
-integer dot products: the route that reached 6-8x over fp32 in the design card). Weight copies rotate
+integer dot products: the route that reached 6-8x over fp32 in the design card). ORT's threads do not
+spin between runs (they would take the cores from the torch calls interleaved with them). Weight copies rotate
 so that no call finds its weight in cache. The relative error of each output against the fp64 product
 with the exact weights is printed too: int8 activations are not free.
 """
@@ -52,6 +53,9 @@ def ort_session(weight, accuracy_level: int, threads: int):
     onnx.checker.check_model(model)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # ORT's pool spins after each run by default: interleaved with torch calls, its spinning threads would take
+    # the cores from torch's and inflate every other column (seen: dense fp32 M=1 at 16 ms instead of 4)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
