@@ -79,6 +79,8 @@ def native_module() -> Optional[ModuleType]:
     if not (directory / f"{name}.so").exists():
         print(f"qat.kernels: compiling the CPU kernels (kernels/csrc) into {directory}, once: 30-60 s",
               file=sys.stderr)
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])  # the venv's ninja, unactivated
     try:
         return load(name, [str(source) for source in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                     build_directory=str(directory), verbose=False)
@@ -86,3 +88,5 @@ def native_module() -> Optional[ModuleType]:
         print(f"qat.kernels: building kernels/csrc failed ({type(error).__name__}: {str(error)[:300]}); {WITHOUT}",
               file=sys.stderr)
         return None
+    finally:
+        os.environ["PATH"] = path
