@@ -150,9 +150,10 @@ def memory_lines(n: int, k: int, args: argparse.Namespace) -> list[str]:
     lines = ["| x | method | peak RSS growth over the int4 layer (MiB) | dense weight (MiB) | int4 layer (MiB) |",
              "| --- | --- | --- | --- | --- |"]
     int4_mib = (n * k // 2 + 3 * n * (k // args.group_size)) / 2**20
+    small_m = _small_m_runs(torch.zeros(1, k), _probe_layer(1, k, args.group_size))  # one output row suffices
     for dtype in args.dtypes:
         for method in ("dense", "cpu_int4pack", blocked_name(dtype), "cpu_small_m", None):
-            if method == "cpu_small_m" and not _small_m_runs(torch.zeros(1, k), _probe_layer(n, k, args.group_size)):
+            if method == "cpu_small_m" and not small_m:
                 continue
             growth = peak_rss_growth(n, k, args.group_size, dtype, method, args.rows, args.threads)
             shown = "n/a" if growth is None else f"{growth / 2**20:.1f}"

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .native import native_module
 from .reference import SYMMETRIC_ZERO
-from .weights import PackedInt4Weight
+from .weights import FLOAT_QPARAMS, PackedInt4Weight, float_qparams
 
 TILE_ROWS = 1024  # output rows per GEMM: 1024 x 4096 is 8 MiB in bf16
 DEQUANT_ROWS = 256  # rows dequantized per step through the float32 work buffer (4 MiB at K = 4096)
@@ -61,6 +61,7 @@ class TileBuffers:
     for DEQUANT_ROWS rows."""
 
     def __init__(self, tile_rows: int, in_features: int, dtype: torch.dtype, native: bool = False) -> None:
+        self.native = native  # the compiled dequantizer writes the tile directly
         if native:
             self.codes = self.work = None
             self.tile = torch.empty(tile_rows, in_features, dtype=dtype)
@@ -99,19 +100,10 @@ def _dequant_threads() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _native_operands(weight: PackedInt4Weight) -> tuple[Tensor, Tensor]:
-    """(scales as float32, zeros or an empty uint8 tensor): the compiled dequantizer's inputs, kept per layer."""
-    def build(w: PackedInt4Weight) -> tuple[Tensor, Tensor]:
-        zeros = torch.empty(0, dtype=torch.uint8) if w.zeros is None else w.zeros.contiguous()
-        return w.scales.float().contiguous(), zeros
-
-    return weight.form("native_dequant_operands", build)
-
-
 def dequantize_tile(weight: PackedInt4Weight, start: int, stop: int, buffers: TileBuffers) -> Tensor:
     """Rows start:stop of the weight, K in nibble-major order, in the buffers' compute dtype: (rows, K)."""
-    if buffers.codes is None:  # the compiled pass
-        scales, zeros = _native_operands(weight)
+    if buffers.native:
+        scales, zeros = weight.form(FLOAT_QPARAMS, float_qparams)
         native_module().dequantize_tile(weight.packed, scales, zeros, weight.group_size, start, stop, buffers.tile)
         return buffers.tile[: stop - start]
     step = buffers.codes.shape[0]

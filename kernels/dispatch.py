@@ -53,7 +53,7 @@ from torch import Tensor
 
 from . import autotune, blocked, cpu, small_m
 from .reference import int4_linear_reference
-from .weights import PackedInt4Weight, cached_weight, check_activation
+from .weights import FLOAT_QPARAMS, PackedInt4Weight, cached_weight, check_activation, float_qparams
 
 ENV_VAR = "QAT_KERNEL_BACKEND"
 AUTO = "auto"
@@ -155,7 +155,7 @@ BACKENDS: dict[str, Backend] = {
             _blocked_unsupported,
         ),
         Backend("cpu_small_m", small_m.linear_small_m, small_m.small_m_unsupported,
-                prepare=lambda w: w.form(small_m.FORM, small_m.float_qparams)),
+                prepare=lambda w: w.form(FLOAT_QPARAMS, float_qparams)),
         Backend(
             "cpu_int4pack",
             cpu.linear_int4pack,

@@ -15,7 +15,8 @@ rounded once to bf16), x is rounded to bf16 (fp32 / fp16 x), sums and the bias a
 output is cast to x's dtype once. Tolerance: tests/kernels/helpers.py.
 
 The kernel reads the stored codes as they are; its only form is the scales and zero points
-as float32 (N x G x 8 bytes: 1 MiB for a 4096 x 4096 layer at group 128), kept per layer.
+as float32 (`weights.float_qparams`: N x G x 8 bytes, 1 MiB for a 4096 x 4096 layer at group
+128), kept per layer and shared with the blocked path's compiled dequantizer.
 
 Example:
     >>> y = linear_small_m(x, weight)   # x (..., K) with any number of rows, any float dtype
@@ -29,11 +30,9 @@ import torch
 from torch import Tensor
 
 from .native import native_module
-from .reference import SYMMETRIC_ZERO
-from .weights import PackedInt4Weight
+from .weights import FLOAT_QPARAMS, PackedInt4Weight, float_qparams
 
 MAX_ROWS = 64  # rows of x per kernel call; more rows are split into calls of 64 (each reads the weights again)
-FORM = "cpu_small_m:float_qparams"
 
 
 def small_m_unsupported(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
@@ -50,13 +49,6 @@ def small_m_unsupported(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
     return None
 
 
-def float_qparams(weight: PackedInt4Weight) -> tuple[Tensor, Tensor]:
-    """(scales, zeros) as contiguous float32 (N, G); zeros 8 for symmetric layers."""
-    scales = weight.scales.float().contiguous()
-    zeros = torch.full_like(scales, SYMMETRIC_ZERO) if weight.zeros is None else weight.zeros.float().contiguous()
-    return scales, zeros
-
-
 def permute_chunks(rows: Tensor) -> Tensor:
     """x (M, K) with each chunk of 64 k in the order the kernel dequantizes weights (a copy; K % 64 == 0).
 
@@ -69,7 +61,7 @@ def permute_chunks(rows: Tensor) -> Tensor:
 
 def linear_small_m(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Tensor:
     """y = x @ W.T + bias for any number of rows (64 per kernel call); returns x's dtype."""
-    scales, zeros = weight.form(FORM, float_qparams)
+    scales, zeros = weight.form(FLOAT_QPARAMS, float_qparams)
     packed = weight.packed.contiguous()
     rows = permute_chunks(x.reshape(-1, weight.in_features).to(torch.bfloat16))
     if rows.shape[0] == 0:

@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from .reference import SYMMETRIC_ZERO
+
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -114,6 +116,17 @@ class PackedInt4Weight:
             f"PackedInt4Weight(out_features={self.out_features}, in_features={self.in_features}, "
             f"group_size={self.group_size}, scales={self.scales.dtype}, zeros={zeros}, forms={sorted(self._forms)})"
         )
+
+
+FLOAT_QPARAMS = "float_qparams"  # the form name of `float_qparams`, shared by the compiled CPU paths
+
+
+def float_qparams(weight: PackedInt4Weight) -> tuple[Tensor, Tensor]:
+    """(scales, zeros) as contiguous float32 (N, G), zeros 8 for symmetric layers: what the compiled CPU kernels
+    (kernels/csrc) read. Keep it per layer with `weight.form(FLOAT_QPARAMS, float_qparams)` (N x G x 8 bytes)."""
+    scales = weight.scales.float().contiguous()
+    zeros = torch.full_like(scales, SYMMETRIC_ZERO) if weight.zeros is None else weight.zeros.float().contiguous()
+    return scales, zeros
 
 
 def prepare_weights(

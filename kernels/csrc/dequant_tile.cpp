@@ -24,8 +24,6 @@
 
 namespace {
 
-constexpr float kSymmetricZero = 8.0f;
-
 inline uint16_t float_to_bf16_rne(float value) {  // round to nearest even; NaN stays NaN
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof bits);
@@ -80,7 +78,7 @@ void half_group(const uint8_t* bytes, int64_t count, int shift, float zero, floa
 }
 
 template <typename Out>
-void dequantize_rows(const uint8_t* packed, const float* scales, const uint8_t* zeros, int64_t groups,
+void dequantize_rows(const uint8_t* packed, const float* scales, const float* zeros, int64_t groups,
                      int64_t group_size, int64_t start, int64_t stop, Out* out) {
   const int64_t half = group_size / 2, row_bytes = groups * half, k = groups * group_size;
   at::parallel_for(start, stop, 16, [&](int64_t first, int64_t last) {
@@ -89,7 +87,7 @@ void dequantize_rows(const uint8_t* packed, const float* scales, const uint8_t* 
       Out* dst = out + (row - start) * k;
       for (int64_t g = 0; g < groups; ++g) {
         const float scale = scales[row * groups + g];
-        const float zero = zeros ? static_cast<float>(zeros[row * groups + g]) : kSymmetricZero;
+        const float zero = zeros[row * groups + g];
         half_group(bytes + g * half, half, 0, zero, scale, dst + g * group_size);          // even k
         half_group(bytes + g * half, half, 4, zero, scale, dst + g * group_size + half);   // odd k
       }
@@ -99,7 +97,7 @@ void dequantize_rows(const uint8_t* packed, const float* scales, const uint8_t* 
 
 }  // namespace
 
-// packed uint8 (N, K/2), scales float32 (N, G), zeros uint8 (N, G) or an empty tensor (symmetric: 8),
+// packed uint8 (N, K/2), scales and zeros float32 (N, G) (`weights.float_qparams`: zeros 8 for symmetric layers),
 // rows [start, stop) into out (stop - start, K), float32 or bfloat16, contiguous.
 void dequantize_tile(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
                      int64_t group_size, int64_t start, int64_t stop, const at::Tensor& out) {
@@ -108,12 +106,12 @@ void dequantize_tile(const at::Tensor& packed, const at::Tensor& scales, const a
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales must be contiguous float32");
   const int64_t groups = scales.size(1);
   TORCH_CHECK(group_size % 2 == 0 && groups * group_size == packed.size(1) * 2, "group_size does not match K");
-  TORCH_CHECK(zeros.numel() == 0 || (zeros.scalar_type() == at::kByte && zeros.is_contiguous() &&
-                                     zeros.numel() == scales.numel()), "zeros must be empty or uint8 like scales");
   TORCH_CHECK(0 <= start && start <= stop && stop <= packed.size(0), "rows out of range");
   TORCH_CHECK(out.is_contiguous() && out.size(0) >= stop - start && out.size(1) == groups * group_size,
               "out must be contiguous (>= stop - start, K)");
-  const uint8_t* zero_ptr = zeros.numel() ? zeros.data_ptr<uint8_t>() : nullptr;
+  TORCH_CHECK(zeros.scalar_type() == at::kFloat && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
+              "zeros must be contiguous float32 like scales");
+  const float* zero_ptr = zeros.data_ptr<float>();
   if (out.scalar_type() == at::kFloat) {
     dequantize_rows(packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), zero_ptr, groups, group_size, start, stop,
                     out.data_ptr<float>());

@@ -113,10 +113,10 @@ class SentenceDataModule(pl.LightningDataModule):
             raise ValueError(f"{source} gives {len(sentences)} sentences of at least {self.min_words} words: too few "
                              f"to hold out {num_val} for validation and train on the rest; add text")
         train, val = sentences[: len(sentences) - num_val], sentences[len(sentences) - num_val:]
-        if self.extra_train_files:
-            held_out = set(val)
-            documents = read_documents(self.extra_train_files) + read_documents(self.files)
-            train = [s for s in split_sentences(documents, min_words=self.min_words) if s not in held_out]
+        if self.extra_train_files:  # extra sentences first (each once, none held out), then the corpus's own
+            extra = split_sentences(read_documents(self.extra_train_files), min_words=self.min_words)
+            held_out, seen = set(val), set(extra)
+            train = [s for s in extra if s not in held_out] + [s for s in train if s not in seen]
         if self.max_train_sentences is not None:
             train = train[: self.max_train_sentences]
         return train, val
