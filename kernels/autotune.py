@@ -1,10 +1,12 @@
 """Pick a CPU backend by measuring: once per (dtype, layer shape, M bucket, threads), cached in-process.
 
-Which of torch's int4pack kernel, the small-M kernel (small_m.py) and the blocked path
-(blocked.py) is faster depends on the activation dtype, the shape, M and the machine
+Which of torch's int4pack kernel, the small-M kernel (small_m.py), the blocked path
+(blocked.py) and, where int8 activations are allowed, the int8-activation path (int8_act.py)
+is faster depends on the activation dtype, the shape, M and the machine
 (benchmarks/kernels-cpu-allM.md): int4pack re-dequantizes the weight for every few rows of x,
 the small-M kernel once per 64 rows (in registers, against bf16 dot products), the blocked
-path once per call and then runs the dense GEMM. So the first time automatic dispatch sees a bucket of M
+path once per call and then runs the dense GEMM, the int8 path never (integer products of the
+codes). So the first time automatic dispatch sees a bucket of M
 (powers of two: 1, 2-3, 4-7, ...) for a layer shape and dtype, it runs every candidate on
 the real input (one warm-up call each, which also builds load-time forms, then
 AUTOTUNE_CALLS interleaved timed calls), keeps the fastest by its fastest call, and reuses
@@ -64,8 +66,11 @@ def measured_choices() -> dict[tuple, str]:
 
 
 def static_choice(x: Tensor, candidates: Sequence[str]) -> str:
-    """The deterministic rule: cpu_small_m for STATIC_SMALL_M_ROWS, else int4pack up to STATIC_INT4PACK_MAX_M rows,
-    else the first blocked candidate."""
+    """The deterministic rule: cpu_int8_act where it is a candidate (its policy allowed it: the fastest at every M
+    measured here), else cpu_small_m for STATIC_SMALL_M_ROWS, else int4pack up to STATIC_INT4PACK_MAX_M rows, else
+    the first blocked candidate."""
+    if "cpu_int8_act" in candidates:
+        return "cpu_int8_act"
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     if "cpu_small_m" in candidates and rows in STATIC_SMALL_M_ROWS:
         return "cpu_small_m"

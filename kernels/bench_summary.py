@@ -3,12 +3,15 @@
 `python -m qat.kernels.bench --summary` (or `qat bench --summary`) times, interleaved in one
 process, `dense` (F.linear on the weight dequantized to x's dtype), torch's int4pack kernel,
 the blocked path, the small-M kernel (up to dispatch.SMALL_M_MAX_ROWS rows, where it is
-available) and automatic dispatch for every activation dtype and M, and prints one
-row per (dtype, M) with the ratios dense / method. Peak memory: a fresh child process per
-(method, dtype) builds one int4 layer, resets the kernel's peak-RSS counter (Linux
-/proc/self/clear_refs) after one M = 1 call (so load-time repacks are done), runs every M and
-reports the growth of the peak resident set over the int4 layer (the per-call transient
-buffers and outputs), next to the size of a dense copy of the weight.
+available), the int8-activation path (where it is available; for every dtype, though automatic
+dispatch uses it only where its policy allows: int8_act.py) and automatic dispatch for every
+activation dtype and M, and prints one row per (dtype, M) with the ratios dense / method.
+
+Peak memory: a fresh child process per (method, dtype) builds one int4 layer, resets the
+kernel's peak-RSS counter (Linux /proc/self/clear_refs) after one M = 1 call (so load-time
+repacks are done), runs every M and reports the growth of the peak resident set over the int4
+layer (the per-call transient buffers and outputs), next to the bytes of the kernel's load-time
+forms (repacked codes, float scales: kept per layer) and the size of a dense copy of the weight.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from . import autotune
 from .dispatch import int4_linear_prepared
 from .weights import PackedInt4Weight
 
-SUMMARY_HEADER = ("| x | M | dense ms | int4pack | blocked | small_m | auto (dispatch) | auto picks "
+SUMMARY_HEADER = ("| x | M | dense ms | int4pack | blocked | small_m | int8_act | auto (dispatch) | auto picks "
                   "| auto, fastest call | auto spread |")
+COLUMNS = ("int4pack", "blocked", "small_m", "int8_act")
 
 
 def blocked_name(dtype: torch.dtype) -> str:
@@ -41,7 +45,7 @@ def summary_methods(dtype: torch.dtype) -> dict[str, Callable]:
         return lambda x, layer: int4_linear_prepared(x, layer.weight, backend=name)
 
     return {"int4pack": backend("cpu_int4pack"), "blocked": backend(blocked_name(dtype)),
-            "small_m": backend("cpu_small_m"), "auto": backend(None)}
+            "small_m": backend("cpu_small_m"), "int8_act": backend("cpu_int8_act"), "auto": backend(None)}
 
 
 def _small_m_runs(x: torch.Tensor, weight: PackedInt4Weight) -> bool:
@@ -50,6 +54,15 @@ def _small_m_runs(x: torch.Tensor, weight: PackedInt4Weight) -> bool:
     from .small_m import small_m_unsupported
 
     return x.shape[0] <= SMALL_M_MAX_ROWS and small_m_unsupported(x, weight) is None
+
+
+def _int8_act_runs(x: torch.Tensor, weight: PackedInt4Weight) -> bool:
+    from .int8_act import int8_act_unsupported
+
+    return int8_act_unsupported(x, weight) is None
+
+
+RUNS_HERE = {"small_m": _small_m_runs, "int8_act": _int8_act_runs}  # columns timed only where they can run
 
 
 def summary_rows(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace) -> list[dict]:
@@ -68,14 +81,14 @@ def summary_rows(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace) -
         x = torch.randn(m, k, generator=generator).to(dtype)
         methods = {"dense": ((lambda x, layer: F.linear(x, layer.dense)), dense_layers)}
         methods |= {name: (method, layers) for name, method in summary_methods(dtype).items()
-                    if name != "small_m" or _small_m_runs(x, layers[0].weight)}
+                    if name not in RUNS_HERE or RUNS_HERE[name](x, layers[0].weight)}
         reps = max(2, min(args.reps, int(args.budget_flop / (2 * m * n * k))))
         timed = time_methods(methods, x, "cpu", args.rounds, reps)
         picked = autotune.measured_choices().get(autotune.choice_key(x, layers[0].weight), "static rule")
         dense = timed["dense"]
         row = {"x": str(dtype).removeprefix("torch."), "M": m, "dense_ms": dense.median * 1e3, "picks": picked,
                **{name: dense.median / timed[name].median if name in timed else None
-                  for name in ("int4pack", "blocked", "small_m", "auto")},
+                  for name in (*COLUMNS, "auto")},
                "auto_best": dense.best / timed["auto"].best, "auto_spread": timed["auto"].spread}
         rows.append(row)
         print(format_summary_row(row), flush=True)
@@ -85,7 +98,7 @@ def summary_rows(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace) -
 
 
 def format_summary_row(row: dict) -> str:
-    ratios = [("n/a" if row[name] is None else f"{row[name]:.2f}x") for name in ("int4pack", "blocked", "small_m")]
+    ratios = [("n/a" if row[name] is None else f"{row[name]:.2f}x") for name in COLUMNS]
     cells = [row["x"], row["M"], f"{row['dense_ms']:.3f}", *ratios,
              f"{row['auto']:.2f}x", row["picks"], f"{row['auto_best']:.2f}x", f"{row['auto_spread'] * 100:.0f}%"]
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
@@ -120,12 +133,23 @@ def _rss_child(n: int, k: int, group_size: int, dtype_name: str, method: str, ro
     for x in inputs:
         y = F.linear(x, dense) if dense is not None else int4_linear_prepared(x, weight, backend=method)
         del y
-    queue.put(_peak_rss_bytes() - baseline)
+    queue.put((_peak_rss_bytes() - baseline, _tensor_bytes(list(weight._forms.values()))))
+
+
+def _tensor_bytes(value) -> int:
+    """Bytes of the tensors in a form (a tensor, or tuples / lists / dataclasses of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(item) for item in value)
+    fields = getattr(value, "__dataclass_fields__", None)
+    return sum(_tensor_bytes(getattr(value, name)) for name in fields) if fields else 0
 
 
 def peak_rss_growth(n: int, k: int, group_size: int, dtype: torch.dtype, method: Optional[str], rows: list[int],
-                    threads: int) -> Optional[int]:
-    """Bytes the peak RSS grows by while `method` (None: auto) runs every M; None where Linux cannot tell."""
+                    threads: int) -> Optional[tuple[int, int]]:
+    """(bytes the peak RSS grows by while `method` (None: auto) runs every M, bytes of the layer's load-time forms);
+    None where Linux cannot tell."""
     if not Path("/proc/self/clear_refs").exists():
         return None
     context = multiprocessing.get_context("spawn")
@@ -147,16 +171,17 @@ def _probe_layer(n: int, k: int, group_size: int) -> PackedInt4Weight:
 
 def memory_lines(n: int, k: int, args: argparse.Namespace) -> list[str]:
     """A markdown table of peak-RSS growth per (dtype, method) for this shape, over every M."""
-    lines = ["| x | method | peak RSS growth over the int4 layer (MiB) | dense weight (MiB) | int4 layer (MiB) |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| x | method | peak RSS growth over the int4 layer (MiB) | load-time forms (MiB) | dense weight (MiB) "
+             "| int4 layer (MiB) |", "| --- | --- | --- | --- | --- | --- |"]
     int4_mib = (n * k // 2 + 3 * n * (k // args.group_size)) / 2**20
-    small_m = _small_m_runs(torch.zeros(1, k), _probe_layer(1, k, args.group_size))  # one output row suffices
+    probe = _probe_layer(1, k, args.group_size)  # one output row suffices to ask
+    small_m, int8 = _small_m_runs(torch.zeros(1, k), probe), _int8_act_runs(torch.zeros(1, k), probe)
     for dtype in args.dtypes:
-        for method in ("dense", "cpu_int4pack", blocked_name(dtype), "cpu_small_m", None):
-            if method == "cpu_small_m" and not small_m:
+        for method in ("dense", "cpu_int4pack", blocked_name(dtype), "cpu_small_m", "cpu_int8_act", None):
+            if (method == "cpu_small_m" and not small_m) or (method == "cpu_int8_act" and not int8):
                 continue
-            growth = peak_rss_growth(n, k, args.group_size, dtype, method, args.rows, args.threads)
-            shown = "n/a" if growth is None else f"{growth / 2**20:.1f}"
+            measured = peak_rss_growth(n, k, args.group_size, dtype, method, args.rows, args.threads)
+            shown = "n/a | n/a" if measured is None else f"{measured[0] / 2**20:.1f} | {measured[1] / 2**20:.1f}"
             lines.append(f"| {str(dtype)[6:]} | {method or 'auto (dispatch)'} | {shown} | "
                          f"{n * k * dtype.itemsize / 2**20:.0f} (held for dense) | {int4_mib:.1f} |")
             print(lines[-1], flush=True)

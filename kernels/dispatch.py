@@ -22,6 +22,8 @@ fallback); an unknown name raises listing the available ones. Backends:
     cpu_blocked     dequantize tiles of rows into a small reused buffer + dense GEMM in x's dtype (fp16 x: fp32)
     cpu_blocked_bf16 the same with a bf16 GEMM (for fp32 / fp16 x; bf16 compute, documented tolerance)
     cpu_small_m     compiled AVX512-BF16 kernel for few rows (small_m.py; needs a C++ compiler), bf16 compute
+    cpu_int8_act    x rounded to int8 per block of 32 k, integer dot products with the codes (int8_act.py;
+                    AVX512-VNNI, compiled), documented error bound
     triton          fused Triton kernels on CUDA: GEMV / GEMM / dequant+dense by M
     triton_gemv     the split-K GEMV kernel alone (any M)
     triton_gemm     the fused tensor-core GEMM kernel alone (any M)
@@ -29,7 +31,8 @@ fallback); an unknown name raises listing the available ones. Backends:
 Automatic choice: CUDA -> `triton` if importable, else `dequant`. CPU -> the fastest of
 `cpu_int4pack` (when its kernel is available and the group size is a multiple of 32), the
 blocked path (`cpu_blocked` for bf16 x, `cpu_blocked_bf16` for fp32 / fp16 x) and, up to
-SMALL_M_MAX_ROWS rows, `cpu_small_m` (where it could be built), measured on
+SMALL_M_MAX_ROWS rows, `cpu_small_m` (where it could be built), and `cpu_int8_act` where
+its policy allows int8 activations (bf16 x by default; QAT_INT8_ACTIVATIONS), measured on
 the first call of each (dtype, shape, power-of-two bucket of M) and cached (autotune.py;
 QAT_KERNEL_AUTOTUNE=0: a fixed crossover in M instead); `dequant` (exact) when int4pack
 cannot run the layer (group size not a multiple of 32, no vectorized kernel).
@@ -51,7 +54,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import autotune, blocked, cpu, small_m
+from . import autotune, blocked, cpu, int8_act, small_m
 from .reference import int4_linear_reference
 from .weights import FLOAT_QPARAMS, PackedInt4Weight, cached_weight, check_activation, float_qparams
 
@@ -156,6 +159,8 @@ BACKENDS: dict[str, Backend] = {
         ),
         Backend("cpu_small_m", small_m.linear_small_m, small_m.small_m_unsupported,
                 prepare=lambda w: w.form(FLOAT_QPARAMS, float_qparams)),
+        Backend("cpu_int8_act", int8_act.linear_int8_act, int8_act.int8_act_unsupported,
+                prepare=lambda w: w.form(int8_act.FORM, int8_act.vnni_form)),
         Backend(
             "cpu_int4pack",
             cpu.linear_int4pack,
@@ -187,6 +192,8 @@ def cpu_candidates(x: Tensor, weight: PackedInt4Weight) -> list[str]:
     names = ("cpu_int4pack", blocked_name)
     if x.numel() // weight.in_features <= SMALL_M_MAX_ROWS:
         names += ("cpu_small_m",)
+    if int8_act.allowed_for(x.dtype):
+        names += ("cpu_int8_act",)
     return [name for name in names if BACKENDS[name].unsupported(x, weight) is None]
 
 

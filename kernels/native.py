@@ -5,9 +5,9 @@ a failed build (the reason is printed once, to stderr), or QAT_NATIVE=0. Callers
 torch-only path for None, so the package still imports and runs with torch alone (the device
 image, a machine without a compiler). The build takes ~30 s once per machine and torch
 version; the library is cached under $QAT_NATIVE_BUILD_DIR (default
-~/.cache/qat/native/<python>-<torch>), rebuilt when the source changes.
+~/.cache/qat/native/<python>-<torch>), in a folder per version of the sources.
 
-The AVX-512 path is compiled in when the CPU has AVX-512 F/BW/BF16 (`-march=native` is not
+The AVX-512 path is compiled in when the CPU has AVX-512 F/BW/BF16/VNNI (`-march=native` is not
 used, so a cached build never carries instructions the CPU lacks); otherwise a scalar loop.
 
 Example:
@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shutil
@@ -29,11 +30,12 @@ from typing import Optional
 import torch
 
 SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name
-                for name in ("bindings.cpp", "dequant_tile.cpp", "small_m_bf16.cpp"))
+                for name in ("bindings.cpp", "dequant_tile.cpp", "small_m_bf16.cpp", "int8_act_gemm.cpp"))
 ENV_DISABLE = "QAT_NATIVE"
 ENV_BUILD_DIR = "QAT_NATIVE_BUILD_DIR"
-AVX512_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
-WITHOUT = "cpu_small_m is not offered and the blocked CPU path dequantizes with torch ops (slower)."
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")
+AVX512_OPTIONS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni")
+WITHOUT = "cpu_small_m and cpu_int8_act are not offered and the blocked CPU path dequantizes with torch ops (slower)."
 
 
 def cpu_flags() -> set[str]:
@@ -53,13 +55,24 @@ def compile_flags(flags: set[str]) -> list[str]:
     -fopenmp matters: at::parallel_for is a header template whose OpenMP pragmas are compiled into the
     extension itself; without the flag it silently runs on one thread.
     """
-    vector = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"] if set(AVX512_FLAGS) <= flags else []
+    vector = list(AVX512_OPTIONS) if set(AVX512_FLAGS) <= flags else []
     return ["-O3", "-fopenmp", *vector]
 
 
-def build_directory() -> Path:
+def source_digest(flags: list[str]) -> str:
+    """12 hex digits of the sources and options: each version of kernels/csrc builds in a folder of its own."""
+    digest = hashlib.sha256(" ".join(flags).encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def build_directory(flags: Optional[list[str]] = None) -> Path:
+    """Where the module is built: one folder per source version, so two checkouts (a worktree, an installed
+    copy) never rebuild over each other's library, nor load a library built from other sources."""
     default = Path.home() / ".cache" / "qat" / "native" / f"py{platform.python_version()}-torch{torch.__version__}"
-    return Path(os.environ.get(ENV_BUILD_DIR) or default)
+    base = Path(os.environ.get(ENV_BUILD_DIR) or default)
+    return base / source_digest(compile_flags(cpu_flags()) if flags is None else flags)
 
 
 @functools.cache
@@ -73,7 +86,7 @@ def native_module() -> Optional[ModuleType]:
     from torch.utils.cpp_extension import load
 
     flags = compile_flags(cpu_flags())
-    directory = build_directory()
+    directory = build_directory(flags)
     directory.mkdir(parents=True, exist_ok=True)
     name = "qat_native_avx512" if "-mavx512bf16" in flags else "qat_native_scalar"
     if not (directory / f"{name}.so").exists():

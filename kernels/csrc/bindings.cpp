@@ -7,10 +7,17 @@ bool dequantize_vectorized();
 at::Tensor small_m_bf16(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                         const at::Tensor& zeros, int64_t group_size);
 bool small_m_available();
+std::vector<at::Tensor> quantize_activations(const at::Tensor& x, int64_t block);
+at::Tensor int8_act_gemm(const at::Tensor& q, const at::Tensor& sx, const at::Tensor& qsum, const at::Tensor& codes,
+                         const at::Tensor& scales, const at::Tensor& zeros, int64_t n, int64_t block);
+bool int8_act_available();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_tile", &dequantize_tile, "rows of an int4 weight, K nibble-major, float32 or bfloat16");
   m.def("vectorized", &dequantize_vectorized, "whether the AVX-512 dequantizer was compiled in");
   m.def("small_m_bf16", &small_m_bf16, "int4 x bf16 for 1 to 64 rows (AVX512-BF16), float32 out");
   m.def("small_m_available", &small_m_available, "whether small_m_bf16 was compiled in");
+  m.def("quantize_activations", &quantize_activations, "x per row and block of k to int8: (q, sx, qsum)");
+  m.def("int8_act_gemm", &int8_act_gemm, "int4 codes x int8 activations (AVX512-VNNI), float32 out");
+  m.def("int8_act_available", &int8_act_available, "whether int8_act_gemm was compiled in");
 }

@@ -205,3 +205,21 @@ TOLERANCES |= {
         "(each under a bf16 unit)",
     ),
 }
+
+
+def int8_activation_bound(x: Tensor, packed: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int,
+                          bias: Optional[Tensor], sx: Tensor, block: int) -> Tensor:
+    """The bound of cpu_int8_act (kernels/int8_act.py) against the reference, elementwise in float64, shaped like y.
+
+    x rounds to sx * q with |x - sx q| <= sx / 2 per element, so the product moves by at most
+    sum_b sx_b / 2 * sum_{k in b} |W[n, k]|. On top: the reference rounds W and y to x's dtype and the
+    kernel rounds y (3 units of x's dtype times |x||W| + |bias|), and both sum in fp32 in their own order
+    (2 K units of fp32: the accumulation term of `error_bound`); sx q <= |x| + sx / 2 keeps the kernel's
+    own magnitudes within that of x plus the rounding term.
+    """
+    weights = dequantize_int4(packed, scales, zeros, group_size).double().abs()
+    half_steps = (sx.double() / 2).repeat_interleave(block, dim=1)  # (M, K)
+    rounding = half_steps @ weights.T
+    unit = UNIT_ROUNDOFF[x.dtype if x.dtype in UNIT_ROUNDOFF else torch.float32]
+    reference = error_bound(x, packed, scales, zeros, group_size, bias, Tolerance(unit, 3.0, 0.0, "see above"))
+    return rounding * (1 + 2 * x.shape[-1] * UNIT_ROUNDOFF[torch.float32]) + reference

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qat.kernels import autotune, cpu, small_m
+from qat.kernels import autotune, cpu, int8_act, small_m
 from qat.kernels.dispatch import BACKENDS, ENV_VAR, SMALL_M_MAX_ROWS, choose_backend, cpu_candidates, int4_linear
 from qat.kernels.weights import PackedInt4Weight
 
@@ -37,6 +37,8 @@ def test_dispatch_picks_a_backend_that_runs_for_every_combination(tune, x_dtype,
         assert name in BACKENDS and BACKENDS[name].unsupported(x, weight) is None, (name, group, rows)
         expected = {"cpu_int4pack", "cpu_blocked", "cpu_blocked_bf16", "cpu_small_m"} if group % 32 == 0 \
             else {"dequant"}
+        if group % 32 == 0 and x_dtype == torch.bfloat16:
+            expected.add("cpu_int8_act")  # the default policy allows int8 activations for bf16 x
         if not cpu.int4pack_available():
             expected = {"dequant"}
         assert name in expected, (name, group)
@@ -50,9 +52,13 @@ def test_candidates_depend_on_dtype_group_size_and_rows():
     blocked_bf16 = ["cpu_blocked"] if with_int4pack else []
     few = ["cpu_small_m"] if with_int4pack and small_m.small_m_unsupported(torch.randn(1, 128), weight) is None else []
     assert cpu_candidates(torch.randn(1, 128), weight) == [*with_int4pack, *blocked_f32, *few]
-    assert cpu_candidates(torch.randn(1, 128).bfloat16(), weight) == [*with_int4pack, *blocked_bf16, *few]
+    int8 = ["cpu_int8_act"] if with_int4pack and int8_act.int8_act_unsupported(torch.randn(1, 128), weight) is None \
+        else []  # bf16 x only, by the default policy
+    assert cpu_candidates(torch.randn(1, 128).bfloat16(), weight) == [*with_int4pack, *blocked_bf16, *few, *int8]
     assert cpu_candidates(torch.randn(SMALL_M_MAX_ROWS, 128), weight) == [*with_int4pack, *blocked_f32, *few]
     assert cpu_candidates(torch.randn(SMALL_M_MAX_ROWS + 1, 128), weight) == [*with_int4pack, *blocked_f32]
+    assert cpu_candidates(torch.randn(SMALL_M_MAX_ROWS + 1, 128).bfloat16(), weight) == [
+        *with_int4pack, *blocked_bf16, *int8]
     assert cpu_candidates(torch.randn(1, 128), _weight(32, 128, 16)) == []
 
 
@@ -100,6 +106,14 @@ def test_autotune_off_uses_the_static_rule_without_timing(monkeypatch):
     for rows in autotune.STATIC_SMALL_M_ROWS:
         assert choose_backend(torch.randn(rows, 128), weight) == "cpu_small_m"
     assert calls == [] and autotune.measured_choices() == {}
+
+
+def test_static_rule_takes_int8_activations_wherever_the_policy_offers_them():
+    for rows in (1, 16, 4096):
+        x = torch.randn(rows, 128)
+        assert autotune.static_choice(x, ["cpu_int4pack", "cpu_blocked", "cpu_small_m", "cpu_int8_act"]) == \
+            "cpu_int8_act"
+        assert autotune.static_choice(x, ["cpu_int4pack", "cpu_blocked"]) != "cpu_int8_act"
 
 
 def test_forcing_a_backend_skips_measurement(monkeypatch):

@@ -35,9 +35,11 @@ def test_summary_table_has_every_dtype_and_m(tmp_path, capsys):
         (f"| {dtype}", m) for dtype in ("float32", "bfloat16") for m in ("1", "3", "70")]
     header = next(line for line in text.splitlines() if line.startswith("| x | M |")).split(" | ")
     picks = {line.split(" | ")[header.index("auto picks")] for line in rows}
-    assert picks <= {"cpu_int4pack", "cpu_blocked", "cpu_blocked_bf16", "cpu_small_m", "static rule"}, picks
+    assert picks <= {"cpu_int4pack", "cpu_blocked", "cpu_blocked_bf16", "cpu_small_m", "cpu_int8_act",
+                         "static rule"}, picks
     small_m = {line.split(" | ")[header.index("small_m")] for line in rows if line.split(" | ")[1] == "70"}
     assert small_m == {"n/a"}  # 70 rows: above dispatch's range for the small-M kernel, not timed
+    assert all(line.split(" | ")[header.index("int8_act")].endswith("x") for line in rows)  # timed for every dtype
 
 
 @pytest.mark.slow
@@ -48,7 +50,19 @@ def test_peak_rss_growth_sees_the_dense_copy_a_call_makes():
     The bound is 3 MiB, not 4: the allocator may place the copy partly on pages that are already resident
     (CI once measured 4 MiB less 3 pages). The packed kernel makes no dense copy: it grows by under 1 MiB.
     """
-    growth = bench_summary.peak_rss_growth(1024, 1024, 32, torch.float32, "dequant", [1], threads=1)
-    assert growth is not None and growth >= 3 * 2**20
-    packed = bench_summary.peak_rss_growth(1024, 1024, 32, torch.float32, "cpu_int4pack", [1], threads=1)
-    assert packed is not None and packed < 2**20
+    growth, forms = bench_summary.peak_rss_growth(1024, 1024, 32, torch.float32, "dequant", [1], threads=1)
+    assert growth >= 3 * 2**20 and forms == 0
+    packed, _ = bench_summary.peak_rss_growth(1024, 1024, 32, torch.float32, "cpu_int4pack", [1], threads=1)
+    assert packed < 2**20
+
+
+def test_tensor_bytes_counts_every_tensor_of_a_form():
+    from qat.kernels.int8_act import vnni_form
+    from qat.kernels.weights import PackedInt4Weight
+
+    from .helpers import make_layer
+
+    weight = PackedInt4Weight(*make_layer(40, 256, 64), 64)  # 40 rows: 3 panels of 16
+    expected = 3 * 32 * 64 + 2 * (3 * 4 * 16 * 4)  # codes (P, K / 8, 64) + float32 scales and int32 zeros (P, G, 16)
+    assert bench_summary._tensor_bytes([vnni_form(weight)]) == expected
+    assert bench_summary._tensor_bytes((torch.zeros(3), [torch.zeros(2, dtype=torch.int8)])) == 14

@@ -157,4 +157,6 @@ def test_native_module_is_none_when_disabled(monkeypatch):
 def test_compile_flags_add_avx512_only_when_the_cpu_has_all_of_it():
     assert native.compile_flags(set()) == ["-O3", "-fopenmp"]
     assert native.compile_flags({"avx512f", "avx512bw"}) == ["-O3", "-fopenmp"]
-    assert "-mavx512bf16" in native.compile_flags({"avx512f", "avx512bw", "avx512_bf16", "sse2"})
+    assert native.compile_flags({"avx512f", "avx512bw", "avx512_bf16"}) == ["-O3", "-fopenmp"]  # no VNNI
+    options = native.compile_flags({"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "sse2"})
+    assert "-mavx512bf16" in options and "-mavx512vnni" in options

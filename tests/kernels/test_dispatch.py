@@ -27,7 +27,7 @@ def layer():
 def test_unknown_backend_lists_the_available_ones(layer, monkeypatch):
     x = torch.randn(2, 128)
     listing = (r"unknown int4 kernel backend 'tinygemm'.*available: auto, cpu_bf16_cached, cpu_blocked, "
-               r"cpu_blocked_bf16, cpu_int4pack, cpu_small_m, dequant")
+               r"cpu_blocked_bf16, cpu_int4pack, cpu_int8_act, cpu_small_m, dequant")
     with pytest.raises(ValueError, match=listing):
         int4_linear(x, *layer, backend="tinygemm")
     monkeypatch.setenv(ENV_VAR, "nope")
