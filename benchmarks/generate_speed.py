@@ -2,7 +2,9 @@
 
 Same prompt, greedy decoding of the same number of tokens, prefill and decode measured
 separately (`qat.hf.generate`), each configuration `--rounds` times, interleaved (the
-machine is shared: compare the medians side by side, not with other runs). Each model runs
+machine is shared: compare the medians side by side, not with other runs). The int4 file also
+runs with int8 activations allowed for every dtype (QAT_INT8_ACTIVATIONS=all: the lean decoder's
+activations are fp32, which the default policy keeps in float). Each model runs
 with both engines: `hf` (Hugging Face generate) and `qat` (the lean Llama decoder). `--gguf FILE`
 adds llama.cpp (llama-cpp-python, `make llama`) on that file with the same prompt tokens,
 e.g. the `qat export --to gguf` conversion of the same int4 file.
@@ -15,16 +17,19 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 
 import torch
+from qat.kernels import int8_act
 
 import qat
 from qat.export.targets.llama_cpp_run import llama_greedy, open_llama
 from qat.hf.generate import Generation, generate, tokenizer_for
 from qat.hf.load import HFSource, load_hf_model
 
+INT8_ALL = "int4, qat, QAT_INT8_ACTIVATIONS=all"
 PROMPT = "The for statement is used to iterate over the elements of a sequence"
 
 
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         "int4 fp32, hf": (int4, "hf"),
         "int4 bf16, hf": (qat.load(args.file, dtype=torch.bfloat16), "hf"),
         "int4, qat": (int4, "qat"),
+        # the lean decoder feeds its int4 layers fp32 activations, which the default policy keeps out of int8
+        INT8_ALL: (qat.load(args.file, dtype=torch.float32), "qat"),
     }
     prompt_ids = tokenizer(PROMPT)["input_ids"]
     llm = open_llama(args.gguf, n_ctx=256, threads=args.threads) if args.gguf else None
@@ -60,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     texts = {}
     for _ in range(args.rounds):
         for name, (model, engine) in models.items():
+            os.environ[int8_act.ENV_VAR] = "all" if name == INT8_ALL else "bf16"
             out = generate(model, tokenizer, PROMPT, max_new_tokens=args.new_tokens, engine=engine)
             results[name].append(out)
             texts[name] = out.text

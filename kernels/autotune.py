@@ -48,11 +48,12 @@ def rows_bucket(rows: int) -> int:
     return rows.bit_length()
 
 
-def choice_key(x: Tensor, weight: PackedInt4Weight) -> tuple:
-    """What a measured choice depends on: dtype, layer shape and format, M bucket, thread count."""
+def choice_key(x: Tensor, weight: PackedInt4Weight, candidates: Sequence[str]) -> tuple:
+    """What a measured choice depends on: dtype, layer shape and format, M bucket, thread count, and the candidates
+    (they follow settings such as int8_act's policy)."""
     rows = x.numel() // weight.in_features
     return (x.device.type, x.dtype, weight.out_features, weight.in_features, weight.group_size,
-            weight.zeros is None, rows_bucket(rows), torch.get_num_threads())
+            weight.zeros is None, rows_bucket(rows), torch.get_num_threads(), tuple(candidates))
 
 
 def clear_choices() -> None:
@@ -105,7 +106,7 @@ def choose_by_measurement(x: Tensor, weight: PackedInt4Weight, candidates: Seque
         return candidates[0]
     if not autotune_enabled() or x.numel() == 0:
         return static_choice(x, candidates)
-    key = choice_key(x, weight)
+    key = choice_key(x, weight, candidates)
     if key not in _CHOICES:
         _CHOICES[key] = _fastest(x, weight, candidates, run)
     return _CHOICES[key]

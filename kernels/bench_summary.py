@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import autotune
-from .dispatch import int4_linear_prepared
+from .dispatch import cpu_candidates, int4_linear_prepared
 from .weights import PackedInt4Weight
 
 SUMMARY_HEADER = ("| x | M | dense ms | int4pack | blocked | small_m | int8_act | auto (dispatch) | auto picks "
@@ -84,7 +84,8 @@ def summary_rows(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace) -
                     if name not in RUNS_HERE or RUNS_HERE[name](x, layers[0].weight)}
         reps = max(2, min(args.reps, int(args.budget_flop / (2 * m * n * k))))
         timed = time_methods(methods, x, "cpu", args.rounds, reps)
-        picked = autotune.measured_choices().get(autotune.choice_key(x, layers[0].weight), "static rule")
+        candidates = cpu_candidates(x, layers[0].weight)
+        picked = autotune.measured_choices().get(autotune.choice_key(x, layers[0].weight, candidates), "static rule")
         dense = timed["dense"]
         row = {"x": str(dtype).removeprefix("torch."), "M": m, "dense_ms": dense.median * 1e3, "picks": picked,
                **{name: dense.median / timed[name].median if name in timed else None

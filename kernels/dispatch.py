@@ -239,7 +239,7 @@ def _run(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor], backend: O
     key = None
     if name == AUTO:
         key = (x.dtype, x.device, x.numel() // weight.in_features, CPU_CACHE_DENSE_ABOVE_M,
-               autotune.autotune_enabled())
+               autotune.autotune_enabled(), int8_act.policy())
         cached = weight.auto_choices.get(key)
         if cached is not None:
             return BACKENDS[cached].run(x, weight, bias)  # checked when it was chosen

@@ -158,6 +158,7 @@ def test_auto_dispatch_chooses_once_per_layer_and_m(monkeypatch) -> None:
     real = dispatch.choose_backend
     monkeypatch.setattr(dispatch, "choose_backend", lambda x, w: calls.append(x.shape) or real(x, w))
     monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv("QAT_INT8_ACTIVATIONS", raising=False)
     one, four = torch.randn(1, 128), torch.randn(4, 128)
     first = dispatch.int4_linear_prepared(one, weight)
     assert torch.equal(dispatch.int4_linear_prepared(one, weight), first)
@@ -166,8 +167,12 @@ def test_auto_dispatch_chooses_once_per_layer_and_m(monkeypatch) -> None:
     assert calls == [(1, 128), (4, 128)]  # once per M
     monkeypatch.setattr(dispatch, "CPU_CACHE_DENSE_ABOVE_M", 2)  # a setting the choice depends on
     dispatch.int4_linear_prepared(four, weight)
-    assert len(calls) == 3 and weight.auto_choices[(torch.float32, torch.device("cpu"), 4, 2, True)] == \
+    assert len(calls) == 3 and weight.auto_choices[(torch.float32, torch.device("cpu"), 4, 2, True, "bf16")] == \
         "cpu_bf16_cached"
+    monkeypatch.setattr(dispatch, "CPU_CACHE_DENSE_ABOVE_M", None)
+    monkeypatch.setenv("QAT_INT8_ACTIVATIONS", "all")  # so is the int8-activation policy
+    dispatch.int4_linear_prepared(four, weight)
+    assert len(calls) == 4
     monkeypatch.setenv(ENV_VAR, "reference")  # a named backend bypasses the remembered choice
     expected = int4_linear_reference(one, packed, scales, zeros, 64)
     assert torch.equal(dispatch.int4_linear_prepared(one, weight), expected)
