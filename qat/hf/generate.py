@@ -147,6 +147,9 @@ def _generate_hf(model: nn.Module, tokenizer: Any, ids: Tensor, max_new_tokens: 
         options.update(temperature=temperature, top_k=top_k, top_p=top_p)
     else:
         options.update(temperature=None, top_k=None, top_p=None)
+    # untimed: the first calls at a new number of rows choose kernels (and may time candidates: autotune.py), so
+    # a timed prefill that paid for it could exceed the whole generate below (decode time <= 0)
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{**options, "max_new_tokens": 2})
     start = time.perf_counter()
     model(input_ids=ids)  # prefill alone, for its speed
     prefill = time.perf_counter() - start

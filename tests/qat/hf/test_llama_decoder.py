@@ -8,6 +8,8 @@ bf16 rounding is the same on both sides but may land on different rows: 2e-2, an
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from qat.kernels.cpu import int4pack_available
@@ -21,6 +23,7 @@ from qat.hf.generate import choose_engine, generate, pick_token, tokenizer_for
 from qat.hf.llama_decoder import LlamaDecoder, unsupported_reason
 from qat.model_loader import architecture_of, build_model
 from qat.recipe import load_recipe
+from tests.qat.data.tokenizers_for_tests import word_tokenizer
 from tests.qat.hf.test_train_hf import LLAMA
 from tests.qat.hf.tiny_models import VOCAB, tiny_llama_config
 
@@ -179,6 +182,27 @@ def test_both_engines_generate_the_same_greedy_tokens(int4_files):
     assert (ours.engine, theirs.engine) == ("qat", "hf")
     assert ours.text == theirs.text and ours.new_tokens == theirs.new_tokens
     assert generate(model, tokenizer, "the value", max_new_tokens=3, engine="auto").engine == "qat"
+
+
+def test_hf_engine_timings_exclude_the_first_calls_kernel_choice(monkeypatch):
+    """The first call at a new number of rows may time kernel candidates: the timed prefill must not pay for it
+    (it did, and decode time = whole generate - prefill came out <= 0: 2e10 tokens/s)."""
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    forward, seen = model.forward, set()
+
+    def slow_first_call_per_length(*args, **kwargs):
+        length = kwargs["input_ids"].shape[1]
+        if length not in seen:
+            seen.add(length)
+            time.sleep(0.3 if length > 1 else 0.01)  # a one-time kernel choice at this many rows: the prompt's
+            # costs more than a decode step's (more rows to time), as the int4 file's autotuning did
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_first_call_per_length)
+    model.generation_config.eos_token_id = None  # all six tokens, whatever they are
+    result = generate(model, word_tokenizer(model_max_length=64), "the value of a function", max_new_tokens=6,
+                      engine="hf")
+    assert result.new_tokens == 6 and 0 < result.decode_tokens_per_s < 1e5 and result.prefill_tokens_per_s < 1e5
 
 
 def test_generation_stops_at_the_end_of_sequence_token(int4_files):
