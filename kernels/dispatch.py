@@ -267,6 +267,8 @@ def bind(x: Tensor, weight: PackedInt4Weight, backend: Optional[str] = None) -> 
     run, bias = _checked(x, weight, name).run, weight.bias
     if name == "cpu_int4pack":
         return cpu.int4pack_bound(weight, bias, plain_rows=x.dim() == 2 and x.is_contiguous())
+    if name == "cpu_int8_act":
+        return int8_act.int8_act_bound(weight, bias)
     return lambda inputs: run(inputs, weight, bias)
 
 

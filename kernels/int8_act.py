@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -124,13 +124,25 @@ def quantize_activations_reference(x: Tensor, block: int) -> tuple[Tensor, Tenso
 
 def linear_int8_act(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Tensor:
     """y = x @ W.T + bias with x rounded to int8 per row and block (see the module docstring); x's dtype out."""
+    return _apply(x, weight.form(FORM, vnni_form), weight.in_features, weight.out_features, bias)
+
+
+def int8_act_bound(weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Callable[[Tensor], Tensor]:
+    """`linear_int8_act(·, weight, bias)` with the form fetched once, for one layer called per token.
+
+    Skips the cached-form lookup (and its stale-weight check) of each call: the weights must not be
+    written while the returned function is in use.
+    """
     form: VnniForm = weight.form(FORM, vnni_form)
-    module = native_module()
-    rows = x.reshape(-1, weight.in_features)
+    bias32 = None if bias is None else bias.float()
+    return lambda x: _apply(x, form, weight.in_features, weight.out_features, bias32)
+
+
+def _apply(x: Tensor, form: VnniForm, in_features: int, out_features: int, bias: Optional[Tensor]) -> Tensor:
+    rows = x.reshape(-1, in_features)
     if rows.dtype not in (torch.bfloat16, torch.float32):
         rows = rows.float()
-    q, sx, qsum = module.quantize_activations(rows.contiguous(), BLOCK)
-    out = module.int8_act_gemm(q, sx, qsum, form.codes, form.scales, form.zeros, weight.out_features, BLOCK)
+    out = native_module().int8_act_linear(rows.contiguous(), form.codes, form.scales, form.zeros, out_features, BLOCK)
     if bias is not None:
         out += bias.float()  # in fp32, then one rounding to x's dtype
-    return out.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)

@@ -10,6 +10,8 @@ bool small_m_available();
 std::vector<at::Tensor> quantize_activations(const at::Tensor& x, int64_t block);
 at::Tensor int8_act_gemm(const at::Tensor& q, const at::Tensor& sx, const at::Tensor& qsum, const at::Tensor& codes,
                          const at::Tensor& scales, const at::Tensor& zeros, int64_t n, int64_t block);
+at::Tensor int8_act_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t n, int64_t block);
 bool int8_act_available();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -19,5 +21,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_m_available", &small_m_available, "whether small_m_bf16 was compiled in");
   m.def("quantize_activations", &quantize_activations, "x per row and block of k to int8: (q, sx, qsum)");
   m.def("int8_act_gemm", &int8_act_gemm, "int4 codes x int8 activations (AVX512-VNNI), float32 out");
+  m.def("int8_act_linear", &int8_act_linear, "quantize_activations + int8_act_gemm in one call, float32 out");
   m.def("int8_act_available", &int8_act_available, "whether int8_act_gemm was compiled in");
 }

@@ -253,3 +253,11 @@ at::Tensor int8_act_gemm(const at::Tensor& q, const at::Tensor& sx, const at::Te
 #endif
   return out;
 }
+
+// quantize_activations then int8_act_gemm in one call (no Python between them): x bfloat16 or float32 (M, K)
+// contiguous; the weight tensors as for int8_act_gemm. Returns float32 (M, N).
+at::Tensor int8_act_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t n, int64_t block) {
+  const std::vector<at::Tensor> quantized = quantize_activations(x, block);
+  return int8_act_gemm(quantized[0], quantized[1], quantized[2], codes, scales, zeros, n, block);
+}

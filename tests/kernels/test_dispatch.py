@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from qat.kernels import cpu, dispatch
+from qat.kernels import cpu, dispatch, int8_act
 from qat.kernels.dispatch import BACKENDS, ENV_VAR, choose_backend, int4_linear
 from qat.kernels.reference import int4_linear_reference
 from qat.kernels.weights import PackedInt4Weight, cached_weight, prepare_weights
@@ -178,18 +178,22 @@ def test_auto_dispatch_chooses_once_per_layer_and_m(monkeypatch) -> None:
     assert torch.equal(dispatch.int4_linear_prepared(one, weight), expected)
 
 
-@pytest.mark.parametrize("backend", ["dequant", "reference", "cpu_int4pack", None])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["dequant", "reference", "cpu_int4pack", "cpu_int8_act", None])
 @pytest.mark.parametrize("rows_shape", [(1,), (3,), (2, 3)])
 @pytest.mark.parametrize("out_features, biased", [(32, False), (20, True)])  # 20: int4pack pads rows to 32
-def test_bound_call_equals_the_dispatched_call(backend, rows_shape, out_features, biased):
+def test_bound_call_equals_the_dispatched_call(backend, rows_shape, out_features, biased, x_dtype):
     if backend == "cpu_int4pack" and not cpu.int4pack_available():
         pytest.skip("no vectorized int4pack kernel on this CPU")
     packed, scales, zeros = make_layer(out_features, 128, 32)
-    bias = torch.randn(out_features) if biased else None
+    if backend == "cpu_int8_act" and int8_act.int8_act_unsupported(torch.zeros(1, 128),
+                                                                   PackedInt4Weight(packed, scales, zeros, 32)):
+        pytest.skip("no int8-activation kernel here")
+    bias = torch.randn(out_features).to(x_dtype) if biased else None
     weight = prepare_weights(packed, scales, zeros, 32, bias=bias)
-    x = torch.randn(*rows_shape, 128)
+    x = torch.randn(*rows_shape, 128).to(x_dtype)
     bound = dispatch.bind(x, weight, backend=backend)
-    for inputs in (x, torch.randn(*rows_shape, 128)):  # same signature, other values
+    for inputs in (x, torch.randn(*rows_shape, 128).to(x_dtype)):  # same signature, other values
         assert_bitwise_equal(bound(inputs), dispatch.int4_linear_prepared(inputs, weight, backend=backend))
 
 
