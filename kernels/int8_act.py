@@ -19,7 +19,8 @@ through it: perplexity +0.09 % over the float kernels (benchmarks/int8-activatio
 
 Weight form (built once per layer, `vnni_form`): the codes regrouped so one 64-byte load is 16
 output rows x 8 k (N x K / 2 bytes, as stored: a second int4 copy, not a dense one), and scales
-/ zero points as (ceil(N / 16), G, 16) float32 / int32 (N x G x 8 bytes).
+/ zero points as (ceil(N / 16), G, 16) in their stored dtypes (zeros uint8): as many bytes as
+stored, so a decode step, bound by memory, streams no more than the stored layer.
 
 Example:
     >>> y = linear_int8_act(x, weight)       # x (..., K) bf16 / fp16 / fp32; y in x's dtype
@@ -77,8 +78,8 @@ def int8_act_unsupported(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
 @dataclass(frozen=True)
 class VnniForm:
     codes: Tensor  # uint8 (P, K / 8, 64), P = ceil(N / 16)
-    scales: Tensor  # float32 (P, G, 16)
-    zeros: Tensor  # int32 (P, G, 16)
+    scales: Tensor  # (P, G, 16), the stored scales' dtype
+    zeros: Tensor  # uint8 (P, G, 16)
 
 
 def _panels(values: Tensor, fill: float) -> Tensor:
@@ -99,9 +100,9 @@ def vnni_codes(packed: Tensor) -> Tensor:
 
 def vnni_form(weight: PackedInt4Weight) -> VnniForm:
     """The kernel's form of a layer (built once; see the module docstring)."""
-    zeros = weight.zeros.to(torch.int32) if weight.zeros is not None else torch.full(
-        weight.scales.shape, SYMMETRIC_ZERO, dtype=torch.int32)
-    return VnniForm(vnni_codes(weight.packed), _panels(weight.scales.float(), 0.0), _panels(zeros, 0))
+    zeros = weight.zeros if weight.zeros is not None else torch.full(
+        weight.scales.shape, SYMMETRIC_ZERO, dtype=torch.uint8)
+    return VnniForm(vnni_codes(weight.packed), _panels(weight.scales, 0.0), _panels(zeros, 0))
 
 
 def quantize_activations_reference(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:

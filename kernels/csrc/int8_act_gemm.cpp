@@ -13,7 +13,8 @@
 // Layout: the weights in the form `vnni_codes` builds (kernels/int8_act.py): per panel of 16 output rows and chunk
 // of 8 k, 64 bytes; byte 4 j + i holds row j's code of k = 8 c + i (low nibble) and of k = 8 c + 4 + i (high), so
 // the low nibbles of a 64-byte vector are 16 rows x 4 consecutive k: the operand of one vpdpbusd (u8 codes times
-// 4 broadcast int8 of x), the high nibbles the next four k. Scales float32 and zero points int32 as (panels, G, 16).
+// 4 broadcast int8 of x), the high nibbles the next four k. Scales (in their stored dtype: fp16 and bf16
+// widen exactly) and zero points (uint8) as (panels, G, 16): no more bytes per group than stored.
 // Threads share panels of output rows; a tile of kRowsM rows of x runs against kPanels panels at a time with
 // kRowsM x kPanels int32 accumulators in registers.
 
@@ -24,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -41,13 +43,24 @@ namespace {
 constexpr int kRowsM = 4;   // rows of x per register tile
 constexpr int kPanels = 3;  // panels of 16 outputs per register tile
 
+// 16 values as float32 (bf16 and fp16 widen exactly).
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const at::BFloat16* x) {
+  const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
+}
+inline __m512 load16(const at::Half* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+
+template <typename Scale>
 struct Problem {
   const int8_t* q;          // (M, K)
   const float* sx;          // (M, B)
   const int32_t* qsum;      // (M, B)
   const uint8_t* codes;     // (P, K / 8, 64)
-  const float* scales;      // (P, G, 16)
-  const int32_t* zeros;     // (P, G, 16)
+  const Scale* scales;      // (P, G, 16), the stored scale dtype
+  const uint8_t* zeros;     // (P, G, 16)
   float* out;               // (M, N)
   int64_t m, n, k, block, blocks_per_group;
 };
@@ -59,8 +72,8 @@ inline int32_t four_bytes(const int8_t* p) {
 }
 
 // Rows m0 .. m0 + MT - 1 of x against panels p0 .. p0 + NP - 1.
-template <int MT, int NP>
-void tile(const Problem& pr, int64_t m0, int64_t p0) {
+template <int MT, int NP, typename Scale>
+void tile(const Problem<Scale>& pr, int64_t m0, int64_t p0) {
   const int64_t chunks = pr.k / 8, blocks = pr.k / pr.block, groups = blocks / pr.blocks_per_group;
   const int64_t chunks_per_block = pr.block / 8;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -75,7 +88,8 @@ void tile(const Problem& pr, int64_t m0, int64_t p0) {
     const int64_t g = b / pr.blocks_per_group;
     __m512i dot[MT][NP];
     for (int p = 0; p < NP; ++p) {
-      const __m512i zero = _mm512_loadu_si512(pr.zeros + ((p0 + p) * groups + g) * 16);
+      const __m512i zero =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pr.zeros + ((p0 + p) * groups + g) * 16)));
       for (int r = 0; r < MT; ++r)
         dot[r][p] = _mm512_mullo_epi32(zero, _mm512_set1_epi32(-pr.qsum[(m0 + r) * blocks + b]));
     }
@@ -96,7 +110,7 @@ void tile(const Problem& pr, int64_t m0, int64_t p0) {
       }
     }
     for (int p = 0; p < NP; ++p) {
-      const __m512 scale = _mm512_loadu_ps(pr.scales + ((p0 + p) * groups + g) * 16);
+      const __m512 scale = load16(pr.scales + ((p0 + p) * groups + g) * 16);
       for (int r = 0; r < MT; ++r) {
         const __m512 both = _mm512_mul_ps(scale, _mm512_set1_ps(pr.sx[(m0 + r) * blocks + b]));
         acc[r][p] = _mm512_fmadd_ps(both, _mm512_cvtepi32_ps(dot[r][p]), acc[r][p]);
@@ -113,39 +127,33 @@ void tile(const Problem& pr, int64_t m0, int64_t p0) {
   }
 }
 
-template <int NP>
-void panels(const Problem& pr, int64_t p0) {
+template <int NP, typename Scale>
+void panels(const Problem<Scale>& pr, int64_t p0) {
   int64_t m0 = 0;
-  for (; m0 + kRowsM <= pr.m; m0 += kRowsM) tile<kRowsM, NP>(pr, m0, p0);
+  for (; m0 + kRowsM <= pr.m; m0 += kRowsM) tile<kRowsM, NP, Scale>(pr, m0, p0);
   switch (pr.m - m0) {
-    case 1: tile<1, NP>(pr, m0, p0); break;
-    case 2: tile<2, NP>(pr, m0, p0); break;
-    case 3: tile<3, NP>(pr, m0, p0); break;
+    case 1: tile<1, NP, Scale>(pr, m0, p0); break;
+    case 2: tile<2, NP, Scale>(pr, m0, p0); break;
+    case 3: tile<3, NP, Scale>(pr, m0, p0); break;
     default: break;
   }
 }
 
-void run(const Problem& pr) {
+template <typename Scale>
+void run(const Problem<Scale>& pr) {
   const int64_t total = (pr.n + 15) / 16, steps = (total + kPanels - 1) / kPanels;
   at::parallel_for(0, steps, 1, [&](int64_t first, int64_t last) {
     for (int64_t s = first; s < last; ++s) {
       const int64_t p0 = s * kPanels;
       switch (std::min<int64_t>(kPanels, total - p0)) {
-        case 3: panels<3>(pr, p0); break;
-        case 2: panels<2>(pr, p0); break;
-        default: panels<1>(pr, p0); break;
+        case 3: panels<3, Scale>(pr, p0); break;
+        case 2: panels<2, Scale>(pr, p0); break;
+        default: panels<1, Scale>(pr, p0); break;
       }
     }
   });
 }
 
-
-// 16 values of x as float32 (bf16 widens exactly).
-inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-inline __m512 load16(const at::BFloat16* x) {
-  const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
-}
 
 // One row: per block, sx = max |x| / 127 (1 for an all-zero block), q = round(x / sx) (nearest even), Q = sum q.
 // A block holding an infinity or NaN gets sx = NaN (and q = 0), so every output of its row is NaN, as in a float
@@ -218,8 +226,8 @@ std::vector<at::Tensor> quantize_activations(const at::Tensor& x, int64_t block)
   return {q, sx, qsum};
 }
 
-// q int8 (M, K), sx float32 (M, B), qsum int32 (M, B) with B = K / block; codes uint8 (P, K / 8, 64); scales float32
-// and zeros int32 (P, G, 16), P = ceil(N / 16). Returns float32 (M, N).
+// q int8 (M, K), sx float32 (M, B), qsum int32 (M, B) with B = K / block; codes uint8 (P, K / 8, 64); scales float32,
+// bfloat16 or float16 and zeros uint8 (P, G, 16), P = ceil(N / 16). Returns float32 (M, N).
 at::Tensor int8_act_gemm(const at::Tensor& q, const at::Tensor& sx, const at::Tensor& qsum, const at::Tensor& codes,
                          const at::Tensor& scales, const at::Tensor& zeros, int64_t n, int64_t block) {
   TORCH_CHECK(QAT_INT8_ACT_AVX512, "int8_act_gemm needs a build with AVX-512 F/BW/VNNI");
@@ -234,21 +242,28 @@ at::Tensor int8_act_gemm(const at::Tensor& q, const at::Tensor& sx, const at::Te
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() &&
                   codes.sizes() == at::IntArrayRef({panels, k / 8, 64}),
               "codes must be contiguous uint8 (ceil(N / 16), K / 8, 64)");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 3 &&
-                  scales.size(0) == panels && scales.size(2) == 16,
-              "scales must be contiguous float32 (ceil(N / 16), G, 16)");
+  const at::ScalarType scale_type = scales.scalar_type();
+  TORCH_CHECK((scale_type == at::kFloat || scale_type == at::kBFloat16 || scale_type == at::kHalf) &&
+                  scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == panels && scales.size(2) == 16,
+              "scales must be contiguous float32, bfloat16 or float16 (ceil(N / 16), G, 16)");
   const int64_t groups = scales.size(1);
   TORCH_CHECK(groups > 0 && (k / block) % groups == 0, "the ", k / block, " blocks must split evenly into ", groups,
               " groups");
-  TORCH_CHECK(zeros.scalar_type() == at::kInt && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
-              "zeros must be contiguous int32 shaped like scales");
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
+              "zeros must be contiguous uint8 shaped like scales");
   at::Tensor out = at::empty({m, n}, q.options().dtype(at::kFloat));
 #if QAT_INT8_ACT_AVX512
   if (m > 0) {
-    const Problem problem{q.data_ptr<int8_t>(), sx.data_ptr<float>(), qsum.data_ptr<int32_t>(),
-                          codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<int32_t>(),
-                          out.data_ptr<float>(), m, n, k, block, (k / block) / groups};
-    run(problem);
+    const auto solve = [&](auto* scale_data) {
+      using Scale = std::remove_const_t<std::remove_pointer_t<decltype(scale_data)>>;
+      const Problem<Scale> problem{q.data_ptr<int8_t>(), sx.data_ptr<float>(), qsum.data_ptr<int32_t>(),
+                                   codes.data_ptr<uint8_t>(), scale_data, zeros.data_ptr<uint8_t>(),
+                                   out.data_ptr<float>(), m, n, k, block, (k / block) / groups};
+      run(problem);
+    };
+    if (scale_type == at::kFloat) solve(scales.data_ptr<float>());
+    else if (scale_type == at::kBFloat16) solve(scales.data_ptr<at::BFloat16>());
+    else solve(scales.data_ptr<at::Half>());
   }
 #endif
   return out;

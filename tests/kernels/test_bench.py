@@ -63,6 +63,6 @@ def test_tensor_bytes_counts_every_tensor_of_a_form():
     from .helpers import make_layer
 
     weight = PackedInt4Weight(*make_layer(40, 256, 64), 64)  # 40 rows: 3 panels of 16
-    expected = 3 * 32 * 64 + 2 * (3 * 4 * 16 * 4)  # codes (P, K / 8, 64) + float32 scales and int32 zeros (P, G, 16)
+    expected = 3 * 32 * 64 + 3 * 4 * 16 * (2 + 1)  # codes (P, K / 8, 64) + fp16 scales and uint8 zeros (P, G, 16)
     assert bench_summary._tensor_bytes([vnni_form(weight)]) == expected
     assert bench_summary._tensor_bytes((torch.zeros(3), [torch.zeros(2, dtype=torch.int8)])) == 14
