@@ -108,7 +108,8 @@ def vnni_form(weight: PackedInt4Weight) -> VnniForm:
 def quantize_activations_reference(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
     """The specification of the kernel's activation quantizer, x (M, K) float -> (q int8, sx fp32, qsum int32).
 
-    Per row and block of k: sx = max |x| / 127 in fp32 (1 for an all-zero block), q = round(x / sx) to
+    Per row and block of k: sx = max |x| / 127 in fp32 (1 where that is 0: an all-zero block, or one whose
+    largest value is so small that the division underflows), q = round(x / sx) to
     nearest even, qsum = the block's sum of q; a block with an infinity or NaN: sx = NaN, q = 0 (its row's
     outputs become NaN). kernels/csrc/int8_act_gemm.cpp computes the same bits.
     """

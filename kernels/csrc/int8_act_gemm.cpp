@@ -88,8 +88,8 @@ void tile(const Problem<Scale>& pr, int64_t m0, int64_t p0) {
     const int64_t g = b / pr.blocks_per_group;
     __m512i dot[MT][NP];
     for (int p = 0; p < NP; ++p) {
-      const __m512i zero =
-          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pr.zeros + ((p0 + p) * groups + g) * 16)));
+      const uint8_t* zeros = pr.zeros + ((p0 + p) * groups + g) * 16;
+      const __m512i zero = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros)));
       for (int r = 0; r < MT; ++r)
         dot[r][p] = _mm512_mullo_epi32(zero, _mm512_set1_epi32(-pr.qsum[(m0 + r) * blocks + b]));
     }
@@ -154,8 +154,7 @@ void run(const Problem<Scale>& pr) {
   });
 }
 
-
-// One row: per block, sx = max |x| / 127 (1 for an all-zero block), q = round(x / sx) (nearest even), Q = sum q.
+// One row: per block, sx = max |x| / 127 (1 where that is 0), q = round(x / sx) (nearest even), Q = sum q.
 // A block holding an infinity or NaN gets sx = NaN (and q = 0), so every output of its row is NaN, as in a float
 // GEMM, instead of a finite value made from saturated integers.
 template <typename T>
@@ -175,8 +174,8 @@ void quantize_row(const T* x, int64_t k, int64_t block, int8_t* q, float* sx, in
       qsum[b] = 0;
       continue;
     }
-    const float largest = _mm512_reduce_max_ps(peak);
-    const float scale = largest > 0.0f ? largest / 127.0f : 1.0f;
+    const float quotient = _mm512_reduce_max_ps(peak) / 127.0f;
+    const float scale = quotient > 0.0f ? quotient : 1.0f;  // all zero, or so small that max / 127 underflows
     const __m512 divisor = _mm512_set1_ps(scale);
     __m512i total = _mm512_setzero_si512();
     for (int64_t i = 0; i < block; i += 16) {
@@ -189,6 +188,7 @@ void quantize_row(const T* x, int64_t k, int64_t block, int8_t* q, float* sx, in
     qsum[b] = _mm512_reduce_add_epi32(total);
   }
 }
+
 }  // namespace
 #endif
 

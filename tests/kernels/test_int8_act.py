@@ -35,12 +35,17 @@ def test_compiled_quantizer_equals_the_specification_bit_for_bit(dtype):
     x = _x(9, 4128, dtype, seed=1)
     x[1, 40:72] = torch.arange(32, dtype=torch.float32).sub(15.5).mul(127 / 15.5 / 3.0).to(dtype)  # halfway cases
     x[2, 64:96] = torch.tensor([127.0, -0.5, 0.5, 1.5, -1.5, 2.5] + [0.0] * 26).to(dtype)  # ties at sx = 1
+    x[3, 96:128] = 1e-44 if dtype == torch.float32 else 1e-39  # subnormal (fp32: max / 127 underflows -> sx = 1)
     for actual, expected in zip(native_module().quantize_activations(x, 32),
                                 int8_act.quantize_activations_reference(x, 32), strict=True):
         assert actual.dtype == expected.dtype and torch.equal(actual, expected)
     q, sx, qsum = int8_act.quantize_activations_reference(x, 32)
     assert q[2, 64:70].tolist() == [127, 0, 0, 2, -2, 2]  # round half to even
     assert sx[0, 0] == 1.0 and not q[0, :32].any()
+    if dtype == torch.float32:
+        assert sx[3, 3] == 1.0 and not q[3, 96:128].any()
+    else:  # bf16's subnormals are large enough for a scale: the block is quantized like any other
+        assert 0 < sx[3, 3] < 1e-40 and (q[3, 96:128] == 127).all()
     assert q.abs().max() <= 127 and torch.equal(qsum, q.reshape(9, -1, 32).sum(-1, dtype=torch.int32))
 
 
