@@ -4,7 +4,8 @@
 
 One 4096 x 4096 layer, int4 g128 asymmetric (fp16 scales in our form; MatMulNBits takes them as fp32,
 exactly), timed interleaved call by call in one process with 2 intra-op threads on both sides:
-dense F.linear in fp32 and bf16, qat's automatic dispatch with fp32 and bf16 activations, and one
+dense F.linear in fp32 and bf16, qat's automatic dispatch with fp32 and bf16 activations, qat's
+int8-activation kernel forced on fp32 activations (what QAT_INT8_ACTIVATIONS=all gives), and one
 MatMulNBits node with accuracy_level 0 (fp32 compute) and 4 (activations quantized to int8 per block,
 integer dot products: the route that reached 6-8x over fp32 in the design card). ORT's threads do not
 spin between runs (they would take the cores from the torch calls interleaved with them). Weight copies rotate
@@ -68,6 +69,7 @@ def timed_methods(x: torch.Tensor, layers: list, dense: dict, sessions: dict) ->
         "dense bf16": lambda i: F.linear(xb, bf16[i % len(bf16)]),
         "qat fp32": lambda i: int4_linear_prepared(x, layers[i % len(layers)]),
         "qat bf16": lambda i: int4_linear_prepared(xb, layers[i % len(layers)]),
+        "qat int8": lambda i: int4_linear_prepared(x, layers[i % len(layers)], backend="cpu_int8_act"),
         "ort 0": lambda i: sessions[0][i % len(layers)].run(None, {"A": x.numpy()}),
         "ort 4": lambda i: sessions[4][i % len(layers)].run(None, {"A": x.numpy()}),
     }
@@ -94,9 +96,10 @@ def main() -> None:
     sessions = {level: [ort_session(w, level, args.threads) for w in layers] for level in (0, 4)}
     exact = dequantize_int4(layers[0].packed, layers[0].scales, layers[0].zeros, GROUP).double()
     started = time.perf_counter()
-    lines = ["| M | dense fp32 ms | dense bf16 ms | qat auto fp32 x | qat auto bf16 x | ORT acc 0 (fp32) | "
-             "ORT acc 4 (int8 act) | ORT acc 4 vs dense bf16 | rel. error qat bf16 / ORT acc 0 / ORT acc 4 |",
-             "| --- " * 9 + "|"]
+    lines = ["| M | dense fp32 ms | dense bf16 ms | qat auto fp32 x | qat auto bf16 x | qat int8 act, fp32 x | "
+             "ORT acc 0 (fp32) | ORT acc 4 (int8 act) | ORT acc 4 vs dense bf16 | "
+             "rel. error qat auto bf16 / qat int8 act / ORT acc 0 / ORT acc 4 |",
+             "| --- " * 10 + "|"]
     print(lines[0], flush=True)
     for m in [int(value) for value in args.rows.split(",")]:
         x = torch.randn(m, K, generator=generator)
@@ -113,11 +116,13 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
         reference = x.double() @ exact.T
-        errors = [relative_error(int4_linear_prepared(x.bfloat16(), layers[0]).float(), reference)]
+        errors = [relative_error(int4_linear_prepared(x.bfloat16(), layers[0]).float(), reference),
+                  relative_error(int4_linear_prepared(x, layers[0], backend="cpu_int8_act"), reference)]
         errors += [relative_error(sessions[level][0].run(None, {"A": x.numpy()})[0], reference) for level in (0, 4)]
         fp32, bf16 = ms["dense fp32"], ms["dense bf16"]
         cells = [m, f"{fp32:.3f}", f"{bf16:.3f}", f"{fp32 / ms['qat fp32']:.2f}x", f"{bf16 / ms['qat bf16']:.2f}x",
-                 f"{fp32 / ms['ort 0']:.2f}x", f"{fp32 / ms['ort 4']:.2f}x", f"{bf16 / ms['ort 4']:.2f}x",
+                 f"{fp32 / ms['qat int8']:.2f}x", f"{fp32 / ms['ort 0']:.2f}x", f"{fp32 / ms['ort 4']:.2f}x",
+                 f"{bf16 / ms['ort 4']:.2f}x",
                  " / ".join(f"{e:.1e}" for e in errors)]
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
         print(lines[-1], flush=True)
@@ -130,9 +135,9 @@ def main() -> None:
                   f"Command: `.venv/bin/python -m benchmarks.ort_anchor --rows {args.rows} --threads {args.threads} "
                   f"--out {args.out}` ({time.perf_counter() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M %Z')}).",
                   "Ratios: time(dense of the column's activation dtype) / time(method), medians of interleaved calls "
-                  "(qat fp32 x and ORT columns vs dense fp32; qat bf16 x vs dense bf16; the next-to-last column: ORT "
-                  "int8 against dense bf16). Relative error: ||y - y_exact|| / ||y_exact||, y_exact the fp64 "
-                  "product with the exact int4 weights.", ""]
+                  "(qat fp32 x, qat int8 act (`cpu_int8_act` forced, fp32 x) and ORT columns vs dense fp32; qat "
+                  "bf16 x vs dense bf16; the next-to-last column: ORT int8 against dense bf16). Relative error: "
+                  "||y - y_exact|| / ||y_exact||, y_exact the fp64 product with the exact int4 weights.", ""]
         Path(args.out).write_text("\n".join(header + lines) + "\n")
         print(f"wrote {args.out}")
 
