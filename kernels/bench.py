@@ -160,7 +160,10 @@ def time_methods(methods: dict[str, tuple[Method, list[Layer]]], x: Tensor, devi
     """name -> median and fastest seconds per call, and the interquartile range / median.
 
     Calls are interleaved one by one (method A, B, C, A, B, C, ...), so a burst of load from
-    other processes hits every method alike, and each call's weight was evicted by the others.
+    other processes hits every method alike. Each method walks its rotation of weight copies from
+    its own offset, so no call finds the copy (or its kernel form) that the call before it read
+    still in cache: two methods sharing a form (a forced backend and the automatic dispatch that
+    picks it) once timed the second from cache (bf16 M = 1: 14x "auto" against 8x for the same kernel).
     Slow methods (SLOW_METHODS) get one call per round.
     """
     for name, (method, rotation) in methods.items():  # warm-up: builds every copy's cached forms, autotunes
@@ -168,12 +171,15 @@ def time_methods(methods: dict[str, tuple[Method, list[Layer]]], x: Tensor, devi
             method(x, layer)
     timer = _call_timer(device)
     pending: dict[str, list[Callable[[], float]]] = {name: [] for name in methods}
-    for round_index in range(rounds):
+    calls = dict.fromkeys(methods, 0)
+    for _ in range(rounds):
         for rep in range(reps):
-            for name, (method, rotation) in methods.items():
+            for position, (name, (method, rotation)) in enumerate(methods.items()):
                 if rep and name in SLOW_METHODS:
                     continue
-                layer = rotation[(round_index * reps + rep) % len(rotation)]
+                offset = position * max(1, len(rotation) // len(methods))  # methods walk the copies apart
+                layer = rotation[(calls[name] + offset) % len(rotation)]
+                calls[name] += 1
                 pending[name].append(timer(lambda method=method, layer=layer: method(x, layer)))
         _synchronize(device)
     result = {}
