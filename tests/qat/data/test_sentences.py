@@ -111,3 +111,21 @@ def test_extra_train_files_add_training_sentences_and_leave_the_held_out_set_alo
     assert more.val_set.sentences == plain.val_set.sentences
     # the extra text first, then the corpus's training sentences, each once; the held-out sentence left out
     assert more.train_set.sentences == ["an extra sentence of seven words here.", *plain.train_set.sentences]
+
+
+def test_train_clauses_add_the_clauses_of_training_sentences_only(text_file, tmp_path):
+    path = tmp_path / "clauses.txt"
+    path.write_text("one two three four five, six seven eight nine ten; a b c. the value of a name is an object. "
+                    "held out one, two three four five six. held out two is here too.", encoding="utf-8")
+    plain = SentenceDataModule(word_tokenizer(), [str(path)], max_length=16, batch_size=2, val_sentences=2)
+    more = SentenceDataModule(word_tokenizer(), [str(path)], max_length=16, batch_size=2, val_sentences=2,
+                              train_clauses=True)
+    plain.setup()
+    more.setup()
+    assert more.val_set.sentences == plain.val_set.sentences == ["held out one, two three four five six.",
+                                                                   "held out two is here too."]
+    # the training sentences, then their clauses of >= 5 words ("a b c." is too short; nothing from held-out text)
+    clauses = ["one two three four five", "six seven eight nine ten"]
+    assert more.train_set.sentences == [*plain.train_set.sentences, *clauses]
+    with pytest.raises(ValueError, match="train_clauses='yes' must be true or false"):
+        SentenceDataModule(word_tokenizer(), max_length=16, train_clauses="yes")
