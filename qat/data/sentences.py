@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from qat.data.corpus import read_documents, split_clauses, split_sentences
+from qat.data.token_dropout import TokenDropout
 from qat.data.tokenize import check_ids_in_vocab, check_length, check_split_settings
 from qat.data_loading import ResumableLoader
 
@@ -81,6 +82,8 @@ class SentenceDataModule(pl.LightningDataModule):
             its sentences come first, then the corpus's training sentences, each once; held-out ones left out.
         train_clauses: also train on the clauses of the training sentences (pieces between ", ", "; ", ": " and
             parentheses with at least `min_words` words), after them, each once; none equal to a held-out sentence.
+        train_token_dropout: drop each inner token of a training sentence with this probability, drawn anew
+            per epoch (`qat.data.token_dropout.TokenDropout`); validation is never dropped. 0 = off.
         vocab_size, max_positions: the model's vocabulary size and maximum length, checked as in
             `TextDataModule`.
     """
@@ -89,7 +92,8 @@ class SentenceDataModule(pl.LightningDataModule):
                  batch_size: int = 32, val_fraction: float = 0.1, val_sentences: Optional[int] = None, seed: int = 0,
                  min_words: int = 5, max_train_sentences: Optional[int] = None, vocab_size: Optional[int] = None,
                  max_positions: Optional[int] = None, val_batch_size: Optional[int] = None,
-                 extra_train_files: Optional[Sequence[str]] = None, train_clauses: bool = False) -> None:
+                 extra_train_files: Optional[Sequence[str]] = None, train_clauses: bool = False,
+                 train_token_dropout: float = 0.0) -> None:
         super().__init__()
         check_length(max_length, "max_length", tokenizer, max_positions)
         check_split_settings(val_fraction, batch_size=batch_size, val_sentences=val_sentences,
@@ -104,7 +108,9 @@ class SentenceDataModule(pl.LightningDataModule):
         self.extra_train_files = [extra_train_files] if isinstance(extra_train_files, str) else extra_train_files
         if not isinstance(train_clauses, bool):
             raise ValueError(f"train_clauses={train_clauses!r} must be true or false")
-        self.train_clauses = train_clauses
+        if not 0.0 <= train_token_dropout < 1.0:
+            raise ValueError(f"train_token_dropout={train_token_dropout!r} must be in [0, 1)")
+        self.train_clauses, self.train_token_dropout = train_clauses, train_token_dropout
         self.train_set: Optional[TokenizedSentences] = None
         self.val_set: Optional[TokenizedSentences] = None
 
@@ -149,8 +155,14 @@ class SentenceDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         self._require_setup()
-        return ResumableLoader(self.train_set, batch_size=self.batch_size, shuffle=True, seed=self.seed,
-                               collate_fn=PadCollate(int(self.tokenizer.pad_token_id)))
+        dataset = self.train_set
+        if self.train_token_dropout > 0:
+            dataset = TokenDropout(self.train_set, self.train_token_dropout, self.seed)
+        loader = ResumableLoader(dataset, batch_size=self.batch_size, shuffle=True, seed=self.seed,
+                                 collate_fn=PadCollate(int(self.tokenizer.pad_token_id)))
+        if isinstance(dataset, TokenDropout):
+            dataset.sampler = loader.epoch_sampler  # the drops follow the loader's epoch, resume included
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()

@@ -215,13 +215,15 @@ class Distillation(pl.Callback):
         return terms
 
     def _bank(self, device: torch.device) -> Tensor:
-        """The teacher bank, built on first use from the training set in order (no shuffling)."""
+        """The teacher bank, built on first use from the training set in order (no shuffling); a training
+        dataset that wraps another as `source` (token dropout) gives the bank of its clean sentences."""
         if self.bank is None:
             datamodule = self._trainer.datamodule if self._trainer is not None else None
             if datamodule is None:
                 raise RuntimeError("distill.bank_weight needs the Trainer to be given a LightningDataModule")
             loader = datamodule.train_dataloader()
-            ordered = DataLoader(loader.dataset, batch_size=BANK_BATCH_SIZE, shuffle=False,
+            dataset = getattr(loader.dataset, "source", loader.dataset)  # the clean sentences under an augmentation
+            ordered = DataLoader(dataset, batch_size=BANK_BATCH_SIZE, shuffle=False,
                                  collate_fn=loader.collate_fn)
             started = time.perf_counter()
             self.bank = teacher_bank(lambda batch: self.teacher_logits(move_batch(batch, device)), ordered)
