@@ -33,6 +33,7 @@ LR_SCHEDULES = ("cosine", "constant")
 FEATURE_LOSSES = ("mse", "cosine")
 DEFAULT_MODEL = "qat.zoo.DigitsCNN"
 TEACHER_DTYPES = ("float32", "bfloat16")
+BANK_LOSSES = ("kl", "mse")  # qat.distill_bank.BANK_LOSSES (the recipe layer does not import torch code)
 PRUNE_METHODS = ("magnitude", "global_magnitude", "nm")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 
@@ -200,7 +201,12 @@ class DistillConfig:
     `teacher_dtype: bfloat16` runs the teacher in bf16. `relation_weight` (task 'embedding'
     only; 0 = off) adds r(t) * relation_weight * the mean squared difference of the student's
     and the teacher's in-batch pairwise cosine similarities (qat.distill.embedding_relation_loss),
-    for nearest-neighbour agreement.
+    for nearest-neighbour agreement. `bank_weight` (task 'embedding' only; 0 = off) adds
+    r(t) * bank_weight * a neighbourhood loss of each student embedding against a bank of the teacher's
+    embeddings of every training sentence, built once at the start of training
+    (qat.distill_bank.bank_relation_loss): `bank_loss` 'kl' (softmax of the bank cosines at
+    `bank_temperature`, teacher || student) or 'mse' (the bank cosines' squared differences), over the
+    whole bank or the teacher's `bank_top_k` nearest entries (null = all); the sentence itself is left out.
     """
 
     enabled: bool = False
@@ -216,6 +222,10 @@ class DistillConfig:
     teacher_dtype: str = "float32"
     embedding_loss: str = "cosine"
     relation_weight: float = 0.0
+    bank_weight: float = 0.0
+    bank_loss: str = "kl"
+    bank_temperature: float = 0.05
+    bank_top_k: Optional[int] = None
 
     def __post_init__(self) -> None:
         _choice("distill.feature_loss", self.feature_loss, FEATURE_LOSSES)
@@ -223,7 +233,13 @@ class DistillConfig:
         _choice("distill.embedding_loss", self.embedding_loss, FEATURE_LOSSES)
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature={self.temperature} must be > 0")
-        for key in ("weight", "task_weight", "feature_weight", "start_step", "ramp_steps", "relation_weight"):
+        _choice("distill.bank_loss", self.bank_loss, BANK_LOSSES)
+        if not self.bank_temperature > 0:
+            raise ConfigError(f"distill.bank_temperature={self.bank_temperature} must be > 0")
+        if self.bank_top_k is not None and self.bank_top_k < 1:
+            raise ConfigError(f"distill.bank_top_k={self.bank_top_k} must be >= 1, or null for the whole bank")
+        for key in ("weight", "task_weight", "feature_weight", "start_step", "ramp_steps", "relation_weight",
+                    "bank_weight"):
             if not getattr(self, key) >= 0:  # NaN fails too
                 raise ConfigError(f"distill.{key}={getattr(self, key)} must be >= 0")
         if self.enabled and self.task_weight == 0 and (self.teacher == "warmup" or self.start_step > 0):
@@ -305,9 +321,11 @@ class Recipe:
                 raise ConfigError(f"{key}={value} must be >= 0")
         if self.optimizer.lr <= 0:
             raise ConfigError(f"optimizer.lr={self.optimizer.lr} must be > 0")
-        if self.distill.enabled and self.distill.relation_weight > 0 and self.task != "embedding":
-            raise ConfigError(f"distill.relation_weight={self.distill.relation_weight} compares sentence embeddings: "
-                              f"it needs task 'embedding', not {self.task!r} (set it to 0)")
+        for key in ("relation_weight", "bank_weight"):
+            value = getattr(self.distill, key)
+            if self.distill.enabled and value > 0 and self.task != "embedding":
+                raise ConfigError(f"distill.{key}={value} compares sentence embeddings: "
+                                  f"it needs task 'embedding', not {self.task!r} (set it to 0)")
 
 
 def _choice(key: str, value: str, allowed: tuple) -> None:

@@ -24,7 +24,7 @@ import json
 import re
 import sysconfig
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 DOCUMENT_SEPARATOR = "\n\n"
 STDLIB_DOCSTRINGS = "stdlib:docstrings"
@@ -125,6 +125,7 @@ def read_corpus(files: Optional[Sequence[str]] = None) -> str:
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_CLAUSE_BREAK = re.compile(r"[,;:]\s+|\s+\(|\)\s+")
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 
 
@@ -150,3 +151,21 @@ def split_sentences(documents: Sequence[str], min_words: int = 5, max_chars: int
                 seen.add(sentence)
                 sentences.append(sentence)
     return sentences
+
+
+def split_clauses(sentences: Sequence[str], min_words: int = 5, exclude: Iterable[str] = ()) -> list[str]:
+    """The clauses of `sentences`, in order, each once: the pieces between ", ", "; ", ": " and parentheses
+    with at least `min_words` words, none equal to a sentence given or to one in `exclude`.
+
+    >>> split_clauses(["One two three four five, six seven eight nine ten (and more)."])
+    ['One two three four five', 'six seven eight nine ten']
+    """
+    seen = set(sentences) | set(exclude)
+    clauses = []
+    for sentence in sentences:
+        for piece in _CLAUSE_BREAK.split(sentence):
+            piece = piece.strip()
+            if len(piece.split()) >= min_words and piece not in seen:
+                seen.add(piece)
+                clauses.append(piece)
+    return clauses

@@ -6,7 +6,8 @@
 
 Each distinct sentence appears once, so no held-out sentence is ever trained on. `extra_train_files`
 adds the sentences of more text to the training split only (a held-out sentence found there is left
-out), so the held-out set stays the corpus's own last sentences. Batches are
+out), so the held-out set stays the corpus's own last sentences; `train_clauses` adds the clauses of the
+training sentences (`qat.data.corpus.split_clauses`), more distinct inputs from the same text. Batches are
 dicts {"input_ids", "attention_mask"} (plus "token_type_ids" when the tokenizer gives them) of
 (B, L) int64 tensors, padded to the longest sentence of the batch (L <= max_length).
 
@@ -25,7 +26,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from qat.data.corpus import read_documents, split_sentences
+from qat.data.corpus import read_documents, split_clauses, split_sentences
+from qat.data.token_dropout import TokenDropout
 from qat.data.tokenize import check_ids_in_vocab, check_length, check_split_settings
 from qat.data_loading import ResumableLoader
 
@@ -78,6 +80,10 @@ class SentenceDataModule(pl.LightningDataModule):
         max_train_sentences: keep only the first this-many training sentences (None = all).
         extra_train_files: more text for training only, in `files`' spelling ('stdlib:docstrings' included):
             its sentences come first, then the corpus's training sentences, each once; held-out ones left out.
+        train_clauses: also train on the clauses of the training sentences (pieces between ", ", "; ", ": " and
+            parentheses with at least `min_words` words), after them, each once; none equal to a held-out sentence.
+        train_token_dropout: drop each inner token of a training sentence with this probability, drawn anew
+            per epoch (`qat.data.token_dropout.TokenDropout`); validation is never dropped. 0 = off.
         vocab_size, max_positions: the model's vocabulary size and maximum length, checked as in
             `TextDataModule`.
     """
@@ -86,7 +92,8 @@ class SentenceDataModule(pl.LightningDataModule):
                  batch_size: int = 32, val_fraction: float = 0.1, val_sentences: Optional[int] = None, seed: int = 0,
                  min_words: int = 5, max_train_sentences: Optional[int] = None, vocab_size: Optional[int] = None,
                  max_positions: Optional[int] = None, val_batch_size: Optional[int] = None,
-                 extra_train_files: Optional[Sequence[str]] = None) -> None:
+                 extra_train_files: Optional[Sequence[str]] = None, train_clauses: bool = False,
+                 train_token_dropout: float = 0.0) -> None:
         super().__init__()
         check_length(max_length, "max_length", tokenizer, max_positions)
         check_split_settings(val_fraction, batch_size=batch_size, val_sentences=val_sentences,
@@ -99,6 +106,11 @@ class SentenceDataModule(pl.LightningDataModule):
         self.val_fraction, self.val_sentences, self.min_words = val_fraction, val_sentences, min_words
         self.max_train_sentences, self.vocab_size = max_train_sentences, vocab_size
         self.extra_train_files = [extra_train_files] if isinstance(extra_train_files, str) else extra_train_files
+        if not isinstance(train_clauses, bool):
+            raise ValueError(f"train_clauses={train_clauses!r} must be true or false")
+        if not 0.0 <= train_token_dropout < 1.0:
+            raise ValueError(f"train_token_dropout={train_token_dropout!r} must be in [0, 1)")
+        self.train_clauses, self.train_token_dropout = train_clauses, train_token_dropout
         self.train_set: Optional[TokenizedSentences] = None
         self.val_set: Optional[TokenizedSentences] = None
 
@@ -119,6 +131,8 @@ class SentenceDataModule(pl.LightningDataModule):
             train = [s for s in extra if s not in held_out] + [s for s in train if s not in seen]
         if self.max_train_sentences is not None:
             train = train[: self.max_train_sentences]
+        if self.train_clauses:
+            train = train + split_clauses(train, self.min_words, exclude=val)
         return train, val
 
     def _tokenize(self, sentences: list[str]) -> TokenizedSentences:
@@ -141,8 +155,14 @@ class SentenceDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         self._require_setup()
-        return ResumableLoader(self.train_set, batch_size=self.batch_size, shuffle=True, seed=self.seed,
-                               collate_fn=PadCollate(int(self.tokenizer.pad_token_id)))
+        dataset = self.train_set
+        if self.train_token_dropout > 0:
+            dataset = TokenDropout(self.train_set, self.train_token_dropout, self.seed)
+        loader = ResumableLoader(dataset, batch_size=self.batch_size, shuffle=True, seed=self.seed,
+                                 collate_fn=PadCollate(int(self.tokenizer.pad_token_id)))
+        if isinstance(dataset, TokenDropout):
+            dataset.sampler = loader.epoch_sampler  # the drops follow the loader's epoch, resume included
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()

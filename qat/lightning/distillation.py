@@ -19,6 +19,10 @@ or bfloat16, on each rank (DDP) on its own. The loss terms go through
     feature  = r(t) * feature_weight * sum of feature losses            (student -> teacher layers)
     relation = r(t) * relation_weight * in-batch pairwise-cosine MSE    (task 'embedding' only;
                qat.distill.embedding_relation_loss; logged as its own term)
+    bank     = r(t) * bank_weight * neighbourhood loss against the teacher's embeddings of every
+               training sentence (task 'embedding' only; qat.distill_bank; built at the term's first
+               step from the data module's training set, in order, and never checkpointed: the same
+               teacher and data give the same bank on resume)
     r(t)     = min(1, (t - start + 1) / ramp_steps)  (1 without a ramp), 0 before start
 
 `task_weight: 0` trains on the distillation terms alone (labels-free).
@@ -32,13 +36,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 import safetensors.torch
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from qat.distill import (
     FeatureTaps,
@@ -49,11 +56,13 @@ from qat.distill import (
     kd_logit_loss,
     token_kd_loss,
 )
-from qat.lightning.tasks import Task, make_task
+from qat.distill_bank import bank_relation_loss, teacher_bank
+from qat.lightning.tasks import Task, make_task, move_batch
 from qat.prepare import unprepare
 from qat.recipe import DistillConfig
 
 TEACHER_FILE = "teacher.safetensors"
+BANK_BATCH_SIZE = 64  # sentences per teacher forward while the bank is built
 
 
 def _device_of(inputs: Any) -> Optional[torch.device]:
@@ -108,6 +117,7 @@ class Distillation(pl.Callback):
         self._student_taps: Optional[FeatureTaps] = None
         self._teacher_taps: Optional[FeatureTaps] = None
         self._trainer: Optional[pl.Trainer] = None
+        self.bank: Optional[Tensor] = None  # (N, H) teacher embeddings of the training sentences (bank_weight > 0)
         self.task: Task = make_task("classification")  # the LightningModule's, from setup on
         if teacher is not None:
             self._set_teacher(teacher)
@@ -193,6 +203,10 @@ class Distillation(pl.Callback):
         terms = {"kd": (ramp * c.weight) * self.output_loss(output, teacher, inputs)}
         if c.relation_weight > 0:
             terms["relation"] = (ramp * c.relation_weight) * embedding_relation_loss(output, teacher)
+        if c.bank_weight > 0:
+            bank = self._bank(output.device)
+            loss = bank_relation_loss(output, teacher, bank, c.bank_loss, c.bank_temperature, c.bank_top_k)
+            terms["bank"] = (ramp * c.bank_weight) * loss
         if c.features:
             loss = feature_loss(self._student_taps, self._teacher_taps, c.features, c.feature_loss)
             terms["feature"] = (ramp * c.feature_weight) * loss
@@ -200,13 +214,31 @@ class Distillation(pl.Callback):
             self._teacher_taps.clear()
         return terms
 
+    def _bank(self, device: torch.device) -> Tensor:
+        """The teacher bank, built on first use from the training set in order (no shuffling); a training
+        dataset that wraps another as `source` (token dropout) gives the bank of its clean sentences."""
+        if self.bank is None:
+            datamodule = self._trainer.datamodule if self._trainer is not None else None
+            if datamodule is None:
+                raise RuntimeError("distill.bank_weight needs the Trainer to be given a LightningDataModule")
+            loader = datamodule.train_dataloader()
+            dataset = getattr(loader.dataset, "source", loader.dataset)  # the clean sentences under an augmentation
+            ordered = DataLoader(dataset, batch_size=BANK_BATCH_SIZE, shuffle=False,
+                                 collate_fn=loader.collate_fn)
+            started = time.perf_counter()
+            self.bank = teacher_bank(lambda batch: self.teacher_logits(move_batch(batch, device)), ordered)
+            rank_zero_info(f"distillation bank: teacher embeddings of {self.bank.shape[0]} training sentences "
+                           f"in {time.perf_counter() - started:.1f} s")
+        return self.bank
+
     # ---- hooks --------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
         self.task = pl_module.task_spec
-        if self.config.relation_weight > 0 and self.task.name != "embedding":
-            raise ValueError(f"distill.relation_weight={self.config.relation_weight} compares sentence embeddings: "
-                             f"it needs task 'embedding', not {self.task.name!r} (set it to 0)")
+        for key in ("relation_weight", "bank_weight"):
+            if getattr(self.config, key) > 0 and self.task.name != "embedding":
+                raise ValueError(f"distill.{key}={getattr(self.config, key)} compares sentence embeddings: "
+                                 f"it needs task 'embedding', not {self.task.name!r} (set it to 0)")
         if self.loss_terms not in pl_module.loss_hooks:
             pl_module.loss_hooks.append(self.loss_terms)
         pl_module.task_loss_weight = self.config.task_weight

@@ -111,3 +111,50 @@ def test_extra_train_files_add_training_sentences_and_leave_the_held_out_set_alo
     assert more.val_set.sentences == plain.val_set.sentences
     # the extra text first, then the corpus's training sentences, each once; the held-out sentence left out
     assert more.train_set.sentences == ["an extra sentence of seven words here.", *plain.train_set.sentences]
+
+
+def test_train_clauses_add_the_clauses_of_training_sentences_only(text_file, tmp_path):
+    path = tmp_path / "clauses.txt"
+    path.write_text("one two three four five, six seven eight nine ten; a b c. the value of a name is an object. "
+                    "held out one, two three four five six. held out two is here too.", encoding="utf-8")
+    plain = SentenceDataModule(word_tokenizer(), [str(path)], max_length=16, batch_size=2, val_sentences=2)
+    more = SentenceDataModule(word_tokenizer(), [str(path)], max_length=16, batch_size=2, val_sentences=2,
+                              train_clauses=True)
+    plain.setup()
+    more.setup()
+    assert more.val_set.sentences == plain.val_set.sentences == ["held out one, two three four five six.",
+                                                                   "held out two is here too."]
+    # the training sentences, then their clauses of >= 5 words ("a b c." is too short; nothing from held-out text)
+    clauses = ["one two three four five", "six seven eight nine ten"]
+    assert more.train_set.sentences == [*plain.train_set.sentences, *clauses]
+    with pytest.raises(ValueError, match="train_clauses='yes' must be true or false"):
+        SentenceDataModule(word_tokenizer(), max_length=16, train_clauses="yes")
+
+
+def test_token_dropout_drops_inner_tokens_anew_each_epoch_and_resumes_alike():
+    dm = SentenceDataModule(word_tokenizer(), None, max_length=32, batch_size=8, max_train_sentences=64,
+                            train_token_dropout=0.3)
+    plain = SentenceDataModule(word_tokenizer(), None, max_length=32, batch_size=8, max_train_sentences=64)
+    dm.setup()
+    plain.setup()
+    loader = dm.train_dataloader()
+    epochs = [[batch["input_ids"] for batch in loader] for _ in range(2)]
+    clean = [batch["input_ids"] for batch in plain.train_dataloader()]  # the same order in epoch 0
+    kept = sum(int((b != 0).sum()) for b in epochs[0]) / sum(int((b != 0).sum()) for b in clean)
+    assert 0.6 < kept < 0.85  # 30 % of the inner tokens; [CLS] / [SEP] always kept
+    for dropped, full in zip(epochs[0], clean, strict=True):
+        assert torch.equal(dropped[:, 0], full[:, 0])  # [CLS] first
+    dropping = loader.dataset  # a TokenDropout over the clean sentences, following the loader's epoch
+    assert dropping.source is dm.train_set and dropping.sampler is loader.epoch_sampler
+    by_epoch = []
+    for epoch in (0, 1):
+        dropping.sampler.epoch = epoch
+        by_epoch.append([dropping[i]["input_ids"].tolist() for i in range(len(dropping))])
+    assert by_epoch[0] != by_epoch[1]  # other drops each epoch
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict({"epoch": 1, "batches_done": 3, "epoch_complete": False})
+    assert all(torch.equal(a["input_ids"], b) for a, b in zip(list(resumed), epochs[1][3:], strict=True))
+    validation = zip(dm.val_dataloader(), plain.val_dataloader(), strict=True)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in validation)  # never dropped
+    with pytest.raises(ValueError, match=r"train_token_dropout=1\.0 must be in \[0, 1\)"):
+        SentenceDataModule(word_tokenizer(), max_length=16, train_token_dropout=1.0)
