@@ -18,6 +18,7 @@ from qat.distill_bank import bank_cosines, bank_relation_loss, teacher_bank
 from qat.lightning.distillation import Distillation
 from qat.lightning.module import QATModule
 from qat.recipe import DistillConfig, load_recipe
+from tests.qat.test_distill_relation import TinyEncoder
 
 # A 2-d bank whose cosines are exact in binary: b0 = (1, 0), b1 = (0, 1), b2 = (0.6, 0.8).
 BANK = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
@@ -156,17 +157,6 @@ def test_recipe_refuses_a_bank_outside_the_embedding_task():
     assert load_recipe("recipes/minilm_w4_kd.yaml").distill.bank_weight == 0.0  # off by default
     with pytest.raises(ConfigError, match=r"distill\.bank_weight=1\.0 .* needs task 'embedding', not 'classif"):
         load_recipe(None, ["distill.enabled=true", "distill.bank_weight=1.0"])
-
-
-class TinyEncoder(nn.Module):
-    """Token embeddings as hidden states: an encoder for task 'embedding' (mean pooling of (B, T, H))."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        self.table = nn.Embedding(20, 6, _weight=torch.randn(20, 6, generator=torch.Generator().manual_seed(seed)))
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.table(input_ids)  # (B, T, H)
 
 
 def test_callback_builds_the_bank_from_the_training_set_and_adds_its_term():
