@@ -5,7 +5,8 @@ a failed build (the reason is printed once, to stderr), or QAT_NATIVE=0. Callers
 torch-only path for None, so the package still imports and runs with torch alone (the device
 image, a machine without a compiler). The build takes ~30 s once per machine and torch
 version; the library is cached under $QAT_NATIVE_BUILD_DIR (default
-~/.cache/qat/native/<python>-<torch>), in a folder per version of the sources.
+~/.cache/qat/native/<python>-<torch>), in a folder per version of the sources. Each use marks its
+folder as used; folders of other source versions unused for `STALE_DAYS` days are deleted at the next build.
 
 The AVX-512 path is compiled in when the CPU has AVX-512 F/BW/BF16/VNNI (`-march=native` is not
 used, so a cached build never carries instructions the CPU lacks); otherwise a scalar loop.
@@ -23,6 +24,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
@@ -35,6 +37,7 @@ ENV_DISABLE = "QAT_NATIVE"
 ENV_BUILD_DIR = "QAT_NATIVE_BUILD_DIR"
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")
 AVX512_OPTIONS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni")
+STALE_DAYS = 14
 WITHOUT = "cpu_small_m and cpu_int8_act are not offered and the blocked CPU path dequantizes with torch ops (slower)."
 
 
@@ -75,6 +78,19 @@ def build_directory(flags: Optional[list[str]] = None) -> Path:
     return base / source_digest(compile_flags(cpu_flags()) if flags is None else flags)
 
 
+def prune_stale_builds(current: Path, days: float = STALE_DAYS) -> list[Path]:
+    """Delete the sibling build folders of `current` (other source versions) unused for `days` days; returns
+    them. A folder's modification time marks its last use (`native_module` touches its own at every load)."""
+    cutoff = time.time() - days * 86400
+    removed = []
+    for folder in current.parent.iterdir() if current.parent.is_dir() else ():
+        if folder == current or not folder.is_dir() or folder.stat().st_mtime >= cutoff:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 @functools.cache
 def native_module() -> Optional[ModuleType]:
     """The compiled module, or None (disabled, no compiler, or the build failed: said once on stderr)."""
@@ -89,7 +105,9 @@ def native_module() -> Optional[ModuleType]:
     directory = build_directory(flags)
     directory.mkdir(parents=True, exist_ok=True)
     name = "qat_native_avx512" if "-mavx512bf16" in flags else "qat_native_scalar"
+    os.utime(directory)  # marks this source version as in use (see prune_stale_builds)
     if not (directory / f"{name}.so").exists():
+        prune_stale_builds(directory)
         print(f"qat.kernels: compiling the CPU kernels (kernels/csrc) into {directory}, once: 30-60 s",
               file=sys.stderr)
     path = os.environ.get("PATH", "")
