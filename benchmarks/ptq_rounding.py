@@ -7,7 +7,7 @@ nearest-neighbour agreement on the held-out sentences, with the seconds the roun
 
 Usage:
     .venv/bin/python -m benchmarks.ptq_rounding [--recipe recipes/minilm_w4_kd.yaml] [--damping 0.01 ...]
-        [recipe overrides ...]
+        [recipe overrides ...]   (e.g. schedule.gptq_act_order=true)
 """
 
 from __future__ import annotations
@@ -58,10 +58,11 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         calibrate(run.model, batches)
         if damping is not None:
-            gptq_round(run.model, batches, damping)
+            gptq_round(run.model, batches, damping, recipe.schedule.gptq_act_order)
         seconds = time.perf_counter() - start
         cosine, agreement = measure(reference, run.model, val_batches)
-        label = "nearest" if damping is None else f"gptq, damping {damping:g}"
+        order = ", act-order" if recipe.schedule.gptq_act_order else ""
+        label = "nearest" if damping is None else f"gptq{order}, damping {damping:g}"
         print(f"| {label} | {cosine:.4f} | {agreement:.3f} | {seconds:.1f} |", flush=True)
 
 

@@ -86,6 +86,8 @@ class ScheduleConfig:
     the same batches (`qat.ptq`; each group's range still from `init`, `gptq_damping` times the
     mean diagonal of X^T X added); the weights are replaced by GPTQ's updated weights, so
     training starts from GPTQ's codes. Embedding and Conv2d layers keep round-to-nearest.
+    `gptq_act_order`: GPTQ takes the columns by decreasing input energy, with each group's range
+    fixed from the original weight (`qat.ptq.gptq`).
     """
 
     warmup_steps: int = 0
@@ -95,9 +97,13 @@ class ScheduleConfig:
     freeze_bn_step: Optional[int] = None
     weight_rounding: str = "nearest"
     gptq_damping: float = 0.01
+    gptq_act_order: bool = False
 
     def __post_init__(self) -> None:
         _choice("schedule.weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
+        if self.gptq_act_order and self.weight_rounding != "gptq":
+            raise ConfigError(f"schedule.gptq_act_order=true needs schedule.weight_rounding='gptq' "
+                              f"(it is {self.weight_rounding!r})")
         if not 0 < self.gptq_damping <= 1:
             raise ConfigError(f"schedule.gptq_damping={self.gptq_damping} is not valid; allowed: (0, 1]")
 

@@ -86,7 +86,8 @@ class EvalSources:
         if self.recipe.schedule.weight_rounding == "gptq":
             from qat.ptq import gptq_round
 
-            gptq_round(model, calibration_batches, self.recipe.schedule.gptq_damping)
+            schedule = self.recipe.schedule
+            gptq_round(model, calibration_batches, schedule.gptq_damping, schedule.gptq_act_order)
         return model.eval()
 
     def qat_model(self) -> Optional[nn.Module]:

@@ -95,7 +95,7 @@ class QuantizationSchedule(pl.Callback):
         set_fake_quant(model, weights=True, activations=True)  # calibrate every quantizer the model will use
         calibrate(model, calibration_batches)
         if self.config.weight_rounding == "gptq":
-            rounded = gptq_round(model, calibration_batches, self.config.gptq_damping)
+            rounded = gptq_round(model, calibration_batches, self.config.gptq_damping, self.config.gptq_act_order)
             broadcast_weights(model, list(rounded))
         broadcast_quantizer_state(model)
         activations_now = (self.config.activation_start_step or 0) <= trainer.global_step

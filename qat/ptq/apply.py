@@ -98,8 +98,10 @@ def collect_second_moments(model: nn.Module, layers: dict[str, QuantLinear], bat
 
 
 @torch.no_grad()
-def gptq_round(model: nn.Module, batches: Iterable, damping: float = DEFAULT_DAMPING) -> dict[str, float]:
+def gptq_round(model: nn.Module, batches: Iterable, damping: float = DEFAULT_DAMPING,
+               act_order: bool = False) -> dict[str, float]:
     """GPTQ-round every quantized Linear of `model` on `batches`; returns each layer's proxy loss.
+    `act_order`: columns by decreasing input energy, group ranges static (see `qat.ptq.gptq`).
 
     Raises `GPTQError` naming the layer for a layer with no inputs, a non-finite H, a shared weight,
     a pruning mask or a group size that does not divide the layer."""
@@ -110,7 +112,8 @@ def gptq_round(model: nn.Module, batches: Iterable, damping: float = DEFAULT_DAM
     losses = {}
     for name, module in layers.items():
         quantizer = module.weight_quantizer
-        result = gptq_quantize(module.weight, moments[name].hessian(), quantizer.config, damping, f"layer '{name}'")
+        result = gptq_quantize(module.weight, moments[name].hessian(), quantizer.config, damping, f"layer '{name}'",
+                               act_order)
         module.weight.copy_(result.weight)
         quantizer.set_qparams(result.scale, result.zero_point)
         losses[name] = result.loss

@@ -14,6 +14,7 @@ from qat.export.pack import quantized_codes
 from qat.functional import dequantize, effective_qparams
 from qat.prepare import prepare
 from qat.ptq import GPTQError, collect_second_moments, gptq_layers, gptq_quantize, gptq_round
+from qat.ptq.gptq import activation_order
 from qat.recipe import ScheduleConfig
 
 ASYM4 = QuantizerConfig(bits=4, symmetric=False, group_size=32, quantizer="lsq_plus", init="mse")
@@ -68,6 +69,54 @@ def test_gptq_output_error_is_below_round_to_nearest(config):
     assert gptq_error < 0.7 * rtn_error, (float(gptq_error), float(rtn_error))
 
 
+CHANNEL4 = QuantizerConfig(bits=4, granularity="channel", init="minmax")
+
+
+def test_act_order_is_gptq_on_columns_sorted_by_input_energy():
+    """Per-channel ranges do not depend on the column order, so act-order must be plain GPTQ run on the
+    columns permuted by decreasing H diagonal, then permuted back: exactly, as the same float ops run."""
+    x = correlated_inputs(512, 128) * torch.linspace(0.2, 3.0, 128)  # distinct input energies
+    hessian, weight = x.T @ x / x.shape[0], torch.randn(24, 128)
+    order = activation_order(hessian)
+    assert torch.equal(hessian.diagonal()[order], hessian.diagonal().sort(descending=True).values)
+    permuted = gptq_quantize(weight[:, order], hessian[order][:, order], CHANNEL4)
+    result = gptq_quantize(weight, hessian, CHANNEL4, act_order=True)
+    inverse = torch.argsort(order)
+    assert torch.equal(result.codes, permuted.codes[:, inverse])
+    assert torch.equal(result.weight, permuted.weight[:, inverse])
+    assert torch.equal(result.scale, permuted.scale) and result.loss == permuted.loss
+    assert not torch.equal(order, torch.arange(128))  # the test would not notice a missing permutation
+
+
+def test_act_order_groups_take_their_ranges_from_the_original_weight():
+    """Groups stay contiguous original columns; their ranges are round-to-nearest's, fixed before the loop,
+    and a diagonal H (no feedback) gives round-to-nearest's codes exactly, in any column order."""
+    weight = torch.randn(16, 128)
+    rtn = nearest(weight, ASYM4)
+    rtn_codes, _, _ = quantized_codes(rtn.weight_quantizer, rtn.weight)
+    diagonal = torch.diag(torch.rand(128) + 0.5)
+    result = gptq_quantize(weight, diagonal, ASYM4, act_order=True)
+    assert torch.equal(result.scale, rtn.weight_quantizer.qparams()[0])
+    assert torch.equal(result.zero_point, rtn.weight_quantizer.qparams()[1])
+    assert torch.equal(result.codes, rtn_codes.float() + ASYM4.qmin) and torch.equal(result.weight, weight)
+    x = correlated_inputs(512, 128)
+    fed_back = gptq_quantize(weight, x.T @ x / 512, ASYM4, act_order=True)
+    assert torch.equal(fed_back.scale, result.scale)  # static: the error feedback does not move them
+    assert not torch.equal(fed_back.codes, result.codes)
+
+
+def test_act_order_output_error_is_below_round_to_nearest():
+    x = correlated_inputs(512, 128) * torch.linspace(0.2, 3.0, 128)
+    weight = torch.randn(24, 128)
+    result = gptq_quantize(weight, x.T @ x / x.shape[0], ASYM4, act_order=True)
+    group = ASYM4.group_size
+    deq = dequantize(result.codes, result.scale.repeat_interleave(group, 1),
+                     result.zero_point.repeat_interleave(group, 1))
+    rtn = nearest(weight, ASYM4)
+    error = torch.linalg.norm(x @ weight.T - x @ deq.T)
+    assert error < 0.7 * torch.linalg.norm(x @ weight.T - x @ rtn.weight_quantizer(rtn.weight).T)
+
+
 def make_model(features: int = 64, config: QuantizerConfig = ASYM4) -> nn.Module:
     model = nn.Sequential(nn.Linear(features, 48), nn.GELU(), nn.Linear(48, 32), nn.Linear(32, 8))
     return prepare(model, QuantSpec(weight=config))[0]
@@ -77,15 +126,17 @@ def batches_of(features: int, count: int = 3) -> list[torch.Tensor]:
     return [correlated_inputs(128, features) for _ in range(count)]
 
 
-def test_model_fake_quant_weights_are_gptq_codes_exactly():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_model_fake_quant_weights_are_gptq_codes_exactly(act_order):
     model, batches = make_model(), batches_of(64)
     calibrate(model, batches)
     expected_model = copy.deepcopy(model)
     layers = gptq_layers(expected_model)
     moments = collect_second_moments(expected_model, layers, batches)
-    expected = {name: gptq_quantize(m.weight, moments[name].hessian(), m.weight_quantizer.config, name=name)
+    expected = {name: gptq_quantize(m.weight, moments[name].hessian(), m.weight_quantizer.config, name=name,
+                                    act_order=act_order)
                 for name, m in layers.items()}
-    losses = gptq_round(model, batches)
+    losses = gptq_round(model, batches, act_order=act_order)
     assert set(losses) == {"0", "2", "3"}
     for name, module in gptq_layers(model).items():
         quantizer, result = module.weight_quantizer, expected[name]
@@ -188,3 +239,6 @@ def test_weight_rounding_setting_is_checked():
         ScheduleConfig(weight_rounding="gptx")
     with pytest.raises(ValueError, match=r"schedule.gptq_damping=0.0 is not valid; allowed: \(0, 1\]"):
         ScheduleConfig(gptq_damping=0.0)
+    assert ScheduleConfig(weight_rounding="gptq", gptq_act_order=True).gptq_act_order
+    with pytest.raises(ValueError, match=r"schedule\.gptq_act_order=true needs schedule\.weight_rounding='gptq'"):
+        ScheduleConfig(gptq_act_order=True)
