@@ -141,11 +141,10 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantizerConfig, damp
     if grouped and order is not None:
         static_scale, static_zero = _static_group_qparams(config, w)  # (N, G)
         group_of = order // config.group_size  # (K,) the group of each processed column
-        w = w[:, order]
     elif not grouped:
         scale, zero = _fixed_qparams(config, w)
-        if order is not None:
-            w = w[:, order]
+    if order is not None:
+        w = w[:, order]  # columns in processing order; ranges above came from the original layout
     block = config.group_size if lazy_ranges else UNGROUPED_BLOCK
     scales, zeros = [], []
     stored, codes = torch.empty_like(w), torch.empty_like(w)
