@@ -94,18 +94,18 @@ def test_gptq_weight_rounding_runs_at_calibration_on_the_calibration_batches(tmp
 
     calls = []
 
-    def spy(model, batches, damping):
-        losses = gptq_round(model, batches, damping)
-        calls.append((len(batches), damping, sorted(losses)))
+    def spy(model, batches, damping, act_order):
+        losses = gptq_round(model, batches, damping, act_order)
+        calls.append((len(batches), damping, act_order, sorted(losses)))
         return losses
 
     monkeypatch.setattr(schedule_module, "gptq_round", spy)
     fit(encoder_recipe(tmp_path / "nearest", bert_folder, "trainer.max_steps=1"))
     assert calls == []
     run = fit(encoder_recipe(tmp_path / "gptq", bert_folder, "schedule.weight_rounding=gptq",
-                             "schedule.gptq_damping=0.05", "trainer.max_steps=1"))
+                             "schedule.gptq_damping=0.05", "schedule.gptq_act_order=true", "trainer.max_steps=1"))
     linears = sorted(name for name, m in run.model.named_modules() if isinstance(m, qat.QuantLinear))
-    assert calls == [(2, 0.05, linears)]  # once, on the 2 calibration batches, every quantized Linear
+    assert calls == [(2, 0.05, True, linears)]  # once, on the 2 calibration batches, every quantized Linear
     assert 0.5 < summarize(run, 0.0)["ptq"]["cosine"] < 1.0
 
 
