@@ -109,6 +109,28 @@ def test_gptq_weight_rounding_runs_at_calibration_on_the_calibration_batches(tmp
     assert 0.5 < summarize(run, 0.0)["ptq"]["cosine"] < 1.0
 
 
+def test_eval_ptq_stage_rounds_like_the_run(tmp_path, bert_folder, monkeypatch):
+    """`qat eval`'s PTQ model takes the recipe's GPTQ settings (damping, act-order), as the run's schedule does."""
+    import itertools
+
+    import qat.ptq
+    from qat.eval.sources import EvalSources
+
+    calls = []
+
+    def spy(model, batches, damping, act_order):
+        calls.append((len(batches), damping, act_order))
+        return gptq_round(model, batches, damping, act_order)
+
+    monkeypatch.setattr(qat.ptq, "gptq_round", spy)
+    recipe = encoder_recipe(tmp_path, bert_folder, "schedule.weight_rounding=gptq", "schedule.gptq_damping=0.05",
+                            "schedule.gptq_act_order=true")
+    sources = EvalSources(recipe, tmp_path, None)
+    batches = list(itertools.islice(iter(sources.datamodule().train_dataloader()), 2))
+    sources.ptq_model(batches)
+    assert calls == [(2, 0.05, True)]
+
+
 @pytest.mark.slow
 def test_generate_from_the_int4_file_greedy_and_sampled(tmp_path, llama_folder, capsys):
     from qat.cli import main
