@@ -24,7 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from qat.kernels import int8_act
+from qat.kernels import dispatch, int8_act
 
 import qat
 from qat.data import TextDataModule
@@ -66,13 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     for label, dtype, policy, backend in ROWS:
         os.environ[int8_act.ENV_VAR] = policy
         if backend is None:
-            os.environ.pop("QAT_KERNEL_BACKEND", None)
+            os.environ.pop(dispatch.ENV_VAR, None)
         else:
-            os.environ["QAT_KERNEL_BACKEND"] = backend
+            os.environ[dispatch.ENV_VAR] = backend
         started = time.perf_counter()
         logits = logits_for(models[dtype], blocks, args.batch)
         results.append((label, logits[:, :-1].reshape(-1, logits.shape[-1]), time.perf_counter() - started))
-    os.environ.pop("QAT_KERNEL_BACKEND", None)
+    os.environ.pop(dispatch.ENV_VAR, None)
     os.environ.pop(int8_act.ENV_VAR, None)
     reference = torch.log_softmax(results[0][1], -1)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "

@@ -83,10 +83,10 @@ class EvalSources:
                                lambda float_model: _load_float(float_model, state, self))
         set_fake_quant(model, weights=True, activations=True)
         calibrate(model, calibration_batches, weights=False)  # weight ranges: set by prepare from these weights
-        if self.recipe.schedule.weight_rounding == "gptq":
+        schedule = self.recipe.schedule
+        if schedule.weight_rounding == "gptq":
             from qat.ptq import gptq_round
 
-            schedule = self.recipe.schedule
             gptq_round(model, calibration_batches, schedule.gptq_damping, schedule.gptq_act_order)
         return model.eval()
 

@@ -115,9 +115,9 @@ def _check_inputs(weight: Tensor, hessian: Tensor, config: QuantizerConfig, name
 
 def _static_group_qparams(config: QuantizerConfig, weight: Tensor) -> tuple[Tensor, Tensor]:
     """(scale, zero) of shape (N, G): each group's range from the original weight (act-order's static groups)."""
-    g = config.group_size
-    ranges = [_range(config, weight[:, start:start + g]) for start in range(0, weight.shape[1], g)]
-    return torch.stack([r[0] for r in ranges], dim=1), torch.stack([r[1] for r in ranges], dim=1)
+    scale, zero = _range(config, to_rows(weight, "group", config.group_size))  # one search over all N * G groups
+    groups = weight.shape[1] // config.group_size
+    return scale.reshape(-1, groups), zero.reshape(-1, groups)
 
 
 def activation_order(hessian: Tensor) -> Tensor:
