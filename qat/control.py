@@ -61,17 +61,17 @@ def init_weight_ranges(model: nn.Module) -> None:
 
 
 @contextmanager
-def calibration(model: nn.Module, weights: bool = True) -> Iterator[None]:
+def calibration(model: nn.Module, weights: bool = True) -> Iterator[list[FakeQuantizer]]:
     """Inside: activation quantizers observe and pass values through. On exit: their
     scales and zero points are set from the observed ranges; with `weights`, weight
-    quantizers are re-initialized from the current weights first."""
+    quantizers are re-initialized from the current weights first. Yields the observing quantizers."""
     if weights:
         init_weight_ranges(model)
     active = [q for _, q in quantizers(model, "activation")]
     for quantizer in active:
         quantizer.start_calibration()
     try:
-        yield
+        yield active
     finally:
         for quantizer in active:
             quantizer.finish_calibration()
@@ -82,13 +82,15 @@ def calibrate(model: nn.Module, batches: Iterable, weights: bool = True) -> int:
     """Run `model` on each batch in eval mode inside `calibration`; returns the number of batches seen.
 
     A batch is a tensor, a tuple whose first item is the input, or a dict of keyword inputs
-    (Hugging Face style; a `labels` entry is left out)."""
+    (Hugging Face style; a `labels` entry is left out). A model without activation quantizers (weight-only)
+    takes its ranges from its weights alone, so the batches are counted but not run."""
     was_training = model.training
     model.eval()
     seen = 0
-    with calibration(model, weights=weights):
+    with calibration(model, weights=weights) as observing:
         for batch in batches:
-            forward_batch(model, batch)
+            if observing:
+                forward_batch(model, batch)
             seen += 1
     model.train(was_training)
     return seen

@@ -1,7 +1,8 @@
 """GPTQ rounding of a prepared model's Linear layers from calibration batches (see `qat.ptq.gptq`).
 
     1. one pass over the batches with weight fake-quant off (float weights; activation quantizers as
-       they are): a forward pre-hook on every quantized Linear adds X^T X of its inputs, in float64;
+       they are): a forward pre-hook on every quantized Linear adds X^T X of its inputs (each batch's in
+       float32, twice as fast as float64 on CPUs; the sum over batches in float64);
        with a dict batch holding an `attention_mask` (B, T), padding tokens are left out of layers whose
        input is (B, T, K)
     2. each Linear's weight is GPTQ-rounded with H = X^T X / tokens; the weight is replaced by the
@@ -39,8 +40,8 @@ class _SecondMoment:
     def add(self, x: Tensor, token_mask: Optional[Tensor]) -> None:
         if token_mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
             x = x[token_mask.bool()]  # (tokens, K): padding left out
-        rows = x.detach().reshape(-1, x.shape[-1]).double()  # (tokens, K)
-        self.sum.addmm_(rows.T, rows)
+        rows = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, K)
+        self.sum += (rows.T @ rows).double()  # one batch in float32, the running sum over batches in float64
         self.tokens += rows.shape[0]
 
     def hessian(self) -> Tensor:

@@ -95,6 +95,22 @@ def test_calibration_context_re_initializes_weight_ranges():
     torch.testing.assert_close(model[0].weight_quantizer.scale.detach(), before * 2, rtol=1e-6, atol=0)
 
 
+def test_weight_only_calibration_counts_batches_without_running_them():
+    model = prepare(nn.Sequential(nn.Linear(32, 8)), QuantSpec(weight=QuantizerConfig(bits=4, group_size=16)))[0]
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    before = model[0].weight_quantizer.scale.detach().clone()
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    assert calibrate(model, [torch.randn(4, 32), torch.randn(4, 32)]) == 2
+    assert forwards == []  # no activation quantizer to observe: ranges come from the weights alone
+    torch.testing.assert_close(model[0].weight_quantizer.scale.detach(), before * 2, rtol=1e-6, atol=0)
+    full = make_model()
+    full.register_forward_hook(lambda *_: forwards.append(1))
+    calibrate(full, [torch.randn(4, 32)])
+    assert forwards == [1]
+
+
 def test_calibration_without_batches_leaves_activations_uninitialized():
     model = make_model()
     with calibration(model, weights=False):
