@@ -30,6 +30,7 @@ def summarize(run: Run, seconds: float) -> dict[str, Any]:
         "run_dir": str(run.run_dir),
         "recipe_hash": recipe_hash(run.recipe),
         "fp": schedule.fp_metrics or None,
+        "rtn": schedule.rtn_metrics or None,
         "ptq": schedule.ptq_metrics or None,
         "qat" if schedule.quantized else "final_float": final,
         "steps": run.trainer.global_step,
@@ -73,13 +74,14 @@ def export_run(run: Run) -> dict[str, Any]:
 def print_summary(summary: dict[str, Any], console: Optional[Console] = None) -> None:
     console = console or Console()
     table = Table(title=f"qat run '{summary['name']}'")
-    stages = [key for key in ("fp", "ptq", "qat", "final_float", "int4") if summary.get(key)]
+    stages = [key for key in ("fp", "rtn", "ptq", "qat", "final_float", "int4") if summary.get(key)]
     metrics = sorted({m for key in stages for m in summary[key]})
     table.add_column("stage")
     for metric in metrics:
         table.add_column(metric, justify="right")
-    labels = {"fp": "FP (float)", "ptq": "PTQ (calibrated)", "qat": "QAT", "final_float": "float (never quantized)",
-              "int4": "int4 export (loaded)"}
+    labels = {"fp": "FP (float)", "rtn": "PTQ round-to-nearest", "qat": "QAT",
+              "ptq": "PTQ GPTQ" if summary.get("rtn") else "PTQ (calibrated)",
+              "final_float": "float (never quantized)", "int4": "int4 export (loaded)"}
     for key in stages:
         table.add_row(labels[key], *(f"{summary[key].get(m, float('nan')):.4f}" for m in metrics))
     console.print(table)

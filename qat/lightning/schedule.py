@@ -4,7 +4,8 @@ At `warmup_steps` (counted in optimizer steps) it measures the float model, runs
 `calibration_batches` training batches through the model to initialize observers and
 scales (weights re-initialized from their warmed-up values; with `weight_rounding: gptq`
 the Linear weights are then GPTQ-rounded on the same batches), switches fake-quant on and
-measures again: the float (FP) and post-training-quantization (PTQ) figures. Later it
+measures again: the float (FP) and post-training-quantization (PTQ) figures (with GPTQ, also the
+round-to-nearest model before it, so the table shows what GPTQ adds). Later it
 turns on activations, freezes scales and observers, and freezes BatchNorm statistics at
 the configured steps. Its state is in every checkpoint, so a resumed run picks up
 exactly where it stopped.
@@ -67,6 +68,7 @@ class QuantizationSchedule(pl.Callback):
         self.bn_frozen = False
         self.fp_metrics: dict[str, float] = {}
         self.ptq_metrics: dict[str, float] = {}
+        self.rtn_metrics: dict[str, float] = {}  # with GPTQ rounding: the model before it, round-to-nearest
 
     def model_setup(self, model: nn.Module) -> None:
         """Before fit on a fresh run: fake-quant off for the float warm-up."""
@@ -94,17 +96,22 @@ class QuantizationSchedule(pl.Callback):
         calibration_batches = self._calibration_batches(trainer, pl_module.device)
         set_fake_quant(model, weights=True, activations=True)  # calibrate every quantizer the model will use
         calibrate(model, calibration_batches)
+        activations_now = (self.config.activation_start_step or 0) <= trainer.global_step
         if self.config.weight_rounding == "gptq":
+            if self.evaluate and val_batches is not None:  # the round-to-nearest figures GPTQ is measured against
+                set_fake_quant(model, weights=True, activations=activations_now)
+                self.rtn_metrics = pl_module.evaluate(val_batches)
+                set_fake_quant(model, weights=True, activations=True)  # GPTQ sees what calibration saw
             rounded = gptq_round(model, calibration_batches, self.config.gptq_damping, self.config.gptq_act_order)
             broadcast_weights(model, list(rounded))
         broadcast_quantizer_state(model)
-        activations_now = (self.config.activation_start_step or 0) <= trainer.global_step
         set_fake_quant(model, weights=True, activations=activations_now)
         self.activations_on = activations_now
         self.quantized = True
         if self.evaluate and val_batches is not None:
             self.ptq_metrics = pl_module.evaluate(val_batches)
-            self._log(trainer, {**self._prefixed("fp", self.fp_metrics), **self._prefixed("ptq", self.ptq_metrics)})
+            self._log(trainer, {**self._prefixed("fp", self.fp_metrics), **self._prefixed("rtn", self.rtn_metrics),
+                                **self._prefixed("ptq", self.ptq_metrics)})
 
     @staticmethod
     def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -132,7 +139,7 @@ class QuantizationSchedule(pl.Callback):
         return list(datamodule.val_dataloader())
 
     def state_dict(self) -> dict:
-        keys = ("quantized", "activations_on", "frozen", "bn_frozen", "fp_metrics", "ptq_metrics")
+        keys = ("quantized", "activations_on", "frozen", "bn_frozen", "fp_metrics", "ptq_metrics", "rtn_metrics")
         return {key: getattr(self, key) for key in keys}
 
     def load_state_dict(self, state: dict) -> None:

@@ -100,13 +100,15 @@ def test_gptq_weight_rounding_runs_at_calibration_on_the_calibration_batches(tmp
         return losses
 
     monkeypatch.setattr(schedule_module, "gptq_round", spy)
-    fit(encoder_recipe(tmp_path / "nearest", bert_folder, "trainer.max_steps=1"))
-    assert calls == []
+    nearest = summarize(fit(encoder_recipe(tmp_path / "nearest", bert_folder, "trainer.max_steps=1")), 0.0)
+    assert calls == [] and nearest["rtn"] is None
     run = fit(encoder_recipe(tmp_path / "gptq", bert_folder, "schedule.weight_rounding=gptq",
                              "schedule.gptq_damping=0.05", "schedule.gptq_act_order=true", "trainer.max_steps=1"))
     linears = sorted(name for name, m in run.model.named_modules() if isinstance(m, qat.QuantLinear))
     assert calls == [(2, 0.05, True, linears)]  # once, on the 2 calibration batches, every quantized Linear
-    assert 0.5 < summarize(run, 0.0)["ptq"]["cosine"] < 1.0
+    summary = summarize(run, 0.0)
+    assert 0.5 < summary["ptq"]["cosine"] < 1.0
+    assert summary["rtn"] == nearest["ptq"]  # before GPTQ, the same calibrated round-to-nearest model, measured alike
 
 
 def test_eval_ptq_stage_rounds_like_the_run(tmp_path, bert_folder, monkeypatch):

@@ -17,7 +17,7 @@ from qat.lightning.loggers import FailSafeLogger
 from qat.lightning.schedule import freeze_batchnorm
 from qat.lightning.telemetry import QuantTelemetry, weight_stats
 from qat.modules import QuantLinear
-from qat.runner import train
+from qat.runner import print_summary, train
 
 from .helpers import FAST, fast_recipe
 
@@ -144,3 +144,16 @@ def test_cli_bench_forwards_its_options_to_the_kernel_benchmark(capsys):
     assert main(["bench", *args]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 128x256")]
     assert {row.split("|")[4].strip() for row in rows} == {"dense", "reference"}
+
+
+def test_summary_table_names_both_roundings_when_gptq_ran():
+    from rich.console import Console
+
+    base = {"name": "r", "steps": 1, "seconds": 1.0, "run_dir": "d", "fp": {"ppl": 13.19}, "ptq": {"ppl": 14.41},
+            "qat": {"ppl": 14.0}}
+    for rtn, labels in ((None, ["PTQ (calibrated)"]), ({"ppl": 19.8}, ["PTQ round-to-nearest", "PTQ GPTQ"])):
+        console = Console(record=True, width=120)
+        print_summary({**base, "rtn": rtn}, console)
+        text = console.export_text()
+        assert all(label in text for label in labels)
+        assert ("19.8000" in text) == (rtn is not None) and ("round-to-nearest" in text) == (rtn is not None)
