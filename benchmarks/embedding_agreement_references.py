@@ -21,14 +21,10 @@ from collections.abc import Callable
 import torch
 
 import qat
-from benchmarks.embedding_agreement_vs_error import sentence_embeddings
-from benchmarks.embedding_error_sources import agreement_figures
-from qat.build import build
+from benchmarks.embedding_error_sources import held_out_reference, row_printer
 from qat.config import QuantizerConfig
 from qat.functional import fake_quantize
-from qat.model_loader import load_float_model
 from qat.observers import make_observer, to_rows
-from qat.recipe import load_recipe
 
 KEPT_FLOAT = ("token_type_embeddings",)  # the recipe's rule: that 2 x 384 table stays float
 
@@ -76,21 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = load_recipe(args.recipe, ["logging.wandb=disabled", "logging.progress_bar=false",
-                                       "logging.run_dir=/tmp/qat-agreement-references", *args.overrides])
-    run = build(recipe)
-    run.datamodule.setup("fit")
-    batches = list(run.datamodule.val_dataloader())
-    teacher = load_float_model(recipe).eval()
-    reference = sentence_embeddings(teacher, batches)
+    batches, teacher, reference = held_out_reference(args.recipe, args.overrides, "/tmp/qat-agreement-references")
     print(f"{reference.shape[0]} held-out sentences\n| weights | cosine | NN agreement | pair RMSE | NN rank |\n"
           f"| --- | --- | --- | --- | --- |")
-
-    def row(label: str, model: torch.nn.Module) -> None:
-        f = agreement_figures(reference, sentence_embeddings(model.eval(), batches))
-        print(f"| {label} | {f['cosine']:.4f} | {f['nn_agreement']:.3f} | {f['pair_rmse']:.4f} | "
-              f"{f['nn_rank']:.3f} |", flush=True)
-
+    row = row_printer(reference, batches)
     for label, rounding in formats().items():
         row(f"{label}, round-to-nearest", rounded_copy(teacher, rounding))
     for file in args.files:

@@ -47,6 +47,27 @@ def agreement_figures(reference: torch.Tensor, embeddings: torch.Tensor) -> dict
             "nn_rank": float(rank.mean())}
 
 
+def held_out_reference(recipe_path: str, overrides: list[str],
+                       run_dir: str) -> tuple[list, torch.nn.Module, torch.Tensor]:
+    """(held-out batches, float model, its sentence embeddings (N, H)) of an encoder recipe."""
+    recipe = load_recipe(recipe_path, ["logging.wandb=disabled", "logging.progress_bar=false",
+                                       f"logging.run_dir={run_dir}", *overrides])
+    run = build(recipe)
+    run.datamodule.setup("fit")
+    batches = list(run.datamodule.val_dataloader())
+    teacher = load_float_model(recipe).eval()
+    return batches, teacher, sentence_embeddings(teacher, batches)
+
+
+def row_printer(reference: torch.Tensor, batches: list) -> Callable[[str, torch.nn.Module], None]:
+    """A function printing one markdown row of `agreement_figures` for a model, under a label."""
+    def row(label: str, model: torch.nn.Module) -> None:
+        f = agreement_figures(reference, sentence_embeddings(model.eval(), batches))
+        print(f"| {label} | {f['cosine']:.4f} | {f['nn_agreement']:.3f} | {f['pair_rmse']:.4f} | "
+              f"{f['nn_rank']:.3f} |", flush=True)
+    return row
+
+
 def reverted_groups(quantized: set[str], layers: int) -> dict[str, Callable[[str], bool]]:
     """{label: does this state key go back to float?} for the groups the table shows."""
     groups: dict[str, Callable[[str], bool]] = {
@@ -72,22 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = load_recipe(args.recipe, ["logging.wandb=disabled", "logging.progress_bar=false",
-                                       "logging.run_dir=/tmp/qat-error-sources", *args.overrides])
-    run = build(recipe)
-    run.datamodule.setup("fit")
-    batches = list(run.datamodule.val_dataloader())
-    teacher = load_float_model(recipe).eval()
-    reference = sentence_embeddings(teacher, batches)
+    batches, teacher, reference = held_out_reference(args.recipe, args.overrides, "/tmp/qat-error-sources")
     loaded = qat.load(args.file)
     print(f"{reference.shape[0]} held-out sentences\n| int4 everywhere, except ... | cosine | NN agreement | "
           f"pair RMSE | NN rank |\n| --- | --- | --- | --- | --- |")
-
-    def row(label: str, model: torch.nn.Module) -> None:
-        f = agreement_figures(reference, sentence_embeddings(model.eval(), batches))
-        print(f"| {label} | {f['cosine']:.4f} | {f['nn_agreement']:.3f} | {f['pair_rmse']:.4f} | "
-              f"{f['nn_rank']:.3f} |", flush=True)
-
+    row = row_printer(reference, batches)
     row("nothing (the file, `qat.load`)", loaded)
     if args.file_only:
         return
