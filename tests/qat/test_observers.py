@@ -100,6 +100,27 @@ def test_mse_search_is_never_worse_than_min_max(bits, symmetric):
     assert (obs.hi <= rows.amax(1)).all() and (obs.lo >= rows.amin(1)).all()
 
 
+@pytest.mark.parametrize(("symmetric", "width"), [(False, 128), (True, 64), (False, 70_000)])
+def test_mse_search_in_chunks_equals_the_whole_tensor_search(symmetric, width, monkeypatch):
+    """The chunked, in-place search picks exactly the ranges of the plain search over all rows at once."""
+    import qat.observers as observers
+
+    cfg = config(init="mse", bits=4, symmetric=symmetric, granularity="channel")
+    rows = torch.randn(1500 if width < 1000 else 3, width) * torch.rand(1500 if width < 1000 else 3, 1)
+    rows[::7, 3] = 9.0
+    best_err = torch.full((rows.shape[0],), float("inf"))
+    best_lo, best_hi = rows.amin(1), rows.amax(1)
+    lo, hi = best_lo.clone(), best_hi.clone()
+    for ratio in torch.linspace(1.0, observers.MSE_LOWEST, observers.MSE_GRID).tolist():
+        err = _sse(rows, lo * ratio, hi * ratio, cfg)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = torch.where(better, lo * ratio, best_lo), torch.where(better, hi * ratio, best_hi)
+    monkeypatch.setattr(observers, "MSE_CHUNK_ELEMENTS", 1 << 14)  # several chunks; 70,000 wide: a row per chunk
+    got_lo, got_hi = make_observer(cfg, (rows.shape[0],)).batch_range(rows)
+    assert torch.equal(got_lo, best_lo) and torch.equal(got_hi, best_hi)
+
+
 @pytest.mark.parametrize("init", ["minmax", "percentile", "mse"])
 def test_state_is_in_state_dict_and_restores(init):
     cfg = config(init=init, granularity="channel")
