@@ -120,9 +120,14 @@ def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     return (codes - zero_point) * scale
 
 
-def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """dequantize(quantize(x)): the value the deployed integer model computes with."""
-    return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                  out: Tensor | None = None) -> Tensor:
+    """dequantize(quantize(x)): the value the deployed integer model computes with. With `out` (x's shape
+    and dtype), the same steps run in place in that buffer (no temporaries; the same values)."""
+    if out is None:
+        return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+    torch.div(x, scale, out=out)
+    return out.round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
 
 
 SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
