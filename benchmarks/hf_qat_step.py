@@ -4,8 +4,11 @@ Each mode runs in its own child process (peak RSS is per process), the modes alt
 `--rounds` rounds (the machine is shared and noisy: the ratio of medians is what counts):
 
     float   the pretrained model, AdamW on every parameter, next-token loss
-    qat     the same model prepared with the recipe's quant spec (fake-quant weights, learned scales)
-    qat_kd  qat plus the float teacher and the token-level KL (the recipe's full training step)
+    qat     the same model prepared with the recipe's quant spec (fake-quant weights; scales and zero points
+            frozen when the recipe freezes them from step 0, `schedule.freeze_step: 0`, else learned)
+    float_kd  float plus a frozen float teacher and the token-level KL (float fine-tuning with distillation)
+    qat_kd  qat plus the float teacher and the token-level KL (the recipe's full training step; compare it
+            with float_kd: both carry the teacher)
 
 Usage:
     .venv/bin/python -m benchmarks.hf_qat_step recipes/smollm2_w4_kd.yaml --batch 4 --seq 256 --steps 4 --rounds 3
@@ -24,10 +27,11 @@ import time
 
 import torch
 
-MODES = ("float", "qat", "qat_kd")
+MODES = ("float", "qat", "float_kd", "qat_kd")
 
 
 def child(recipe_path: str, mode: str, batch: int, seq: int, steps: int, threads: int) -> dict:
+    from qat.control import freeze
     from qat.distill import token_kd_loss
     from qat.lightning.tasks import CausalLMTask
     from qat.model_loader import load_float_model
@@ -38,12 +42,14 @@ def child(recipe_path: str, mode: str, batch: int, seq: int, steps: int, threads
     recipe = load_recipe(recipe_path)
     model = load_float_model(recipe)
     teacher = None
-    if mode != "float":
-        if mode == "qat_kd":
-            import copy
+    if mode.endswith("_kd"):
+        import copy
 
-            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if mode.startswith("qat"):
         model, _ = prepare(model, recipe.quant)
+        if recipe.schedule.freeze_step == 0:  # as QuantizationSchedule does before the first step
+            freeze(model)
     task = CausalLMTask()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -86,16 +92,19 @@ def main(argv: list[str] | None = None) -> None:
                    "--threads", str(args.threads)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             results[mode].append(json.loads(out))
+    from qat.recipe import load_recipe
+
+    frozen = load_recipe(args.recipe).schedule.freeze_step == 0
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} threads; batch {args.batch}x{args.seq}; {args.rounds} rounds of {args.steps} steps")
-    base_time = statistics.median(r["step_s"] for r in results["float"])
-    base_mem = statistics.median(r["peak_rss_mib"] for r in results["float"])
-    print("| mode | step s (median) | vs float | peak RSS MiB | vs float |")
-    print("| --- | --- | --- | --- | --- |")
+          f"{args.threads} threads; batch {args.batch}x{args.seq}; {args.rounds} rounds of {args.steps} steps; "
+          f"scales {'frozen' if frozen else 'learned'}")
+    step = {mode: statistics.median(r["step_s"] for r in results[mode]) for mode in MODES}
+    mem = {mode: statistics.median(r["peak_rss_mib"] for r in results[mode]) for mode in MODES}
+    print("| mode | step s (median) | vs float | vs float_kd | peak RSS MiB | vs float | vs float_kd |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for mode in MODES:
-        step = statistics.median(r["step_s"] for r in results[mode])
-        mem = statistics.median(r["peak_rss_mib"] for r in results[mode])
-        print(f"| {mode} | {step:.2f} | {step / base_time:.2f}x | {mem:.0f} | {mem / base_mem:.2f}x |")
+        print(f"| {mode} | {step[mode]:.2f} | {step[mode] / step['float']:.2f}x | {step[mode] / step['float_kd']:.2f}x "
+              f"| {mem[mode]:.0f} | {mem[mode] / mem['float']:.2f}x | {mem[mode] / mem['float_kd']:.2f}x |")
 
 
 if __name__ == "__main__":

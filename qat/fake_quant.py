@@ -114,12 +114,16 @@ class FakeQuantizer(nn.Module):
         (same storage, same in-place version counters): the search (an MSE one over a large
         model takes minutes on a CPU) would give the same result, e.g. when a freshly
         prepared model is calibrated, or when tied layers share this quantizer."""
-        if self._init_source is not None and self._init_source() is x and self._init_stamp == self._stamp(x):
+        if self.ranges_from(x):
             return
         self.observer.reset()
         self.observe(whole_tensor(x))
         self._load_observed()
         self._init_source, self._init_stamp = weakref.ref(x), self._stamp(x)
+
+    def ranges_from(self, x: Tensor) -> bool:
+        """Whether the qparams are `init_from(x)`'s and neither they nor `x` have changed since."""
+        return self._init_source is not None and self._init_source() is x and self._init_stamp == self._stamp(x)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -113,8 +113,9 @@ def gptq_round(model: nn.Module, batches: Iterable, damping: float = DEFAULT_DAM
     losses = {}
     for name, module in layers.items():
         quantizer = module.weight_quantizer
+        static = quantizer.qparams() if act_order and quantizer.ranges_from(module.weight) else None  # as set
         result = gptq_quantize(module.weight, moments[name].hessian(), quantizer.config, damping, f"layer '{name}'",
-                               act_order)
+                               act_order, static)
         module.weight.copy_(result.weight)
         quantizer.set_qparams(result.scale, result.zero_point)
         losses[name] = result.loss

@@ -23,8 +23,10 @@ Act-order (`act_order=True`, the reference code's `desc_act` with static groups)
 order of decreasing H diagonal, the inputs with the most energy first, while the most columns are still free
 to absorb their error. Groups stay contiguous runs of `group_size` original columns (the stored format), so
 their ranges are fixed before the loop, from the original weight by `init`: the ranges round-to-nearest
-would use. On MiniLM (int4 g128 asymmetric, 48 calibration batches) this lowers 1 - cosine of the sentence
-embeddings from 0.0134 to 0.0108 before any training (benchmarks/hf-models.md, session 8).
+would use (a caller that holds them already, a quantizer initialized from this very weight, passes them as
+`static_ranges` and skips the search). On MiniLM (int4 g128 asymmetric, 48 calibration batches) this lowers
+1 - cosine of the sentence embeddings from 0.0134 to 0.0108 before any training (benchmarks/hf-models.md,
+session 8).
 
 The result fits the fake-quant module exactly: the weight is replaced by the updated weights (column j as it
 was when it was quantized), and round-to-nearest of that weight with the (effective) scales and zero points
@@ -39,6 +41,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -113,9 +116,14 @@ def _check_inputs(weight: Tensor, hessian: Tensor, config: QuantizerConfig, name
         raise GPTQError(f"{name}: group_size={config.group_size} does not divide in_features={k}")
 
 
-def _static_group_qparams(config: QuantizerConfig, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(scale, zero) of shape (N, G): each group's range from the original weight (act-order's static groups)."""
-    scale, zero = _range(config, to_rows(weight, "group", config.group_size))  # one search over all N * G groups
+def _static_group_qparams(config: QuantizerConfig, weight: Tensor,
+                          given: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """(scale, zero) of shape (N, G): each group's range from the original weight (act-order's static groups),
+    or the `given` effective ones (N * G values each) of that same range initialization."""
+    if given is not None:
+        scale, zero = given
+    else:
+        scale, zero = _range(config, to_rows(weight, "group", config.group_size))  # one search over N * G groups
     groups = weight.shape[1] // config.group_size
     return scale.reshape(-1, groups), zero.reshape(-1, groups)
 
@@ -127,8 +135,11 @@ def activation_order(hessian: Tensor) -> Tensor:
 
 @torch.no_grad()
 def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantizerConfig, damping: float = DEFAULT_DAMPING,
-                  name: str = "layer", act_order: bool = False) -> GPTQResult:
-    """GPTQ-round `weight` (N, K) given its inputs' second moment `hessian` (K, K); see the module docstring."""
+                  name: str = "layer", act_order: bool = False,
+                  static_ranges: Optional[tuple[Tensor, Tensor]] = None) -> GPTQResult:
+    """GPTQ-round `weight` (N, K) given its inputs' second moment `hessian` (K, K); see the module docstring.
+    `static_ranges`: act-order's group (scale, zero), effective values of the config's range initialization
+    on this `weight` (e.g. `FakeQuantizer.qparams()` when `ranges_from(weight)`); None searches them."""
     _check_inputs(weight, hessian, config, name)
     k = weight.shape[1]
     order = activation_order(hessian) if act_order else None  # (K,) original column of each step
@@ -139,7 +150,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantizerConfig, damp
     grouped = config.granularity == "group"
     lazy_ranges = grouped and order is None  # each group's range chosen when the loop reaches it
     if grouped and order is not None:
-        static_scale, static_zero = _static_group_qparams(config, w)  # (N, G)
+        static_scale, static_zero = _static_group_qparams(config, w, static_ranges)  # (N, G)
         group_of = order // config.group_size  # (K,) the group of each processed column
     elif not grouped:
         scale, zero = _fixed_qparams(config, w)

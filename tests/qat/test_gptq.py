@@ -153,6 +153,32 @@ def test_model_fake_quant_weights_are_gptq_codes_exactly(act_order):
         assert torch.equal(quantizer(module.weight), deq)  # the training forward computes with GPTQ's weights
 
 
+def test_act_order_reuses_the_ranges_a_quantizer_set_from_the_same_weight(monkeypatch):
+    """gptq_round(act_order=True) takes a layer's static group ranges from its quantizer when they were set from
+    this very weight (no second range search), searches them again once the weight has changed; same codes."""
+    import qat.ptq.gptq as gptq
+
+    model, batches = make_model(), batches_of(64)
+    calibrate(model, batches)
+    stale = copy.deepcopy(model)  # a copy's quantizers do not know their source: they search again
+    with torch.no_grad():  # layer "2" changed in place (as an optimizer step would) after its ranges were set
+        model[2].weight.mul_(1.5)
+        stale[2].weight.mul_(1.5)
+    searched = []
+    search = gptq._range
+    monkeypatch.setattr(gptq, "_range", lambda config, rows: searched.append(rows.shape) or search(config, rows))
+    gptq_round(model, batches, act_order=True)
+    group = model[2].weight_quantizer.config.group_size
+    assert searched == [(32 * 48 // group, group)]  # layer "2" only: its (N * G, group size) rows
+    searched.clear()
+    gptq_round(stale, batches, act_order=True)
+    assert len(searched) == 3
+    for a, b in zip(gptq_layers(model).values(), gptq_layers(stale).values(), strict=True):  # given = searched
+        assert torch.equal(a.weight, b.weight)
+        (scale_a, zero_a), (scale_b, zero_b) = a.weight_quantizer.qparams(), b.weight_quantizer.qparams()
+        assert torch.equal(scale_a, scale_b) and torch.equal(zero_a, zero_b)
+
+
 def test_gptq_round_lowers_the_model_output_error():
     model, batches = make_model(), batches_of(64)
     calibrate(model, batches)
