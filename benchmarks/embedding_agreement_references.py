@@ -7,9 +7,13 @@ prints the mean cosine to the float sentence embeddings, top-1 nearest-neighbour
 and NN rank (see `benchmarks.embedding_error_sources`), and optionally the same for int4 files: a scale
 on which to read the recipe's figures and its goals.
 
+`--margins T ...` adds a second table: NN agreement over the sentences whose float nearest neighbour beats
+the second nearest by at least T in cosine (the float model's own margin), for each T. Near-ties of the float
+model are where any rounding flips the nearest neighbour, int8 included.
+
 Usage:
     .venv/bin/python -m benchmarks.embedding_agreement_references [--files RUN_DIR/model.safetensors ...]
-        [--recipe recipes/minilm_w4_kd.yaml] [--threads 2] [recipe overrides ...]
+        [--margins 0 0.002 0.005 0.01 0.02] [--recipe recipes/minilm_w4_kd.yaml] [--threads 2] [overrides ...]
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from collections.abc import Callable
 import torch
 
 import qat
+from benchmarks.embedding_agreement_vs_error import sentence_embeddings
 from benchmarks.embedding_error_sources import held_out_reference, row_printer
 from qat.config import QuantizerConfig
 from qat.functional import fake_quantize
+from qat.lightning.tasks import nearest_neighbours
 from qat.observers import make_observer, to_rows
 
 KEPT_FLOAT = ("token_type_embeddings",)  # the recipe's rule: that 2 x 384 table stays float
@@ -63,9 +69,26 @@ def rounded_copy(model: torch.nn.Module, rounding: Callable[[torch.Tensor], torc
     return copied.eval()
 
 
+def top1_margins(reference: torch.Tensor) -> torch.Tensor:
+    """(N,) each unit-norm embedding's cosine to its nearest other embedding less that to its second nearest."""
+    similarity = reference @ reference.T
+    similarity.fill_diagonal_(-2.0)
+    best, second = similarity.topk(2, dim=-1).values.unbind(-1)
+    return best - second
+
+
+def agreement_by_margin(reference: torch.Tensor, embeddings: torch.Tensor, thresholds: list[float]) -> list[float]:
+    """Top-1 NN agreement of `embeddings` with `reference` over the sentences whose reference margin >= each T."""
+    agree = nearest_neighbours(embeddings) == nearest_neighbours(reference)
+    margins = top1_margins(reference)
+    return [float(agree[margins >= t].float().mean()) for t in thresholds]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", nargs="*", default=[], help="int4 files of encoder runs, measured alongside")
+    parser.add_argument("--margins", nargs="*", type=float, default=[],
+                        help="also NN agreement over the sentences whose float top-1 margin is at least each of these")
     parser.add_argument("--recipe", default="recipes/minilm_w4_kd.yaml")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("overrides", nargs="*")
@@ -76,10 +99,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{reference.shape[0]} held-out sentences\n| weights | cosine | NN agreement | pair RMSE | NN rank |\n"
           f"| --- | --- | --- | --- | --- |")
     row = row_printer(reference, batches)
-    for label, rounding in formats().items():
-        row(f"{label}, round-to-nearest", rounded_copy(teacher, rounding))
-    for file in args.files:
-        row(f"`{file}`", qat.load(file))
+    models = [(f"{label}, round-to-nearest", lambda r=rounding: rounded_copy(teacher, r))
+              for label, rounding in formats().items()]
+    models += [(f"`{file}`", lambda f=file: qat.load(f)) for file in args.files]
+    by_margin = []
+    for label, make in models:
+        model = make()
+        row(label, model)
+        if args.margins:
+            by_margin.append((label, agreement_by_margin(reference, sentence_embeddings(model, batches), args.margins)))
+    if by_margin:
+        margins = top1_margins(reference)
+        quantiles = ", ".join(f"{q:.0%} {float(margins.quantile(q)):.4f}" for q in (0.1, 0.25, 0.5))
+        print(f"\nNN agreement by the float model's top-1 margin (quantiles: {quantiles})\n| weights | "
+              + " | ".join(f"margin >= {t} ({int((margins >= t).sum())})" for t in args.margins) + " |")
+        print("| --- " * (len(args.margins) + 1) + "|")
+        for label, values in by_margin:
+            print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
 
 
 if __name__ == "__main__":
