@@ -113,7 +113,9 @@ def gptq_round(model: nn.Module, batches: Iterable, damping: float = DEFAULT_DAM
     losses = {}
     for name, module in layers.items():
         quantizer = module.weight_quantizer
-        static = quantizer.qparams() if act_order and quantizer.ranges_from(module.weight) else None  # as set
+        static = None  # act-order's group ranges: the quantizer's own when it set them from this very weight
+        if act_order and quantizer.config.granularity == "group" and quantizer.ranges_from(module.weight):
+            static = quantizer.qparams()
         result = gptq_quantize(module.weight, moments[name].hessian(), quantizer.config, damping, f"layer '{name}'",
                                act_order, static)
         module.weight.copy_(result.weight)
