@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 import qat
-from benchmarks.embedding_agreement_vs_error import sentence_embeddings
 from benchmarks.embedding_error_sources import held_out_reference, row_printer
 from qat.config import QuantizerConfig
 from qat.functional import fake_quantize
@@ -77,11 +76,20 @@ def top1_margins(reference: torch.Tensor) -> torch.Tensor:
     return best - second
 
 
-def agreement_by_margin(reference: torch.Tensor, embeddings: torch.Tensor, thresholds: list[float]) -> list[float]:
-    """Top-1 NN agreement of `embeddings` with `reference` over the sentences whose reference margin >= each T."""
-    agree = nearest_neighbours(embeddings) == nearest_neighbours(reference)
-    margins = top1_margins(reference)
+def agreement_by_margin(expected: torch.Tensor, margins: torch.Tensor, embeddings: torch.Tensor,
+                        thresholds: list[float]) -> list[float]:
+    """Top-1 NN agreement of `embeddings` with the float model's neighbours `expected` (N,) over the sentences
+    whose float margin (`top1_margins`, (N,)) is at least each threshold."""
+    agree = nearest_neighbours(embeddings) == expected
     return [float(agree[margins >= t].float().mean()) for t in thresholds]
+
+
+def candidates(teacher: torch.nn.Module, files: list[str]) -> Iterator[tuple[str, torch.nn.Module]]:
+    """(label, model) of every plain format, then of every int4 file, built one at a time."""
+    for label, rounding in formats().items():
+        yield f"{label}, round-to-nearest", rounded_copy(teacher, rounding)
+    for file in files:
+        yield f"`{file}`", qat.load(file)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,17 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{reference.shape[0]} held-out sentences\n| weights | cosine | NN agreement | pair RMSE | NN rank |\n"
           f"| --- | --- | --- | --- | --- |")
     row = row_printer(reference, batches)
-    models = [(f"{label}, round-to-nearest", lambda r=rounding: rounded_copy(teacher, r))
-              for label, rounding in formats().items()]
-    models += [(f"`{file}`", lambda f=file: qat.load(f)) for file in args.files]
+    expected, margins = nearest_neighbours(reference), top1_margins(reference)
     by_margin = []
-    for label, make in models:
-        model = make()
-        row(label, model)
+    for label, model in candidates(teacher, args.files):
+        embeddings = row(label, model)
         if args.margins:
-            by_margin.append((label, agreement_by_margin(reference, sentence_embeddings(model, batches), args.margins)))
+            by_margin.append((label, agreement_by_margin(expected, margins, embeddings, args.margins)))
     if by_margin:
-        margins = top1_margins(reference)
         quantiles = ", ".join(f"{q:.0%} {float(margins.quantile(q)):.4f}" for q in (0.1, 0.25, 0.5))
         print(f"\nNN agreement by the float model's top-1 margin (quantiles: {quantiles})\n| weights | "
               + " | ".join(f"margin >= {t} ({int((margins >= t).sum())})" for t in args.margins) + " |")

@@ -59,12 +59,15 @@ def held_out_reference(recipe_path: str, overrides: list[str],
     return batches, teacher, sentence_embeddings(teacher, batches)
 
 
-def row_printer(reference: torch.Tensor, batches: list) -> Callable[[str, torch.nn.Module], None]:
-    """A function printing one markdown row of `agreement_figures` for a model, under a label."""
-    def row(label: str, model: torch.nn.Module) -> None:
-        f = agreement_figures(reference, sentence_embeddings(model.eval(), batches))
+def row_printer(reference: torch.Tensor, batches: list) -> Callable[[str, torch.nn.Module], torch.Tensor]:
+    """A function printing one markdown row of `agreement_figures` for a model, under a label; it returns the
+    model's sentence embeddings (N, H), for any further figure."""
+    def row(label: str, model: torch.nn.Module) -> torch.Tensor:
+        embeddings = sentence_embeddings(model.eval(), batches)
+        f = agreement_figures(reference, embeddings)
         print(f"| {label} | {f['cosine']:.4f} | {f['nn_agreement']:.3f} | {f['pair_rmse']:.4f} | "
               f"{f['nn_rank']:.3f} |", flush=True)
+        return embeddings
     return row
 
 
