@@ -22,7 +22,7 @@ from torch import nn
 import qat
 from qat import QuantizerConfig, QuantSpec
 from qat.export.targets.onnx import export_onnx, onnx_session, run_onnx
-from qat.zoo import DigitsCNN, TinyLM
+from qat.models import DigitsCNN, TinyLM
 
 
 def _prepared(model: nn.Module, group_size: int, calibrate_with: torch.Tensor) -> nn.Module:
@@ -41,8 +41,8 @@ def cases() -> dict[str, tuple[nn.Module, dict, tuple]]:
     return {
         "linear 4096x4096 g128": (_prepared(Linear4096(), 128, x_big),
                                   {"_target_": "benchmarks.deploy_onnx.Linear4096"}, (x_big,)),
-        "digits CNN (batch 1)": (_prepared(DigitsCNN(), 128, digits), {"_target_": "qat.zoo.DigitsCNN"}, (digits,)),
-        "TinyLM (1 x 32 tokens)": (_prepared(TinyLM(), 32, tokens), {"_target_": "qat.zoo.TinyLM"}, (tokens,)),
+        "digits CNN (batch 1)": (_prepared(DigitsCNN(), 128, digits), {"_target_": "qat.models.DigitsCNN"}, (digits,)),
+        "TinyLM (1 x 32 tokens)": (_prepared(TinyLM(), 32, tokens), {"_target_": "qat.models.TinyLM"}, (tokens,)),
     }
 
 

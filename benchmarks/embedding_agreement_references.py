@@ -28,8 +28,8 @@ import qat
 from benchmarks.embedding_error_sources import held_out_reference, row_printer
 from qat.config import QuantizerConfig
 from qat.functional import fake_quantize
-from qat.lightning.tasks import nearest_neighbours
 from qat.observers import make_observer, to_rows
+from qat.tasks import nearest_neighbours
 
 KEPT_FLOAT = ("token_type_embeddings",)  # the recipe's rule: that 2 x 384 table stays float
 

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 import qat
-from qat.build import build
-from qat.lightning.tasks import EmbeddingTask, nearest_neighbours
-from qat.model_loader import load_float_model
 from qat.recipe import load_recipe
+from qat.run.build import build
+from qat.run.models import load_float_model
+from qat.tasks import EmbeddingTask, nearest_neighbours
 
 SCALES = (1.0, 0.75, 0.5, 0.35, 0.25, 0.1)
 

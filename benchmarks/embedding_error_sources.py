@@ -24,10 +24,10 @@ import torch
 
 import qat
 from benchmarks.embedding_agreement_vs_error import sentence_embeddings
-from qat.build import build
-from qat.lightning.tasks import nearest_neighbours
-from qat.model_loader import load_float_model
 from qat.recipe import load_recipe
+from qat.run.build import build
+from qat.run.models import load_float_model
+from qat.tasks import nearest_neighbours
 
 LINEAR_KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                 "intermediate.dense", "output.dense")

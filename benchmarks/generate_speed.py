@@ -27,7 +27,8 @@ from qat.kernels import int8_act
 import qat
 from qat.export.targets.llama_cpp_run import llama_greedy, open_llama
 from qat.hf.generate import Generation, generate, tokenizer_for
-from qat.hf.load import HFSource, load_hf_model
+from qat.hf.load import load_hf_model
+from qat.recipe import HFSource
 
 INT8_ALL = "int4, qat, QAT_INT8_ACTIVATIONS=all"
 PROMPT = "The for statement is used to iterate over the elements of a sequence"

@@ -33,10 +33,10 @@ MODES = ("float", "qat", "float_kd", "qat_kd")
 def child(recipe_path: str, mode: str, batch: int, seq: int, steps: int, threads: int) -> dict:
     from qat.control import freeze
     from qat.distill import token_kd_loss
-    from qat.lightning.tasks import CausalLMTask
-    from qat.model_loader import load_float_model
-    from qat.prepare import prepare
     from qat.recipe import load_recipe
+    from qat.run.models import load_float_model
+    from qat.swap import prepare
+    from qat.tasks import CausalLMTask
 
     torch.set_num_threads(threads)
     recipe = load_recipe(recipe_path)

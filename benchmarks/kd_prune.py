@@ -31,12 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qat.build import build  # noqa: E402
 from qat.distill import kd_logit_loss  # noqa: E402
 from qat.lightning.distillation import float_copy, weights_sha256  # noqa: E402
 from qat.lightning.module import QATModule  # noqa: E402
 from qat.recipe import load_recipe  # noqa: E402
-from qat.runner import export_run, summarize  # noqa: E402
+from qat.run.build import build  # noqa: E402
+from qat.run.train import export_run, summarize  # noqa: E402
 
 DIGITS, KD24 = ROOT / "recipes" / "digits_w4a4.yaml", ROOT / "recipes" / "digits_w4a4_kd24.yaml"
 CONFIGS = {

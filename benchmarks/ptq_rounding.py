@@ -19,12 +19,12 @@ import time
 import torch
 
 from benchmarks.embedding_agreement_vs_error import sentence_embeddings
-from qat.build import build
 from qat.control import calibrate, set_fake_quant
-from qat.lightning.tasks import nearest_neighbours
-from qat.model_loader import load_float_model
 from qat.ptq import gptq_round
 from qat.recipe import load_recipe
+from qat.run.build import build
+from qat.run.models import load_float_model
+from qat.tasks import nearest_neighbours
 
 
 def measure(reference: torch.Tensor, model: torch.nn.Module, batches: list) -> tuple[float, float]:

@@ -63,7 +63,7 @@ class MemoryReport(pl.Callback):
 def run_one(strategy: str, out_dir: Path, recipe_path: str, overrides: list[str]) -> None:
     """Entry of one 2-process run (Lightning relaunches this module for rank 1)."""
     from qat.recipe import load_recipe
-    from qat.runner import train
+    from qat.run.train import train
 
     recipe = load_recipe(ROOT / recipe_path,
                          [*RUN, f"trainer.strategy={strategy}", f"logging.run_dir={out_dir}", *overrides])

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from qat.config import QuantizerConfig, QuantSpec, default_activation_config
 from qat.control import calibrate
-from qat.prepare import prepare
-from qat.zoo import DigitsCNN
+from qat.models import DigitsCNN
+from qat.swap import prepare
 
 TARGET_RATIO = 1.3
 # Findings kept with every regenerated table.

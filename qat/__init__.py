@@ -15,8 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# The torch-only core, imported eagerly. Binding `prepare` (the function) here also keeps it
-# from being shadowed by the submodule `qat.prepare` once something imports that module.
+# The torch-only core, imported eagerly (the function `prepare` comes from qat.swap).
 from qat.config import (
     ConfigError,
     LayerConfig,
@@ -38,7 +37,7 @@ from qat.control import (
 from qat.fake_quant import FakeQuantizer
 from qat.functional import NonFiniteError
 from qat.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
-from qat.prepare import GroupSizeError, PrepareReport, prepare, unprepare
+from qat.swap import GroupSizeError, PrepareReport, prepare, unprepare
 
 __version__ = "0.1.0"
 

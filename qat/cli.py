@@ -16,7 +16,7 @@ from qat.config import ConfigError
 
 def _train(args: argparse.Namespace) -> int:
     from qat.recipe import load_recipe
-    from qat.runner import train
+    from qat.run.train import train
 
     recipe_path, overrides = args.recipe, list(args.overrides)
     if recipe_path is not None and "=" in recipe_path:  # `qat train key=value` with the default recipe
@@ -73,7 +73,8 @@ def optional_import_missing(err: ImportError) -> Optional[str]:
 
 def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
     try:
-        from qat.export.commands import add_export_parser, add_inspect_parser
+        from qat.export.inspect import add_inspect_parser
+        from qat.run.export import add_export_parser
     except ImportError as err:
         package = optional_import_missing(err)
         if package is None:
@@ -86,8 +87,8 @@ def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
     from qat.export.verify import add_verify_parser
 
     add_verify_parser(commands)
-    from qat.eval.command import add_eval_parser
-    from qat.eval.sweep import add_sweep_parser
+    from qat.run.evaluate import add_eval_parser
+    from qat.run.sweep import add_sweep_parser
 
     add_eval_parser(commands)
     add_sweep_parser(commands)

@@ -27,9 +27,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from qat.data.corpus import read_documents, split_clauses, split_sentences
+from qat.data.loading import ResumableLoader
 from qat.data.token_dropout import TokenDropout
 from qat.data.tokenize import check_ids_in_vocab, check_length, check_split_settings
-from qat.data_loading import ResumableLoader
 
 _PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0}  # input_ids pad with the tokenizer's pad id
 

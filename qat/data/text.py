@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from qat.data.corpus import default_corpus, read_corpus, read_documents
+from qat.data.loading import ResumableLoader
 from qat.data.tokenize import (
     check_ids_in_vocab,
     check_length,
@@ -34,7 +35,6 @@ from qat.data.tokenize import (
     encode_text,
     tokenizer_eos_id,
 )
-from qat.data_loading import ResumableLoader
 
 __all__ = ["PackedBlocks", "TextDataModule", "default_corpus", "pack_tokens", "read_corpus"]
 

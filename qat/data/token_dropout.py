@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from qat.data_loading import EpochSampler
+from qat.data.loading import EpochSampler
 
 
 class TokenDropout(Dataset):

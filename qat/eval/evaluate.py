@@ -5,7 +5,7 @@
 plain functions of `qat.eval.metrics`; robustness, per-layer errors, size and latency
 are added by their own functions. `report.py` writes the dict as JSON, Markdown and plots.
 
-By task (`qat.lightning.tasks`, which also splits, feeds and scores the batches):
+By task (`qat.tasks`, which also splits, feeds and scores the batches):
 
     classification            accuracy; agreement, flips, KL, ECE; per-class slices
     language_model, causal_lm perplexity per next token; same-top-token rate, KL of the
@@ -34,7 +34,7 @@ from qat.eval import metrics
 from qat.eval.layers import output_errors, weight_sqnr
 from qat.eval.outputs import Outputs, collect, collect_embeddings
 from qat.eval.robustness import default_levels, describe, perturbation
-from qat.lightning.tasks import Task, make_task, model_output
+from qat.tasks import Task, make_task, model_output
 
 REFERENCE = "float"
 LM_TASKS = ("language_model", "causal_lm")
@@ -179,7 +179,7 @@ def robustness_sections(models: dict[str, nn.Module], batches: list, task: Task,
 def compare(models: dict[str, nn.Module], batches: list, task: str, noise_levels: Optional[Sequence[float]] = None,
             vocab_size: Optional[int] = None, drop_token: Optional[int] = None) -> dict[str, Any]:
     """The report dict of `models` (must include 'float') on `batches` (a list of batches) for `task`
-    (a `qat.lightning.tasks` name); `drop_token` (e.g. the tokenizer's unknown token) adds token dropout
+    (a `qat.tasks` name); `drop_token` (e.g. the tokenizer's unknown token) adds token dropout
     to the robustness part."""
     if REFERENCE not in models:
         raise ValueError(f"compare needs a '{REFERENCE}' model as the reference; got {sorted(models)}")

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qat.lightning.tasks import model_output
 from qat.lightning.telemetry import weight_stats
 from qat.modules import QuantModule
+from qat.tasks import model_output
 
 LAYER_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
 

@@ -142,7 +142,7 @@ def mean_cosine(embeddings: Tensor, reference_embeddings: Tensor) -> float:
 
 def neighbour_agreement(embeddings: Tensor, reference_embeddings: Tensor) -> float:
     """Share of the N rows whose nearest other row by cosine is the one the reference picks."""
-    from qat.lightning.tasks import nearest_neighbours
+    from qat.tasks import nearest_neighbours
 
     if embeddings.shape[0] < 2:
         raise ValueError(f"nearest-neighbour agreement needs at least 2 embeddings; got {embeddings.shape[0]}")

@@ -1,6 +1,6 @@
 """The one place that calls a model for evaluation: batches in, (logits, labels) out.
 
-Batches are split, fed and scored by the run's task (`qat.lightning.tasks`: classification,
+Batches are split, fed and scored by the run's task (`qat.tasks`: classification,
 language_model, causal_lm, embedding); without a task a batch is `(input, labels)` or a dict
 with `input_ids` and `labels`. A model returns logits or an object with `.logits` (an encoder:
 `.last_hidden_state`, pooled by the 'embedding' task). Everything downstream (metrics,
@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from qat.lightning.tasks import Task, logits_of, model_output
+from qat.tasks import Task, logits_of, model_output
 
 
 class EvalError(ValueError):
@@ -84,7 +84,7 @@ def collect(model: nn.Module, batches: Iterable, transform: Optional[Callable[[A
             describe: str = "", task: Optional[Task] = None) -> Outputs:
     """Run `model` (eval mode) over `batches`; `transform` changes each input first (noise).
 
-    With a `task` (`qat.lightning.tasks`), batches are split, fed and scored its way (a causal
+    With a `task` (`qat.tasks`), batches are split, fed and scored its way (a causal
     LM's logits are shifted against its next-token targets); without one, a batch is
     `(input, labels)` or a dict with `labels`. Raises `EvalError` naming the shapes when the
     data does not fit the model.

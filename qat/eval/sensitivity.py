@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import replace
@@ -30,10 +31,12 @@ import torch
 from torch import nn
 
 from qat.config import QuantRule
+from qat.control import set_fake_quant
 from qat.eval import metrics
 from qat.eval.outputs import Outputs, collect
-from qat.lightning.tasks import Task
 from qat.recipe import Recipe
+from qat.swap import prepare
+from qat.tasks import Task
 
 DEFAULT_BITS = (2, 3, 4, 8)
 
@@ -104,14 +107,11 @@ def quantized_layers(model: nn.Module) -> dict[str, int]:
 
 
 @torch.no_grad()
-def _model_at_bits(recipe: Recipe, float_state: dict, layers: Sequence[str], bits: int) -> nn.Module:
-    """The float weights prepared with every layer of `layers` at `bits` (ranges from these
+def _model_at_bits(recipe: Recipe, float_model: nn.Module, layers: Sequence[str], bits: int) -> nn.Module:
+    """A copy of the float model prepared with every layer of `layers` at `bits` (ranges from these
     weights), all fake-quant off."""
-    from qat.build import build_model
-    from qat.control import set_fake_quant
-
     quant = replace(recipe.quant, rules=rules_for({layer: bits for layer in layers}, recipe.quant.rules))
-    model, _ = build_model(replace(recipe, quant=quant), on_float=lambda m: m.load_state_dict(float_state))
+    model, _ = prepare(copy.deepcopy(float_model), quant)
     set_fake_quant(model, weights=False, activations=False)
     return model.eval()
 
@@ -123,15 +123,12 @@ def layer_sensitivity(recipe: Recipe, float_model: nn.Module, batches: list,
     that layer quantized (weights only), most sensitive (at the fewest bits) first. `layers`
     (name -> weight count; default: those the recipe quantizes) limits the layers; `task` splits
     and scores the batches (`qat.eval.outputs.collect`)."""
-    from qat.build import build_model
-
     reference: Outputs = collect(float_model, batches, task=task)
-    float_state = float_model.state_dict()
     if layers is None:
-        layers = quantized_layers(build_model(recipe, on_float=lambda m: m.load_state_dict(float_state))[0])
+        layers = quantized_layers(prepare(copy.deepcopy(float_model), recipe.quant)[0])
     rows = {layer: {"layer": layer, "weights": count, "kl": {}, "accuracy": {}} for layer, count in layers.items()}
     for bits in bits_choices:
-        model = _model_at_bits(recipe, float_state, list(layers), bits)
+        model = _model_at_bits(recipe, float_model, list(layers), bits)
         for layer in layers:
             quantizer = model.get_submodule(layer).weight_quantizer
             quantizer.enable(True)

@@ -3,13 +3,11 @@
     export_model(model, "model.safetensors", architecture={...}, recipe_hash=...) -> SizeReport
     load("model.safetensors", device="cpu", dtype=torch.bfloat16) -> nn.Module (packed layers)
     inspect_checkpoint("model.safetensors") -> InspectReport (printable)
-    export_checkpoint("runs/x/version_0", "model.safetensors") -> SizeReport  (training checkpoint)
 
 The file format is described in docs/FORMAT.md; `qat.export.format` holds its names
 and the `CheckpointError` hierarchy raised for bad files.
 """
 
-from qat.export.commands import export_checkpoint
 from qat.export.format import (
     ArchitectureError,
     CheckpointError,
@@ -48,7 +46,6 @@ __all__ = [
     "SizeReport",
     "TensorMismatchError",
     "TruncatedError",
-    "export_checkpoint",
     "export_model",
     "inspect_checkpoint",
     "load",

@@ -12,7 +12,7 @@ for small models); `output_sha256` hashes the whole output as float32. A deploym
 the inputs (`qat verify`) and compares.
 
 Example:
-    >>> golden = read_golden("model.safetensors")      # None when the file has no golden data
+    >>> golden = qat.export.manifest.read_golden("model.safetensors")      # None when the file has no golden data
     >>> golden.inputs[0].shape, golden.output.shape
 """
 
@@ -25,7 +25,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -154,14 +154,6 @@ def decode_golden(text: str, path: str = "") -> Golden:
         raise MetadataError(f"{path}: metadata '{KEY_GOLDEN}' is invalid: {err}") from None
 
 
-def read_golden(path: str | os.PathLike) -> Optional[Golden]:
-    """The golden data of a qat file (header checked first), or None when it has none."""
-    from qat.export.manifest import read_manifest
-    from qat.export.reader import read_header
-
-    return read_manifest(read_header(os.fspath(path))).golden
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 (hex) of a whole file, read in chunks."""
     digest = hashlib.sha256()
@@ -169,41 +161,3 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def golden_batch(datamodule: Any, count: int = 4) -> Optional[tuple[Tensor, ...]]:
-    """The model inputs of the first `count` validation samples of a Lightning data module, or None.
-
-    A batch is `(inputs, targets)`, a dict with `input_ids` (and `attention_mask`), or a tensor.
-    """
-    try:
-        datamodule.setup("validate")
-        batch = next(iter(datamodule.val_dataloader()))
-    except Exception:  # golden data is optional: no validation data, no golden data
-        return None
-    if isinstance(batch, dict):
-        batch = tuple(batch[key] for key in ("input_ids", "attention_mask") if key in batch)
-    elif isinstance(batch, (tuple, list)):
-        batch = (batch[0],)
-    else:
-        batch = (batch,)
-    if not batch or not all(isinstance(t, Tensor) for t in batch):
-        return None
-    return tuple(t[:count] for t in batch)
-
-
-def golden_from_checkpoint(path: str | os.PathLike, count: int = 4) -> Optional[tuple[Tensor, ...]]:
-    """Golden inputs for a training checkpoint: its recipe's validation data (None when unavailable)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoints", "last.ckpt")
-    try:
-        from qat.build import instantiate
-        from qat.recipe import load_recipe_text
-
-        info = torch.load(path, map_location="cpu", weights_only=True).get("qat") or {}
-        recipe = load_recipe_text(info["recipe"])
-        datamodule = instantiate(recipe.data, "data")
-    except Exception:  # golden data is optional
-        return None
-    return golden_batch(datamodule, count)

@@ -9,9 +9,12 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from qat.export.format import CheckpointError, layer_tensor
@@ -125,3 +128,26 @@ def _verify_payload(header: Header, manifest: Manifest) -> None:
     for name, tensor in read_tensors(header, manifest.checksums):
         if name in owners:
             check_values(header.path, name, owners[name][0], owners[name][1], tensor)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Handler of `qat inspect`: prints the report; 0 if every check passed, 1 otherwise."""
+    if not Path(args.file).is_file():
+        print(f"qat inspect: error: no file at {args.file}", file=sys.stderr)
+        return 1
+    report = inspect_checkpoint(args.file, verify=not args.no_verify)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def add_inspect_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `qat inspect FILE`."""
+    parser = subparsers.add_parser(
+        "inspect",
+        help="show a checkpoint's format version, layers, sizes and integrity",
+        description="Print what a qat int4 checkpoint holds and check its SHA-256 sums; exit 1 if a check fails.",
+    )
+    parser.add_argument("file", help="a .safetensors file written by qat export")
+    parser.add_argument("--no-verify", action="store_true", help="skip reading the payload (header checks only)")
+    parser.set_defaults(func=run_inspect)
+    return parser

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -44,7 +45,7 @@ from qat.export.format import (
     layer_tensor,
 )
 from qat.export.golden import KEY_GOLDEN, Golden, decode_golden
-from qat.export.reader import Header
+from qat.export.reader import Header, read_header
 from qat.export.spec import LayerSpec
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -179,3 +180,8 @@ def _check_tensors(path: str, header: Header, manifest: Manifest) -> None:
                     f"{path}: tensor '{name}' is {entry.st_dtype}{list(entry.shape)}; the layer spec needs "
                     f"{st_dtype}{list(shape)}"
                 )
+
+
+def read_golden(path: str | os.PathLike) -> Optional[Golden]:
+    """The golden data of a qat file (header checked first), or None when it has none."""
+    return read_manifest(read_header(os.fspath(path))).golden

@@ -30,7 +30,8 @@ from typing import Optional
 
 import torch
 
-from qat.export.golden import KEY_GOLDEN, Golden, decode_golden, float32_sha256, output_tensor, read_golden
+from qat.export.golden import KEY_GOLDEN, Golden, decode_golden, float32_sha256, output_tensor
+from qat.export.manifest import read_golden
 
 EXACT_TOLERANCE = 1e-4
 LOOSE_TOLERANCE = 5e-2

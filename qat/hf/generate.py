@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from qat.hf.llama_decoder import LlamaDecoder, unsupported_reason
-from qat.hf.load import HFLoadError, HFSource, load_tokenizer
+from qat.hf.load import HFLoadError, load_tokenizer
+from qat.recipe import HFSource
 
 ENGINES = ("auto", "qat", "hf")
 

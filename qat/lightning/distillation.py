@@ -7,7 +7,7 @@ The teacher (`DistillConfig.teacher`):
                  `<run_dir>/teacher.safetensors` and referenced from then on
     a path       a qat training checkpoint (.ckpt), a .safetensors state dict of the
                  recipe's model, or a Hugging Face model directory (loaded by
-                 `qat.model_loader.load_teacher`, the loader of the student too)
+                 `qat.run.models.load_teacher`, the loader of the student too)
 
 It is kept on this callback, not on the LightningModule, so no checkpoint holds its
 weights: the callback's state holds a reference instead (source, file, SHA-256 of its
@@ -15,12 +15,12 @@ weights), checked when a run resumes. It runs in eval mode, without gradients, i
 or bfloat16, on each rank (DDP) on its own. The loss terms go through
 `QATModule.loss_hooks`:
 
-    kd       = r(t) * weight * T^2 * KL(teacher || student)            (qat.distill.kd_logit_loss)
+    kd       = r(t) * weight * T^2 * KL(teacher || student)            (qat.distill.logits.kd_logit_loss)
     feature  = r(t) * feature_weight * sum of feature losses            (student -> teacher layers)
     relation = r(t) * relation_weight * in-batch pairwise-cosine MSE    (task 'embedding' only;
-               qat.distill.embedding_relation_loss; logged as its own term)
+               qat.distill.embedding.embedding_relation_loss; logged as its own term)
     bank     = r(t) * bank_weight * neighbourhood loss against the teacher's embeddings of every
-               training sentence (task 'embedding' only; qat.distill_bank; built at the term's first
+               training sentence (task 'embedding' only; qat.distill.bank; built at the term's first
                step from the data module's training set, in order, and never checkpointed: the same
                teacher and data give the same bank on resume)
     r(t)     = min(1, (t - start + 1) / ramp_steps)  (1 without a ramp), 0 before start
@@ -56,10 +56,10 @@ from qat.distill import (
     kd_logit_loss,
     token_kd_loss,
 )
-from qat.distill_bank import bank_relation_loss, teacher_bank
-from qat.lightning.tasks import Task, make_task, move_batch
-from qat.prepare import unprepare
+from qat.distill.bank import bank_relation_loss, teacher_bank
 from qat.recipe import DistillConfig
+from qat.swap import unprepare
+from qat.tasks import Task, make_task, move_batch
 
 TEACHER_FILE = "teacher.safetensors"
 BANK_BATCH_SIZE = 64  # sentences per teacher forward while the bank is built
@@ -99,14 +99,14 @@ class Distillation(pl.Callback):
     Args:
         config: the recipe's `distill` section.
         run_dir: where a 'warmup' teacher is written (default: the trainer's root directory).
-        teacher: the teacher for 'initial' and path sources (see `qat.build`); None for 'warmup'.
+        teacher: the teacher for 'initial' and path sources (see `qat.run.build`); None for 'warmup'.
         available_from: the step the 'warmup' teacher is taken at (the end of FP warm-up).
     """
 
     def __init__(self, config: DistillConfig, run_dir: Optional[str | Path] = None,
                  teacher: Optional[nn.Module] = None, available_from: int = 0) -> None:
         if teacher is None and config.teacher != "warmup":
-            raise ValueError(f"distill.teacher={config.teacher!r} needs a teacher model (see qat.build)")
+            raise ValueError(f"distill.teacher={config.teacher!r} needs a teacher model (see qat.run.build)")
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.available_from = available_from if config.teacher == "warmup" else 0

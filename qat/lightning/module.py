@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from qat.config import ConfigError
 from qat.control import quantizer_parameters
 from qat.lightning.rng import collect_rng_states, restore_rng_states
-from qat.lightning.tasks import Task, make_task, move_batch
 from qat.recipe import OptimizerConfig
+from qat.tasks import Task, make_task, move_batch
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 # A loss hook gets (inputs, output, targets) of a training batch and returns named, already
@@ -53,7 +53,7 @@ class QATModule(pl.LightningModule):
     """Wraps `model` for training; `evaluate` computes the task metrics on a loader.
 
     Args:
-        model: any nn.Module; the task says how batches are fed to it (see `qat.lightning.tasks`).
+        model: any nn.Module; the task says how batches are fed to it (see `qat.tasks`).
         task: 'classification', 'language_model', 'causal_lm', 'embedding', or a `Task`.
         num_classes: classes for the classification metrics.
         optimizer: the optimizer settings (a recipe's `optimizer` section).

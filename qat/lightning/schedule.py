@@ -25,9 +25,9 @@ import torch.distributed as dist
 from torch import nn
 
 from qat.control import calibrate, freeze, quantizers, set_fake_quant
-from qat.lightning.tasks import move_batch
 from qat.ptq import gptq_round
 from qat.recipe import ScheduleConfig
+from qat.tasks import move_batch
 
 
 def broadcast_quantizer_state(model: nn.Module) -> None:

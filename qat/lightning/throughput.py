@@ -15,7 +15,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from qat.lightning.tasks import Task
+from qat.tasks import Task
 
 
 class Throughput(pl.Callback):

@@ -8,7 +8,7 @@ from qat.kernels import cpu
 from qat.kernels.dispatch import int4_linear
 from qat.kernels.reference import dequantize_int4, int4_linear_reference, pack_int4
 
-from .helpers import TOLERANCES, assert_within_bound, error_bound
+from tests.kernels.helpers import TOLERANCES, assert_within_bound, error_bound
 
 K = 16384  # the largest K tested: 128 groups of 128
 N, GROUP = 32, 128

@@ -8,7 +8,7 @@ from qat.kernels import autotune, cpu, int8_act, small_m
 from qat.kernels.dispatch import BACKENDS, ENV_VAR, SMALL_M_MAX_ROWS, choose_backend, cpu_candidates, int4_linear
 from qat.kernels.weights import PackedInt4Weight
 
-from .helpers import make_layer
+from tests.kernels.helpers import make_layer
 
 
 @pytest.fixture(autouse=True)

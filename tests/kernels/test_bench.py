@@ -60,7 +60,7 @@ def test_tensor_bytes_counts_every_tensor_of_a_form():
     from qat.kernels.int8_act import vnni_form
     from qat.kernels.weights import PackedInt4Weight
 
-    from .helpers import make_layer
+    from tests.kernels.helpers import make_layer
 
     weight = PackedInt4Weight(*make_layer(40, 256, 64), 64)  # 40 rows: 3 panels of 16
     expected = 3 * 32 * 64 + 3 * 4 * 16 * (2 + 1)  # codes (P, K / 8, 64) + fp16 scales and uint8 zeros (P, G, 16)

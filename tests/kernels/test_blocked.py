@@ -11,7 +11,14 @@ from qat.kernels.dispatch import int4_linear
 from qat.kernels.reference import dequantize_int4, int4_linear_reference
 from qat.kernels.weights import PackedInt4Weight
 
-from .helpers import TOLERANCES, assert_bitwise_equal, assert_within_bound, error_bound, make_exact_case, make_layer
+from tests.kernels.helpers import (
+    TOLERANCES,
+    assert_bitwise_equal,
+    assert_within_bound,
+    error_bound,
+    make_exact_case,
+    make_layer,
+)
 
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -9,7 +9,7 @@ from qat.kernels.dispatch import int4_linear
 from qat.kernels.reference import dequantize_int4, int4_linear_reference
 from qat.kernels.weights import PackedInt4Weight
 
-from .helpers import (
+from tests.kernels.helpers import (
     TOLERANCES,
     assert_bitwise_equal,
     assert_within_bound,

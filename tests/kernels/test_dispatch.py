@@ -13,7 +13,7 @@ from qat.kernels.dispatch import BACKENDS, ENV_VAR, choose_backend, int4_linear
 from qat.kernels.reference import int4_linear_reference
 from qat.kernels.weights import PackedInt4Weight, cached_weight, prepare_weights
 
-from .helpers import assert_bitwise_equal, make_layer
+from tests.kernels.helpers import assert_bitwise_equal, make_layer
 
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 

@@ -23,13 +23,14 @@ def test_importing_qat_kernels_loads_no_training_or_export_stack():
     found = json.loads(out)
     assert found["file"].endswith("kernels/__init__.py")
     assert found["heavy"] == []
-    assert not [m for m in found["qat"] if m.startswith(("qat.export", "qat.lightning", "qat.recipe", "qat.build"))]
+    assert not [m for m in found["qat"] if m.startswith(("qat.export", "qat.lightning", "qat.recipe", "qat.run.build"))]
 
 
-def test_prepare_stays_the_function_after_its_module_is_imported():
-    code = "import qat.build, qat.prepare, qat; print(callable(qat.prepare), qat.load.__module__)"
+def test_qat_prepare_is_the_function_and_no_module_shares_its_name():
+    code = ("import importlib.util, qat.run.build, qat; "
+            "print(callable(qat.prepare), importlib.util.find_spec('qat.prepare') is None, qat.load.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["True", "qat.export.load"]
+    assert out.split() == ["True", "True", "qat.export.load"]
 
 
 def test_top_level_name_kernels_is_not_installed():

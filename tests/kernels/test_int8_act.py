@@ -8,7 +8,7 @@ from qat.kernels import dispatch, int8_act
 from qat.kernels.reference import int4_linear_reference, unpack_int4
 from qat.kernels.weights import PackedInt4Weight
 
-from .helpers import assert_bitwise_equal, assert_within_bound, int8_activation_bound, make_layer
+from tests.kernels.helpers import assert_bitwise_equal, assert_within_bound, int8_activation_bound, make_layer
 
 if int8_act.int8_act_unsupported(torch.zeros(1, 128), PackedInt4Weight(*make_layer(16, 128, 128), 128)) is not None:
     pytest.skip("the int8-activation kernel cannot run here (no C++ compiler or no AVX-512 VNNI)",

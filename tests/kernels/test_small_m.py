@@ -11,7 +11,14 @@ from qat.kernels.dispatch import int4_linear
 from qat.kernels.reference import int4_linear_reference
 from qat.kernels.weights import PackedInt4Weight
 
-from .helpers import TOLERANCES, assert_bitwise_equal, assert_within_bound, error_bound, make_exact_case, make_layer
+from tests.kernels.helpers import (
+    TOLERANCES,
+    assert_bitwise_equal,
+    assert_within_bound,
+    error_bound,
+    make_exact_case,
+    make_layer,
+)
 
 if small_m.small_m_unsupported(torch.zeros(1, 64), PackedInt4Weight(*make_layer(16, 64, 32), 32)) is not None:
     pytest.skip("the small-M kernel cannot run here (no C++ compiler or no AVX-512 BF16)", allow_module_level=True)

@@ -20,7 +20,7 @@ from qat.kernels.dispatch import int4_linear
 from qat.kernels.reference import int4_linear_reference
 from qat.kernels.weights import prepare_weights
 
-from .helpers import (
+from tests.kernels.helpers import (
     TOLERANCES,
     assert_bitwise_equal,
     assert_within_bound,

@@ -17,7 +17,7 @@ from qat.control import (
     set_fake_quant,
 )
 from qat.functional import choose_qparams
-from qat.prepare import prepare
+from qat.swap import prepare
 
 
 @pytest.fixture(autouse=True)

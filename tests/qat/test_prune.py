@@ -18,7 +18,6 @@ from qat.export.manifest import read_manifest
 from qat.export.pack import dequantize_weight, quantized_codes
 from qat.export.reader import read_header
 from qat.lightning.pruning import Pruning
-from qat.prepare import prepare
 from qat.prune import (
     MASK,
     attach_masks,
@@ -33,6 +32,7 @@ from qat.prune import (
     update_masks,
 )
 from qat.recipe import PruneConfig
+from qat.swap import prepare
 
 
 def distinct_weight(*shape: int, seed: int = 0) -> torch.Tensor:

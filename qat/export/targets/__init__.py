@@ -18,16 +18,9 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from qat.export.format import ExportError
+from qat.export.targets.errors import ConversionError, refuse
 
-
-class ConversionError(ExportError):
-    """The qat file holds something the target format cannot represent exactly."""
-
-
-def refuse(target: str, layer: str, reason: str) -> ConversionError:
-    """The error for a layer a converter cannot represent: names the target, the layer and the reason."""
-    return ConversionError(f"cannot convert to {target}: layer '{layer}': {reason}")
+__all__ = ["TARGETS", "ConversionError", "convert", "refuse"]
 
 
 def _onnx(path: str, out: str, kv_cache: bool = False, **options: Any) -> Any:

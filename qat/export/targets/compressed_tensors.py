@@ -54,7 +54,7 @@ from qat.export.manifest import Manifest, read_manifest
 from qat.export.pack import dequantize_weight, stored_codes
 from qat.export.reader import read_header, read_tensors
 from qat.export.spec import LayerSpec
-from qat.export.targets import ConversionError, refuse
+from qat.export.targets.errors import ConversionError, refuse
 
 TARGET = "compressed-tensors"
 

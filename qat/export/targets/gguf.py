@@ -39,8 +39,8 @@ from qat.export.format import layer_tensor
 from qat.export.golden import KEY_GOLDEN, encode_golden
 from qat.export.pack import stored_codes
 from qat.export.spec import LayerSpec
-from qat.export.targets import ConversionError, refuse
 from qat.export.targets.compressed_tensors import _read_file
+from qat.export.targets.errors import ConversionError, refuse
 from qat.export.targets.gguf_vocab import tokenizer_fields
 
 TARGET = "gguf"

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from qat.export.targets import ConversionError
+from qat.export.targets.errors import ConversionError
 
 PREFIX = "tokenizer."
 Field = tuple[str, Any, Any, Any]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from qat.export.format import LAYOUT_INT4
 from qat.export.load import load
 from qat.export.runtime import PackedConv2d, PackedEmbedding, PackedLinear, _PackedWeight
-from qat.export.targets import ConversionError, refuse
+from qat.export.targets.errors import ConversionError, refuse
 from qat.export.targets.matmul_nbits import choose_layout, nbits_tensors
 from qat.kernels.reference import unpack_int4
 
@@ -197,13 +197,14 @@ def export_onnx(
     copied into the ONNX metadata (`qat.golden`) so `qat verify out.onnx` can check the runtime.
     """
     from qat.export import golden
+    from qat.export.manifest import read_golden
     from qat.export.targets.matmul_nbits import translations
 
     if weights not in ("int4", "float"):
         raise ValueError(f"weights={weights!r}; allowed: 'int4', 'float'")
     if accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"accuracy_level={accuracy_level!r}; allowed: {ACCURACY_LEVELS}")
-    stored = golden.read_golden(path)
+    stored = read_golden(path)
     if example_inputs is None:
         if stored is None:
             raise ConversionError(f"{path}: no golden inputs in the file to trace the graph with; pass "

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from qat.export.load import load
-from qat.export.targets import ConversionError
+from qat.export.targets.errors import ConversionError
 from qat.export.targets.onnx import ACCURACY_LEVELS, METADATA_SOURCE, OnnxReport, convert_layers
 from qat.hf.llama_decoder import head_dim, unsupported_reason
 

@@ -13,8 +13,7 @@ from pytorch_lightning.loggers import CSVLogger
 from qat.eval.log_report import log_report, scalars, stages_table, takes_media
 from qat.eval.report import write_report
 from qat.lightning.loggers import FailSafeLogger, make_wandb_logger
-
-from .test_report import toy  # noqa: F401  (the module fixture: float / PTQ / QAT toys and their report)
+from tests.qat.eval.test_report import toy  # noqa: F401  (the module fixture: float / PTQ / QAT toys and their report)
 
 
 @pytest.fixture(scope="module")

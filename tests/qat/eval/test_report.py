@@ -19,9 +19,8 @@ from qat.eval.outputs import EvalError, collect
 from qat.eval.report import markdown, write_report
 from qat.eval.robustness import perturbation, substitute_tokens
 from qat.lightning.telemetry import weight_stats
-from qat.prepare import prepare
-
-from .toy_models import FragileMLP
+from qat.swap import prepare
+from tests.qat.eval.toy_models import FragileMLP
 
 
 def _quantized(model, bits):
@@ -137,7 +136,7 @@ def test_data_that_does_not_fit_the_model_is_a_clear_error():
 
 
 def test_a_language_model_report_has_perplexity_ratio_and_same_top_token_rate():
-    from qat.zoo import TinyLM
+    from qat.models import TinyLM
 
     torch.manual_seed(0)
     float_model = TinyLM(vocab_size=16, dim=32, heads=2, seq_len=8).eval()

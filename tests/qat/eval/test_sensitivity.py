@@ -8,11 +8,10 @@ import random
 import pytest
 import torch
 
-from qat.build import build_model
 from qat.eval.sensitivity import assign_bits, average_bits, layer_sensitivity, rules_override, suggest
 from qat.recipe import load_recipe
-
-from .toy_models import FRAGILE_RECIPE
+from qat.run.build import build_model
+from tests.qat.eval.toy_models import FRAGILE_RECIPE
 
 
 def _brute_force(weights, cost, budget):
@@ -75,7 +74,7 @@ def test_suggested_rules_load_as_an_override_and_set_each_layers_bits():
 def test_layer_sensitivity_finds_the_fragile_layer_of_a_toy_and_the_suggestion_protects_it():
     recipe = load_recipe(FRAGILE_RECIPE)
     float_model = build_model(recipe)[0]  # a fresh model: its weights are the toy's own init
-    from qat.prepare import unprepare
+    from qat.swap import unprepare
 
     float_model = unprepare(float_model).eval()
     generator = torch.Generator().manual_seed(0)

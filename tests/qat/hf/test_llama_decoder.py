@@ -21,8 +21,8 @@ from qat.export import export_model
 from qat.hf.fused_linear import fuse_linears
 from qat.hf.generate import choose_engine, generate, pick_token, tokenizer_for
 from qat.hf.llama_decoder import LlamaDecoder, unsupported_reason
-from qat.model_loader import architecture_of, build_model
 from qat.recipe import load_recipe
+from qat.run.models import architecture_of, build_model
 from tests.qat.data.tokenizers_for_tests import word_tokenizer
 from tests.qat.hf.test_train_hf import LLAMA
 from tests.qat.hf.tiny_models import VOCAB, tiny_llama_config

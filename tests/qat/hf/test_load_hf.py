@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qat.config import ConfigError
-from qat.hf.load import HFLoadError, HFSource, hf_architecture, load_hf_model, load_tokenizer, resolve_path
-from qat.recipe import load_recipe
+from qat.hf.load import HFLoadError, hf_architecture, load_hf_model, load_tokenizer, resolve_path
+from qat.recipe import HFSource, load_recipe
 
 
 def test_a_folder_loads_in_float_in_train_mode_without_touching_the_rng(llama_folder):
@@ -42,7 +42,7 @@ def test_config_settings_replace_the_pretrained_ones_and_unknown_ones_are_refuse
 
 def test_package_paths_resolve_inside_the_installed_package_without_importing_it():
     assert resolve_path("pkg:qat/hf") == resolve_path("pkg:qat") / "hf"
-    assert (resolve_path("pkg:qat") / "prepare.py").is_file()
+    assert (resolve_path("pkg:qat") / "swap.py").is_file()
     with pytest.raises(HFLoadError, match=r"no installed package 'not_a_package_qat'"):
         resolve_path("pkg:not_a_package_qat/model")
 
@@ -67,8 +67,8 @@ def test_bad_sources_are_clear_errors(tmp_path, llama_folder):
 def test_recipe_model_section_takes_a_target_or_hf_not_both(llama_folder):
     recipe = load_recipe(None, [f"model.hf.path={llama_folder}", "task=causal_lm"])
     assert recipe.model.hf.path == str(llama_folder) and recipe.model._target_ is None
-    assert load_recipe(None).model.target == "qat.zoo.DigitsCNN"
+    assert load_recipe(None).model.target == "qat.models.DigitsCNN"
     with pytest.raises(ConfigError, match=r"set either model._target_ .* or model.hf"):
-        load_recipe(None, [f"model.hf.path={llama_folder}", "model._target_=qat.zoo.TinyLM"])
+        load_recipe(None, [f"model.hf.path={llama_folder}", "model._target_=qat.models.TinyLM"])
     with pytest.raises(ConfigError, match=r"model.hf.kind='decoder' is not valid"):
         load_recipe(None, [f"model.hf.path={llama_folder}", "model.hf.kind=decoder"])

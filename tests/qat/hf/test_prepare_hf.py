@@ -9,9 +9,10 @@ from torch import nn
 from qat.config import ConfigError, QuantizerConfig, QuantRule, QuantSpec
 from qat.control import quantizer_parameters, quantizers
 from qat.fake_quant import FakeQuantizer
-from qat.hf.load import HFSource, load_hf_model
+from qat.hf.load import load_hf_model
 from qat.modules import QuantEmbedding, QuantLinear
-from qat.prepare import prepare
+from qat.recipe import HFSource
+from qat.swap import prepare
 
 W4 = QuantizerConfig(bits=4, symmetric=False, group_size=64, quantizer="lsq_plus", init="minmax")
 

@@ -9,11 +9,11 @@ import torch
 from transformers import LlamaForCausalLM
 
 import qat
-from qat.build import build
 from qat.export.reader import read_header
 from qat.ptq import gptq_round
 from qat.recipe import load_recipe
-from qat.runner import export_run, summarize
+from qat.run.build import build
+from qat.run.train import export_run, summarize
 from tests.qat.hf.tiny_models import save_tiny_llama
 
 LLAMA = [
@@ -116,7 +116,7 @@ def test_eval_ptq_stage_rounds_like_the_run(tmp_path, bert_folder, monkeypatch):
     import itertools
 
     import qat.ptq
-    from qat.eval.sources import EvalSources
+    from qat.run.eval_sources import EvalSources
 
     calls = []
 
@@ -138,7 +138,7 @@ def test_generate_from_the_int4_file_greedy_and_sampled(tmp_path, llama_folder, 
     from qat.cli import main
     from qat.export import export_model
     from qat.hf.generate import generate, tokenizer_for
-    from qat.model_loader import architecture_of, build_model
+    from qat.run.models import architecture_of, build_model
 
     recipe = llama_recipe(tmp_path, llama_folder)
     model, _ = build_model(recipe)
@@ -177,7 +177,7 @@ def test_bad_data_fails_before_the_run_directory_is_written(tmp_path, llama_fold
 
 @pytest.mark.slow
 def test_train_runs_the_hf_recipe_end_to_end_and_prints_float_rtn_and_qat_side_by_side(tmp_path, llama_folder):
-    from qat.runner import train
+    from qat.run.train import train
 
     summary = train(llama_recipe(tmp_path, llama_folder, "export.enabled=true"), quiet=True)
     for stage in ("fp", "ptq", "qat", "int4"):

@@ -10,7 +10,7 @@ from torch import nn
 
 import qat
 from qat import QuantizerConfig, QuantRule, QuantSpec
-from qat.zoo import DigitsCNN, TinyLM
+from qat.models import DigitsCNN, TinyLM
 
 
 def weight_config(**options: object) -> QuantizerConfig:
@@ -19,7 +19,7 @@ def weight_config(**options: object) -> QuantizerConfig:
 
 def digits_validation() -> tuple[torch.Tensor, torch.Tensor]:
     """The digits validation split (359 images, labels) of the default recipe."""
-    from qat.datasets import DigitsDataModule
+    from qat.data.digits import DigitsDataModule
 
     data = DigitsDataModule()
     data.setup()
@@ -34,7 +34,7 @@ def export_digits(path: Path, images: torch.Tensor) -> nn.Module:
                      rules=[QuantRule(type="Conv2d", granularity="channel")])
     torch.manual_seed(0)
     model = make_prepared(DigitsCNN(), spec, seed=0, calibrate_with=images[:64])
-    qat.export_model(model, path, architecture={"_target_": "qat.zoo.DigitsCNN"}, golden_inputs=(images[:4],))
+    qat.export_model(model, path, architecture={"_target_": "qat.models.DigitsCNN"}, golden_inputs=(images[:4],))
     return model
 
 
@@ -42,7 +42,7 @@ def export_tiny_lm(path: Path, **weight_options: object) -> nn.Module:
     torch.manual_seed(0)
     model = make_prepared(TinyLM(), QuantSpec(weight=weight_config(**weight_options)), seed=1)
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-    qat.export_model(model, path, architecture={"_target_": "qat.zoo.TinyLM"}, golden_inputs=(tokens,))
+    qat.export_model(model, path, architecture={"_target_": "qat.models.TinyLM"}, golden_inputs=(tokens,))
     return model
 
 

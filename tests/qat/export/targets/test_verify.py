@@ -14,7 +14,8 @@ from deploy_models import export_tiny_lm
 from qat.cli import main
 from qat.export import IntegrityError, MetadataError
 from qat.export.format import KEY_CHECKSUMS, KEY_HEADER_DIGEST
-from qat.export.golden import KEY_GOLDEN, MAX_OUTPUT_VALUES, decode_golden, encode_golden, read_golden
+from qat.export.golden import KEY_GOLDEN, MAX_OUTPUT_VALUES, decode_golden, encode_golden
+from qat.export.manifest import read_golden
 from qat.export.save import write_checkpoint
 from qat.export.verify import VerificationError, verify
 

@@ -1,0 +1,94 @@
+"""A DataLoader that resumes mid-epoch: the data order is a function of (seed, epoch).
+
+Lightning saves the state of stateful loaders in its checkpoints and restores it on
+resume; this loader's state is the epoch and the number of batches already trained,
+so a killed run continues with exactly the batches it had not seen. Under DDP each
+rank takes every world_size-th index of the shared permutation (Lightning's sampler
+replacement must be off: `use_distributed_sampler=False`, as `qat.run.build` sets).
+
+Example:
+    >>> loader = ResumableLoader(dataset, batch_size=64, shuffle=True, seed=0)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class EpochSampler(Sampler[int]):
+    """Indices of one epoch: a permutation seeded by (seed, epoch), this rank's share.
+
+    Each new iteration is the next epoch; `resume_at(epoch, start)` makes the next one
+    epoch `epoch` from index `start` of this rank's share. The epoch is chosen when the
+    first index is drawn (the body of `__iter__` is a generator), so an iterator that
+    Lightning creates and never uses takes no epoch.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.epoch = -1  # the epoch of the iteration in progress (or last run)
+        self._resume: Optional[tuple[int, int]] = None
+
+    def indices(self, epoch: int) -> list[int]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.size, generator=gen).tolist()
+        else:
+            order = list(range(self.size))
+        rank, world = _rank_and_world()
+        usable = len(order) - len(order) % world  # every rank gets the same number of samples
+        return order[rank:usable:world]
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        self._resume = (epoch, start)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, start = self._resume if self._resume is not None else (self.epoch + 1, 0)
+        self._resume = None
+        self.epoch = epoch
+        yield from self.indices(epoch)[start:]
+
+    def __len__(self) -> int:
+        return len(self.indices(0))
+
+
+# (batches of the current epoch already trained, whether the epoch is complete)
+Progress = Callable[[], tuple[int, bool]]
+
+
+class ResumableLoader(DataLoader):
+    """DataLoader with `state_dict` / `load_state_dict` for exact mid-epoch resume.
+
+    `progress` reports how many batches of the current epoch have been trained and whether
+    the epoch is complete; `LoaderProgress` wires the trainer's counters in (the loader
+    cannot count them itself, because Lightning fetches one batch ahead).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, **kwargs: Any):
+        self.epoch_sampler = EpochSampler(len(dataset), shuffle, seed)
+        # An own generator: creating an iterator must not draw from the global RNG, or a resumed
+        # run (which creates one more iterator) would see different dropout masks.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
+        super().__init__(dataset, batch_size=batch_size, sampler=self.epoch_sampler, **kwargs)
+        self.progress: Optional[Progress] = None
+
+    def state_dict(self) -> dict:
+        done, complete = self.progress() if self.progress is not None else (0, False)
+        return {"epoch": self.epoch_sampler.epoch, "batches_done": done, "epoch_complete": complete}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if state.get("epoch_complete", False):
+            self.epoch_sampler.resume_at(epoch + 1, 0)
+        else:
+            self.epoch_sampler.resume_at(epoch, done * int(self.batch_size or 1))

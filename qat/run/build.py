@@ -1,0 +1,227 @@
+"""The one place that turns a recipe into objects: model, data, Lightning module, callbacks, trainer.
+
+Example:
+    >>> run = build(load_recipe("recipes/digits_w4a4.yaml"))
+    >>> run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.resume_from)
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from torch import nn
+
+from qat.lightning.checkpoint_io import AtomicCheckpointIO
+from qat.lightning.distillation import Distillation, freeze_teacher
+from qat.lightning.distributed import StopLaunchedRanks, is_launched_worker, process_group_timeout
+from qat.lightning.float_reference import FloatReference
+from qat.lightning.loader_progress import LoaderProgress
+from qat.lightning.loggers import make_loggers
+from qat.lightning.module import QATModule
+from qat.lightning.nonfinite import NonFiniteGuard
+from qat.lightning.pruning import Pruning
+from qat.lightning.schedule import QuantizationSchedule
+from qat.lightning.sharding import ShardedQATModule, check_sharded_run, is_sharded, sharded_strategy
+from qat.lightning.telemetry import QuantTelemetry
+from qat.lightning.throughput import Throughput
+from qat.recipe import Recipe, quant_spec_hash, recipe_hash, recipe_to_yaml
+from qat.run.models import build_model, import_object, instantiate, load_teacher, model_from_checkpoint
+from qat.swap import PrepareReport
+from qat.tasks import make_task
+
+__all__ = ["Run", "build", "build_model", "import_object", "instantiate", "make_distillation",
+           "model_from_checkpoint", "resolve_run_dir", "trainer_kwargs"]
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of; `trainer.fit(module, datamodule, ckpt_path=resume_from)` runs it."""
+
+    recipe: Recipe
+    run_dir: Path
+    model: nn.Module
+    report: PrepareReport
+    module: QATModule
+    datamodule: pl.LightningDataModule
+    schedule: QuantizationSchedule
+    trainer: pl.Trainer
+    resume_from: Optional[str]
+    distillation: Optional[Distillation] = None
+    pruning: Optional[Pruning] = None
+
+
+def resolve_run_dir(recipe: Recipe) -> tuple[Path, Optional[str]]:
+    """(run directory, checkpoint to resume from). A new run takes the next `version_N`."""
+    base = Path(recipe.logging.run_dir) / (recipe.logging.name or recipe.name)
+    if recipe.resume is None:
+        versions = [int(m.group(1)) for p in base.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+        if is_launched_worker() and versions:  # rank 0 made this run's directory before it launched us
+            return base / f"version_{max(versions)}", None
+        return base / f"version_{max(versions, default=-1) + 1}", None
+    if recipe.resume == "last":
+        candidates = sorted(base.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise FileNotFoundError(f"resume=last: no checkpoints/last.ckpt under {base}")
+        ckpt = candidates[-1]
+    else:
+        ckpt = Path(recipe.resume)
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"resume={recipe.resume!r}: no such checkpoint file")
+    return ckpt.parent.parent, str(ckpt)
+
+
+def build_callbacks(recipe: Recipe, run_dir: Path, schedule: QuantizationSchedule) -> list[pl.Callback]:
+    ckpt_dir = run_dir / "checkpoints"
+    monitor, mode = {"classification": ("val/acc", "max"), "embedding": ("val/cosine", "max")}.get(
+        recipe.task, ("val/loss", "min"))
+    callbacks: list[pl.Callback] = [
+        schedule,
+        LoaderProgress(),
+        QuantTelemetry(recipe.logging.telemetry_every_n_steps),
+        NonFiniteGuard(ckpt_dir),
+        StopLaunchedRanks(),
+        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                        every_n_train_steps=recipe.trainer.checkpoint_every_n_steps),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                        auto_insert_metric_name=False, enable_version_counter=False),
+    ]
+    if recipe.task in ("causal_lm", "language_model", "embedding"):
+        callbacks.append(Throughput(make_task(recipe.task)))
+    if recipe.logging.progress_bar:
+        callbacks.append(RichProgressBar())
+    return callbacks
+
+
+def float_reference(recipe: Recipe) -> list[pl.Callback]:
+    """The callback writing <run_dir>/float.safetensors at the end of warm-up, the float model `qat eval`
+    compares with; none for a pretrained Hugging Face model (its source is the reference) or under FSDP2
+    (a sharded model cannot be copied: `qat eval` says so)."""
+    if recipe.model.hf is not None or is_sharded(recipe.trainer.strategy):
+        return []
+    return [FloatReference(recipe.schedule.warmup_steps)]
+
+
+def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -> Run:
+    """Make every object of a run, write the resolved recipe into its directory, start nothing."""
+    pl.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
+    if recipe.trainer.cpu_threads is not None:
+        torch.set_num_threads(recipe.trainer.cpu_threads)
+    run_dir, resume_from = resolve_run_dir(recipe)
+    floats: list[nn.Module] = []
+    keep_float = (recipe.distill.enabled and recipe.distill.teacher == "initial") or recipe.task == "embedding"
+    model, report = build_model(recipe, (lambda m: floats.append(copy.deepcopy(m))) if keep_float else None)
+    datamodule = make_datamodule(recipe, model)
+    if recipe.model.hf is not None:
+        datamodule.setup("fit")  # a corpus or tokenizer problem is an error now, before the run directory exists
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    num_classes = getattr(datamodule, "num_classes", None) or recipe.model.args.get("classes", 10)
+    info = {"recipe": recipe_to_yaml(recipe), "recipe_hash": recipe_hash(recipe),
+            "quant_spec_hash": quant_spec_hash(recipe.quant)}
+    check_sharded_run(recipe)
+    task = make_task(recipe.task, num_classes)
+    if floats:  # what 'embedding' is measured against; its own copy only when the teacher is cast to bf16
+        bf16_teacher = recipe.distill.enabled and recipe.distill.teacher_dtype == "bfloat16"
+        task.reference = freeze_teacher(copy.deepcopy(floats[0]) if bf16_teacher else floats[0])
+    module_class = ShardedQATModule if is_sharded(recipe.trainer.strategy) else QATModule
+    module = module_class(model, task, num_classes, recipe.optimizer, checkpoint_info=info)
+    schedule = QuantizationSchedule(recipe.schedule)
+    if resume_from is None:
+        schedule.model_setup(model)
+    distillation = make_distillation(recipe, run_dir, floats[0] if floats else None) \
+        if recipe.distill.enabled else None
+    pruning = Pruning(recipe.prune) if recipe.prune.enabled else None
+    callbacks = build_callbacks(recipe, run_dir, schedule)
+    # Right after the schedule, distillation first: its 'warmup' teacher is taken before pruning starts.
+    callbacks[1:1] = [c for c in (distillation, pruning) if c is not None]
+    callbacks += [*(extra_callbacks or []), *float_reference(recipe)]
+    trainer = pl.Trainer(**trainer_kwargs(recipe, run_dir, callbacks))
+    return Run(recipe, run_dir, model, report, module, datamodule, schedule, trainer, resume_from, distillation,
+               pruning)
+
+
+def make_datamodule(recipe: Recipe, model: Optional[nn.Module] = None) -> pl.LightningDataModule:
+    """The recipe's data module; a Hugging Face model's tokenizer and limits (from `model.config`, or the
+    source's config when no model is given) go to the arguments it takes (`tokenizer`, `max_positions`,
+    `vocab_size`)."""
+    factory = import_object(recipe.data._target_, "data")
+    extra: dict[str, Any] = {}
+    if recipe.model.hf is not None:
+        from qat.hf.load import load_tokenizer
+
+        accepted = _parameters(factory)
+        if "tokenizer" in accepted and "tokenizer" not in recipe.data.args:
+            extra["tokenizer"] = load_tokenizer(recipe.model.hf)
+        config = model.config if model is not None and hasattr(model, "config") else _hf_config(recipe)
+        limits = {"max_positions": getattr(config, "max_position_embeddings", None),
+                  "vocab_size": getattr(config, "vocab_size", None)}
+        extra.update({k: v for k, v in limits.items() if v is not None and k in accepted and k not in recipe.data.args})
+    return instantiate(recipe.data, "data", **extra)
+
+
+def _parameters(factory: Any) -> set[str]:
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _hf_config(recipe: Recipe) -> Any:
+    from transformers import AutoConfig
+
+    from qat.hf.load import weights_folder
+
+    return AutoConfig.from_pretrained(str(weights_folder(recipe.model.hf)))
+
+
+def make_distillation(recipe: Recipe, run_dir: Path, initial: Optional[nn.Module]) -> Distillation:
+    """The callback for `recipe.distill`; `initial` is the float model captured before prepare."""
+    config = recipe.distill
+    if config.teacher == "initial":
+        teacher = initial
+    elif config.teacher == "warmup":
+        teacher = None
+    else:
+        teacher = load_teacher(config.teacher, recipe)
+    return Distillation(config, run_dir, teacher, available_from=recipe.schedule.warmup_steps)
+
+
+def _strategy(name: str) -> Any:
+    """Lightning's strategy; plain 'ddp' lets parameters go unused, which the QAT schedule needs:
+    quantizer scales take no part in the loss during FP warm-up, and none once frozen."""
+    if name == "ddp":
+        from pytorch_lightning.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=True, timeout=process_group_timeout())
+    return name
+
+
+def trainer_kwargs(recipe: Recipe, run_dir: Path, callbacks: list[pl.Callback]) -> dict[str, Any]:
+    t = recipe.trainer
+    kwargs: dict[str, Any] = {
+        "max_epochs": t.max_epochs, "max_steps": t.max_steps, "accelerator": t.accelerator,
+        "devices": t.devices, "strategy": sharded_strategy(t.strategy, t.devices) or _strategy(t.strategy),
+        "precision": t.precision,
+        "gradient_clip_val": t.gradient_clip_val, "log_every_n_steps": t.log_every_n_steps,
+        "deterministic": t.deterministic, "default_root_dir": str(run_dir), "callbacks": callbacks,
+        "logger": make_loggers(run_dir, recipe.logging.wandb, recipe.logging.wandb_project,
+                               recipe.logging.name or recipe.name),
+        "enable_progress_bar": recipe.logging.progress_bar, "enable_model_summary": False,
+        "use_distributed_sampler": False,  # ResumableLoader shards by rank itself
+        "accumulate_grad_batches": t.accumulate_grad_batches,
+        "plugins": [AtomicCheckpointIO()],  # a failed write keeps the previous checkpoint intact
+    }
+    if t.val_check_interval is not None:
+        kwargs["val_check_interval"] = t.val_check_interval
+    for key in ("limit_train_batches", "limit_val_batches"):
+        if getattr(t, key) is not None:
+            kwargs[key] = getattr(t, key)
+    return kwargs

@@ -1,0 +1,215 @@
+"""`qat eval`: the evaluation report of a run directory, a training checkpoint or an int4 file.
+
+    qat eval runs/digits_w2a4/version_0                       # writes report.md/json + PNGs there
+    qat eval runs/.../checkpoints/last.ckpt --budget-bits 3   # plus a mixed-precision suggestion
+    qat eval model.safetensors --float float.safetensors --recipe recipe.yaml -o eval/
+
+The end of a training run with `report.enabled: true` calls `report_run` (the same code).
+
+Example:
+    >>> report, paths = evaluate("runs/digits_w2a4/version_0")
+    >>> report["stages"]["ptq"]["accuracy"], report["stages"]["qat"]["accuracy"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from qat.eval.evaluate import compare, latency
+from qat.eval.log_report import log_report
+from qat.eval.outputs import EvalError
+from qat.eval.report import write_report
+from qat.lightning.float_reference import FLOAT_FILE
+from qat.run.eval_sources import INT4_FILE, EvalSources, resolve
+
+
+def _check_data(model: Any, batch: Any, task: str, describe: str) -> None:
+    """An `EvalError` naming the model and the data when `batch` does not fit `model`."""
+    from qat.eval.outputs import collect, collect_embeddings
+    from qat.tasks import make_task
+
+    if task == "embedding":
+        collect_embeddings(model, [batch], make_task(task), describe=describe)
+    else:
+        collect(model, [batch], describe=describe, task=make_task(task))
+
+
+def _models(sources: EvalSources, train_batches: list, val_batches: list) -> dict[str, Any]:
+    from qat.export import load
+
+    float_model = sources.float_model()
+    _check_data(float_model, val_batches[0], sources.recipe.task, sources.describe())
+    models = {"float": float_model, "ptq": sources.ptq_model(train_batches)}
+    qat_model = sources.qat_model()
+    if qat_model is not None:
+        models["qat"] = qat_model
+    models["int4"] = load(sources.int4_file(), device="cpu")
+    return models
+
+
+def _float_bytes(sources: EvalSources, float_model: Any) -> int:
+    """The float reference's bytes: its file, or its tensors at fp32 (a pretrained model's source;
+    tied tensors counted once), what a float.safetensors of it would hold."""
+    if sources.float_path is not None:
+        return sources.float_path.stat().st_size
+    seen: dict[int, int] = {}
+    for tensor in float_model.state_dict().values():
+        seen.setdefault(tensor.data_ptr(), tensor.numel() * 4)
+    return sum(seen.values())
+
+
+def _size(sources: EvalSources, float_model: Any) -> dict[str, Any]:
+    """Bytes of the float file and of the int4 file; `nominal_bytes`: the int4 file with its codes
+    packed at their nominal width (2- and 3-bit codes are stored in 4-bit nibbles today)."""
+    from qat.export import inspect_checkpoint
+    from qat.export.spec import LAYOUT_INT4
+
+    int4 = sources.int4_file()
+    inspected = inspect_checkpoint(int4, verify=False)
+    size = inspected.size
+    saved = 0.0
+    for spec in inspected.manifest.layers.values():
+        if spec.weight is not None:
+            weights = spec.weight.rows * spec.weight.columns
+            stored_bits = 4 if spec.weight.layout == LAYOUT_INT4 else 8
+            saved += weights * (stored_bits - spec.weight.bits) / 8
+    float_bytes = _float_bytes(sources, float_model)
+    return {"float_bytes": float_bytes, "int4_bytes": size.file_bytes, "bits_per_weight": size.bits_per_weight,
+            "nominal_bytes": int(size.file_bytes - saved), "ratio_vs_float": float_bytes / size.file_bytes,
+            "int4_path": str(int4)}
+
+
+def _vocab_size(data: Any, recipe: Any, float_model: Any) -> Optional[int]:
+    config = getattr(float_model, "config", None)
+    return (getattr(data, "vocab_size", None) or recipe.model.args.get("vocab_size")
+            or getattr(config, "vocab_size", None))
+
+
+def _drop_token(data: Any) -> Optional[int]:
+    """The token that token dropout puts in: the tokenizer's unknown token, else its padding token."""
+    tokenizer = getattr(data, "tokenizer", None)
+    for name in ("unk_token_id", "pad_token_id"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            return int(token)
+    return None
+
+
+SENSITIVITY_NOT_FOR_EMBEDDINGS = ("per-layer sensitivity ranks layers by the KL of output distributions; an "
+                                  "embedding model has none (not measured)")
+
+
+def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] = None, with_latency: bool = True,
+                 budget_bits: Optional[float] = None, sensitivity: bool = True) -> dict[str, Any]:
+    """The report dict of `sources` (see `qat.eval.evaluate.compare` for its layout)."""
+    recipe = sources.recipe
+    data = sources.datamodule()
+    val_batches = list(data.val_dataloader())
+    train_batches = list(itertools.islice(iter(data.train_dataloader()), recipe.schedule.calibration_batches))
+    models = _models(sources, train_batches, val_batches)
+    vocab = _vocab_size(data, recipe, models["float"])
+    report = compare(models, val_batches, recipe.task, noise_levels, vocab, _drop_token(data))
+    pretrained = sources.float_path is None
+    report.update(name=recipe.name, source=str(sources.source),
+                  float_reference=f"{recipe.model.hf.path} (pretrained)" if pretrained else str(sources.float_path),
+                  float_is=f"the pretrained model the run started from ({recipe.model.hf.path})" if pretrained
+                  else f"the model at the end of FP warm-up ({sources.float_path.name})",
+                  size=_size(sources, models["float"]))
+    if with_latency:
+        report["latency"] = latency(models["float"], models["int4"], val_batches[0], recipe.task)
+    if (sensitivity or budget_bits is not None) and recipe.task == "embedding":
+        report["not_applicable"]["sensitivity"] = SENSITIVITY_NOT_FOR_EMBEDDINGS
+    elif sensitivity or budget_bits is not None:
+        from qat.eval.sensitivity import DEFAULT_BITS, layer_sensitivity, quantized_layers, suggest
+        from qat.tasks import make_task
+
+        rows = layer_sensitivity(recipe, models["float"], val_batches, layers=quantized_layers(models["ptq"]),
+                                 task=make_task(recipe.task))
+        report["sensitivity"] = {"bits_choices": list(DEFAULT_BITS), "layers": rows}
+        if budget_bits is not None:
+            report["sensitivity"]["suggestion"] = suggest(recipe, rows, budget_bits)
+    return report
+
+
+def evaluate(path: str | Path, output: Optional[str | Path] = None, float_path: Optional[str] = None,
+             recipe_path: Optional[str] = None, overrides: Optional[list[str]] = None,
+             **options: Any) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Build the report of `path` and write it to `output` (default: its run directory)."""
+    sources = resolve(path, float_path, recipe_path, overrides)
+    report = build_report(sources, **options)
+    default_dir = sources.source if sources.source.is_dir() else \
+        (sources.source.parent if sources.checkpoint is None else sources.source.parent.parent)
+    return report, write_report(report, output or default_dir)
+
+
+def report_run(run: Any) -> dict[str, Any]:
+    """The end-of-run hook (`report.enabled`): write the report of a finished `qat.run.build.Run` into
+    its run directory, using the trained model in memory; a short summary entry back."""
+    settings, run_dir = run.recipe.report, Path(run.run_dir)
+    float_path = run_dir / FLOAT_FILE
+    if run.recipe.model.hf is not None and not float_path.is_file():
+        float_path = None  # the float reference is the pretrained model of model.hf
+    elif not float_path.is_file():  # e.g. resumed from a run made before float.safetensors existed
+        message = f"no evaluation report: no float reference {float_path}"
+        print(f"qat: warning: {message}", file=sys.stderr)
+        return {"error": message}
+    export = Path(run.recipe.export.path or run_dir / INT4_FILE)
+    sources = EvalSources(run.recipe, run_dir, float_path, int4_path=export if export.is_file() else None,
+                          trained=run.model)
+    report = build_report(sources, settings.noise_levels, settings.latency, settings.budget_bits,
+                          sensitivity=settings.budget_bits is not None)
+    paths = write_report(report, run_dir)
+    plots = {name: path for name, path in paths.items() if name not in ("json", "md")}
+    log_report(run.trainer.loggers, report, plots, run.trainer.global_step)
+    stages = report["stages"]
+    brief = {stage: {k: stages[stage][k] for k in ("agreement", "kl", "correct_to_wrong", "cosine", "nn_agreement")
+                     if k in stages[stage]}
+             for stage in stages if stage != "float"}
+    return {"path": str(paths["md"]), "vs_float": brief, "gap_recovered": report["gap_recovered"]}
+
+
+SUMMARY_KEYS = ("accuracy", "perplexity", "perplexity_ratio", "cosine", "nn_agreement", "agreement", "kl", "ece")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Handler of `qat eval`: 0 on success, 2 with a message naming the problem otherwise."""
+    try:
+        report, paths = evaluate(args.source, args.output, args.float, args.recipe, list(args.overrides),
+                                 noise_levels=args.noise, with_latency=not args.no_latency,
+                                 budget_bits=args.budget_bits, sensitivity=not args.no_sensitivity)
+    except (EvalError, ValueError, FileNotFoundError) as err:
+        print(f"qat eval: error: {err}", file=sys.stderr)
+        return 2
+    for name, row in report["stages"].items():
+        print(f"{name:>6}: " + "  ".join(f"{key} {row[key]:.4f}" for key in SUMMARY_KEYS if key in row))
+    suggestion = report.get("sensitivity", {}).get("suggestion")
+    if suggestion:
+        print(f"suggested rules ({suggestion['average_bits']:.3f} bits/weight): '{suggestion['override']}'")
+    print(f"report: {paths['md']}")
+    return 0
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `qat eval SOURCE [key=value ...]`."""
+    parser = subparsers.add_parser(
+        "eval", help="evaluation report: float, PTQ, QAT and int4 side by side (metrics, plots, per layer)",
+        description="Compare a run's float reference, PTQ (computed on the spot), QAT and the int4 file: "
+                    "task metric, agreement, flips, KL, ECE, per-class, robustness, per-layer errors, size, "
+                    "latency and sensitivity; writes report.md, report.json and PNG plots.")
+    parser.add_argument("source", help="a run directory, a training checkpoint (.ckpt) or a qat int4 .safetensors")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.args.batch_size=128")
+    parser.add_argument("-o", "--output", help="directory for the report (default: the run directory)")
+    parser.add_argument("--float", help="float reference state dict (default: <run_dir>/float.safetensors)")
+    parser.add_argument("--recipe", help="recipe YAML (default: the checkpoint's or the run directory's)")
+    parser.add_argument("--noise", type=float, nargs="+", help="noise levels (default: by input kind)")
+    parser.add_argument("--budget-bits", type=float, help="suggest per-layer bits under this average")
+    parser.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
+    parser.add_argument("--no-sensitivity", action="store_true",
+                        help="skip per-layer sensitivity (one pass over the data per layer and bit width: long "
+                             "for a large language model); --budget-bits still computes it")
+    parser.set_defaults(func=run_eval)
+    return parser

@@ -1,0 +1,120 @@
+"""A run's deployable int4 file: written after training (`export_run`) or later from a training
+checkpoint (`export_checkpoint`, the `qat export` command). Both go through `export_trained`, so a
+file made either way holds the same weights, architecture, recipe hash and golden inputs.
+
+Example:
+    >>> report = export_checkpoint("runs/digits/version_0", "model.safetensors")
+    >>> print(report)                                   # layers, bits per weight, file size
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from qat.export import export_model, load
+from qat.export.report import SizeReport
+from qat.export.targets.cli import add_target_arguments, run_convert
+from qat.lightning.module import QATModule
+from qat.prune import remove_masks
+from qat.recipe import load_recipe_text, recipe_hash
+from qat.run.build import Run
+from qat.run.models import architecture_of, instantiate, model_from_checkpoint
+
+
+def golden_batch(datamodule: Any, count: int = 4) -> Optional[tuple[Tensor, ...]]:
+    """The model inputs of the first `count` validation samples of a Lightning data module, or None.
+
+    A batch is `(inputs, targets)`, a dict with `input_ids` (and `attention_mask`), or a tensor.
+    """
+    try:
+        datamodule.setup("validate")
+        batch = next(iter(datamodule.val_dataloader()))
+    except Exception:  # golden data is optional: no validation data, no golden data
+        return None
+    if isinstance(batch, dict):
+        batch = tuple(batch[key] for key in ("input_ids", "attention_mask") if key in batch)
+    elif isinstance(batch, (tuple, list)):
+        batch = (batch[0],)
+    else:
+        batch = (batch,)
+    if not batch or not all(isinstance(t, Tensor) for t in batch):
+        return None
+    return tuple(t[:count] for t in batch)
+
+
+def export_trained(model: nn.Module, out_path: str | os.PathLike, architecture: dict, recipe_hash: str,
+                   datamodule: Any, sparsity: Optional[dict] = None) -> SizeReport:
+    """Write `model` (prepared, masks removed) to `out_path` with golden inputs from `datamodule`."""
+    inputs = golden_batch(datamodule) if datamodule is not None else None  # for `qat verify`
+    return export_model(model, out_path, architecture=architecture, recipe_hash=recipe_hash,
+                        sparsity=sparsity, golden_inputs=inputs)
+
+
+def export_run(run: Run) -> dict[str, Any]:
+    """Write the int4 checkpoint (`recipe.export.path`, default `<run_dir>/model.safetensors`; pruning
+    masks baked into the weights), load it back with `qat.load` and measure it: summary entries."""
+    recipe = run.recipe
+    path = Path(recipe.export.path or run.run_dir / "model.safetensors")
+    model = copy.deepcopy(run.model)
+    sparsity = remove_masks(model).as_dict() if run.pruning is not None else None
+    size = export_trained(model, path, architecture_of(recipe, model), recipe_hash(recipe), run.datamodule, sparsity)
+    evaluator = QATModule(load(path), run.module.task_spec)
+    return {"int4": evaluator.evaluate(run.datamodule.val_dataloader()),
+            "export": {"path": str(path), "file_bytes": size.file_bytes, "bits_per_weight": size.bits_per_weight}}
+
+
+def export_checkpoint(ckpt_path_or_run_dir: str | os.PathLike, out_path: str | os.PathLike) -> SizeReport:
+    """Export a training checkpoint (a Lightning .ckpt or a run directory) to a qat int4 file."""
+    source = Path(ckpt_path_or_run_dir)
+    if not source.exists():
+        raise FileNotFoundError(f"no checkpoint or run directory at {source}")
+    model, architecture, file_recipe_hash = model_from_checkpoint(source)
+    return export_trained(model, out_path, architecture, file_recipe_hash, _checkpoint_datamodule(source))
+
+
+def _checkpoint_datamodule(path: Path) -> Any:
+    """The data module of a checkpoint's recipe, or None when it cannot be built (golden data is optional)."""
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    try:
+        info = torch.load(path, map_location="cpu", weights_only=True).get("qat") or {}
+        return instantiate(load_recipe_text(info["recipe"]).data, "data")
+    except Exception:
+        return None
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of `qat export`: 0 on success, 1 with a message on stderr otherwise."""
+    if getattr(args, "to", None):  # `qat export FILE --to TARGET`: convert a qat file
+        return run_convert(args)
+    try:
+        report = export_checkpoint(args.checkpoint, args.output)
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError / ExportError / a non-qat checkpoint
+        print(f"qat export: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}")
+    print(report)
+    return 0
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `qat export <checkpoint> -o model.safetensors`."""
+    parser = subparsers.add_parser(
+        "export",
+        help="write a deployable int4 .safetensors file from a training checkpoint",
+        description="Pack the quantized weights of a training checkpoint (a .ckpt file or a run directory) "
+        "into one .safetensors file that qat.load() reads (format: docs/FORMAT.md).",
+    )
+    parser.add_argument("checkpoint", help="a training checkpoint (.ckpt) or a run directory; with --to, a qat file")
+    parser.add_argument("-o", "--output", required=True, help="the .safetensors file (or --to target) to write")
+    add_target_arguments(parser)
+    parser.set_defaults(func=run_export)
+    return parser
