@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from qat.tasks import nearest_neighbours
+
 
 def _rows(logits: Tensor) -> Tensor:
     """(..., C) -> (N, C) float32."""
@@ -142,8 +144,6 @@ def mean_cosine(embeddings: Tensor, reference_embeddings: Tensor) -> float:
 
 def neighbour_agreement(embeddings: Tensor, reference_embeddings: Tensor) -> float:
     """Share of the N rows whose nearest other row by cosine is the one the reference picks."""
-    from qat.tasks import nearest_neighbours
-
     if embeddings.shape[0] < 2:
         raise ValueError(f"nearest-neighbour agreement needs at least 2 embeddings; got {embeddings.shape[0]}")
     mine = nearest_neighbours(F.normalize(embeddings.float(), dim=-1))

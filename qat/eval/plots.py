@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from qat.eval.evaluate import main_metric
+
 ROBUSTNESS_LABELS = {"cosine": "cosine to the float embeddings of the clean input"}
 STAGE_COLORS = {"float": "#444444", "ptq": "#d62728", "qat": "#1f77b4", "int4": "#2ca02c"}
 
@@ -145,8 +147,6 @@ def size_plot(points: list[dict[str, Any]], metric: str, path: Path, title: str 
 
 
 def _metric(report: dict) -> str:
-    from qat.eval.evaluate import main_metric
-
     return report.get("metric") or main_metric(report["task"])
 
 

@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+import qat
 from qat.export.format import (
     CODES,
     FORMAT_NAME,
@@ -160,8 +161,6 @@ def export_model(
     a few samples) are run through the model and stored with its output under `qat.golden`
     for `qat verify`. Returns the `SizeReport` of the written file.
     """
-    import qat  # late: qat/__init__ imports this package
-
     architecture = check_architecture(architecture)
     if recipe_hash is not None and not isinstance(recipe_hash, str):
         raise ExportError(f"recipe_hash must be a string, got {type(recipe_hash).__name__}")

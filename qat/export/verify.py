@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from qat.export.golden import KEY_GOLDEN, Golden, decode_golden, float32_sha256, output_tensor
+from qat.export.load import load
 from qat.export.manifest import read_golden
 
 EXACT_TOLERANCE = 1e-4
@@ -84,8 +85,6 @@ def compare(golden: Golden, output: torch.Tensor, path: str, runtime: str, toler
 
 def verify_checkpoint(path: str, backend: Optional[str] = None, tolerance: Optional[float] = None) -> VerifyReport:
     """Load a qat file (every checksum checked) with `backend` and rerun its golden inputs."""
-    from qat.export.load import load
-
     golden = read_golden(path)
     if golden is None:
         raise VerificationError(f"{path}: the file holds no golden data ('{KEY_GOLDEN}'); re-export it with "

@@ -28,6 +28,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+import qat
+from qat.export.manifest import read_manifest
+from qat.export.reader import read_header
 from qat.hf.llama_decoder import LlamaDecoder, unsupported_reason
 from qat.hf.load import HFLoadError, load_tokenizer
 from qat.recipe import HFSource
@@ -50,8 +53,6 @@ def tokenizer_for(path: str, tokenizer: Optional[str] = None) -> Any:
     """The tokenizer `--tokenizer` names, or the one of the source recorded in the int4 file."""
     if tokenizer is not None:
         return load_tokenizer(HFSource(path=tokenizer))
-    from qat.export.manifest import read_manifest
-    from qat.export.reader import read_header
 
     architecture = read_manifest(read_header(path)).architecture or {}
     source = architecture.get("hf_source")
@@ -184,8 +185,6 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int 
 
 def run_generate(args: argparse.Namespace) -> int:
     """Handler of `qat generate`."""
-    import qat
-
     try:
         tokenizer = tokenizer_for(args.file, args.tokenizer)
         model = qat.load(args.file, kernel_backend=args.backend)

@@ -17,6 +17,8 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import safetensors.torch
 
+from qat.lightning.distillation import float_copy
+
 FLOAT_FILE = "float.safetensors"
 
 
@@ -33,7 +35,6 @@ class FloatReference(pl.Callback):
         path = (self.run_dir or Path(trainer.default_root_dir)) / FLOAT_FILE
         if trainer.global_step < self.warmup_steps or path.is_file() or not trainer.is_global_zero:
             return
-        from qat.lightning.distillation import float_copy
 
         state = float_copy(pl_module.model).state_dict()
         path.parent.mkdir(parents=True, exist_ok=True)

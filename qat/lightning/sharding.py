@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from qat.config import ConfigError
+from qat.lightning.distributed import process_group_timeout
 from qat.lightning.module import QATModule
 from qat.modules import QuantModule
 from qat.recipe import Recipe
@@ -67,7 +68,6 @@ def sharded_strategy(strategy: str, devices: Union[int, str, list]) -> Optional[
     check_strategy(strategy)
     if not is_sharded(strategy):
         return None
-    from qat.lightning.distributed import process_group_timeout
 
     if not isinstance(devices, int):
         raise ConfigError(f"trainer.strategy={strategy!r} needs trainer.devices as a number, got {devices!r}")

@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qat.export.golden import output_tensor
+from qat.export.manifest import read_golden
+
 LOGGER = logging.getLogger("qat.monitor")
 
 
@@ -131,9 +134,6 @@ def check_golden(model: nn.Module, path: Union[str, os.PathLike], monitor: Optio
                  ) -> DriftStatus:
     """Run the golden inputs of a qat file through `model` and feed the monitor with the golden outputs
     as reference (a start-up or periodic check when no float model is at hand)."""
-    from qat.export.golden import output_tensor
-    from qat.export.manifest import read_golden
-
     golden = read_golden(path)
     if golden is None or not golden.complete:
         raise ValueError(f"{path}: no complete golden outputs to compare with (export with golden_inputs=...)")

@@ -19,6 +19,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from torch import nn
 
+from qat.hf.load import load_tokenizer, weights_folder
 from qat.lightning.checkpoint_io import AtomicCheckpointIO
 from qat.lightning.distillation import Distillation, freeze_teacher
 from qat.lightning.distributed import StopLaunchedRanks, is_launched_worker, process_group_timeout
@@ -155,8 +156,6 @@ def make_datamodule(recipe: Recipe, model: Optional[nn.Module] = None) -> pl.Lig
     factory = import_object(recipe.data._target_, "data")
     extra: dict[str, Any] = {}
     if recipe.model.hf is not None:
-        from qat.hf.load import load_tokenizer
-
         accepted = _parameters(factory)
         if "tokenizer" in accepted and "tokenizer" not in recipe.data.args:
             extra["tokenizer"] = load_tokenizer(recipe.model.hf)
@@ -177,7 +176,6 @@ def _parameters(factory: Any) -> set[str]:
 def _hf_config(recipe: Recipe) -> Any:
     from transformers import AutoConfig
 
-    from qat.hf.load import weights_folder
 
     return AutoConfig.from_pretrained(str(weights_folder(recipe.model.hf)))
 

@@ -32,9 +32,18 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from qat.control import calibrate, set_fake_quant
 from qat.eval.outputs import EvalError
+from qat.export import CheckpointError, export_model
+from qat.export.manifest import read_manifest
+from qat.export.reader import read_header
 from qat.lightning.float_reference import FLOAT_FILE
-from qat.recipe import Recipe, load_recipe
+from qat.prune import remove_masks
+from qat.ptq import gptq_round
+from qat.recipe import Recipe, load_recipe, load_recipe_text, recipe_to_yaml, typed_recipe
+from qat.run.build import build_model, make_datamodule, model_from_checkpoint
+from qat.run.export import export_checkpoint
+from qat.run.models import architecture_of, load_float_model
 
 INT4_FILE = "model.safetensors"
 
@@ -53,8 +62,6 @@ class EvalSources:
 
     def datamodule(self):
         """The recipe's data module (a Hugging Face model's tokenizer and limits passed in), set up."""
-        from qat.run.build import make_datamodule
-
         data = make_datamodule(self.recipe)
         data.setup("fit")
         return data
@@ -66,8 +73,6 @@ class EvalSources:
 
     def float_model(self) -> nn.Module:
         """The recipe's model holding the float reference weights."""
-        from qat.run.models import load_float_model
-
         model = load_float_model(self.recipe)
         if self.float_path is not None:
             _load_float(model, _read_state(self.float_path), self)
@@ -75,9 +80,6 @@ class EvalSources:
 
     def ptq_model(self, calibration_batches: list) -> nn.Module:
         """Float weights quantized with the recipe's spec and calibrated, no training."""
-        from qat.control import calibrate, set_fake_quant
-        from qat.run.build import build_model
-
         state = _read_state(self.float_path) if self.float_path is not None else None
         model, _ = build_model(self.recipe, on_float=None if state is None else
                                lambda float_model: _load_float(float_model, state, self))
@@ -85,8 +87,6 @@ class EvalSources:
         calibrate(model, calibration_batches, weights=False)  # weight ranges: set by prepare from these weights
         schedule = self.recipe.schedule
         if schedule.weight_rounding == "gptq":
-            from qat.ptq import gptq_round
-
             gptq_round(model, calibration_batches, schedule.gptq_damping, schedule.gptq_act_order)
         return model.eval()
 
@@ -96,7 +96,6 @@ class EvalSources:
             return copy.deepcopy(self.trained).eval()
         if self.checkpoint is None:
             return None
-        from qat.run.build import model_from_checkpoint
 
         return model_from_checkpoint(self.checkpoint)[0]
 
@@ -104,16 +103,11 @@ class EvalSources:
         """The int4 file: the run's, or the checkpoint exported to a temporary file."""
         if self.int4_path is not None:
             return self.int4_path
-        from qat.export import export_model
-        from qat.run.export import export_checkpoint
 
         tmp = tempfile.TemporaryDirectory(prefix="qat-eval-")
         self._tmp.append(tmp)
         self.int4_path = Path(tmp.name) / INT4_FILE
         if self.trained is not None:
-            from qat.prune import remove_masks
-            from qat.run.models import architecture_of
-
             model = copy.deepcopy(self.trained)
             remove_masks(model)
             export_model(model, self.int4_path, architecture=architecture_of(self.recipe, model))
@@ -138,8 +132,6 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _checkpoint_recipe(path: Path) -> Recipe:
-    from qat.recipe import load_recipe_text
-
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike
@@ -151,10 +143,6 @@ def _checkpoint_recipe(path: Path) -> Recipe:
 
 
 def _is_qat_file(path: Path) -> bool:
-    from qat.export import CheckpointError
-    from qat.export.manifest import read_manifest
-    from qat.export.reader import read_header
-
     try:
         read_manifest(read_header(str(path)))
     except CheckpointError as err:
@@ -212,6 +200,5 @@ def _with_overrides(recipe: Recipe, overrides: Optional[list[str]]) -> Recipe:
         return recipe
     from omegaconf import OmegaConf
 
-    from qat.recipe import recipe_to_yaml, typed_recipe
 
     return typed_recipe([OmegaConf.create(recipe_to_yaml(recipe)), OmegaConf.from_dotlist(list(overrides))])

@@ -21,17 +21,18 @@ from typing import Any, Optional, Sequence
 
 from qat.eval.evaluate import compare, latency
 from qat.eval.log_report import log_report
-from qat.eval.outputs import EvalError
+from qat.eval.outputs import EvalError, collect, collect_embeddings
 from qat.eval.report import write_report
+from qat.eval.sensitivity import DEFAULT_BITS, layer_sensitivity, quantized_layers, suggest
+from qat.export import inspect_checkpoint, load
+from qat.export.spec import LAYOUT_INT4
 from qat.lightning.float_reference import FLOAT_FILE
 from qat.run.eval_sources import INT4_FILE, EvalSources, resolve
+from qat.tasks import make_task
 
 
 def _check_data(model: Any, batch: Any, task: str, describe: str) -> None:
     """An `EvalError` naming the model and the data when `batch` does not fit `model`."""
-    from qat.eval.outputs import collect, collect_embeddings
-    from qat.tasks import make_task
-
     if task == "embedding":
         collect_embeddings(model, [batch], make_task(task), describe=describe)
     else:
@@ -39,8 +40,6 @@ def _check_data(model: Any, batch: Any, task: str, describe: str) -> None:
 
 
 def _models(sources: EvalSources, train_batches: list, val_batches: list) -> dict[str, Any]:
-    from qat.export import load
-
     float_model = sources.float_model()
     _check_data(float_model, val_batches[0], sources.recipe.task, sources.describe())
     models = {"float": float_model, "ptq": sources.ptq_model(train_batches)}
@@ -65,9 +64,6 @@ def _float_bytes(sources: EvalSources, float_model: Any) -> int:
 def _size(sources: EvalSources, float_model: Any) -> dict[str, Any]:
     """Bytes of the float file and of the int4 file; `nominal_bytes`: the int4 file with its codes
     packed at their nominal width (2- and 3-bit codes are stored in 4-bit nibbles today)."""
-    from qat.export import inspect_checkpoint
-    from qat.export.spec import LAYOUT_INT4
-
     int4 = sources.int4_file()
     inspected = inspect_checkpoint(int4, verify=False)
     size = inspected.size
@@ -124,9 +120,6 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
     if (sensitivity or budget_bits is not None) and recipe.task == "embedding":
         report["not_applicable"]["sensitivity"] = SENSITIVITY_NOT_FOR_EMBEDDINGS
     elif sensitivity or budget_bits is not None:
-        from qat.eval.sensitivity import DEFAULT_BITS, layer_sensitivity, quantized_layers, suggest
-        from qat.tasks import make_task
-
         rows = layer_sensitivity(recipe, models["float"], val_batches, layers=quantized_layers(models["ptq"]),
                                  task=make_task(recipe.task))
         report["sensitivity"] = {"bits_choices": list(DEFAULT_BITS), "layers": rows}

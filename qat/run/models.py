@@ -25,7 +25,7 @@ from qat.config import ConfigError
 from qat.hf.load import hf_architecture, load_hf_model
 from qat.lightning.pruning import pruned_layers
 from qat.prune import attach_masks, remove_masks
-from qat.recipe import HFSource, Recipe, TargetConfig
+from qat.recipe import HFSource, Recipe, TargetConfig, load_recipe_text
 from qat.swap import PrepareReport, prepare
 
 # Import paths that older qat versions wrote into saved recipes (run directories, checkpoints, exported
@@ -121,8 +121,6 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict, str]:
     """(prepared model with trained weights and qparams, architecture dict, recipe hash) from a
     Lightning checkpoint written by a qat run, or from a run directory (its checkpoints/last.ckpt).
     Pruning masks are baked into the weights and dropped."""
-    from qat.recipe import load_recipe_text
-
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "last.ckpt"

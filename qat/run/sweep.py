@@ -23,7 +23,13 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from qat.eval.evaluate import main_metric
 from qat.eval.plots import size_plot
+from qat.eval.sensitivity import layer_sensitivity, suggest
+from qat.recipe import load_recipe
+from qat.run.eval_sources import resolve
+from qat.run.train import train
+from qat.tasks import make_task
 
 SIZE_NOTE = ("Size: 'file bytes' is the int4 file on disk, where 2- and 3-bit codes take 4-bit nibbles; "
              "'bytes at nominal bits' is that file with the codes packed at their own width (what the Pareto "
@@ -63,9 +69,6 @@ def _run_name(setting: dict[str, Any]) -> str:
 def run_setting(recipe_path: str, setting: dict[str, Any], extra: list[str], run_dir: Path,
                 resume: bool = False) -> dict[str, Any]:
     """Train one setting (with `resume`, reuse its finished run under `run_dir`); its row of the table."""
-    from qat.recipe import load_recipe
-    from qat.run.train import train
-
     done = run_dir / _run_name(setting) / "version_0" / "summary.json"
     if resume and done.is_file() and "report" in json.loads(done.read_text()):
         return row_of(setting, json.loads(done.read_text()))
@@ -77,8 +80,6 @@ def run_setting(recipe_path: str, setting: dict[str, Any], extra: list[str], run
 
 def row_of(setting: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     """A setting's row from its run summary and evaluation report."""
-    from qat.eval.evaluate import main_metric
-
     report = json.loads(Path(summary["report"]["path"]).with_suffix(".json").read_text())
     key = report.get("metric") or main_metric(report["task"])
     stages = report["stages"]
@@ -94,10 +95,6 @@ def row_of(setting: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
 
 def mixed_setting(first_run_dir: str, budget_bits: float) -> dict[str, Any]:
     """The mixed-precision setting suggested from the first run's float reference."""
-    from qat.eval.sensitivity import layer_sensitivity, suggest
-    from qat.run.eval_sources import resolve
-    from qat.tasks import make_task
-
     sources = resolve(first_run_dir)
     data = sources.datamodule()
     batches = list(data.val_dataloader())

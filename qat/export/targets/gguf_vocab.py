@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from qat.export.targets.errors import ConversionError
+from qat.hf.load import resolve_path
 
 PREFIX = "tokenizer."
 Field = tuple[str, Any, Any, Any]
@@ -34,7 +35,6 @@ def vocab_source(manifest: Any, vocab: Optional[str | os.PathLike]) -> Optional[
     source = (manifest.architecture or {}).get("hf_source") or {}
     if not source.get("gguf_file"):
         return None
-    from qat.hf.load import resolve_path
 
     path = resolve_path(source["path"]) / source["gguf_file"]
     return path if path.is_file() else None

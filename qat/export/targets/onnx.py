@@ -32,11 +32,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from qat.export import golden
 from qat.export.format import LAYOUT_INT4
 from qat.export.load import load
+from qat.export.manifest import read_golden
 from qat.export.runtime import PackedConv2d, PackedEmbedding, PackedLinear, _PackedWeight
 from qat.export.targets.errors import ConversionError, refuse
-from qat.export.targets.matmul_nbits import choose_layout, nbits_tensors
+from qat.export.targets.matmul_nbits import choose_layout, nbits_tensors, translations
 from qat.kernels.reference import unpack_int4
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
@@ -196,10 +198,6 @@ def export_onnx(
     golden inputs stored in the file are used. The model's golden inputs and outputs are
     copied into the ONNX metadata (`qat.golden`) so `qat verify out.onnx` can check the runtime.
     """
-    from qat.export import golden
-    from qat.export.manifest import read_golden
-    from qat.export.targets.matmul_nbits import translations
-
     if weights not in ("int4", "float"):
         raise ValueError(f"weights={weights!r}; allowed: 'int4', 'float'")
     if accuracy_level not in ACCURACY_LEVELS:

@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from qat.export import golden
 from qat.export.load import load
 from qat.export.targets.errors import ConversionError
+from qat.export.targets.matmul_nbits import translations
 from qat.export.targets.onnx import ACCURACY_LEVELS, METADATA_SOURCE, OnnxReport, convert_layers
 from qat.hf.llama_decoder import head_dim, unsupported_reason
 
@@ -90,9 +92,6 @@ def empty_cache(config: Any, batch: int = 1) -> tuple[Tensor, Tensor]:
 def export_onnx_with_cache(path: str | os.PathLike, out: str | os.PathLike, *, accuracy_level: int = 0,
                            dequantize_unsupported: bool = False) -> OnnxReport:
     """Write the Llama-layout causal LM in the qat file `path` as an ONNX graph with KV-cache inputs at `out`."""
-    from qat.export import golden
-    from qat.export.targets.matmul_nbits import translations
-
     if accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"accuracy_level={accuracy_level!r}; allowed: {ACCURACY_LEVELS}")
     model = load(path, kernel_backend="reference")
