@@ -1,1 +1,5 @@
-"""Recorded benchmarks: each writes a markdown file with the machine and the command."""
+"""Recorded benchmarks, one package per area (README.md is the index).
+
+Each script `x.py` writes or prints its record with the machine and the exact command (record.py);
+its committed results are `x.md` / `x.json` beside it.
+"""

@@ -1,0 +1,1 @@
+"""Evaluation records: the digits sweeps (`qat sweep`) and the Hugging Face smoke runs (no scripts here)."""

@@ -1,0 +1,1 @@
+"""Real Hugging Face models: the SmolLM2 and MiniLM recipes, their summaries, embedding agreement scripts."""
