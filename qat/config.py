@@ -70,38 +70,38 @@ def _check_group_size(owner: str, group_size: int) -> None:
 
 @dataclass
 class QuantizerConfig:
-    """How one tensor (a weight or an activation) is fake-quantized.
-
-    Attributes:
-        bits: code width, 2..8.
-        symmetric: zero point fixed at 0 (True) or a zero point per scale (False).
-        signed: signed codes [-2^(b-1), 2^(b-1)-1] or unsigned [0, 2^b-1];
-            None picks signed for symmetric and unsigned for asymmetric.
-        granularity: 'tensor' (one scale), 'channel' (one per output channel; for
-            activations one per feature) or 'group' (one per `group_size` consecutive
-            inputs of each output row).
-        group_size: inputs per scale with granularity='group'; a power of two 16..256.
-        quantizer: 'lsq' (learnable scale), 'lsq_plus' (learnable scale and zero point)
-            or 'observer' (range follows an observer, nothing learned).
-        init: range initialization: 'minmax', 'percentile' or 'mse' (clipping search).
-        percentile: the percentile used by init='percentile', in (50, 100].
-        ema_decay: 0 keeps the running min/max over calibration; in (0, 1) an
-            exponential moving average with this decay.
-        scale_dtype: the dtype scales are rounded to during training and stored in at
-            export: 'float16' (default; 4.125 bits per weight at group size 128),
-            'bfloat16' or 'float32'.
-    """
+    """How one tensor (a weight or an activation) is fake-quantized (the LSQ / LSQ+ gradients: `qat.ste`).
+    The defaults are 4-bit symmetric LSQ weights, groups of 128, MSE range init."""
 
     bits: int = 4
+    """Code width in bits, 2..8."""
     symmetric: bool = True
+    """Zero point fixed at 0 (True) or a zero point per scale (False)."""
     signed: Optional[bool] = None
+    """Signed codes [-2^(b-1), 2^(b-1)-1] (True) or unsigned [0, 2^b-1] (False); None picks signed for
+    symmetric and unsigned for asymmetric."""
     granularity: str = "group"
+    """'tensor' (one scale), 'channel' (one per output channel; for activations one per feature) or
+    'group' (one per `group_size` consecutive inputs of each output row)."""
     group_size: int = 128
+    """Inputs per scale with granularity='group': a power of two 16..256 (unused otherwise). A layer whose
+    input dimension it does not divide is handled by `QuantSpec.group_fallback`."""
     quantizer: str = "lsq"
+    """'lsq' (learnable scale), 'lsq_plus' (learnable scale and zero point; needs symmetric=False) or
+    'observer' (scale and zero point follow an observer at every training step, nothing learned)."""
     init: str = "mse"
+    """Range initialization: 'minmax', 'percentile' (see `percentile`) or 'mse' (clipping search: of the
+    min-max range shrunk by 64 ratios from 1.0 to 0.2, the one with the smallest fake-quant squared error,
+    per scale)."""
     percentile: float = 99.99
+    """The percentile used by init='percentile' (the range runs from the (100 - p)-th to the p-th), in
+    (50, 100]."""
     ema_decay: float = 0.0
+    """How calibration batches combine: 0 keeps the running min/max ('minmax') or the running mean of the
+    batches' ranges ('percentile', 'mse'); in (0, 1) an exponential moving average with this decay."""
     scale_dtype: str = "float16"
+    """The dtype scales are rounded to during training and stored in at export: 'float16' (4.125 bits per
+    weight at group size 128), 'bfloat16' or 'float32'."""
 
     def __post_init__(self) -> None:
         owner = "QuantizerConfig"
@@ -155,9 +155,11 @@ def default_activation_config(bits: int = 8) -> QuantizerConfig:
 class QuantRule:
     """Override the default setting for the layers it matches.
 
-    A rule matches a layer when `name` (a regular expression, matched against the whole
-    qualified module name) and `type` (a class name: Linear, Conv2d, Embedding) both
-    match; a missing one matches everything. Fields left at None change nothing.
+    A rule matches a layer when `name` and `type` both match; a missing one matches everything
+    (a rule needs at least one). Fields left at None change nothing. A weight field set on a layer
+    without weight quantization starts from the default weight setting (`default_weight_config`),
+    an activation field on one without activation quantization from the default activation setting
+    (`default_activation_config`).
 
     Example:
         >>> QuantRule(name=r"lm_head", skip=True)
@@ -165,14 +167,24 @@ class QuantRule:
     """
 
     name: Optional[str] = None
+    """A regular expression, matched against the whole qualified module name; None: every name."""
     type: Optional[str] = None
+    """A class name: 'Linear', 'Conv2d' or 'Embedding' (subclasses match their base); None: every type."""
     skip: Optional[bool] = None
+    """True keeps the matched layers float; False undoes an earlier rule's skip."""
     bits: Optional[int] = None
+    """Weight bits, 2..8."""
     group_size: Optional[int] = None
+    """Weight group size, a power of two 16..256."""
     granularity: Optional[str] = None
+    """Weight granularity: 'tensor', 'channel' or 'group'."""
     symmetric: Optional[bool] = None
+    """Weight zero point fixed at 0 (True) or per scale (False)."""
     activation_bits: Optional[int] = None
+    """Input-activation bits, 2..8 (turns activation quantization on where it is off)."""
     quantize_activations: Optional[bool] = None
+    """True turns input-activation quantization on (the default activation setting, 8-bit, where it is
+    off); False turns it off, whatever `activation_bits` says. Embedding inputs are ids: never quantized."""
 
     def __post_init__(self) -> None:
         owner = "QuantRule"
@@ -216,22 +228,15 @@ class LayerConfig:
     """The resolved setting of one layer: weight and input-activation quantizers."""
 
     weight: Optional[QuantizerConfig]
+    """The weight quantizer's setting; None: the weight stays float."""
     activation: Optional[QuantizerConfig]
+    """The input-activation quantizer's setting; None: the inputs stay float."""
 
 
 @dataclass
 class QuantSpec:
-    """What `prepare()` does to a model: a default setting plus ordered rules.
-
-    Rules apply in order; each matching rule overrides the fields it sets, so a later
-    rule wins over an earlier one.
-
-    When a weight's group size does not divide a layer's input dimension (SmolLM2's 576
-    with groups of 128), `group_fallback` decides: 'divisor' (default) uses the largest
-    power-of-two group size (>= 16) below it that divides the dimension, and the report
-    says so; 'skip' keeps the layer in float, with the reason in the report. Either way
-    `prepare` warns loudly when more than `max_float_fraction` of the weights of
-    quantizable layers stay float for this reason. `strict=True` makes it an error.
+    """What `prepare()` does to a model (Linear, Conv2d and Embedding layers): a default setting plus
+    ordered rules.
 
     Example:
         >>> QuantSpec(activation=default_activation_config(8),
@@ -239,11 +244,25 @@ class QuantSpec:
     """
 
     weight: Optional[QuantizerConfig] = field(default_factory=default_weight_config)
+    """The default weight setting (4-bit symmetric LSQ, groups of 128, MSE range init); None: weights stay
+    float unless a rule sets a weight field."""
     activation: Optional[QuantizerConfig] = None
+    """The default input-activation setting (Linear and Conv2d; Embedding inputs are ids); None:
+    activations stay float unless a rule turns them on."""
     rules: List[QuantRule] = field(default_factory=list)
+    """Per-layer overrides, applied in order; each matching rule overrides the fields it sets, so a later
+    rule wins over an earlier one."""
     strict: bool = False
+    """True: a weight group size that does not divide a layer's input dimension is an error
+    (`GroupSizeError`) instead of a case for `group_fallback`."""
     group_fallback: str = "divisor"
+    """When a weight's group size does not divide a layer's input dimension (SmolLM2's 576 with groups
+    of 128): 'divisor' uses the largest power-of-two group size (>= 16) below it that divides the
+    dimension, and the report says so (no such size: the layer stays float); 'skip' keeps the layer in
+    float, with the reason in the report."""
     max_float_fraction: float = 0.05
+    """`prepare` warns loudly when more than this share of the weights of quantizable layers stays float
+    because a group size does not divide the input dimension (either `group_fallback`); in [0, 1)."""
 
     def __post_init__(self) -> None:
         _check_choice("QuantSpec", "group_fallback", self.group_fallback, GROUP_FALLBACKS)

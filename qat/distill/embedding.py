@@ -53,9 +53,9 @@ def embedding_relation_loss(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
     cosine unchanged (a common rotation, say) as on those that change them, and only the latter can
     reorder near-tied neighbours; this term sees only them. A squared error over all pairs (rather
     than a KL of row softmaxes at a temperature) needs no temperature and weighs every pair alike;
-    the diagonal (always 1 for both) is left out. On MiniLM with 2,358 training sentences it did not
-    raise held-out NN agreement: the training pairs were fitted, the held-out ones not (see
-    benchmarks/hf-models.md, issue 9 session 6).
+    the diagonal (always 1 for both) is left out. On MiniLM with 2,358 training sentences it does not
+    raise held-out NN agreement: it fits the training pairs, not the held-out ones (measured in
+    hf-models.md, MiniLM: relational KD).
 
     Example:
         >>> loss = embedding_cosine_loss(s, t) + 10.0 * embedding_relation_loss(s, t)  # s, t: (B, H)
