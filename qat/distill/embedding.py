@@ -55,7 +55,7 @@ def embedding_relation_loss(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
     than a KL of row softmaxes at a temperature) needs no temperature and weighs every pair alike;
     the diagonal (always 1 for both) is left out. On MiniLM with 2,358 training sentences it does not
     raise held-out NN agreement: it fits the training pairs, not the held-out ones (measured in
-    hf-models.md, MiniLM: relational KD).
+    benchmarks/models/hf-models.md, MiniLM: relational KD).
 
     Example:
         >>> loss = embedding_cosine_loss(s, t) + 10.0 * embedding_relation_loss(s, t)  # s, t: (B, H)

@@ -25,8 +25,8 @@ to absorb their error. Groups stay contiguous runs of `group_size` original colu
 their ranges are fixed before the loop, from the original weight by `init`: the ranges round-to-nearest
 would use (a caller that holds them already, a quantizer initialized from this very weight, passes them as
 `static_ranges` and skips the search). On MiniLM (int4 g128 asymmetric, 48 calibration batches) this lowers
-1 - cosine of the sentence embeddings from 0.0134 to 0.0108 before any training (measured in hf-models.md,
-MiniLM: GPTQ act-order).
+1 - cosine of the sentence embeddings from 0.0134 to 0.0108 before any training (measured in
+benchmarks/models/hf-models.md, MiniLM: GPTQ act-order).
 
 The result fits the fake-quant module exactly: the weight is replaced by the updated weights (column j as it
 was when it was quantized), and round-to-nearest of that weight with the (effective) scales and zero points
