@@ -18,6 +18,7 @@ from typing import List, Optional
 
 import torch
 
+from qat.errors import ConfigError
 from qat.functional import SCALE_DTYPES
 
 GRANULARITIES = ("tensor", "channel", "group")
@@ -28,10 +29,6 @@ SUPPORTED_TYPES = ("Linear", "Conv2d", "Embedding")
 MIN_BITS, MAX_BITS = 2, 8
 MIN_GROUP, MAX_GROUP = 16, 256
 GROUP_FALLBACKS = ("divisor", "skip")
-
-
-class ConfigError(ValueError):
-    """A quantization setting or recipe value is invalid; the message names the field."""
 
 
 def _check_choice(owner: str, name: str, value: object, allowed: tuple) -> None:
