@@ -4,7 +4,9 @@ Both graphs come from the same qat file with `export_onnx(weights="int4" | "floa
 model is timed at M=1 with both sessions interleaved (the machine is shared and noisy:
 ratios from one run are what to read, not absolute times).
 
-    python -m benchmarks.deploy_onnx [--threads 2] [--repeats 200] [--out benchmarks/deploy-onnx.json]
+    python -m benchmarks.deploy.deploy_onnx [--threads 2] [--repeats 200] [--out deploy_onnx.json]
+
+The figures go to deploy_onnx.json beside this script, with the machine and the command.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 import qat
+from benchmarks import record
 from qat import QuantizerConfig, QuantSpec
 from qat.export.targets.onnx import export_onnx, onnx_session, run_onnx
 from qat.models import DigitsCNN, TinyLM
@@ -40,7 +43,7 @@ def cases() -> dict[str, tuple[nn.Module, dict, tuple]]:
     tokens = torch.randint(0, 64, (1, 32))
     return {
         "linear 4096x4096 g128": (_prepared(Linear4096(), 128, x_big),
-                                  {"_target_": "benchmarks.deploy_onnx.Linear4096"}, (x_big,)),
+                                  {"_target_": "benchmarks.deploy.deploy_onnx.Linear4096"}, (x_big,)),
         "digits CNN (batch 1)": (_prepared(DigitsCNN(), 128, digits), {"_target_": "qat.models.DigitsCNN"}, (digits,)),
         "TinyLM (1 x 32 tokens)": (_prepared(TinyLM(), 32, tokens), {"_target_": "qat.models.TinyLM"}, (tokens,)),
     }
@@ -64,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--out", default="benchmarks/deploy-onnx.json")
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -82,8 +85,9 @@ def main() -> None:
                              "speedup_vs_float": {k: medians["float"] / v for k, v in medians.items()},
                              "bytes": {k: file.stat().st_size for k, file in files.items()}}
             print(name, json.dumps(results[name], indent=None))
-    Path(args.out).write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
-                                          "results": results}, indent=2))
+    Path(args.out).write_text(json.dumps({"machine": record.machine(), "command": record.command(),
+                                          "date": record.now(), "threads": args.threads, "repeats": args.repeats,
+                                          "torch": torch.__version__, "results": results}, indent=2))
 
 
 class Linear4096(nn.Sequential):

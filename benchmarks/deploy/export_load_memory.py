@@ -8,14 +8,13 @@ process, measures the growth of peak RSS (VmHWM) while loading it:
     safetensors.torch.load(bytes)  the whole file in memory plus every tensor (2x file)
     float model                    what the same model costs in float32 (for scale)
 
-Run: .venv/bin/python -m benchmarks.export_load_memory [--layers 6 --width 4096]
+Run: .venv/bin/python -m benchmarks.deploy.export_load_memory [--layers 6 --width 4096]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from benchmarks import record
 
 
 class WideMLP(nn.Module):
@@ -57,7 +58,7 @@ def child(mode: str, path: str, layers: int, width: int) -> None:
     before = peak_rss_bytes()
     if mode.startswith("qat.load"):
         model = qat.load(path)
-        assert type(model).__name__ == "WideMLP"  # imported as benchmarks.export_load_memory, not __main__
+        assert type(model).__name__ == "WideMLP"  # imported as benchmarks.deploy.export_load_memory, not __main__
     elif mode == "safetensors-bytes":
         tensors = safetensors.torch.load(Path(path).read_bytes())
         assert tensors
@@ -74,7 +75,7 @@ def export(path: Path, layers: int, width: int) -> int:
     spec = qat.QuantSpec(weight=qat.QuantizerConfig(init="minmax"))
     for target, size in ((path.with_name("tiny.safetensors"), (1, 256)), (path, (layers, width))):
         model, _ = qat.prepare(WideMLP(*size), spec)
-        architecture = {"_target_": "benchmarks.export_load_memory.WideMLP", "layers": size[0], "width": size[1]}
+        architecture = {"_target_": "benchmarks.deploy.export_load_memory.WideMLP", "layers": size[0], "width": size[1]}
         report = qat.export_model(model, target, architecture=architecture)
         del model
     print(report)
@@ -93,10 +94,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "wide.safetensors"
         file_bytes = export(path, args.layers, args.width)
-        print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}")
+        print(record.header())
         print(f"file: {file_bytes / 2**20:.1f} MiB")
         for mode in ("qat.load", "qat.load-warm", "safetensors-bytes", "float-model"):
-            command = [sys.executable, "-m", "benchmarks.export_load_memory", "--layers", str(args.layers),
+            command = [sys.executable, "-m", "benchmarks.deploy.export_load_memory", "--layers", str(args.layers),
                        "--width", str(args.width), "--child", mode, str(path)]
             result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             growth = result["peak_growth"]

@@ -10,7 +10,7 @@ adds llama.cpp (llama-cpp-python, `make llama`) on that file with the same promp
 e.g. the `qat export --to gguf` conversion of the same int4 file.
 
 Usage:
-    .venv/bin/python -m benchmarks.generate_speed runs/smollm2_w4_kd/version_0/model.safetensors \\
+    .venv/bin/python -m benchmarks.deploy.generate_speed runs/smollm2_w4_kd/version_0/model.safetensors \\
         --new-tokens 32 --rounds 3 --threads 2 [--gguf smollm2-q4.gguf]
 """
 
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 
 import torch
 from qat.kernels import int8_act
 
 import qat
+from benchmarks import record
 from qat.export.targets.llama_cpp_run import llama_greedy, open_llama
 from qat.hf.generate import Generation, generate, tokenizer_for
 from qat.hf.load import load_hf_model
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
             results[name].append(Generation("", len(run.tokens), run.prefill_tokens_per_s(len(prompt_ids)),
                                             run.decode_tokens_per_s))
             texts[name] = tokenizer.decode(run.tokens, skip_special_tokens=True)
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
-          f"prompt {len(tokenizer(PROMPT)['input_ids'])} tokens, {args.new_tokens} new tokens, {args.rounds} rounds")
+    print(record.header())
+    print(f"prompt {len(tokenizer(PROMPT)['input_ids'])} tokens, {args.new_tokens} new tokens, {args.rounds} rounds")
     base = statistics.median(r.decode_tokens_per_s for r in results["float fp32, hf"])
     print("| model, engine | prefill tok/s | decode tok/s | decode vs float fp32 (hf) |")
     print("| --- | --- | --- | --- |")

@@ -9,7 +9,7 @@ the held-out end of the recipes' text).
 
 Usage:
     .venv/bin/qat export runs/smollm2_w4_kd/version_0/model.safetensors --to gguf -o /tmp/smollm2-q4.gguf
-    .venv/bin/python -m benchmarks.gguf_vs_llama_cpp runs/smollm2_w4_kd/version_0/model.safetensors \\
+    .venv/bin/python -m benchmarks.deploy.gguf_vs_llama_cpp runs/smollm2_w4_kd/version_0/model.safetensors \\
         /tmp/smollm2-q4.gguf --new-tokens 32
 """
 
@@ -20,6 +20,7 @@ import argparse
 import torch
 
 import qat
+from benchmarks import record
 from qat.export.targets.llama_cpp_run import llama_greedy, llama_logits, open_llama
 from qat.hf.generate import tokenizer_for
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     model = qat.load(args.file, kernel_backend="reference")
     tokenizer = tokenizer_for(args.file)
     llm = open_llama(args.gguf, n_ctx=max(256, args.text_tokens))
+    print(record.header())
     print("| prompt | same tokens | logit deviation | argmax agreement | greedy tokens equal |")
     print("| --- | --- | --- | --- | --- |")
     for prompt in PROMPTS:

@@ -10,7 +10,7 @@ decodes greedily with it, feeding each step's presents back: the tokens are comp
 `qat generate`'s decoder on the same prompt, and both decode speeds are printed.
 
 Usage:
-    .venv/bin/python -m benchmarks.onnx_causal_lm /tmp/runs/smollm2_w4_kd/version_0/model.safetensors \\
+    .venv/bin/python -m benchmarks.deploy.onnx_causal_lm /tmp/runs/smollm2_w4_kd/version_0/model.safetensors \\
         [--out /tmp/smollm2.onnx] [--tokens 64] [--threads 2] [--kv-cache --new-tokens 32]
 """
 
@@ -23,6 +23,7 @@ import time
 import torch
 
 import qat
+from benchmarks import record
 from qat.export.targets.onnx import export_onnx
 
 PROMPT = "The for statement is used to iterate over the elements of a sequence"  # as generate_speed.py
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     import onnxruntime
 
     torch.set_num_threads(args.threads)
+    print(f"{record.header()}\nonnxruntime {onnxruntime.__version__}")
     if args.kv_cache:
         decode_with_cache(args)
         return

@@ -12,14 +12,13 @@ one, and top-1 agreement with it. Weights are the same int4 codes in every row: 
 and compute precision differ.
 
 Usage:
-    .venv/bin/python -m benchmarks.int8_activations runs/smollm2_w4_kd/version_0/model.safetensors --threads 2
+    .venv/bin/python -m benchmarks.kernels.int8_activations runs/smollm2_w4_kd/version_0/model.safetensors --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from qat.kernels import dispatch, int8_act
 
 import qat
+from benchmarks import record
 from qat.data import TextDataModule
 from qat.hf.generate import tokenizer_for
 
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.pop(dispatch.ENV_VAR, None)
     os.environ.pop(int8_act.ENV_VAR, None)
     reference = torch.log_softmax(results[0][1], -1)
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
-          f"{blocks.shape[0]} held-out blocks of {args.seq_len} tokens")
+    print(record.header())
+    print(f"{blocks.shape[0]} held-out blocks of {args.seq_len} tokens")
     print("| activations, kernels | perplexity | KL to exact (nats / token) | top-1 agreement with exact | time s |")
     print("| --- | --- | --- | --- | --- |")
     for label, logits, seconds in results:

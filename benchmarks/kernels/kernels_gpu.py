@@ -13,8 +13,9 @@ and would otherwise stay in the 60 MB L2 between calls); `eager` adds the launch
 calling from Python, as in a plain PyTorch loop. Every method's output is checked against
 cuBLAS on the same weights before it is timed.
 
-Usage (needs CUDA and triton; benchmarks/kernels-gpu.md holds the figures and their reading):
-    python -m benchmarks.kernels_gpu --out kernels-gpu.json [--shapes 8192x8192,4096x4096] [--rows 1,16,128]
+Usage (needs CUDA and triton; writes kernels_gpu.json and the table in kernels_gpu.md beside this script,
+keeping that file's notes below its marker):
+    python -m benchmarks.kernels.kernels_gpu [--out kernels_gpu.json] [--shapes 8192x8192,4096x4096] [--rows 1,16,128]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import math
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 from qat.kernels import dispatch, triton_int4
 from qat.kernels.reference import dequantize_int4
 from qat.kernels.weights import PackedInt4Weight, prepare_weights
+
+from benchmarks import record
 
 GROUP_SIZE = 128
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
@@ -136,7 +140,8 @@ def bench_shape(n: int, k: int, rows: tuple[int, ...], l2_bytes: int, log) -> li
 
 def markdown(results: list[dict], header: str) -> str:
     names = [name for name in METHOD_MAX_M if name != "cublas"]
-    lines = [header, "", "| N x K | M | cuBLAS bf16 us | " + " | ".join(names) + " | int4 GB/s (best) |",
+    lines = ["# Triton int4 kernels against cuBLAS bf16 (GPU)", "", header, "",
+             "| N x K | M | cuBLAS bf16 us | " + " | ".join(names) + " | int4 GB/s (best) |",
              "| --- | --- | --- | " + " | ".join("---" for _ in names) + " | --- |"]
     for row in results:
         best = min((row[name]["graph_us"] for name in names if name in row), default=float("nan"))
@@ -149,7 +154,8 @@ def markdown(results: list[dict], header: str) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="JSON results; the table goes to <out>-table.md beside it")
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")),
+                        help="JSON results; the table goes to the .md of the same name")
     parser.add_argument("--shapes", default="8192x8192,4096x4096")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
     args = parser.parse_args(argv)
@@ -157,19 +163,19 @@ def main(argv=None) -> None:
     l2_bytes = getattr(properties, "L2_cache_size", 60 << 20)
     import triton
 
-    machine = (f"{torch.cuda.get_device_name()} ({properties.multi_processor_count} SMs, L2 {l2_bytes >> 20} MiB), "
-               f"torch {torch.__version__}, triton {triton.__version__}")
+    machine, command = f"{record.machine()}, triton {triton.__version__}", record.command()
     print(machine, flush=True)
+    started = time.perf_counter()
     results = []
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
         results += bench_shape(n, k, tuple(int(m) for m in args.rows.split(",")), l2_bytes,
                                lambda row: print(json.dumps(row), flush=True))
     with open(args.out, "w") as handle:
-        json.dump({"machine": machine, "results": results}, handle, indent=1)
-    table = markdown(results, f"Machine: {machine}. Ratios: cuBLAS time / method time, CUDA-graph replays.")
-    with open(args.out.rsplit(".", 1)[0] + "-table.md", "w") as handle:
-        handle.write(table + "\n")
+        json.dump({"machine": machine, "command": command, "results": results}, handle, indent=1)
+    table = markdown(results, f"Machine: {machine}.\nCommand: `{command}` ({time.perf_counter() - started:.0f} s, "
+                              f"{record.now()}).\nRatios: cuBLAS time / method time, CUDA-graph replays.")
+    record.write(Path(args.out).with_suffix(".md"), table + "\n")
     print(table)
 
 

@@ -1,6 +1,6 @@
 """The CPU anchor of issue 12: ONNX Runtime's MatMulNBits on the same int4 layer, next to qat's dispatch and dense.
 
-    .venv/bin/python -m benchmarks.ort_anchor [--rows 1,4,16,64,256,1024] [--threads 2] [--out benchmarks/ort-anchor.md]
+    .venv/bin/python -m benchmarks.kernels.ort_anchor [--rows 1,4,16,64,256,1024] [--threads 2] [--out FILE.md | -]
 
 One 4096 x 4096 layer, int4 g128 asymmetric (fp16 scales in our form; MatMulNBits takes them as fp32,
 exactly), timed interleaved call by call in one process with 2 intra-op threads on both sides:
@@ -10,13 +10,13 @@ MatMulNBits node with accuracy_level 0 (fp32 compute) and 4 (activations quantiz
 integer dot products: the route that reached 6-8x over fp32 in the design card). ORT's threads do not
 spin between runs (they would take the cores from the torch calls interleaved with them). Weight copies rotate
 so that no call finds its weight in cache. The relative error of each output against the fp64 product
-with the exact weights is printed too: int8 activations are not free.
+with the exact weights is printed too: int8 activations are not free. The table goes to ort_anchor.md beside
+this script (`--out -`: print only); the notes below its marker are kept.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ from qat.kernels.bench import copies_needed, machine_description, make_layer
 from qat.kernels.dispatch import int4_linear_prepared
 from qat.kernels.reference import dequantize_int4, unpack_int4
 
+from benchmarks import record
 from qat.export.targets.matmul_nbits import choose_layout, nbits_tensors
 
 N = K = 4096
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,4,16,64,256,1024")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15, help="interleaved calls per method (fewer at large M)")
-    parser.add_argument("--out", default=None, help="markdown table (default: print only)")
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")), help="markdown record, '-' for none")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
@@ -126,19 +127,17 @@ def main() -> None:
                  " / ".join(f"{e:.1e}" for e in errors)]
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
         print(lines[-1], flush=True)
-    if args.out:
+    if args.out != "-":
         import onnxruntime
 
         header = ["# ONNX Runtime MatMulNBits vs qat's CPU dispatch, 4096x4096 int4 g128 (issue 12 anchor)", "",
-                  f"Machine: {machine_description('cpu', args.threads)}; onnxruntime {onnxruntime.__version__}, "
-                  f"Python {platform.python_version()}.",
-                  f"Command: `.venv/bin/python -m benchmarks.ort_anchor --rows {args.rows} --threads {args.threads} "
-                  f"--out {args.out}` ({time.perf_counter() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M %Z')}).",
+                  f"Machine: {machine_description('cpu', args.threads)}; onnxruntime {onnxruntime.__version__}.",
+                  f"Command: `{record.command()}` ({time.perf_counter() - started:.0f} s, {record.now()}).",
                   "Ratios: time(dense of the column's activation dtype) / time(method), medians of interleaved calls "
                   "(qat fp32 x, qat int8 act (`cpu_int8_act` forced, fp32 x) and ORT columns vs dense fp32; qat "
                   "bf16 x vs dense bf16; the next-to-last column: ORT int8 against dense bf16). Relative error: "
                   "||y - y_exact|| / ||y_exact||, y_exact the fp64 product with the exact int4 weights.", ""]
-        Path(args.out).write_text("\n".join(header + lines) + "\n")
+        record.write(args.out, "\n".join(header + lines) + "\n")
         print(f"wrote {args.out}")
 
 

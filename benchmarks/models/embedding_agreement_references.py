@@ -4,7 +4,7 @@ The float model's weights (every 2-D tensor but the token-type table: the recipe
 rounded once, with no data and no training, to fp16 / bf16 and to round-to-nearest integer formats
 (asymmetric, MSE range search: the recipe's `init`), per output channel and in groups of 128. For each it
 prints the mean cosine to the float sentence embeddings, top-1 nearest-neighbour agreement, pair RMSE
-and NN rank (see `benchmarks.embedding_error_sources`), and optionally the same for int4 files: a scale
+and NN rank (see `benchmarks.models.common`), and optionally the same for int4 files: a scale
 on which to read the recipe's figures and its goals.
 
 `--margins T ...` adds a second table: NN agreement over the sentences whose float nearest neighbour beats
@@ -12,7 +12,7 @@ the second nearest by at least T in cosine (the float model's own margin), for e
 model are where any rounding flips the nearest neighbour, int8 included.
 
 Usage:
-    .venv/bin/python -m benchmarks.embedding_agreement_references [--files RUN_DIR/model.safetensors ...]
+    .venv/bin/python -m benchmarks.models.embedding_agreement_references [--files RUN_DIR/model.safetensors ...]
         [--margins 0 0.002 0.005 0.01 0.02] [--recipe recipes/minilm_w4_kd.yaml] [--threads 2] [overrides ...]
 """
 
@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 import qat
-from benchmarks.embedding_error_sources import held_out_reference, row_printer
+from benchmarks import record
+from benchmarks.models.common import held_out_reference, row_printer
 from qat.config import QuantizerConfig
 from qat.functional import fake_quantize
 from qat.observers import make_observer, to_rows
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     batches, teacher, reference = held_out_reference(args.recipe, args.overrides, "/tmp/qat-agreement-references")
+    print(record.header())
     print(f"{reference.shape[0]} held-out sentences\n| weights | cosine | NN agreement | pair RMSE | NN rank |\n"
           f"| --- | --- | --- | --- | --- |")
     row = row_printer(reference, batches)

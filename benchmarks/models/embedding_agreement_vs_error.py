@@ -6,7 +6,7 @@ a it prints the mean cosine of X to E and the top-1 nearest-neighbour agreement 
 the cosine that a given agreement needs can be read off for this model and this text.
 
 Usage:
-    .venv/bin/python -m benchmarks.embedding_agreement_vs_error RUN_DIR/model.safetensors \\
+    .venv/bin/python -m benchmarks.models.embedding_agreement_vs_error RUN_DIR/model.safetensors \\
         [--recipe recipes/minilm_w4_kd.yaml] [recipe overrides ...]
 """
 
@@ -14,23 +14,14 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 import torch.nn.functional as F
 
 import qat
-from qat.recipe import load_recipe
-from qat.run.build import build
-from qat.run.models import load_float_model
-from qat.tasks import EmbeddingTask, nearest_neighbours
+from benchmarks import record
+from benchmarks.models.common import held_out_reference, sentence_embeddings
+from qat.tasks import nearest_neighbours
 
 SCALES = (1.0, 0.75, 0.5, 0.35, 0.25, 0.1)
-
-
-def sentence_embeddings(model: torch.nn.Module, batches) -> torch.Tensor:
-    """The embedding task's sentence embeddings (mean-pooled, L2-normalized) of every batch, (N, H)."""
-    task = EmbeddingTask()
-    with torch.no_grad():
-        return torch.cat([task.forward(model, batch) for batch in batches])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,14 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", default="recipes/minilm_w4_kd.yaml")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    recipe = load_recipe(args.recipe, ["logging.wandb=disabled", "logging.progress_bar=false",
-                                       "logging.run_dir=/tmp/qat-agreement", *args.overrides])
-    run = build(recipe)
-    run.datamodule.setup("fit")
-    batches = list(run.datamodule.val_dataloader())
-    reference = sentence_embeddings(load_float_model(recipe).eval(), batches)
+    batches, _, reference = held_out_reference(args.recipe, args.overrides, "/tmp/qat-agreement")
     quantized = sentence_embeddings(qat.load(args.file), batches)
     expected = nearest_neighbours(reference)
+    print(record.header())
     print(f"{reference.shape[0]} held-out sentences; error scale a: cosine to float, NN agreement")
     print("| a | cosine | NN agreement |\n| --- | --- | --- |")
     for scale in SCALES:

@@ -9,7 +9,7 @@ difference of the pairwise-cosine matrices) and the NN rank (mean rank of the fl
 neighbour among the model's; 0 = always top-1). The last two move smoothly where NN agreement jumps.
 
 Usage:
-    .venv/bin/python -m benchmarks.embedding_error_sources RUN_DIR/model.safetensors [--file-only]
+    .venv/bin/python -m benchmarks.models.embedding_error_sources RUN_DIR/model.safetensors [--file-only]
         [--recipe recipes/minilm_w4_kd.yaml] [--threads 2] [recipe overrides ...]
 """
 
@@ -23,52 +23,11 @@ from collections.abc import Callable
 import torch
 
 import qat
-from benchmarks.embedding_agreement_vs_error import sentence_embeddings
-from qat.recipe import load_recipe
-from qat.run.build import build
-from qat.run.models import load_float_model
-from qat.tasks import nearest_neighbours
+from benchmarks import record
+from benchmarks.models.common import held_out_reference, row_printer
 
 LINEAR_KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                 "intermediate.dense", "output.dense")
-
-
-def agreement_figures(reference: torch.Tensor, embeddings: torch.Tensor) -> dict[str, float]:
-    """cosine, NN agreement, pair RMSE and NN rank of unit-norm `embeddings` (N, H) against `reference`."""
-    count = reference.shape[0]
-    expected = nearest_neighbours(reference)
-    ref_sim, sim = reference @ reference.T, embeddings @ embeddings.T  # (N, N)
-    off = ~torch.eye(count, dtype=torch.bool)
-    to_expected = sim[torch.arange(count), expected]  # (N,) the model's cosine to the float nearest neighbour
-    rank = (sim.masked_fill(~off, -2.0) > to_expected[:, None]).sum(-1).float()
-    return {"cosine": float((embeddings * reference).sum(-1).mean()),
-            "nn_agreement": float((nearest_neighbours(embeddings) == expected).float().mean()),
-            "pair_rmse": float((ref_sim - sim)[off].square().mean().sqrt()),
-            "nn_rank": float(rank.mean())}
-
-
-def held_out_reference(recipe_path: str, overrides: list[str],
-                       run_dir: str) -> tuple[list, torch.nn.Module, torch.Tensor]:
-    """(held-out batches, float model, its sentence embeddings (N, H)) of an encoder recipe."""
-    recipe = load_recipe(recipe_path, ["logging.wandb=disabled", "logging.progress_bar=false",
-                                       f"logging.run_dir={run_dir}", *overrides])
-    run = build(recipe)
-    run.datamodule.setup("fit")
-    batches = list(run.datamodule.val_dataloader())
-    teacher = load_float_model(recipe).eval()
-    return batches, teacher, sentence_embeddings(teacher, batches)
-
-
-def row_printer(reference: torch.Tensor, batches: list) -> Callable[[str, torch.nn.Module], torch.Tensor]:
-    """A function printing one markdown row of `agreement_figures` for a model, under a label; it returns the
-    model's sentence embeddings (N, H), for any further figure."""
-    def row(label: str, model: torch.nn.Module) -> torch.Tensor:
-        embeddings = sentence_embeddings(model.eval(), batches)
-        f = agreement_figures(reference, embeddings)
-        print(f"| {label} | {f['cosine']:.4f} | {f['nn_agreement']:.3f} | {f['pair_rmse']:.4f} | "
-              f"{f['nn_rank']:.3f} |", flush=True)
-        return embeddings
-    return row
 
 
 def reverted_groups(quantized: set[str], layers: int) -> dict[str, Callable[[str], bool]]:
@@ -98,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     batches, teacher, reference = held_out_reference(args.recipe, args.overrides, "/tmp/qat-error-sources")
     loaded = qat.load(args.file)
+    print(record.header())
     print(f"{reference.shape[0]} held-out sentences\n| int4 everywhere, except ... | cosine | NN agreement | "
           f"pair RMSE | NN rank |\n| --- | --- | --- | --- | --- |")
     row = row_printer(reference, batches)

@@ -6,7 +6,7 @@ the same batches), and prints the mean cosine to the float sentence embeddings a
 nearest-neighbour agreement on the held-out sentences, with the seconds the rounding took.
 
 Usage:
-    .venv/bin/python -m benchmarks.ptq_rounding [--recipe recipes/minilm_w4_kd.yaml] [--damping 0.01 ...]
+    .venv/bin/python -m benchmarks.models.ptq_rounding [--recipe recipes/minilm_w4_kd.yaml] [--damping 0.01 ...]
         [recipe overrides ...]   (e.g. schedule.gptq_act_order=true)
 """
 
@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from benchmarks.embedding_agreement_vs_error import sentence_embeddings
+from benchmarks import record
+from benchmarks.models.common import sentence_embeddings
 from qat.control import calibrate, set_fake_quant
 from qat.ptq import gptq_round
 from qat.recipe import load_recipe
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = load_recipe(args.recipe, ["logging.wandb=disabled", "logging.progress_bar=false",
                                        "logging.run_dir=/tmp/qat-ptq-rounding", *args.overrides])
     float_model = load_float_model(recipe).eval()
+    print(record.header())
     print("| rounding | cosine | NN agreement | rounding s |\n| --- | --- | --- | --- |")
     reference = None
     for damping in [*([] if args.skip_nearest else [None]), *args.damping]:

@@ -11,14 +11,14 @@ Each mode runs in its own child process (peak RSS is per process), the modes alt
             with float_kd: both carry the teacher)
 
 Usage:
-    .venv/bin/python -m benchmarks.hf_qat_step recipes/smollm2_w4_kd.yaml --batch 4 --seq 256 --steps 4 --rounds 3
+    .venv/bin/python -m benchmarks.training.hf_qat_step recipes/smollm2_w4_kd.yaml \\
+        --batch 4 --seq 256 --steps 4 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -26,6 +26,8 @@ import sys
 import time
 
 import torch
+
+from benchmarks import record
 
 MODES = ("float", "qat", "float_kd", "qat_kd")
 
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for _ in range(args.rounds):
         for mode in MODES:
-            cmd = [sys.executable, "-m", "benchmarks.hf_qat_step", args.recipe, "--child", mode,
+            cmd = [sys.executable, "-m", "benchmarks.training.hf_qat_step", args.recipe, "--child", mode,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
                    "--threads", str(args.threads)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -95,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     from qat.recipe import load_recipe
 
     frozen = load_recipe(args.recipe).schedule.freeze_step == 0
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} threads; batch {args.batch}x{args.seq}; {args.rounds} rounds of {args.steps} steps; "
+    print(record.header())
+    print(f"{args.threads} threads; batch {args.batch}x{args.seq}; {args.rounds} rounds of {args.steps} steps; "
           f"scales {'frozen' if frozen else 'learned'}")
     step = {mode: statistics.median(r["step_s"] for r in results[mode]) for mode in MODES}
     mem = {mode: statistics.median(r["peak_rss_mib"] for r in results[mode]) for mode in MODES}

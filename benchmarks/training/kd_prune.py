@@ -1,6 +1,6 @@
 """Accuracy and size of FP, QAT, QAT+2:4, QAT+KD and QAT+KD+2:4 on digits, over several seeds.
 
-    .venv/bin/python benchmarks/kd_prune.py --seeds 0 1 2            # writes benchmarks/kd_prune.md
+    .venv/bin/python benchmarks/training/kd_prune.py --seeds 0 1 2   # writes kd_prune.json beside it, prints the tables
 
 Every configuration trains 575 steps (25 epochs) from the same seed: the first 230 steps
 (FP warm-up) are the same computation in all of them, so the float model at step 230 is a
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,9 +27,10 @@ import pytorch_lightning as pl
 import safetensors.torch
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import record  # noqa: E402
 from qat.distill import kd_logit_loss  # noqa: E402
 from qat.lightning.distillation import float_copy, weights_sha256  # noqa: E402
 from qat.lightning.module import QATModule  # noqa: E402
@@ -152,10 +152,7 @@ def per_seed(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return (f"{cpu}, {torch.get_num_threads()} threads, Linux {platform.release()}, Python "
-            f"{platform.python_version()}, torch {torch.__version__}, lightning {pl.__version__}")
+    return f"{record.machine()}, lightning {pl.__version__}"
 
 
 def main() -> None:
@@ -163,23 +160,24 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "bench_kd_prune"))
-    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "kd_prune.json"))
+    parser.add_argument("--json", default=str(Path(__file__).with_suffix(".json")))
     parser.add_argument("--extra", nargs="*", default=[], help="recipe overrides for every run")
     parser.add_argument("--tables-only", action="store_true", help="print the tables of an existing --json file")
     args = parser.parse_args()
     if args.tables_only:
-        record = json.loads(Path(args.json).read_text())
-        rows, host = record["rows"], record["machine"]
+        recorded = json.loads(Path(args.json).read_text())
+        rows, host, command = recorded["rows"], recorded["machine"], recorded.get("command", "not recorded")
     else:
-        rows, host = [], machine()
+        rows, host, command = [], machine(), record.command()
         for seed in args.seeds:
             for config in args.configs:
                 rows.append(one_run(config, seed, Path(args.run_dir), args.extra))
                 print(json.dumps(rows[-1]), flush=True)
-                Path(args.json).write_text(json.dumps({"machine": host, "extra": args.extra, "rows": rows}, indent=1))
+                Path(args.json).write_text(json.dumps({"machine": host, "command": command, "extra": args.extra,
+                                                       "rows": rows}, indent=1))
     seeds = sorted({r["seed"] for r in rows})
     same = all(len({r["reference_sha256"] for r in rows if r["seed"] == s}) == 1 for s in seeds)
-    print(f"machine: {host}\nFP warm-up identical across configs of a seed: {same}\n")
+    print(f"machine: {host}\ncommand: `{command}`\nFP warm-up identical across configs of a seed: {same}\n")
     print(table(rows) + "\n\n" + per_seed(rows))
 
 

@@ -12,14 +12,13 @@ before the loss call to just after its backward (inputs, heads and imports exclu
 The logits variants start from logits that already exist (2 x B*T*V float32) and must return
 their (B, T, V) gradient; the head variants start from (B, T, H) hidden states.
 
-Run: .venv/bin/python -m benchmarks.lm_kd_memory [--batch 4 --seq 256 --vocab 49152 --hidden 576 --only head]
+Run: .venv/bin/python -m benchmarks.training.lm_kd_memory [--batch 4 --seq 256 --vocab 49152 --hidden 576 --only head]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from benchmarks import record
 from qat.config import LayerConfig, QuantizerConfig
 from qat.distill import head_kd_loss, kd_logit_loss, token_kd_loss
 from qat.modules import QuantLinear
@@ -98,13 +98,14 @@ def main() -> None:
         return
     rows = []
     for variant, chunk in (v for v in VARIANTS if args.only in v[0]):
-        command = [sys.executable, "-m", "benchmarks.lm_kd_memory", "--child", variant, str(chunk),
+        command = [sys.executable, "-m", "benchmarks.training.lm_kd_memory", "--child", variant, str(chunk),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab),
                    "--hidden", str(args.hidden)]
         rows.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
     full_logits_mib = args.batch * args.seq * args.vocab * 4 / MiB
+    print(record.header())
     print(f"B={args.batch} T={args.seq} V={args.vocab} H={args.hidden}; one fp32 (B, T, V) tensor = "
-          f"{full_logits_mib:.0f} MiB; {platform.processor() or platform.machine()}, torch {torch.__version__}")
+          f"{full_logits_mib:.0f} MiB; each variant in a fresh process with 1 intra-op thread")
     print("| variant | peak RSS growth (MiB) | / one (B,T,V) fp32 | fwd+bwd (s) | loss |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:

@@ -6,20 +6,18 @@ optimizer state (a DTensor counts its local shard), and the process's peak resid
 keeps the whole parameters only inside a layer's forward/backward (all-gathered, then freed),
 which the end-of-run count does not see; the peak RSS does. The recipe is TinyLM unless
 `--recipe` names another; the other arguments are recipe overrides (applied after the run's own).
-Prints the table for sharded-memory.md and records the figures in sharded-memory.json.
+Prints the table for sharded_memory.md and records the figures in sharded_memory.json beside this script.
 
-    .venv/bin/python -m benchmarks.sharded_memory                       # TinyLM (recipes/tinylm_w4.yaml)
-    .venv/bin/python -m benchmarks.sharded_memory model.args.dim=256    # a wider TinyLM (recipe overrides)
-    .venv/bin/python -m benchmarks.sharded_memory --recipe recipes/smollm2_w4_kd.yaml \\
+    .venv/bin/python -m benchmarks.training.sharded_memory                       # TinyLM (recipes/tinylm_w4.yaml)
+    .venv/bin/python -m benchmarks.training.sharded_memory model.args.dim=256    # a wider TinyLM (recipe overrides)
+    .venv/bin/python -m benchmarks.training.sharded_memory --recipe recipes/smollm2_w4_kd.yaml \\
         distill.enabled=false data.args.seq_len=128 data.args.batch_size=2 trainer.max_steps=4 ...  # SmolLM2-135M
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,7 +28,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import record
+
+ROOT = Path(__file__).resolve().parents[2]
+RECORD = Path(__file__).with_suffix(".json")
 DEFAULT_RECIPE = "recipes/tinylm_w4.yaml"
 RUN = ["trainer.max_steps=12", "trainer.checkpoint_every_n_steps=100", "schedule.warmup_steps=4",
        "schedule.calibration_batches=2", "data.args.batch_size=16", "trainer.devices=2", "logging.wandb=disabled",
@@ -74,7 +75,8 @@ def measure(strategy: str, recipe_path: str, overrides: list[str]) -> tuple[list
     """Per-rank figures of one 2-process run of `recipe_path` under `strategy`, and its wall time (s)."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "benchmarks.sharded_memory", "--one", strategy, tmp, recipe_path, *overrides]
+        cmd = [sys.executable, "-m", "benchmarks.training.sharded_memory", "--one", strategy, tmp, recipe_path,
+               *overrides]
         start = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode:
@@ -94,7 +96,7 @@ def split_recipe(argv: list[str]) -> tuple[str, list[str]]:
 
 
 def record_key(recipe_path: str, overrides: list[str]) -> str:
-    """The run's key in sharded-memory.json (TinyLM's keys are its overrides alone, as before)."""
+    """The run's key in sharded_memory.json (TinyLM's keys are its overrides alone, as before)."""
     words = overrides if recipe_path == DEFAULT_RECIPE else [f"--recipe {recipe_path}", *overrides]
     return " ".join(words) or "default"
 
@@ -119,14 +121,12 @@ def main(argv: list[str]) -> None:
     results, walls = {}, {}
     for strategy in ("ddp", "fsdp2"):
         results[strategy], walls[strategy] = measure(strategy, recipe_path, overrides)
-    text = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}, "
-            f"{os.cpu_count()} cores, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}, "
-            f"torch {torch.__version__}, recipe {recipe_path}, overrides: {' '.join(overrides) or 'none'}, "
+    text = (f"{record.header()}\n{record.now()}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}, "
+            f"recipe {recipe_path}, overrides: {' '.join(overrides) or 'none'}, "
             f"wall time ddp {walls['ddp']:.0f} s, fsdp2 {walls['fsdp2']:.0f} s\n\n" + table(results))
     print(text)
-    record = ROOT / "benchmarks" / "sharded-memory.json"
-    recorded = json.loads(record.read_text()) if record.is_file() else {}
-    record.write_text(json.dumps({**recorded, record_key(recipe_path, overrides): results}, indent=1))
+    recorded = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
+    RECORD.write_text(json.dumps({**recorded, record_key(recipe_path, overrides): results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,19 +4,16 @@ One step is forward + backward + AdamW step. "off" is the float model, "on" a pr
 with the same weights. Repetitions of the two alternate (on/off, then off/on, ...) so that
 load from other processes hits both alike; the table reports medians and their ratio.
 
-    .venv/bin/python -m benchmarks.train_step                  # writes benchmarks/train_step-cpu.md
-    .venv/bin/python -m benchmarks.train_step --reps 10 --out -  # quick look, print only
+    .venv/bin/python -m benchmarks.training.train_step                  # writes benchmarks/training/train_step.md
+    .venv/bin/python -m benchmarks.training.train_step --reps 10 --out -  # quick look, print only
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
-import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks import record
 from qat.config import QuantizerConfig, QuantSpec, default_activation_config
 from qat.control import calibrate
 from qat.models import DigitsCNN
@@ -57,7 +55,7 @@ median paired on / off wall ratios:
 - Threads: recorded with `--threads 1`. With torch's default of 2 threads on these 2 shared cores, OpenMP threads
   spin while other processes run, single steps took up to 50x longer and the medians meant nothing.
 """.splitlines()
-DEFAULT_OUT = Path(__file__).with_name("train_step-cpu.md")
+DEFAULT_OUT = Path(__file__).with_suffix(".md")
 
 
 class MLP(nn.Module):
@@ -106,7 +104,7 @@ def default_recipe_settings() -> list[Setting]:
     """The default recipe's own spec (W4A4, per-channel convs), read from recipes/digits_w4a4.yaml."""
     from qat.recipe import load_recipe
 
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "digits_w4a4.yaml")
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "digits_w4a4.yaml")
     return [("default recipe: W4A4", recipe.quant, False)]
 
 
@@ -172,16 +170,6 @@ def measure(case: Case, spec: QuantSpec, input_grad: bool, reps: int, warmup: in
     }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run_table(reps: int, warmup: int) -> list[str]:
     rows = [
         "| model | setting | off (ms) | on (ms) | on / off | on / off, CPU time |",
@@ -217,15 +205,12 @@ Target: on / off at most {target}x. Recorded, not asserted.
 
 def report(rows: list[str], args: argparse.Namespace, load_before: tuple, load_after: tuple) -> str:
     """The markdown file: header, table, notes, and the machine and command of this run."""
-    command = ".venv/bin/python -m benchmarks.train_step " + " ".join(sys.argv[1:])
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     run = [
-        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}",
-        f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.release()}",
+        f"- machine: {record.machine()}",
         f"- load average (1/5/15 min) before: {load_before}, after: {load_after}; the machine is shared,"
         " so absolute times are noisy and only the side-by-side ratios are meant to be compared",
-        f"- date: {date}",
-        f"- command: `{command.strip()}`",
+        f"- date: {record.now()}",
+        f"- command: `{record.command()}`",
     ]
     header = HEADER.format(reps=args.reps, warmup=args.warmup, target=TARGET_RATIO)
     return "\n".join([header, *rows, "", *NOTES, "", "Run:", "", *run, ""])
@@ -244,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run_table(args.reps, args.warmup)
     text = report(rows, args, load_before, tuple(round(v, 2) for v in os.getloadavg()))
     if args.out != "-":
-        Path(args.out).write_text(text)
+        record.write(args.out, text)
     print(text)
 
 
