@@ -7,7 +7,9 @@ MatMulNBits (bits=4) computes Y = A @ W.T with, for output row n and input k,
     scales       float32 (N, k_blocks)
     zero_points  uint8 (N, ceil(k_blocks / 2))    two 4-bit zeros per byte, low nibble first; absent = 8
 
-Our stored codes u and zeros map onto it unchanged (symmetric signed layers: zero 8, no input).
+Our stored codes u and zeros map onto it unchanged (symmetric signed 4-bit layers: zero 8, no input).
+Codes of 2 and 3 bits are written into the same 4-bit container: a code in [0, 2^b) with its zero
+in the same range is the same number in 4 bits, so W is exact (the file is no smaller than 4 bits).
 A group of size g becomes g / block blocks that repeat the group's scale and zero, with
 block = the largest power of two dividing g, at most 128 (ONNX Runtime's kernels take 16..256);
 a layer with a single group (per-channel) whose K is no multiple of 16 gets one block of

@@ -3,13 +3,14 @@
 The qat file is loaded with `qat.load` (reference kernel), then each packed layer is
 swapped for a module that exports as the ONNX form of the same numbers:
 
-    Linear, 4 bits     com.microsoft MatMulNBits: our codes and scales, re-laid out, never re-quantized
-                       (matmul_nbits.py gives the mapping); static input quantization as
+    Linear, 2-4 bits   com.microsoft MatMulNBits (bits=4): our codes and scales, re-laid out, never
+                       re-quantized (matmul_nbits.py gives the mapping; a 2- or 3-bit code and its zero
+                       are the same numbers in a 4-bit container); static input quantization as
                        Div / Round / Add / Clip / Sub / Mul in float32 (bit for bit as qat.load)
     Conv2d             a float Conv whose weight is the exact dequantized weight ((u - zero) * scale in
                        float32): ONNX Runtime has no int4 convolution. Size: 32 bits per conv weight.
     Embedding          a Gather over the exact dequantized table (float32), for the same reason
-    other Linear       refused (bits other than 4, groups MatMulNBits cannot hold), or with
+    other Linear       refused (more than 4 bits, groups MatMulNBits cannot hold), or with
                        `dequantize_unsupported=True` a float MatMul on the exact dequantized weight
 
 `weights="float"` writes every quantized layer as float (the float ONNX model the benchmark
@@ -75,8 +76,8 @@ class NBitsLinear(nn.Module):
     def __init__(self, packed: PackedLinear, accuracy_level: int, name: str) -> None:
         super().__init__()
         w = packed.weight_spec
-        if w.bits != 4:
-            raise refuse("onnx", name, f"{w.bits}-bit weights; MatMulNBits is written for 4 bits only")
+        if w.bits > 4:  # 2- and 3-bit codes (and zeros) fit a 4-bit container unchanged
+            raise refuse("onnx", name, f"{w.bits}-bit weights; MatMulNBits is written for at most 4 bits")
         layout = choose_layout(w.columns, w.group_size)
         if layout is None:
             raise refuse("onnx", name, f"group size {w.group_size} (K={w.columns}): MatMulNBits blocks are "

@@ -26,11 +26,12 @@ def digits_validation() -> tuple[torch.Tensor, torch.Tensor]:
     return data.val_set.tensors
 
 
-def export_digits(path: Path, images: torch.Tensor) -> nn.Module:
-    """The default recipe's DigitsCNN W4A4 spec (LSQ weights g128, LSQ+ 4-bit activations), calibrated."""
+def export_digits(path: Path, images: torch.Tensor, weight_bits: int = 4) -> nn.Module:
+    """The digits recipes' DigitsCNN spec (LSQ weights g128 at `weight_bits`: 2 is the default recipe's W2A4,
+    LSQ+ 4-bit activations), calibrated."""
     activation = QuantizerConfig(bits=4, symmetric=False, granularity="tensor", quantizer="lsq_plus", init="minmax",
                                  scale_dtype="float32")
-    spec = QuantSpec(weight=weight_config(group_size=128), activation=activation,
+    spec = QuantSpec(weight=weight_config(group_size=128, bits=weight_bits), activation=activation,
                      rules=[QuantRule(type="Conv2d", granularity="channel")])
     torch.manual_seed(0)
     model = make_prepared(DigitsCNN(), spec, seed=0, calibrate_with=images[:64])

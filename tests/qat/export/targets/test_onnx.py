@@ -168,10 +168,46 @@ def test_kv_cache_graphs_are_refused_for_other_models(tmp_path) -> None:
 
 
 def test_unsupported_layers_are_refused_by_name(tmp_path) -> None:
-    export_tiny_lm(tmp_path / "g24.safetensors", group_size=64, bits=3)
-    with pytest.raises(ConversionError, match=r"layer 'qkv': 3-bit weights; MatMulNBits is written for 4 bits"):
-        export_onnx(tmp_path / "g24.safetensors", tmp_path / "out.onnx")
+    export_tiny_lm(tmp_path / "w5.safetensors", group_size=64, bits=5)
+    with pytest.raises(ConversionError, match=r"layer 'qkv': 5-bit weights; MatMulNBits is written for at most 4"):
+        export_onnx(tmp_path / "w5.safetensors", tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_two_and_three_bit_layers_are_matmul_nbits_in_four_bit_containers_exactly(tmp_path, bits, symmetric) -> None:
+    export_tiny_lm(tmp_path / "lm.safetensors", bits=bits, group_size=32, symmetric=symmetric)
+    report = export_onnx(tmp_path / "lm.safetensors", tmp_path / "lm.onnx")
+    assert report.dequantized == {"embed": "embedding table, exact dequantized values"}  # every Linear: MatMulNBits
+    loaded = qat.load(tmp_path / "lm.safetensors", kernel_backend="reference")
+    graph = onnx.load(tmp_path / "lm.onnx").graph
+    initializers = {i.name: torch.from_numpy(onnx.numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    for node in (node for node in graph.node if node.op_type == "MatMulNBits"):
+        attributes = {a.name: a.i for a in node.attribute}
+        assert attributes["bits"] == 4
+        b, scales = initializers[node.input[1]], initializers[node.input[2]]
+        zero_points = initializers[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+        weight = dequantize_nbits(b, scales, zero_points, attributes["K"])
+        matches = [name for name, module in loaded.named_modules() if hasattr(module, "dequantized_weight")
+                   and tuple(module.dequantized_weight().shape) == tuple(weight.shape)
+                   and torch.equal(module.dequantized_weight().float(), weight)]
+        assert matches, f"{node.name}: no layer of the qat file dequantizes to this node's weight exactly"
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert relative_deviation(run_onnx(onnx_session(tmp_path / "lm.onnx"), (tokens,)), loaded(tokens)) < ONNX_TOLERANCE
+
+
+@pytest.mark.slow
+def test_the_default_recipes_w2a4_digits_file_runs_its_linear_layers_as_matmul_nbits(tmp_path) -> None:
+    images, _ = digits_validation()
+    export_digits(tmp_path / "digits.safetensors", images, weight_bits=2)
+    report = export_onnx(tmp_path / "digits.safetensors", tmp_path / "digits.onnx")
+    assert report.matmul_nbits == ["classifier.1", "classifier.4"]
+    expected = qat.load(tmp_path / "digits.safetensors", kernel_backend="reference")(images)
+    actual = run_onnx(onnx_session(tmp_path / "digits.onnx"), (images,))
+    assert relative_deviation(actual, expected) < ONNX_TOLERANCE
+    assert torch.equal(actual.argmax(1), expected.argmax(1))
+    assert verify(tmp_path / "digits.onnx").passed
 
 
 def test_a_file_without_golden_inputs_needs_example_inputs(tmp_path) -> None:
