@@ -8,25 +8,27 @@ package `kernels`.
 
     reference.py    the specification (slow, readable PyTorch)
     weights.py      PackedInt4Weight: one layer, checked once, kernel forms cached at load time
+    names.py        the backend names (the strings backend= and $QAT_KERNEL_BACKEND take)
     cpu.py          CPU paths (torch's int4pack kernel; exact dequantize + matmul; cached bf16)
     blocked.py      CPU path for large M: tiles of rows dequantized into a reused buffer + dense GEMM
     small_m.py      CPU path for few rows: compiled AVX512-BF16 kernel, weights dequantized in registers
     native.py       builds and loads the compiled CPU code in csrc/ on first use (None without a compiler)
     autotune.py     measured CPU choice per (dtype, shape, M bucket), cached in-process
     triton_int4.py  fused Triton GEMV / GEMM kernels for CUDA (also run by Triton's interpreter)
-    dispatch.py     int4_linear(...): picks a backend by device / M / shape; overrides
+    dispatch.py     int4_linear(...): picks a backend by device / M / shape; overrides; prepare_weights
+    timing.py       the benchmarks' timing harness: benchmark layers, interleaved timing, machine description
     bench.py        `python -m qat.kernels.bench`: side-by-side timings (--summary: bench_summary.py)
 
 Example:
-    >>> from qat.kernels import int4_linear, prepare_weights
+    >>> from qat.kernels import bind, int4_linear, int4_linear_prepared, prepare_weights
     >>> y = int4_linear(x, packed, scales, zeros, group_size=128)            # tensors as stored
     >>> layer = prepare_weights(packed, scales, zeros, 128, bias=bias)       # or once at load time
-    >>> y = layer(x)
+    >>> y = int4_linear_prepared(x, layer)
     >>> run = bind(x, layer); y = run(x)                                    # per-token loops: checks once
 """
 
-from .dispatch import BACKENDS, bind, choose_backend, int4_linear, int4_linear_prepared
-from .weights import PackedInt4Weight, prepare_weights
+from .dispatch import BACKENDS, bind, choose_backend, int4_linear, int4_linear_prepared, prepare_weights
+from .weights import PackedInt4Weight
 
 __all__ = ["BACKENDS", "PackedInt4Weight", "bind", "choose_backend", "int4_linear", "int4_linear_prepared",
            "prepare_weights"]

@@ -14,7 +14,7 @@ that choice for every later call in the bucket. QAT_KERNEL_AUTOTUNE=0 turns meas
 then `static_choice` (the crossovers measured here) decides, deterministically.
 
 Example:
-    >>> name = choose_by_measurement(x, weight, ["cpu_int4pack", "cpu_blocked"], run)
+    >>> name = choose_by_measurement(x, weight, [CPU_INT4PACK, CPU_BLOCKED], run)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .names import CPU_BLOCKED, CPU_INT4PACK, CPU_INT8_ACT, CPU_SMALL_M
 from .weights import PackedInt4Weight
 
 AUTOTUNE_ENV_VAR = "QAT_KERNEL_AUTOTUNE"
@@ -70,14 +71,14 @@ def static_choice(x: Tensor, candidates: Sequence[str]) -> str:
     """The deterministic rule: cpu_int8_act where it is a candidate (its policy allowed it: the fastest at every M
     measured here), else cpu_small_m for STATIC_SMALL_M_ROWS, else int4pack up to STATIC_INT4PACK_MAX_M rows, else
     the first blocked candidate."""
-    if "cpu_int8_act" in candidates:
-        return "cpu_int8_act"
+    if CPU_INT8_ACT in candidates:
+        return CPU_INT8_ACT
     rows = x.numel() // x.shape[-1] if x.dim() else 0
-    if "cpu_small_m" in candidates and rows in STATIC_SMALL_M_ROWS:
-        return "cpu_small_m"
-    blocked = [name for name in candidates if name.startswith("cpu_blocked")]
-    if "cpu_int4pack" in candidates and (not blocked or rows <= STATIC_INT4PACK_MAX_M.get(x.dtype, 32)):
-        return "cpu_int4pack"
+    if CPU_SMALL_M in candidates and rows in STATIC_SMALL_M_ROWS:
+        return CPU_SMALL_M
+    blocked = [name for name in candidates if name.startswith(CPU_BLOCKED)]  # cpu_blocked, cpu_blocked_bf16
+    if CPU_INT4PACK in candidates and (not blocked or rows <= STATIC_INT4PACK_MAX_M.get(x.dtype, 32)):
+        return CPU_INT4PACK
     return blocked[0] if blocked else candidates[0]
 
 

@@ -2,22 +2,17 @@
 
 Prints shape, M, backend, median time and the ratios against the dense layer and against
 torch's built-in int4 op, then writes benchmarks/kernels-<device>.md with the machine and the
-command. The machine may be shared: every round times each method in turn (interleaved) and
-the table reports medians over rounds plus the spread, so noise shows up instead of hiding.
-Weights rotate over several copies totalling more than the last-level cache, so every call
-reads its weight from memory as a model's forward pass does (on a GPU this also flushes L2).
+command. `--summary` prints and writes the dtype x M table of bench_summary.py instead. The
+timing itself (interleaved calls, medians and spread, weight copies rotated past the caches)
+is timing.py's.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import platform
 import shlex
-import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,47 +21,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cpu
+from .bench_summary import run_summary
 from .dispatch import int4_linear_prepared
-from .reference import dequantize_int4, int4_linear_reference, pack_int4
-from .weights import PackedInt4Weight
+from .names import (
+    CPU_BF16_CACHED,
+    CPU_INT4PACK,
+    DEQUANT,
+    DEQUANT_CACHED,
+    REFERENCE,
+    TRITON,
+    TRITON_GEMM,
+    TRITON_GEMV,
+)
+from .reference import dequantize_int4, int4_linear_reference
+from .timing import DENSE, TORCH_DYN_QUANT, Layer, Method, copies_needed, machine_description, make_layer, time_methods
 
-ROTATION_BYTES = 160 * 2**20  # > 4x a 32 MiB L3 / 50 MiB H100 L2
 TORCH_INT4 = "torch int4 op"
 DEFAULT_ROWS, SUMMARY_ROWS = "1,4,16,64,256", "1,4,16,64,256,1024"
 NOTES_MARKER = "<!-- notes: everything below is kept when the benchmark rewrites this file -->"
-
-
-@dataclass
-class Layer:
-    """One copy of a benchmark layer in every form a method needs."""
-
-    weight: PackedInt4Weight
-    dense: Optional[Tensor] = None  # the dequantized weight in the activation dtype
-
-
-def make_layer(n: int, k: int, group_size: int, device: str, generator: torch.Generator) -> PackedInt4Weight:
-    """A random asymmetric int4 layer (N, K) with fp16 scales."""
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
-    scales = torch.rand(n, k // group_size, generator=generator).mul_(0.02).add_(0.001).half()
-    zeros = torch.randint(0, 16, (n, k // group_size), dtype=torch.uint8, generator=generator)
-    return PackedInt4Weight(pack_int4(codes).to(device), scales.to(device), zeros.to(device), group_size)
-
-
-def copies_needed(bytes_per_copy: int) -> int:
-    """How many copies of a weight to rotate through so that they do not fit in the caches (2 to 32)."""
-    return min(32, max(2, math.ceil(ROTATION_BYTES / bytes_per_copy)))
-
-
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _torch_int4_method(layers: list[Layer], device: str) -> Optional[Callable[[Tensor, Layer], Tensor]]:
     """torch's own int4 op (CPU int4pack or CUDA tinygemm, bf16 compute) on forms built up front; None if absent."""
     if device == "cpu":
         for layer in layers:
-            layer.weight.form("cpu_int4pack", cpu.build_int4pack)
+            layer.weight.form(cpu.INT4PACK_FORM, cpu.build_int4pack)
         return lambda x, layer: cpu.linear_int4pack(x, layer.weight)
     forms = {}
     try:
@@ -88,17 +67,6 @@ def _torch_int4_method(layers: list[Layer], device: str) -> Optional[Callable[[T
     return run
 
 
-Method = Callable[[Tensor, Layer], Tensor]
-
-
-@dataclass(frozen=True)
-class Timing:
-    median: float  # seconds per call
-    best: float  # the fastest call: what the machine does when no other process gets in the way
-    spread: float  # interquartile range / median
-SLOW_METHODS = ("reference", "torch dyn_quant_4bit (int8 act)")  # timed once per round
-
-
 def methods_for(device: str, layers: list[Layer], rows: int, dtype: torch.dtype) -> dict[str, Method]:
     """Name -> function(x, layer) for every method timed on this device at this M (besides dense)."""
     def backend(name: str) -> Method:
@@ -110,20 +78,20 @@ def methods_for(device: str, layers: list[Layer], rows: int, dtype: torch.dtype)
         methods[TORCH_INT4] = torch_int4
     methods |= {
         "auto (dispatch)": lambda x, layer: int4_linear_prepared(x, layer.weight),
-        "dequant": backend("dequant"),
-        "dequant_cached": backend("dequant_cached"),
+        DEQUANT: backend(DEQUANT),
+        DEQUANT_CACHED: backend(DEQUANT_CACHED),
     }
     if device == "cpu":
-        methods["cpu_int4pack"] = backend("cpu_int4pack")
+        methods[CPU_INT4PACK] = backend(CPU_INT4PACK)
         if dtype != torch.bfloat16:  # for bf16 x it is dequant_cached
-            methods["cpu_bf16_cached"] = backend("cpu_bf16_cached")
+            methods[CPU_BF16_CACHED] = backend(CPU_BF16_CACHED)
         if rows == 1:
-            methods["reference"] = lambda x, layer: int4_linear_reference(
+            methods[REFERENCE] = lambda x, layer: int4_linear_reference(
                 x, layer.weight.packed, layer.weight.scales, layer.weight.zeros, layer.weight.group_size)
             if hasattr(torch.ops.aten, "_dyn_quant_matmul_4bit") and dtype == torch.float32:
-                methods["torch dyn_quant_4bit (int8 act)"] = _dyn_quant_method(layers)
+                methods[TORCH_DYN_QUANT] = _dyn_quant_method(layers)
     else:
-        methods.update({name: backend(name) for name in ("triton", "triton_gemv", "triton_gemm")})
+        methods.update({name: backend(name) for name in (TRITON, TRITON_GEMV, TRITON_GEMM)})
     return methods
 
 
@@ -134,61 +102,6 @@ def _dyn_quant_method(layers: list[Layer]) -> Method:
         w.packed, w.scales.float(), None, w.group_size, w.in_features, w.out_features)
     return lambda x, layer: torch.ops.aten._dyn_quant_matmul_4bit(
         x, form, w.group_size, w.in_features, w.out_features)
-
-
-def _call_timer(device: str) -> Callable[[Callable[[], object]], Callable[[], float]]:
-    """time(fn) -> a function giving fn's seconds once the device is idle (CUDA events on a GPU)."""
-    if device == "cuda":
-        def time_cuda(fn: Callable[[], object]) -> Callable[[], float]:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            return lambda: start.elapsed_time(end) / 1e3
-        return time_cuda
-
-    def time_cpu(fn: Callable[[], object]) -> Callable[[], float]:
-        start = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - start
-        return lambda: seconds
-    return time_cpu
-
-
-def time_methods(methods: dict[str, tuple[Method, list[Layer]]], x: Tensor, device: str, rounds: int,
-                 reps: int) -> dict[str, Timing]:
-    """name -> median and fastest seconds per call, and the interquartile range / median.
-
-    Calls are interleaved one by one (method A, B, C, A, B, C, ...), so a burst of load from
-    other processes hits every method alike. Each method walks its rotation of weight copies from
-    its own offset, so no call finds the copy (or its kernel form) that the call before it read
-    still in cache: two methods sharing a form (a forced backend and the automatic dispatch that
-    picks it) once timed the second from cache (bf16 M = 1: 14x "auto" against 8x for the same kernel).
-    Slow methods (SLOW_METHODS) get one call per round.
-    """
-    for name, (method, rotation) in methods.items():  # warm-up: builds every copy's cached forms, autotunes
-        for layer in rotation[:1] if name in (*SLOW_METHODS, "dequant") else rotation:
-            method(x, layer)
-    timer = _call_timer(device)
-    pending: dict[str, list[Callable[[], float]]] = {name: [] for name in methods}
-    calls = dict.fromkeys(methods, 0)
-    for _ in range(rounds):
-        for rep in range(reps):
-            for position, (name, (method, rotation)) in enumerate(methods.items()):
-                if rep and name in SLOW_METHODS:
-                    continue
-                offset = position * max(1, len(rotation) // len(methods))  # methods walk the copies apart
-                layer = rotation[(calls[name] + offset) % len(rotation)]
-                calls[name] += 1
-                pending[name].append(timer(lambda method=method, layer=layer: method(x, layer)))
-        _synchronize(device)
-    result = {}
-    for name, readers in pending.items():
-        samples = sorted(read() for read in readers)
-        median = statistics.median(samples)
-        quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [median] * 3
-        result[name] = Timing(median, samples[0], (quartiles[2] - quartiles[0]) / median)
-    return result
 
 
 def _bf16_methods(dense_layers: list[Layer]) -> dict[str, tuple[Method, list[Layer]]]:
@@ -213,15 +126,15 @@ def bench_shape(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace, de
     results = []
     for rows in args.rows:
         x = torch.randn(rows, k, generator=generator).to(device=device, dtype=dtype)
-        methods = {"dense": ((lambda x, layer: F.linear(x, layer.dense)), dense_layers)}
+        methods = {DENSE: ((lambda x, layer: F.linear(x, layer.dense)), dense_layers)}
         methods.update({name: (method, layers) for name, method in methods_for(device, layers, rows, dtype).items()})
         if device == "cpu" and dtype == torch.float32:
             methods.update(_bf16_methods(dense_layers))
         if args.only:
-            methods = {name: method for name, method in methods.items() if name in ("dense", *args.only)}
+            methods = {name: method for name, method in methods.items() if name in (DENSE, *args.only)}
         reps = max(3, min(args.reps, int(args.budget_flop / (2 * rows * n * k))))
         timed = time_methods(methods, x, device, args.rounds, reps)
-        dense, torch_int4 = timed["dense"], timed.get(TORCH_INT4)  # no "vs torch" column if --only drops it
+        dense, torch_int4 = timed[DENSE], timed.get(TORCH_INT4)  # no "vs torch" column if --only drops it
         for name, timing in timed.items():
             row = {"shape": f"{n}x{k}", "x": str(dtype).removeprefix("torch."), "M": rows, "method": name,
                    "ms": timing.median * 1e3, "vs_dense": dense.median / timing.median,
@@ -243,23 +156,6 @@ def format_row(row: dict) -> str:
     cells = [row["shape"], row["x"], row["M"], row["method"], f"{row['ms']:.3f}", f"{row['vs_dense']:.2f}x", vs_torch,
              f"{row['best_ms']:.3f}", f"{row['best_vs_dense']:.2f}x", f"{row['spread'] * 100:.0f}%"]
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
-
-
-def machine_description(device: str, threads: int) -> str:
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
-    capability = torch.backends.cpu.get_cpu_capability()
-    l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
-    model += f" ({l3.read_text().strip()} L3)" if l3.exists() else ""
-    return (f"{model}, {torch.get_num_threads()} of {torch.multiprocessing.cpu_count()} threads used "
-            f"(--threads {threads}), ATen CPU capability {capability}, torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
 
 
 def write_markdown(path: Path, results: list[dict], args: argparse.Namespace, device: str, seconds: float) -> None:
@@ -335,8 +231,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 def _write_summary(args: argparse.Namespace, device: str, start: float) -> None:
     if device != "cpu":
         raise SystemExit("--summary compares the CPU paths; run it on a CPU-only machine (or without CUDA)")
-    from .bench_summary import run_summary
-
     lines = run_summary(args)
     if args.no_write:
         return

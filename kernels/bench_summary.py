@@ -26,7 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from . import autotune
-from .dispatch import cpu_candidates, int4_linear_prepared
+from .dispatch import AUTO, SMALL_M_MAX_ROWS, blocked_backend, cpu_candidates, int4_linear_prepared
+from .int8_act import int8_act_unsupported
+from .names import CPU_INT4PACK, CPU_INT8_ACT, CPU_SMALL_M
+from .reference import dequantize_int4
+from .small_m import small_m_unsupported
+from .timing import DENSE, Layer, copies_needed, make_layer, time_methods
 from .weights import PackedInt4Weight
 
 SUMMARY_HEADER = ("| x | M | dense ms | int4pack | blocked | small_m | int8_act | auto (dispatch) | auto picks "
@@ -34,31 +39,21 @@ SUMMARY_HEADER = ("| x | M | dense ms | int4pack | blocked | small_m | int8_act 
 COLUMNS = ("int4pack", "blocked", "small_m", "int8_act")
 
 
-def blocked_name(dtype: torch.dtype) -> str:
-    """The blocked backend dispatch considers for this activation dtype."""
-    return "cpu_blocked" if dtype == torch.bfloat16 else "cpu_blocked_bf16"
-
-
 def summary_methods(dtype: torch.dtype) -> dict[str, Callable]:
     """name -> function(x, layer) for the summary (besides dense)."""
     def backend(name: Optional[str]) -> Callable:
         return lambda x, layer: int4_linear_prepared(x, layer.weight, backend=name)
 
-    return {"int4pack": backend("cpu_int4pack"), "blocked": backend(blocked_name(dtype)),
-            "small_m": backend("cpu_small_m"), "int8_act": backend("cpu_int8_act"), "auto": backend(None)}
+    return {"int4pack": backend(CPU_INT4PACK), "blocked": backend(blocked_backend(dtype)),
+            "small_m": backend(CPU_SMALL_M), "int8_act": backend(CPU_INT8_ACT), "auto": backend(None)}
 
 
 def _small_m_runs(x: torch.Tensor, weight: PackedInt4Weight) -> bool:
     """Whether the small-M column is timed: the kernel is available and M is within dispatch's range for it."""
-    from .dispatch import SMALL_M_MAX_ROWS
-    from .small_m import small_m_unsupported
-
     return x.shape[0] <= SMALL_M_MAX_ROWS and small_m_unsupported(x, weight) is None
 
 
 def _int8_act_runs(x: torch.Tensor, weight: PackedInt4Weight) -> bool:
-    from .int8_act import int8_act_unsupported
-
     return int8_act_unsupported(x, weight) is None
 
 
@@ -67,9 +62,6 @@ RUNS_HERE = {"small_m": _small_m_runs, "int8_act": _int8_act_runs}  # columns ti
 
 def summary_rows(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace) -> list[dict]:
     """One summary row per M for this shape and activation dtype (all methods interleaved)."""
-    from .bench import Layer, copies_needed, make_layer, time_methods
-    from .reference import dequantize_int4
-
     generator = torch.Generator().manual_seed(0)
     layers = [Layer(make_layer(n, k, args.group_size, "cpu", generator)) for _ in range(copies_needed(n * k // 2))]
     dense_layers = layers[: copies_needed(n * k * dtype.itemsize)]
@@ -79,14 +71,14 @@ def summary_rows(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace) -
     rows = []
     for m in args.rows:
         x = torch.randn(m, k, generator=generator).to(dtype)
-        methods = {"dense": ((lambda x, layer: F.linear(x, layer.dense)), dense_layers)}
+        methods = {DENSE: ((lambda x, layer: F.linear(x, layer.dense)), dense_layers)}
         methods |= {name: (method, layers) for name, method in summary_methods(dtype).items()
                     if name not in RUNS_HERE or RUNS_HERE[name](x, layers[0].weight)}
         reps = max(2, min(args.reps, int(args.budget_flop / (2 * m * n * k))))
         timed = time_methods(methods, x, "cpu", args.rounds, reps)
         candidates = cpu_candidates(x, layers[0].weight)
         picked = autotune.measured_choices().get(autotune.choice_key(x, layers[0].weight, candidates), "static rule")
-        dense = timed["dense"]
+        dense = timed[DENSE]
         row = {"x": str(dtype).removeprefix("torch."), "M": m, "dense_ms": dense.median * 1e3, "picks": picked,
                **{name: dense.median / timed[name].median if name in timed else None
                   for name in (*COLUMNS, "auto")},
@@ -115,16 +107,12 @@ def _peak_rss_bytes() -> int:
 def _rss_child(n: int, k: int, group_size: int, dtype_name: str, method: str, rows: list[int], threads: int,
                queue) -> None:
     """In a fresh process: peak RSS growth while running `method` at every M, over the int4 layer."""
-    from .bench import make_layer
-
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
     weight: PackedInt4Weight = make_layer(n, k, group_size, "cpu", torch.Generator().manual_seed(0))
     inputs = [torch.randn(m, k).to(dtype) for m in rows]
     dense = None
-    if method == "dense":
-        from .reference import dequantize_int4
-
+    if method == DENSE:
         dense = dequantize_int4(weight.packed, weight.scales, weight.zeros, group_size).to(dtype)
     warm_up = torch.randn(1, k).to(dtype)  # load-time repacks and library start-up happen before the baseline
     if dense is None:
@@ -155,7 +143,7 @@ def peak_rss_growth(n: int, k: int, group_size: int, dtype: torch.dtype, method:
         return None
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    name = "auto" if method is None else method
+    name = AUTO if method is None else method
     child = context.Process(target=_rss_child, args=(n, k, group_size, str(dtype)[6:], name, rows, threads, queue))
     child.start()
     try:
@@ -165,8 +153,6 @@ def peak_rss_growth(n: int, k: int, group_size: int, dtype: torch.dtype, method:
 
 
 def _probe_layer(n: int, k: int, group_size: int) -> PackedInt4Weight:
-    from .bench import make_layer
-
     return make_layer(n, k, group_size, "cpu", torch.Generator().manual_seed(0))
 
 
@@ -178,8 +164,8 @@ def memory_lines(n: int, k: int, args: argparse.Namespace) -> list[str]:
     probe = _probe_layer(1, k, args.group_size)  # one output row suffices to ask
     small_m, int8 = _small_m_runs(torch.zeros(1, k), probe), _int8_act_runs(torch.zeros(1, k), probe)
     for dtype in args.dtypes:
-        for method in ("dense", "cpu_int4pack", blocked_name(dtype), "cpu_small_m", "cpu_int8_act", None):
-            if (method == "cpu_small_m" and not small_m) or (method == "cpu_int8_act" and not int8):
+        for method in (DENSE, CPU_INT4PACK, blocked_backend(dtype), CPU_SMALL_M, CPU_INT8_ACT, None):
+            if (method == CPU_SMALL_M and not small_m) or (method == CPU_INT8_ACT and not int8):
                 continue
             measured = peak_rss_growth(n, k, args.group_size, dtype, method, args.rows, args.threads)
             shown = "n/a | n/a" if measured is None else f"{measured[0] / 2**20:.1f} | {measured[1] / 2**20:.1f}"

@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .names import CPU_INT4PACK
 from .reference import SYMMETRIC_ZERO
 from .weights import PackedInt4Weight
 
+INT4PACK_FORM = CPU_INT4PACK  # the form name of `build_int4pack`: its backend's name
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)  # the group sizes torch's CPU int4pack kernel accepts
 INT4PACK_ROW_MULTIPLE = 16  # it also needs N % 16 == 0: other layers are padded with zero-scale rows
 
@@ -50,6 +52,11 @@ def dequantize_fast(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], gro
     return codes.view(rows, half * 2)
 
 
+def dequantized_form_name(dtype: torch.dtype) -> str:
+    """The form name of the weight dequantized to `dtype` (shared by dequant_cached and cpu_bf16_cached)."""
+    return f"dequantized:{dtype}"
+
+
 def linear_dequantized(
     x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = None, cache: bool = False
 ) -> Tensor:
@@ -58,7 +65,7 @@ def linear_dequantized(
     def build(w: PackedInt4Weight) -> Tensor:
         return dequantize_fast(w.packed, w.scales, w.zeros, w.group_size).to(x.dtype)
 
-    dense = weight.form(f"dequantized:{x.dtype}", build) if cache else build(weight)
+    dense = weight.form(dequantized_form_name(x.dtype), build) if cache else build(weight)
     return F.linear(x, dense, None if bias is None else bias.to(x.dtype))
 
 
@@ -72,7 +79,7 @@ def linear_bf16_cached(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tenso
     def build(w: PackedInt4Weight) -> Tensor:
         return dequantize_fast(w.packed, w.scales, w.zeros, w.group_size).to(torch.bfloat16)
 
-    dense = weight.form("dequantized:torch.bfloat16", build)
+    dense = weight.form(dequantized_form_name(torch.bfloat16), build)
     out = F.linear(x.to(torch.bfloat16), dense, None if bias is None else bias.to(torch.bfloat16))
     return out.to(x.dtype)
 
@@ -125,7 +132,7 @@ def build_int4pack(weight: PackedInt4Weight) -> Int4PackForm:
 
 def linear_int4pack(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Tensor:
     """Fast path: torch's CPU int4pack kernel in bf16; returns x's dtype (tolerance, not bit-exact)."""
-    return _int4pack_apply(x, weight.form("cpu_int4pack", build_int4pack), weight.in_features, bias)
+    return _int4pack_apply(x, weight.form(INT4PACK_FORM, build_int4pack), weight.in_features, bias)
 
 
 def _int4pack_apply(x: Tensor, form: Int4PackForm, in_features: int, bias: Optional[Tensor]) -> Tensor:
@@ -150,7 +157,7 @@ def int4pack_bound(weight: PackedInt4Weight, bias: Optional[Tensor] = None,
     the weights must not be written while it is in use. bf16 x costs no cast at all. `plain_rows`:
     every x will be a contiguous 2-D (M, K) tensor, so the reshapes are skipped too.
     """
-    form: Int4PackForm = weight.form("cpu_int4pack", build_int4pack)
+    form: Int4PackForm = weight.form(INT4PACK_FORM, build_int4pack)
     if not plain_rows or bias is not None or form.tiles.shape[0] != form.out_features:  # padded rows: slice
         return lambda x: _int4pack_apply(x, form, weight.in_features, bias)
     tiles, group, scale_and_offset = form.tiles, form.kernel_group_size, form.scale_and_offset

@@ -6,13 +6,13 @@ Two ways to call it:
   Repacked forms are cached on the `packed` tensor (built on first call, rebuilt if it is
   written in place), so calling this per step costs the repack once.
 * a prepared layer: ``weight = prepare_weights(packed, scales, zeros, group_size, bias=bias)``
-  at load time (weights.py), then ``weight(x)`` or ``int4_linear_prepared(x, weight)``;
+  at load time (a weights.PackedInt4Weight), then ``int4_linear_prepared(x, weight)``;
   ``run = bind(x, weight)`` fixes the backend and checks for inputs like x once, for loops that
   call a layer per token (qat/hf/llama_decoder.py).
 
 `backend=<name>` or the environment variable QAT_KERNEL_BACKEND=<name> forces a backend
 (`auto` or unset: pick). A forced backend that cannot run these inputs raises (no silent
-fallback); an unknown name raises listing the available ones. Backends:
+fallback); an unknown name raises listing the available ones. Backends (their names: names.py):
 
     reference       reference.py, exact, any device (slow: the specification)
     dequant         dequantize to x's dtype + dense matmul, exact (bit-identical to reference)
@@ -55,6 +55,20 @@ import torch
 from torch import Tensor
 
 from . import autotune, blocked, cpu, int8_act, small_m
+from .names import (
+    CPU_BF16_CACHED,
+    CPU_BLOCKED,
+    CPU_BLOCKED_BF16,
+    CPU_INT4PACK,
+    CPU_INT8_ACT,
+    CPU_SMALL_M,
+    DEQUANT,
+    DEQUANT_CACHED,
+    REFERENCE,
+    TRITON,
+    TRITON_GEMM,
+    TRITON_GEMV,
+)
 from .reference import int4_linear_reference
 from .weights import FLOAT_QPARAMS, PackedInt4Weight, cached_weight, check_activation, float_qparams
 
@@ -147,29 +161,29 @@ def _triton_backend(name: str, function: str) -> Backend:
 BACKENDS: dict[str, Backend] = {
     backend.name: backend
     for backend in (
-        Backend("reference", _reference, _anywhere, exact=True),
-        Backend("dequant", lambda x, w, b: cpu.linear_dequantized(x, w, b, cache=False), _anywhere, exact=True),
-        Backend("dequant_cached", lambda x, w, b: cpu.linear_dequantized(x, w, b, cache=True), _anywhere, exact=True),
-        Backend("cpu_bf16_cached", cpu.linear_bf16_cached, _cpu_only),
-        Backend("cpu_blocked", blocked.linear_blocked, _blocked_unsupported),
+        Backend(REFERENCE, _reference, _anywhere, exact=True),
+        Backend(DEQUANT, lambda x, w, b: cpu.linear_dequantized(x, w, b, cache=False), _anywhere, exact=True),
+        Backend(DEQUANT_CACHED, lambda x, w, b: cpu.linear_dequantized(x, w, b, cache=True), _anywhere, exact=True),
+        Backend(CPU_BF16_CACHED, cpu.linear_bf16_cached, _cpu_only),
+        Backend(CPU_BLOCKED, blocked.linear_blocked, _blocked_unsupported),
         Backend(
-            "cpu_blocked_bf16",
+            CPU_BLOCKED_BF16,
             lambda x, w, b: blocked.linear_blocked(x, w, b, compute_dtype=torch.bfloat16),
             _blocked_unsupported,
         ),
-        Backend("cpu_small_m", small_m.linear_small_m, small_m.small_m_unsupported,
+        Backend(CPU_SMALL_M, small_m.linear_small_m, small_m.small_m_unsupported,
                 prepare=lambda w: w.form(FLOAT_QPARAMS, float_qparams)),
-        Backend("cpu_int8_act", int8_act.linear_int8_act, int8_act.int8_act_unsupported,
+        Backend(CPU_INT8_ACT, int8_act.linear_int8_act, int8_act.int8_act_unsupported,
                 prepare=lambda w: w.form(int8_act.FORM, int8_act.vnni_form)),
         Backend(
-            "cpu_int4pack",
+            CPU_INT4PACK,
             cpu.linear_int4pack,
             _int4pack_unsupported,
-            prepare=lambda w: w.form("cpu_int4pack", cpu.build_int4pack),
+            prepare=lambda w: w.form(cpu.INT4PACK_FORM, cpu.build_int4pack),
         ),
-        _triton_backend("triton", "linear_auto"),
-        _triton_backend("triton_gemv", "linear_gemv"),
-        _triton_backend("triton_gemm", "linear_gemm"),
+        _triton_backend(TRITON, "linear_auto"),
+        _triton_backend(TRITON_GEMV, "linear_gemv"),
+        _triton_backend(TRITON_GEMM, "linear_gemm"),
     )
 }
 
@@ -184,16 +198,38 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
+def prepare_weights(
+    packed: Tensor,
+    scales: Tensor,
+    zeros: Optional[Tensor],
+    group_size: int,
+    backend: Optional[str] = None,
+    bias: Optional[Tensor] = None,
+) -> PackedInt4Weight:
+    """Check the layout once and, if `backend` is named, build that backend's load-time form now.
+
+    Call at load time; keep the returned weight with the layer and run it with `int4_linear_prepared`.
+    """
+    weight = PackedInt4Weight(packed, scales, zeros, group_size, bias)
+    if backend is not None:
+        get_backend(backend).prepare(weight)
+    return weight
+
+
+def blocked_backend(dtype: torch.dtype) -> str:
+    """The blocked backend automatic dispatch considers for activations of this dtype."""
+    return CPU_BLOCKED if dtype == torch.bfloat16 else CPU_BLOCKED_BF16
+
+
 def cpu_candidates(x: Tensor, weight: PackedInt4Weight) -> list[str]:
     """The CPU backends automatic dispatch measures for these inputs (each able to run them; may be empty)."""
-    if BACKENDS["cpu_int4pack"].unsupported(x, weight) is not None:
+    if BACKENDS[CPU_INT4PACK].unsupported(x, weight) is not None:
         return []  # layers int4pack cannot run keep the exact `dequant` path (as before the blocked path)
-    blocked_name = "cpu_blocked" if x.dtype == torch.bfloat16 else "cpu_blocked_bf16"
-    names = ("cpu_int4pack", blocked_name)
+    names = (CPU_INT4PACK, blocked_backend(x.dtype))
     if x.numel() // weight.in_features <= SMALL_M_MAX_ROWS:
-        names += ("cpu_small_m",)
+        names += (CPU_SMALL_M,)
     if int8_act.allowed_for(x.dtype):
-        names += ("cpu_int8_act",)
+        names += (CPU_INT8_ACT,)
     return [name for name in names if BACKENDS[name].unsupported(x, weight) is None]
 
 
@@ -207,15 +243,15 @@ def choose_backend(x: Tensor, weight: PackedInt4Weight) -> str:
     On CPU this may time the candidates on x once per (dtype, shape, M bucket): see autotune.py.
     """
     if x.device.type == "cuda":
-        return "triton" if _triton_unsupported(x, weight) is None else "dequant"
+        return TRITON if _triton_unsupported(x, weight) is None else DEQUANT
     if x.device.type != "cpu":
-        return "dequant"
+        return DEQUANT
     rows = x.numel() // weight.in_features
     if CPU_CACHE_DENSE_ABOVE_M is not None and rows > CPU_CACHE_DENSE_ABOVE_M:
-        return "cpu_bf16_cached"
+        return CPU_BF16_CACHED
     candidates = cpu_candidates(x, weight)
     if not candidates:
-        return "dequant"
+        return DEQUANT
     return autotune.choose_by_measurement(x, weight, candidates, _run_unchecked)
 
 
@@ -265,15 +301,15 @@ def bind(x: Tensor, weight: PackedInt4Weight, backend: Optional[str] = None) -> 
     if name == AUTO:
         name = choose_backend(x, weight)
     run, bias = _checked(x, weight, name).run, weight.bias
-    if name == "cpu_int4pack":
+    if name == CPU_INT4PACK:
         return cpu.int4pack_bound(weight, bias, plain_rows=x.dim() == 2 and x.is_contiguous())
-    if name == "cpu_int8_act":
+    if name == CPU_INT8_ACT:
         return int8_act.int8_act_bound(weight, bias)
     return lambda inputs: run(inputs, weight, bias)
 
 
 def int4_linear_prepared(x: Tensor, weight: PackedInt4Weight, backend: Optional[str] = None) -> Tensor:
-    """y = x @ W.T + weight.bias for a layer made by weights.prepare_weights."""
+    """y = x @ W.T + weight.bias for a prepared layer (`prepare_weights`, or a PackedInt4Weight made directly)."""
     return _run(x, weight, weight.bias, backend)
 
 

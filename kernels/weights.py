@@ -7,9 +7,12 @@ copy); `PackedInt4Weight.form(name, build)` builds each one the first time it is
 and keeps it, so a deployment pays the repack once per layer, never per call, and never
 stores it in a checkpoint.
 
+Every backend takes a PackedInt4Weight; choosing and running a backend is dispatch.py's job
+(its `prepare_weights` also builds a chosen backend's form at load time).
+
 Example:
-    >>> weight = prepare_weights(packed, scales, zeros, group_size=128)
-    >>> y = weight(x)                       # same as dispatch.int4_linear(x, packed, ...)
+    >>> weight = PackedInt4Weight(packed, scales, zeros, group_size=128)
+    >>> y = dispatch.int4_linear_prepared(x, weight)    # same as dispatch.int4_linear(x, packed, ...)
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class PackedInt4Weight:
     """An int4 linear layer's weights in the canonical layout plus its cached kernel forms.
 
     Attributes: packed, scales, zeros, group_size, bias (as in reference.py),
-    out_features (N), in_features (K). Call it as a function: ``weight(x, backend=None)``.
+    out_features (N), in_features (K). Run it with ``dispatch.int4_linear_prepared(x, weight, backend=None)``.
     """
 
     def __init__(
@@ -104,12 +107,6 @@ class PackedInt4Weight:
         """Forget every cached form (frees the memory of repacked or dequantized copies)."""
         self._forms.clear()
 
-    def __call__(self, x: Tensor, backend: Optional[str] = None) -> Tensor:
-        """y = x @ W.T + bias through `dispatch.int4_linear_prepared` (backend picked unless forced)."""
-        from .dispatch import int4_linear_prepared
-
-        return int4_linear_prepared(x, self, backend=backend)
-
     def __repr__(self) -> str:
         zeros = "None" if self.zeros is None else "uint8"
         return (
@@ -127,26 +124,6 @@ def float_qparams(weight: PackedInt4Weight) -> tuple[Tensor, Tensor]:
     scales = weight.scales.float().contiguous()
     zeros = torch.full_like(scales, SYMMETRIC_ZERO) if weight.zeros is None else weight.zeros.float().contiguous()
     return scales, zeros
-
-
-def prepare_weights(
-    packed: Tensor,
-    scales: Tensor,
-    zeros: Optional[Tensor],
-    group_size: int,
-    backend: Optional[str] = None,
-    bias: Optional[Tensor] = None,
-) -> PackedInt4Weight:
-    """Check the layout once and, if `backend` is named, build that backend's repacked form now.
-
-    Call at load time; keep the returned object with the layer and call it on activations.
-    """
-    weight = PackedInt4Weight(packed, scales, zeros, group_size, bias)
-    if backend is not None:
-        from .dispatch import get_backend
-
-        get_backend(backend).prepare(weight)
-    return weight
 
 
 # Weights seen by the tensor-level API (dispatch.int4_linear) keep their cached forms on the

@@ -31,8 +31,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from qat.kernels import dispatch, triton_int4
+from qat.kernels.dispatch import prepare_weights
 from qat.kernels.reference import dequantize_int4
-from qat.kernels.weights import PackedInt4Weight, prepare_weights
+from qat.kernels.weights import PackedInt4Weight
 
 from benchmarks import record
 

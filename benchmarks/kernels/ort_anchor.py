@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from qat.kernels.bench import copies_needed, machine_description, make_layer
 from qat.kernels.dispatch import int4_linear_prepared
 from qat.kernels.reference import dequantize_int4, unpack_int4
+from qat.kernels.timing import copies_needed, machine_description, make_layer
 
 from benchmarks import record
 from qat.export.targets.matmul_nbits import choose_layout, nbits_tensors

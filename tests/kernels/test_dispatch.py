@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from qat.kernels import cpu, dispatch, int8_act
-from qat.kernels.dispatch import BACKENDS, ENV_VAR, choose_backend, int4_linear
+from qat.kernels.dispatch import BACKENDS, ENV_VAR, choose_backend, int4_linear, int4_linear_prepared, prepare_weights
 from qat.kernels.reference import int4_linear_reference
-from qat.kernels.weights import PackedInt4Weight, cached_weight, prepare_weights
+from qat.kernels.weights import PackedInt4Weight, cached_weight
 
 from tests.kernels.helpers import assert_bitwise_equal, make_layer
 
@@ -120,7 +120,7 @@ def test_forms_are_cached_per_layer_and_rebuilt_after_in_place_writes(layer):
     assert_bitwise_equal(second, int4_linear_reference(x, packed, scales, zeros, group_size))
 
 
-def test_prepare_weights_builds_the_form_now_and_is_callable():
+def test_prepare_weights_builds_the_form_now_and_runs():
     packed, scales, zeros = make_layer(48, 256, 64)
     bias = torch.randn(48)
     weight = prepare_weights(packed, scales, zeros, 64, backend="dequant_cached", bias=bias)
@@ -128,7 +128,8 @@ def test_prepare_weights_builds_the_form_now_and_is_callable():
     if cpu.int4pack_available():
         assert "cpu_int4pack" in repr(prepare_weights(packed, scales, zeros, 64, backend="cpu_int4pack"))
     x = torch.randn(2, 256)
-    assert_bitwise_equal(weight(x, backend="dequant"), int4_linear_reference(x, packed, scales, zeros, 64, bias))
+    assert_bitwise_equal(int4_linear_prepared(x, weight, backend="dequant"),
+                         int4_linear_reference(x, packed, scales, zeros, 64, bias))
     weight.drop_forms()
     assert "forms=[]" in repr(weight)
 

@@ -134,7 +134,7 @@ def test_group_sizes_that_are_not_multiples_of_32_are_refused_with_the_reason():
     reason = int8_act.int8_act_unsupported(torch.zeros(2, 96), weight)
     assert reason is not None and "multiple of 32" in reason and "48" in reason
     with pytest.raises(ValueError, match=r"cpu_int8_act.*multiple of 32"):
-        weight(torch.zeros(2, 96), backend="cpu_int8_act")
+        dispatch.int4_linear_prepared(torch.zeros(2, 96), weight, backend="cpu_int8_act")
 
 
 def test_policy_decides_which_activations_automatic_dispatch_may_round_to_int8(monkeypatch):

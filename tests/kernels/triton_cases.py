@@ -16,9 +16,8 @@ import torch
 pytest.importorskip("triton")
 
 from qat.kernels import triton_int4
-from qat.kernels.dispatch import int4_linear
+from qat.kernels.dispatch import int4_linear, prepare_weights
 from qat.kernels.reference import int4_linear_reference
-from qat.kernels.weights import prepare_weights
 
 from tests.kernels.helpers import (
     TOLERANCES,
