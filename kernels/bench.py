@@ -1,8 +1,9 @@
 """Side-by-side timings of the int4 backends: `python -m qat.kernels.bench [--help]`.
 
 Prints shape, M, backend, median time and the ratios against the dense layer and against
-torch's built-in int4 op, then writes benchmarks/kernels-<device>.md with the machine and the
-command. `--summary` prints and writes the dtype x M table of bench_summary.py instead. The
+torch's built-in int4 op; with `--write` it also records the table with the machine and the command
+in benchmarks/kernels/int4-<device>.md (`--output PATH`: there instead). `--summary` prints (and
+with `--write` records) the dtype x M table of bench_summary.py instead. The options: bench_args.py. The
 timing itself (interleaved calls, medians and spread, weight copies rotated past the caches)
 is timing.py's.
 """
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cpu
+from .bench_args import DEFAULT_ROWS, DESCRIPTION, SUMMARY_PATH, SUMMARY_ROWS, TABLE_PATH, add_bench_arguments
 from .bench_summary import run_summary
 from .dispatch import int4_linear_prepared
 from .names import (
@@ -33,11 +35,11 @@ from .names import (
     TRITON_GEMM,
     TRITON_GEMV,
 )
+from .progress import status, update
 from .reference import dequantize_int4, int4_linear_reference
 from .timing import DENSE, TORCH_DYN_QUANT, Layer, Method, copies_needed, machine_description, make_layer, time_methods
 
 TORCH_INT4 = "torch int4 op"
-DEFAULT_ROWS, SUMMARY_ROWS = "1,4,16,64,256", "1,4,16,64,256,1024"
 NOTES_MARKER = "<!-- notes: everything below is kept when the benchmark rewrites this file -->"
 
 
@@ -125,6 +127,7 @@ def bench_shape(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace, de
         layer.dense = dequantize_int4(w.packed, w.scales, w.zeros, w.group_size).to(device=device, dtype=dtype)
     results = []
     for rows in args.rows:
+        update(f"timing {n}x{k}, x {str(dtype).removeprefix('torch.')}, M = {rows}")
         x = torch.randn(rows, k, generator=generator).to(device=device, dtype=dtype)
         methods = {DENSE: ((lambda x, layer: F.linear(x, layer.dense)), dense_layers)}
         methods.update({name: (method, layers) for name, method in methods_for(device, layers, rows, dtype).items()})
@@ -160,7 +163,7 @@ def format_row(row: dict) -> str:
 
 def write_markdown(path: Path, results: list[dict], args: argparse.Namespace, device: str, seconds: float) -> None:
     """The results table with the machine and the exact command that made it."""
-    command = shlex.join(["python", "-m", "qat.kernels.bench", *sys.argv[1:]])
+    command = recorded_command()
     lines = [
         f"# int4 kernels on {device}",
         "",
@@ -185,45 +188,42 @@ def write_markdown(path: Path, results: list[dict], args: argparse.Namespace, de
     path.write_text("\n".join(lines))
 
 
+def recorded_command() -> str:
+    """The command line this process runs, as a table records it (`qat bench ...` or `python -m ...`)."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["bench"]:  # through the qat command
+        return shlex.join(["qat", *argv])
+    return shlex.join(["python", "-m", "qat.kernels.bench", *argv])
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m qat.kernels.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", default="4096x4096,11008x4096", help="comma-separated NxK (out x in features)")
-    parser.add_argument("--rows", default=None, help="comma-separated M (rows of x; default 1,4,16,64,256)")
-    parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--dtypes", default=None, help="activation dtypes (default: float32,bfloat16 on CPU, "
-                        "bfloat16,float16 on GPU)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of interleaved calls")
-    parser.add_argument("--reps", type=int, default=10, help="calls per method per round (fewer for large M)")
-    parser.add_argument("--budget-flop", type=float, default=2e9, help="caps calls per round: reps * 2MNK <= this")
-    parser.add_argument("--only", default=None, help="comma-separated method names to time (dense is always timed)")
-    parser.add_argument("--output", default=None, help="markdown file (default benchmarks/kernels-<device>.md)")
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--summary", action="store_true", help="the dtype x M table: dense vs int4pack, blocked, "
-                        "auto, with peak RSS (default rows 1,4,16,64,256,1024; writes benchmarks/kernels-cpu-allM.md)")
-    parser.add_argument("--no-memory", action="store_true", help="with --summary: skip the peak-RSS children")
-    args = parser.parse_args(argv)
-    args.rows = [int(value) for value in (args.rows or SUMMARY_ROWS if args.summary else DEFAULT_ROWS).split(",")]
-    args.only = args.only.split(",") if args.only else None
-    args.shapes = [tuple(int(part) for part in shape.split("x")) for shape in args.shapes.split(",")]
-    return args
+    parser = argparse.ArgumentParser(prog="python -m qat.kernels.bench", description=DESCRIPTION)
+    add_bench_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = parse_args(argv)
+    run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the benchmark the options of bench_args.py ask for (`qat bench` parses them itself)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtypes = args.dtypes or ("float32,bfloat16" if device == "cpu" else "bfloat16,float16")
-    args.dtypes = [getattr(torch, name) for name in dtypes.split(",")]
+    args.rows = args.rows or (SUMMARY_ROWS if args.summary else DEFAULT_ROWS)
+    dtypes = args.dtypes or (["float32", "bfloat16"] if device == "cpu" else ["bfloat16", "float16"])
+    args.dtypes = [getattr(torch, name) for name in dtypes]
     if device == "cpu":
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    if args.summary:
-        _write_summary(args, device, start)
-        return
-    print(HEADER, flush=True)
-    results = [row for n, k in args.shapes for dtype in args.dtypes for row in bench_shape(n, k, dtype, args, device)]
-    if not args.no_write:
-        path = Path(args.output or f"benchmarks/kernels-{device}.md")
+    with status("int4 kernels benchmark: building the layers"):
+        if args.summary:
+            _write_summary(args, device, start)
+            return
+        print(HEADER, flush=True)
+        results = [row for n, k in args.shapes for dtype in args.dtypes
+                   for row in bench_shape(n, k, dtype, args, device)]
+    if args.write or args.output:
+        path = Path(args.output or TABLE_PATH.format(device=device))
         write_markdown(path, results, args, device, time.perf_counter() - start)
         print(f"wrote {path}")
 
@@ -232,10 +232,10 @@ def _write_summary(args: argparse.Namespace, device: str, start: float) -> None:
     if device != "cpu":
         raise SystemExit("--summary compares the CPU paths; run it on a CPU-only machine (or without CUDA)")
     lines = run_summary(args)
-    if args.no_write:
+    if not (args.write or args.output):
         return
-    path = Path(args.output or "benchmarks/kernels-cpu-allM.md")
-    command = shlex.join(["python", "-m", "qat.kernels.bench", *sys.argv[1:]])
+    path = Path(args.output or SUMMARY_PATH)
+    command = recorded_command()
     header = ["# int4 layer vs dense float at every M (cpu)", "",
               f"Machine: {machine_description(device, args.threads)}.",
               f"Command: `{command}` ({time.perf_counter() - start:.0f} s, {time.strftime('%Y-%m-%d %H:%M %Z')}).",

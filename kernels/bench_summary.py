@@ -29,6 +29,7 @@ from . import autotune
 from .dispatch import AUTO, SMALL_M_MAX_ROWS, blocked_backend, cpu_candidates, int4_linear_prepared
 from .int8_act import int8_act_unsupported
 from .names import CPU_INT4PACK, CPU_INT8_ACT, CPU_SMALL_M
+from .progress import update
 from .reference import dequantize_int4
 from .small_m import small_m_unsupported
 from .timing import DENSE, Layer, copies_needed, make_layer, time_methods
@@ -70,6 +71,7 @@ def summary_rows(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace) -
         layer.dense = dequantize_int4(w.packed, w.scales, w.zeros, w.group_size).to(dtype)
     rows = []
     for m in args.rows:
+        update(f"timing {n}x{k}, x {str(dtype).removeprefix('torch.')}, M = {m}")
         x = torch.randn(m, k, generator=generator).to(dtype)
         methods = {DENSE: ((lambda x, layer: F.linear(x, layer.dense)), dense_layers)}
         methods |= {name: (method, layers) for name, method in summary_methods(dtype).items()
@@ -167,6 +169,7 @@ def memory_lines(n: int, k: int, args: argparse.Namespace) -> list[str]:
         for method in (DENSE, CPU_INT4PACK, blocked_backend(dtype), CPU_SMALL_M, CPU_INT8_ACT, None):
             if (method == CPU_SMALL_M and not small_m) or (method == CPU_INT8_ACT and not int8):
                 continue
+            update(f"peak memory {n}x{k}, x {str(dtype).removeprefix('torch.')}, {method or 'auto'} (child process)")
             measured = peak_rss_growth(n, k, args.group_size, dtype, method, args.rows, args.threads)
             shown = "n/a | n/a" if measured is None else f"{measured[0] / 2**20:.1f} | {measured[1] / 2**20:.1f}"
             lines.append(f"| {str(dtype)[6:]} | {method or 'auto (dispatch)'} | {shown} | "

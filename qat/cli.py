@@ -1,5 +1,8 @@
 """The `qat` command: `qat train | export | inspect | verify | eval | sweep | bench | generate`.
 
+The parser is built from qat.arguments (argparse only), so `qat --help` and `qat COMMAND --help`
+import no torch; each handler below imports the module implementing its command when it runs.
+
 Example:
     $ qat train recipes/digits_w4a4.yaml optimizer.lr=3e-3
 """
@@ -8,10 +11,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from qat.config import ConfigError
+import qat
+from qat import arguments
+from qat.arguments import DEFAULT_RECIPE
+from qat.errors import ConfigError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -26,40 +34,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_RECIPE = "recipes/digits_w2a4.yaml"
-
-
 def default_recipe() -> Path:
     """The default recipe: ./recipes/digits_w2a4.yaml, else the one in qat's source checkout."""
     here = Path(DEFAULT_RECIPE)
     return here if here.is_file() else Path(__file__).resolve().parents[1] / DEFAULT_RECIPE
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qat", description="Quantization-aware training down to 4 bits.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="run a recipe: qat train [RECIPE.yaml] [key=value ...]")
-    train.add_argument("recipe", nargs="?", help=f"recipe YAML (default: {DEFAULT_RECIPE})")
-    train.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optimizer.lr=1e-3")
-    train.set_defaults(func=_train)
-    bench = commands.add_parser("bench", help="time the int4 kernels side by side (python -m qat.kernels.bench)",
-                                add_help=False)
-    bench.set_defaults(func=_bench)
-    _add_optional_commands(commands)
-    from qat.hf.generate import add_generate_parser
-
-    add_generate_parser(commands)
-    return parser
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from qat.kernels.bench import main as bench_main
-
-    bench_main(list(args.bench_args))
-    return 0
-
-
-# Third-party packages whose absence may hide a command (with a message saying what to install).
+# Third-party packages whose absence makes a command unavailable (with a message saying what to install).
 OPTIONAL_DEPENDENCIES = {"safetensors": "safetensors"}
 
 
@@ -71,27 +52,86 @@ def optional_import_missing(err: ImportError) -> Optional[str]:
     return OPTIONAL_DEPENDENCIES.get(err.name.partition(".")[0])
 
 
-def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
+@contextmanager
+def _unless_missing(command: str) -> Iterator[None]:
+    """Around a handler's import: a missing optional dependency ends the command with what to install;
+    any other ImportError (one raised inside qat itself is a bug) propagates."""
     try:
-        from qat.export.inspect import add_inspect_parser
-        from qat.run.export import add_export_parser
+        yield
     except ImportError as err:
         package = optional_import_missing(err)
         if package is None:
             raise
-        print(f"qat: `export` and `inspect` are unavailable: {err}; install it with `pip install {package}`",
-              file=sys.stderr)
-        return
-    add_export_parser(commands)
-    add_inspect_parser(commands)
-    from qat.export.verify import add_verify_parser
+        raise SystemExit(f"qat: `{command}` is unavailable: {err}; install it with `pip install {package}`") from err
 
-    add_verify_parser(commands)
-    from qat.run.evaluate import add_eval_parser
-    from qat.run.sweep import add_sweep_parser
 
-    add_eval_parser(commands)
-    add_sweep_parser(commands)
+def _export(args: argparse.Namespace) -> int:
+    with _unless_missing("export"):
+        from qat.run.export import run_export
+    return run_export(args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    with _unless_missing("inspect"):
+        from qat.export.inspect import run_inspect
+    return run_inspect(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    with _unless_missing("verify"):
+        from qat.export.verify import run_verify
+    return run_verify(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    with _unless_missing("eval"):
+        from qat.run.evaluate import run_eval
+    return run_eval(args)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    with _unless_missing("sweep"):
+        from qat.run.sweep import run_sweep
+    return run_sweep(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    with _unless_missing("generate"):
+        from qat.hf.generate import run_generate
+    return run_generate(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    unknown = getattr(args, "bench_args", None)  # main hands the bench whatever its parser did not take
+    if unknown:
+        raise SystemExit(f"qat bench: error: unrecognized arguments: {' '.join(unknown)}")
+    from qat.kernels.bench import run
+
+    run(args)
+    return 0
+
+
+# Each subcommand's parser (qat.arguments) and handler, in `qat --help` order.
+COMMANDS = (
+    (arguments.add_train_parser, _train),
+    (arguments.add_export_parser, _export),
+    (arguments.add_inspect_parser, _inspect),
+    (arguments.add_verify_parser, _verify),
+    (arguments.add_eval_parser, _eval),
+    (arguments.add_sweep_parser, _sweep),
+    (arguments.add_bench_parser, _bench),
+    (arguments.add_generate_parser, _generate),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `qat` parser; building it imports no command's implementation."""
+    parser = argparse.ArgumentParser(prog="qat", description="Quantization-aware training down to 4 bits.")
+    parser.add_argument("--version", action="version", version=f"qat {qat.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add_parser, handler in COMMANDS:
+        add_parser(commands).set_defaults(func=handler)
+    return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:

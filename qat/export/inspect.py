@@ -138,16 +138,3 @@ def run_inspect(args: argparse.Namespace) -> int:
     report = inspect_checkpoint(args.file, verify=not args.no_verify)
     print(report)
     return 0 if report.ok else 1
-
-
-def add_inspect_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `qat inspect FILE`."""
-    parser = subparsers.add_parser(
-        "inspect",
-        help="show a checkpoint's format version, layers, sizes and integrity",
-        description="Print what a qat int4 checkpoint holds and check its SHA-256 sums; exit 1 if a check fails.",
-    )
-    parser.add_argument("file", help="a .safetensors file written by qat export")
-    parser.add_argument("--no-verify", action="store_true", help="skip reading the payload (header checks only)")
-    parser.set_defaults(func=run_inspect)
-    return parser

@@ -140,16 +140,3 @@ def run_verify(args: argparse.Namespace) -> int:
               f"{report.tolerance:g}", file=sys.stderr)
         return 1
     return 0
-
-
-def add_verify_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `qat verify FILE [--backend NAME] [--tolerance X]`."""
-    parser = subparsers.add_parser(
-        "verify", help="rerun a file's golden inputs here and check the outputs",
-        description="Load a qat file (or run a converted .onnx file), rerun the golden inputs stored at export, "
-        "report the largest deviation; exit 1 past the tolerance or for a corrupted file.")
-    parser.add_argument("file", help="a qat .safetensors file or an .onnx file written by qat export --to onnx")
-    parser.add_argument("--backend", help="kernel backend for qat files (reference, dequant, cpu_int4pack, ...)")
-    parser.add_argument("--tolerance", type=float, help="largest allowed deviation relative to max |golden output|")
-    parser.set_defaults(func=run_verify)
-    return parser

@@ -199,25 +199,3 @@ def run_generate(args: argparse.Namespace) -> int:
               "decode_tokens_per_s": round(result.decode_tokens_per_s, 1)}
     print(json.dumps(speeds), file=sys.stderr)
     return 0
-
-
-def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `qat generate FILE PROMPT`."""
-    parser = subparsers.add_parser("generate", help="generate text from an int4 causal LM file",
-                                   description="Load an int4 file written by qat export and continue a prompt "
-                                   "(greedy, or sampling with --sample), with a KV cache.")
-    parser.add_argument("file", help="a .safetensors file of a Hugging Face causal LM written by qat")
-    parser.add_argument("prompt", help="the text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the source recorded in the file)")
-    parser.add_argument("--backend", help="int4 kernel backend (default: dispatch chooses)")
-    parser.add_argument("--engine", choices=ENGINES, default="auto",
-                        help="qat: the lean Llama decoder; hf: Hugging Face generate; auto: qat where it applies")
-    parser.set_defaults(func=run_generate)
-    return parser

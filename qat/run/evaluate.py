@@ -184,25 +184,3 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"suggested rules ({suggestion['average_bits']:.3f} bits/weight): '{suggestion['override']}'")
     print(f"report: {paths['md']}")
     return 0
-
-
-def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `qat eval SOURCE [key=value ...]`."""
-    parser = subparsers.add_parser(
-        "eval", help="evaluation report: float, PTQ, QAT and int4 side by side (metrics, plots, per layer)",
-        description="Compare a run's float reference, PTQ (computed on the spot), QAT and the int4 file: "
-                    "task metric, agreement, flips, KL, ECE, per-class, robustness, per-layer errors, size, "
-                    "latency and sensitivity; writes report.md, report.json and PNG plots.")
-    parser.add_argument("source", help="a run directory, a training checkpoint (.ckpt) or a qat int4 .safetensors")
-    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.args.batch_size=128")
-    parser.add_argument("-o", "--output", help="directory for the report (default: the run directory)")
-    parser.add_argument("--float", help="float reference state dict (default: <run_dir>/float.safetensors)")
-    parser.add_argument("--recipe", help="recipe YAML (default: the checkpoint's or the run directory's)")
-    parser.add_argument("--noise", type=float, nargs="+", help="noise levels (default: by input kind)")
-    parser.add_argument("--budget-bits", type=float, help="suggest per-layer bits under this average")
-    parser.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
-    parser.add_argument("--no-sensitivity", action="store_true",
-                        help="skip per-layer sensitivity (one pass over the data per layer and bit width: long "
-                             "for a large language model); --budget-bits still computes it")
-    parser.set_defaults(func=run_eval)
-    return parser

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from qat.export import export_model, load
 from qat.export.report import SizeReport
-from qat.export.targets.cli import add_target_arguments, run_convert
+from qat.export.targets.cli import run_convert
 from qat.lightning.module import QATModule
 from qat.prune import remove_masks
 from qat.recipe import load_recipe_text, recipe_hash
@@ -103,18 +103,3 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}")
     print(report)
     return 0
-
-
-def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `qat export <checkpoint> -o model.safetensors`."""
-    parser = subparsers.add_parser(
-        "export",
-        help="write a deployable int4 .safetensors file from a training checkpoint",
-        description="Pack the quantized weights of a training checkpoint (a .ckpt file or a run directory) "
-        "into one .safetensors file that qat.load() reads (format: docs/FORMAT.md).",
-    )
-    parser.add_argument("checkpoint", help="a training checkpoint (.ckpt) or a run directory; with --to, a qat file")
-    parser.add_argument("-o", "--output", required=True, help="the .safetensors file (or --to target) to write")
-    add_target_arguments(parser)
-    parser.set_defaults(func=run_export)
-    return parser

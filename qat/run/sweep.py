@@ -180,21 +180,3 @@ def run_sweep(args: argparse.Namespace) -> int:
     print(table(rows, front))
     print(f"written: {Path(args.output) / 'sweep-table.md'}")
     return 0
-
-
-def add_sweep_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `qat sweep RECIPE [key=value ...] --bits ... --group-size ... --method ...`."""
-    parser = subparsers.add_parser("sweep", help="train a grid of bits x group size x method; table + Pareto plot",
-                                   description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. trainer.max_epochs=10")
-    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4], help="weight bits (default: 2 4)")
-    parser.add_argument("--group-size", type=int, nargs="+", default=[128], help="group sizes (default: 128)")
-    parser.add_argument("--method", nargs="+", default=["lsq"], help=f"weight quantizers: {', '.join(METHODS)}")
-    parser.add_argument("--budget-bits", type=float, help="add the mixed-precision setting for this average")
-    parser.add_argument("-o", "--output", default="runs/sweep", help="where the table, plot and runs go")
-    parser.add_argument("--runs-dir", help="where the training runs go (default: OUTPUT/runs)")
-    parser.add_argument("--resume", action="store_true", help="reuse settings whose run already finished")
-    parser.add_argument("--command-line", help=argparse.SUPPRESS)
-    parser.set_defaults(func=run_sweep)
-    return parser

@@ -66,3 +66,16 @@ def test_tensor_bytes_counts_every_tensor_of_a_form():
     expected = 3 * 32 * 64 + 3 * 4 * 16 * (2 + 1)  # codes (P, K / 8, 64) + fp16 scales and uint8 zeros (P, G, 16)
     assert bench_summary._tensor_bytes([vnni_form(weight)]) == expected
     assert bench_summary._tensor_bytes((torch.zeros(3), [torch.zeros(2, dtype=torch.int8)])) == 14
+
+
+def test_bench_prints_only_and_writes_its_record_when_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    options = ["--shapes", "64x128", "--rows", "1,3", "--rounds", "1", "--reps", "1", "--group-size", "32",
+               "--dtypes", "float32", "--only", "reference", "--threads", str(torch.get_num_threads())]
+    bench.main(options)
+    printed = capsys.readouterr().out
+    assert {line.split(" | ")[2] for line in printed.splitlines() if line.startswith("| 64x128")} == {"1", "3"}
+    assert "wrote" not in printed and not (tmp_path / "benchmarks").exists()
+    bench.main([*options, "--write"])
+    record = tmp_path / bench.TABLE_PATH.format(device="cuda" if torch.cuda.is_available() else "cpu")
+    assert f"wrote {record.relative_to(tmp_path)}" in capsys.readouterr().out and record.is_file()

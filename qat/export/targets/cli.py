@@ -1,4 +1,4 @@
-"""`qat export FILE --to TARGET -o OUT`: the converter options of `qat export`.
+"""`qat export FILE --to TARGET -o OUT`: running the converters (their options: qat.arguments.add_export_parser).
 
 Example:
     $ qat export digits.safetensors --to onnx -o digits.onnx
@@ -15,29 +15,9 @@ import sys
 
 import torch
 
-from qat.export.targets import TARGETS, convert
+from qat.export.targets import convert
 
 INPUT_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
-
-
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """The converter options on the `qat export` parser."""
-    group = parser.add_argument_group("convert a qat int4 file (with --to, the positional argument is that file)")
-    group.add_argument("--to", choices=sorted(TARGETS), help="target format")
-    group.add_argument("--accuracy-level", type=int, default=0,
-                       help="onnx: MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations)")
-    group.add_argument("--dequantize-unsupported", action="store_true",
-                       help="onnx: store Linear layers MatMulNBits cannot hold as exact float weights "
-                       "instead of failing")
-    group.add_argument("--kv-cache", action="store_true",
-                       help="onnx, Llama-layout causal LMs: inputs input_ids, past_keys, past_values; outputs "
-                       "logits, present_keys, present_values")
-    group.add_argument("--input-shape",
-                       help="onnx: example input shape, e.g. 1,1,8,8 (default: the file's golden inputs)")
-    group.add_argument("--vocab", help="gguf: a GGUF file to copy the tokenizer from (default: the model's own "
-                       "GGUF source, if it came from one)")
-    group.add_argument("--input-dtype", choices=sorted(INPUT_DTYPES), default="float32",
-                       help="onnx: dtype of the example input (int64 for token ids)")
 
 
 def _options(args: argparse.Namespace) -> dict:

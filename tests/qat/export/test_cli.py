@@ -16,9 +16,10 @@ from torch import nn
 import qat
 import qat.run.export
 from qat import QuantizerConfig, QuantRule, QuantSpec
+from qat.cli import build_parser
 from qat.export import ExportError, SizeReport, export_model
-from qat.export.inspect import add_inspect_parser, inspect_checkpoint
-from qat.run.export import add_export_parser, export_checkpoint
+from qat.export.inspect import inspect_checkpoint
+from qat.run.export import export_checkpoint
 
 SPEC = QuantSpec(weight=QuantizerConfig(group_size=32, init="minmax"), rules=[QuantRule(name="fc3", bits=8)])
 
@@ -29,11 +30,7 @@ def seeded_model() -> nn.Module:
 
 
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="qat")
-    subparsers = main.add_subparsers(dest="command", required=True)
-    add_export_parser(subparsers)
-    add_inspect_parser(subparsers)
-    return main
+    return build_parser()  # the `qat` parser: args.func runs the command
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 
 import qat.lightning.checkpoint_io as checkpoint_io
 import qat.lightning.rng as rng
-from qat.cli import build_parser, optional_import_missing
+from qat.cli import build_parser, main, optional_import_missing
 from qat.lightning.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from qat.lightning.rng import RNGStateWarning, collect_rng_states, restore_rng_states
 
@@ -253,10 +253,7 @@ def test_checkpoint_of_a_qat_module_carries_the_cuda_states(monkeypatch):
 
 
 def _import_failing(monkeypatch, error: ImportError) -> None:
-    """Fail the CLI's own `from qat.run.export import ...`. The parser is built once first so every
-    module it pulls in is already imported: run alone, the test would otherwise fail inside an unrelated
-    import of the qat.export package (other commands reach it through qat.hf) instead of at the CLI's."""
-    build_parser()
+    """Fail the `from qat.run.export import ...` that `qat export` runs (the parser imports no command)."""
     real_import = builtins.__import__
 
     def failing_import(name, *args, **kwargs):
@@ -267,25 +264,30 @@ def _import_failing(monkeypatch, error: ImportError) -> None:
     monkeypatch.setattr(builtins, "__import__", failing_import)
 
 
-def test_a_broken_qat_module_surfaces_instead_of_hiding_export(monkeypatch):
+EXPORT = ["export", "run", "-o", "model.safetensors"]
+
+
+def test_a_broken_qat_module_surfaces_when_export_runs(monkeypatch):
     _import_failing(monkeypatch, ImportError("cannot import name 'pack' from 'qat.export.pack'"))
     with pytest.raises(ImportError, match="cannot import name 'pack'"):
-        build_parser()
+        main(EXPORT)
 
 
 def test_a_missing_qat_submodule_surfaces_too(monkeypatch):
     _import_failing(monkeypatch, ModuleNotFoundError("No module named 'qat.export.gone'", name="qat.export.gone"))
     with pytest.raises(ModuleNotFoundError, match=r"qat\.export\.gone"):
-        build_parser()
+        main(EXPORT)
 
 
-def test_a_missing_optional_dependency_hides_export_with_an_install_hint(monkeypatch, capsys):
+def test_a_missing_optional_dependency_stops_export_with_an_install_hint(monkeypatch):
     _import_failing(monkeypatch, ModuleNotFoundError("No module named 'safetensors'", name="safetensors"))
-    parser = build_parser()
-    assert "pip install safetensors" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parser.parse_args(["export", "run"])
+    with pytest.raises(SystemExit, match=r"`export` is unavailable.*pip install safetensors"):
+        main(EXPORT)
+    parser = build_parser()  # the other commands, and export's help, are there all the same
     assert parser.parse_args(["train"]).command == "train"
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["export", "--help"])
+    assert exit_info.value.code == 0
 
 
 def test_optional_import_missing_names_the_package_only_for_optional_dependencies():
