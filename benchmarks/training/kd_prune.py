@@ -36,7 +36,8 @@ from qat.lightning.distillation import float_copy, weights_sha256  # noqa: E402
 from qat.lightning.module import QATModule  # noqa: E402
 from qat.recipe import load_recipe  # noqa: E402
 from qat.run.build import build  # noqa: E402
-from qat.run.train import export_run, summarize  # noqa: E402
+from qat.run.export import export_run  # noqa: E402
+from qat.run.train import summarize  # noqa: E402
 
 DIGITS, KD24 = ROOT / "recipes" / "digits_w4a4.yaml", ROOT / "recipes" / "digits_w4a4_kd24.yaml"
 CONFIGS = {

@@ -14,7 +14,7 @@ import qat
 from qat.hf.generate import generate, tokenizer_for
 from qat.recipe import load_recipe
 from qat.run.build import build
-from qat.run.train import export_run
+from qat.run.export import export_run
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[3]
 SMALL = ["trainer.max_steps=2", "trainer.limit_val_batches=1", "logging.wandb=disabled",

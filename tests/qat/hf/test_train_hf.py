@@ -13,7 +13,8 @@ from qat.export.reader import read_header
 from qat.ptq import gptq_round
 from qat.recipe import load_recipe
 from qat.run.build import build
-from qat.run.train import export_run, summarize
+from qat.run.export import export_run
+from qat.run.train import summarize
 from tests.qat.hf.tiny_models import save_tiny_llama
 
 LLAMA = [
@@ -115,7 +116,7 @@ def test_eval_ptq_stage_rounds_like_the_run(tmp_path, bert_folder, monkeypatch):
     """`qat eval`'s PTQ model takes the recipe's GPTQ settings (damping, act-order), as the run's schedule does."""
     import itertools
 
-    import qat.ptq
+    import qat.run.eval_sources
     from qat.run.eval_sources import EvalSources
 
     calls = []
@@ -124,7 +125,7 @@ def test_eval_ptq_stage_rounds_like_the_run(tmp_path, bert_folder, monkeypatch):
         calls.append((len(batches), damping, act_order))
         return gptq_round(model, batches, damping, act_order)
 
-    monkeypatch.setattr(qat.ptq, "gptq_round", spy)
+    monkeypatch.setattr(qat.run.eval_sources, "gptq_round", spy)
     recipe = encoder_recipe(tmp_path, bert_folder, "schedule.weight_rounding=gptq", "schedule.gptq_damping=0.05",
                             "schedule.gptq_act_order=true")
     sources = EvalSources(recipe, tmp_path, None)
