@@ -49,7 +49,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.training.train_step
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

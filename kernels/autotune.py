@@ -3,7 +3,7 @@
 Which of torch's int4pack kernel, the small-M kernel (small_m.py), the blocked path
 (blocked.py) and, where int8 activations are allowed, the int8-activation path (int8_act.py)
 is faster depends on the activation dtype, the shape, M and the machine
-(benchmarks/kernels-cpu-allM.md): int4pack re-dequantizes the weight for every few rows of x,
+(benchmarks/kernels/int4-cpu-all-m.md): int4pack re-dequantizes the weight for every few rows of x,
 the small-M kernel once per 64 rows (in registers, against bf16 dot products), the blocked
 path once per call and then runs the dense GEMM, the int8 path never (integer products of the
 codes). So the first time automatic dispatch sees a bucket of M
@@ -32,7 +32,7 @@ from .weights import PackedInt4Weight
 AUTOTUNE_ENV_VAR = "QAT_KERNEL_AUTOTUNE"
 AUTOTUNE_CALLS = 2  # timed calls per candidate after the warm-up call
 # Largest M at which the static rule keeps torch's int4pack kernel (above: the blocked path), per x dtype;
-# measured crossovers, benchmarks/kernels-cpu-allM.md.
+# measured crossovers, benchmarks/kernels/int4-cpu-all-m.md.
 STATIC_INT4PACK_MAX_M = {torch.float32: 128, torch.bfloat16: 128, torch.float16: 128}
 STATIC_SMALL_M_ROWS = range(8, 17)  # where the static rule prefers cpu_small_m (when it is a candidate)
 

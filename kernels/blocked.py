@@ -40,7 +40,7 @@ TILE_ROWS = 1024  # output rows per GEMM: 1024 x 4096 is 8 MiB in bf16
 DEQUANT_ROWS = 256  # rows dequantized per step through the float32 work buffer (4 MiB at K = 4096)
 # Threads for the dequantizing element-wise ops (the GEMM uses all of torch's). One: each op on a 2-thread
 # pool is a parallel region whose barrier stalls whenever the OS preempts one thread, which on a shared
-# machine cost more than the second thread gains (measured in benchmarks/kernels-cpu-allM.md). None: torch's.
+# machine cost more than the second thread gains (measured in benchmarks/kernels/int4-cpu-all-m.md). None: torch's.
 DEQUANT_THREADS: Optional[int] = 1
 
 

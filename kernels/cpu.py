@@ -1,6 +1,6 @@
 """The CPU paths for int4 linear layers.
 
-Three ways, measured side by side in benchmarks/kernels-cpu.md (2 threads, 4096x4096):
+Three ways, measured side by side in benchmarks/kernels/int4-cpu.md (2 threads, 4096x4096):
 
 * `linear_int4pack`: torch's built-in `aten._weight_int4pack_mm_for_cpu` (AVX512/AVX2
   "tinygemm" kernel) on tiles made once per layer by `aten._convert_weight_to_int4pack_for_cpu`.

@@ -37,7 +37,7 @@ the first call of each (dtype, shape, power-of-two bucket of M) and cached (auto
 QAT_KERNEL_AUTOTUNE=0: a fixed crossover in M instead); `dequant` (exact) when int4pack
 cannot run the layer (group size not a multiple of 32, no vectorized kernel).
 Above CPU_CACHE_DENSE_ABOVE_M rows (off by default) -> `cpu_bf16_cached`. Figures:
-benchmarks/kernels-cpu-allM.md. Pass backend="dequant" or "reference" for bit-exact results.
+benchmarks/kernels/int4-cpu-all-m.md. Pass backend="dequant" or "reference" for bit-exact results.
 
 Example:
     >>> y = int4_linear(x, packed, scales, zeros, group_size=128)
@@ -75,12 +75,12 @@ from .weights import FLOAT_QPARAMS, PackedInt4Weight, cached_weight, check_activ
 ENV_VAR = "QAT_KERNEL_BACKEND"
 AUTO = "auto"
 # Above this many rows of x, automatic CPU dispatch runs cpu_bf16_cached, which keeps a bf16 copy of
-# the weight (2 bytes per weight, 4x the int4 form) and beats int4pack at large M (benchmarks/kernels-cpu.md:
+# the weight (2 bytes per weight, 4x the int4 form) and beats int4pack at large M (benchmarks/kernels/int4-cpu.md:
 # from M ~ 8-16 with bf16 x, M ~ 16 with fp32 x). None (the default) never caches, so the int4 model's
 # memory stays what it is; set it (e.g. 16) where memory allows.
 CPU_CACHE_DENSE_ABOVE_M: Optional[int] = None
 # Up to this many rows of x, automatic CPU dispatch also measures cpu_small_m (one pass over the weights per
-# call of up to 64 rows; where compute dominates the blocked path's dense GEMM wins: benchmarks/kernels-cpu-allM.md).
+# call of up to 64 rows; where compute dominates the blocked path wins: benchmarks/kernels/int4-cpu-all-m.md).
 SMALL_M_MAX_ROWS = 64
 MAX_AUTO_CHOICES = 256  # remembered `auto` choices per layer (one per distinct M seen; cleared when full)
 

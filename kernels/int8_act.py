@@ -3,7 +3,7 @@
 Where compute dominates (M from a few dozen rows up), every float path does the multiply-adds of a
 dense bf16 GEMM plus dequantization, so it cannot beat oneDNN's bf16 GEMM. Integer dot products
 run twice as many multiply-adds per instruction (vpdpbusd: 64 u8 x s8, against 32 for vdpbf16ps;
-benchmarks/int8-activations.md), so this path rounds x to int8 per row and per block of BLOCK = 32
+benchmarks/kernels/int8_activations.md), so this path rounds x to int8 per row and per block of BLOCK = 32
 k (symmetric, scale max |x| / 127, nearest even) and multiplies the stored 4-bit codes with it
 exactly in int32; each block's sum is scaled once in fp32 (kernels/csrc/int8_act_gemm.cpp gives
 the formula). This is the scheme llama.cpp runs for every Q4 x Q8_0 product and ONNX Runtime's
@@ -15,7 +15,7 @@ so |y - y_ref| <= sum over blocks of sx / 2 * sum |w| over the block, plus fp32 
 automatic dispatch offers this path only where the policy allows it (environment
 QAT_INT8_ACTIVATIONS): `bf16` (default: bf16 activations, where no float path reaches dense speed
 from M ~ 32), `all` (fp16 / fp32 x too), `off`. On SmolLM2's held-out text, bf16 activations
-through it: perplexity +0.09 % over the float kernels (benchmarks/int8-activations.md).
+through it: perplexity +0.09 % over the float kernels (benchmarks/kernels/int8_activations.md).
 
 Weight form (built once per layer, `vnni_form`): the codes regrouped so one 64-byte load is 16
 output rows x 8 k (N x K / 2 bytes, as stored: a second int4 copy, not a dense one), and scales
@@ -41,7 +41,7 @@ from .reference import SYMMETRIC_ZERO, unpack_int4
 from .weights import PackedInt4Weight
 
 # k per activation scale. 32 (llama.cpp's Q8_0): SmolLM2 with every layer forced through this path, perplexity
-# +0.4 % over exact fp32 x with 32, +0.7 % with 64 (benchmarks/int8-activations.md); 64 and 128 ran 5-15 % faster.
+# +0.4 % over exact fp32 x with 32, +0.7 % with 64 (benchmarks/kernels/int8_activations.md); 64 / 128 ran 5-15 % faster.
 BLOCK = 32
 ENV_VAR = "QAT_INT8_ACTIVATIONS"
 POLICIES = ("bf16", "all", "off")

@@ -29,7 +29,7 @@ QAT_TRITON_AUTOTUNE=0, they run one fixed small config. Two interpreter gaps are
 around behind the INTERPRET constexpr: its tl.dot multiplies bf16 bit patterns as integers
 (so operands go to fp32 first: bf16 x bf16 products are exact in fp32, as on tensor cores),
 and its fp32 -> bf16 cast truncates (so rounding to nearest even is done with integer ops).
-GPU figures: benchmarks/kernels-gpu.md.
+GPU figures: benchmarks/kernels/kernels_gpu.md.
 
 This module imports triton at import time: import it only through dispatch (which guards it).
 """

@@ -45,7 +45,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
     read bool tensors were 4-10x slower per element than float arithmetic, and each new
     buffer costs about twice an in-place pass. So the clipping mask is a 0/1 float
     (`torch.eq` into a float buffer), the backward reuses three buffers, and a missing
-    zero point (symmetric codes) skips its two passes. See benchmarks/train_step-cpu.md.
+    zero point (symmetric codes) skips its two passes. See benchmarks/training/train_step.md.
     """
 
     @staticmethod

@@ -2,7 +2,7 @@
 
 Hugging Face's forward spends most of an int4 decode step outside the matmuls: SmolLM2-135M
 int4 on 2 CPU cores ran 211 kernel calls and some 4,000 small ops per token, the int4
-kernels took under a third of the step (benchmarks/generate-smollm2.md). This decoder
+kernels took under a third of the step (benchmarks/deploy/generate_speed.md). This decoder
 computes the same function with fewer, larger calls:
 
 * q|k|v and gate|up each run as one call (`fused_linear.py`: the layers' own int4 or float

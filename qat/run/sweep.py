@@ -1,7 +1,7 @@
 """`qat sweep RECIPE`: train a small grid of bits x group size x method, one table, one plot.
 
     qat sweep recipes/digits_w2a4.yaml --bits 2 3 4 --group-size 32 128 --method lsq observer \\
-        --budget-bits 3 -o benchmarks/eval-sweep
+        --budget-bits 3 -o benchmarks/eval/sweep
 
 Every setting is a full training run of the recipe with `quant.weight.*` overridden (and
 its evaluation report, latency off); `--budget-bits` adds one mixed-precision setting whose
