@@ -1,4 +1,4 @@
-"""Pick a CPU backend by measuring: once per (dtype, layer shape, M bucket, threads), cached in-process.
+"""Pick a CPU backend by measuring: once per (dtype, layer shape, M bucket, threads) and machine.
 
 Which of torch's int4pack kernel, the small-M kernel (small_m.py), the blocked path
 (blocked.py) and, where int8 activations are allowed, the int8-activation path (int8_act.py)
@@ -10,7 +10,9 @@ codes). So the first time automatic dispatch sees a bucket of M
 (powers of two: 1, 2-3, 4-7, ...) for a layer shape and dtype, it runs every candidate on
 the real input (one warm-up call each, which also builds load-time forms, then
 AUTOTUNE_CALLS interleaved timed calls), keeps the fastest by its fastest call, and reuses
-that choice for every later call in the bucket. QAT_KERNEL_AUTOTUNE=0 turns measuring off:
+that choice for every later call in the bucket. The choice is also written to a file per machine
+(choices_file.py) that later processes read instead of measuring, so the same file gives the same
+outputs from process to process. QAT_KERNEL_AUTOTUNE=0 turns measuring off:
 then `static_choice` (the crossovers measured here) decides, deterministically.
 
 Example:
@@ -26,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import choices_file
 from .names import CPU_BLOCKED, CPU_INT4PACK, CPU_INT8_ACT, CPU_SMALL_M
 from .weights import PackedInt4Weight
 
@@ -109,5 +112,20 @@ def choose_by_measurement(x: Tensor, weight: PackedInt4Weight, candidates: Seque
         return static_choice(x, candidates)
     key = choice_key(x, weight, candidates)
     if key not in _CHOICES:
-        _CHOICES[key] = _fastest(x, weight, candidates, run)
+        _CHOICES[key] = _remembered_or_measured(key, x, weight, candidates, run)
     return _CHOICES[key]
+
+
+def _remembered_or_measured(key: tuple, x: Tensor, weight: PackedInt4Weight, candidates: Sequence[str],
+                            run: Callable[[str, Tensor, PackedInt4Weight], Tensor]) -> str:
+    """The choice another process stored for this machine (choices_file.py), else a new measurement, stored."""
+    path = choices_file.choices_path()
+    text = choices_file.key_text(key)
+    if path is not None:
+        stored = choices_file.read_choices(path).get(text)
+        if stored in candidates:
+            return stored
+    name = _fastest(x, weight, candidates, run)
+    if path is not None:
+        choices_file.write_choice(path, text, name)
+    return name

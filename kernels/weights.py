@@ -140,3 +140,9 @@ def cached_weight(packed: Tensor, scales: Tensor, zeros: Optional[Tensor], group
         weight = PackedInt4Weight(packed, scales, zeros, group_size)
         setattr(packed, _CACHE_ATTRIBUTE, weight)
     return weight
+
+
+def auto_choices_of(packed: Tensor) -> set[str]:
+    """The backends automatic dispatch has chosen so far for the layer stored in `packed` (tensor-level API)."""
+    weight = getattr(packed, _CACHE_ATTRIBUTE, None)
+    return set(weight.auto_choices.values()) if weight is not None else set()

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -28,6 +29,7 @@ from qat.export.spec import InputSpec, LayerSpec, WeightSpec
 from qat.functional import SCALE_EPS, expand_qparam, fake_quantize
 from qat.kernels import dispatch
 from qat.kernels.reference import SYMMETRIC_ZERO, unpack_int4
+from qat.kernels.weights import auto_choices_of
 
 
 class InputQuantizer(nn.Module):
@@ -111,6 +113,15 @@ class _PackedWeight(nn.Module):
         if self.dynamic_activation_bits is not None:
             x = dynamic_per_token(x, self.dynamic_activation_bits)
         return x
+
+    def kernels_run(self) -> set[str]:
+        """The kernels this layer's calls so far went through (what `qat verify` reports)."""
+        if self.weight_spec.layout != LAYOUT_INT4 or not isinstance(self, PackedLinear):
+            return {"dequant"}  # dequantized in x's dtype, then the float op: exact
+        forced = self.kernel_backend or os.environ.get(dispatch.ENV_VAR)
+        if forced and forced != dispatch.AUTO:
+            return {forced}
+        return auto_choices_of(self.weight_packed)
 
     def _describe(self) -> str:
         w = self.weight_spec

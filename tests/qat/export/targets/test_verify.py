@@ -131,3 +131,43 @@ def test_large_outputs_keep_a_prefix_and_hash_everything() -> None:
     decoded = decode_golden(encode_golden(golden))
     assert decoded.output.numel() == MAX_OUTPUT_VALUES and not decoded.complete
     assert decoded.output_shape == (20, 5000)
+
+
+@pytest.fixture
+def w2a4_file(tmp_path: Path) -> Path:
+    """The default recipe's spec (W2 g128 weights, 4-bit activations) on the digits CNN."""
+    from deploy_models import digits_validation, export_digits
+
+    path = tmp_path / "digits.safetensors"
+    images, _ = digits_validation()
+    export_digits(path, images, weight_bits=2)
+    return path
+
+
+def test_a_file_with_quantized_activations_runs_exact_kernels_and_verifies_bit_identical(w2a4_file, monkeypatch):
+    monkeypatch.delenv("QAT_KERNEL_BACKEND", raising=False)
+    import qat
+
+    model = qat.load(w2a4_file)
+    assert {m.kernel_backend for m in model.modules() if hasattr(m, "weight_spec")} == {"dequant"}
+    report = verify(w2a4_file)
+    assert report.passed and report.tolerance == 1e-4 and report.deviation == 0.0 and report.bitwise_equal
+    assert "kernels dequant x4 (auto)" in report.runtime  # 2 convolutions and 2 Linear layers
+    assert [str(verify(w2a4_file)) for _ in range(2)] == [str(report)] * 2  # the same every time
+
+
+def test_a_backend_named_in_the_environment_still_wins_and_the_report_says_so(w2a4_file, monkeypatch):
+    monkeypatch.setenv("QAT_KERNEL_BACKEND", "cpu_int4pack")
+    report = verify(w2a4_file)
+    assert "cpu_int4pack x2" in report.runtime and report.tolerance == 5e-2  # bf16 compute: the loose tolerance
+
+
+def test_a_weight_only_file_keeps_the_automatic_choice_and_its_tolerance(lm_file, monkeypatch):
+    monkeypatch.delenv("QAT_KERNEL_BACKEND", raising=False)
+    import qat
+
+    model = qat.load(lm_file)
+    assert {m.kernel_backend for m in model.modules() if hasattr(m, "weight_spec")} == {None}
+    report = verify(lm_file)
+    ran = set(report.runtime.split("kernels ")[1].split(" (")[0].replace(",", "").split()[::2])
+    assert report.passed and report.tolerance == (1e-4 if ran <= {"dequant", "reference"} else 5e-2)
