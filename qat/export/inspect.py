@@ -1,4 +1,7 @@
-"""`qat inspect FILE`: what a checkpoint holds and whether it is intact, without building the model.
+"""`qat inspect PATH`: what a checkpoint holds and whether it is intact, without building the model.
+
+PATH is a qat int4 file, a run directory (its int4 file) or an .onnx file written by
+`qat export --to onnx` (qat.export.targets.onnx_inspect).
 
 Example:
     >>> report = inspect_checkpoint("model.safetensors")
@@ -15,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from qat.export.format import CheckpointError, layer_tensor
 from qat.export.manifest import Manifest, read_manifest
@@ -42,7 +45,9 @@ class InspectReport:
         lines = [f"file: {self.path}"]
         if self.manifest is not None:
             lines += _describe_manifest(self.manifest)
-            lines += ["layers:", *(_layer_line(name, spec) for name, spec in sorted(self.manifest.layers.items()))]
+            layers = sorted(self.manifest.layers.items())
+            lines += [f"layers ({len(layers)}):",
+                      *table(LAYER_COLUMNS, [_layer_row(name, spec) for name, spec in layers])]
             lines.append(f"plain tensors: {len(self.plain_tensors)} ({_first(self.plain_tensors)})")
         if self.size is not None:
             lines.append(str(self.size))
@@ -85,19 +90,40 @@ def _describe_manifest(manifest: Manifest) -> list[str]:
     ]
 
 
-def _layer_line(name: str, spec: LayerSpec) -> str:
+LAYER_COLUMNS = ("layer", "type", "stored as", "bits", "scheme", "scales per", "scale dtype", "shape", "input")
+
+
+def _layer_row(name: str, spec: LayerSpec) -> list[str]:
+    """A layer's cells under LAYER_COLUMNS: its weight's storage and quantization, and its input's."""
     w = spec.weight
     if w is None:
-        weight = "weight float"
+        weight = ["float", "-", "-", "-", "-", "-"]
     else:
-        sym = "sym" if w.symmetric else "asym"
-        groups = f"g{w.group_size}" if w.granularity == "group" else w.granularity
-        weight = f"{w.layout} int{w.bits} {sym} {groups} scales={w.scale_dtype} shape={list(w.shape)}"
+        groups = f"group of {w.group_size}" if w.granularity == "group" else w.granularity
+        weight = [w.layout, str(w.bits), "sym" if w.symmetric else "asym", groups, w.scale_dtype,
+                  "x".join(str(size) for size in w.shape)]
     act = "-"
     if spec.input is not None:
         a = spec.input
-        act = f"int{a.bits} {'sym' if a.symmetric else 'asym'} {a.granularity}"
-    return f"  {name:<32} {spec.type:<10} {weight}  input: {act}"
+        act = f"int{a.bits} {'sym' if a.symmetric else 'asym'} per {a.granularity}"
+    return [name, spec.type, *weight, act]
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "  ") -> list[str]:
+    """Aligned text columns under a header line (cells as str; numbers right-aligned)."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max([len(column), *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
+    numeric = [bool(cells) and all(_is_number(row[i]) for row in cells) for i in range(len(columns))]
+
+    def line(row: Sequence[str]) -> str:
+        return indent + "  ".join(cell.rjust(width) if right else cell.ljust(width)
+                                  for cell, width, right in zip(row, widths, numeric, strict=True)).rstrip()
+
+    return [line(list(columns)), *(line(row) for row in cells)]
+
+
+def _is_number(text: str) -> bool:
+    return text.replace(",", "").replace(".", "", 1).isdigit()
 
 
 def _first(names: list[str], count: int = 6) -> str:
@@ -130,11 +156,45 @@ def _verify_payload(header: Header, manifest: Manifest) -> None:
             check_values(header.path, name, owners[name][0], owners[name][1], tensor)
 
 
+RUN_FILE = "model.safetensors"  # the int4 file a training run exports into its directory (qat.run.export)
+
+
+def run_int4_file(run_dir: Path) -> Optional[Path]:
+    """The int4 file of a run directory: the one its summary.json names, else <run_dir>/model.safetensors;
+    None when there is none."""
+    try:
+        named = json.loads((run_dir / "summary.json").read_text()).get("export", {}).get("path")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    for path in ([Path(named)] if named else []) + [run_dir / RUN_FILE]:
+        if path.is_file():
+            return path
+    return None
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     """Handler of `qat inspect`: prints the report; 0 if every check passed, 1 otherwise."""
-    if not Path(args.file).is_file():
-        print(f"qat inspect: error: no file at {args.file}", file=sys.stderr)
+    path = Path(args.file)
+    if path.is_dir():
+        found = run_int4_file(path)
+        if found is None:
+            print(f"qat inspect: error: {path} holds no int4 file ({RUN_FILE}); write one from the run's last "
+                  f"checkpoint with `qat export {path} -o {path / RUN_FILE}`", file=sys.stderr)
+            return 1
+        path = found
+    if not path.is_file():
+        print(f"qat inspect: error: no file at {path}", file=sys.stderr)
         return 1
-    report = inspect_checkpoint(args.file, verify=not args.no_verify)
+    if path.suffix == ".onnx":
+        try:
+            from qat.export.targets.onnx_inspect import inspect_onnx
+        except ImportError as err:  # the onnx package is optional (pip install qat[onnx])
+            print(f"qat inspect: error: reading an .onnx file needs the onnx package ({err}); pip install onnx",
+                  file=sys.stderr)
+            return 1
+        onnx_report = inspect_onnx(path, check=not args.no_verify)
+        print(onnx_report)
+        return 0 if onnx_report.ok else 1
+    report = inspect_checkpoint(path, verify=not args.no_verify)
     print(report)
     return 0 if report.ok else 1

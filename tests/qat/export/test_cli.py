@@ -4,6 +4,7 @@ rebuilding Hugging Face architectures (with a stand-in `transformers` module).""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import types
 
@@ -86,10 +87,16 @@ def test_inspect_command_reports_layers_sizes_and_integrity(tmp_path, capsys):
     assert args.func(args) == 0
     text = capsys.readouterr().out
     for expected in ("format: qat-int4 version 1", f"written by qat {qat.__version__}", "recipe hash: abc123",
-                     "export_test_models.MLP", "fc1", "int4 int4 sym g32 scales=float16 shape=[128, 64]",
-                     "fc3", "uint8 int8 sym g32", "plain tensors: 2 (fc1.bias, fc3.bias)", "bits/weight",
+                     "export_test_models.MLP", "layers (3):", "plain tensors: 2 (fc1.bias, fc3.bias)", "bits/weight",
                      "integrity: OK (header and 8 tensor SHA-256 checks passed)"):
         assert expected in text, expected
+    lines = text.splitlines()
+    header = lines.index("layers (3):") + 1
+    assert lines[header].split() == ["layer", "type", "stored", "as", "bits", "scheme", "scales", "per", "scale",
+                                     "dtype", "shape", "input"]
+    rows = {line.split()[0]: line.split() for line in lines[header + 1: header + 4]}
+    assert rows["fc1"] == ["fc1", "Linear", "int4", "4", "sym", "group", "of", "32", "float16", "128x64", "-"]
+    assert rows["fc3"][:4] == ["fc3", "Linear", "uint8", "8"]
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x10
     path.write_bytes(bytes(data))
@@ -108,6 +115,23 @@ def test_inspect_of_broken_and_missing_files(tmp_path, capsys):
     args = parser().parse_args(["inspect", str(tmp_path / "none.safetensors")])
     assert args.func(args) == 1
     assert "no file at" in capsys.readouterr().err
+
+
+def test_inspect_of_a_run_directory_shows_its_int4_file(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    args = parser().parse_args(["inspect", str(run_dir)])
+    assert args.func(args) == 1
+    error = capsys.readouterr().err
+    assert "holds no int4 file (model.safetensors)" in error and f"qat export {run_dir} -o " in error
+    export_model(make_prepared(MLP(), SPEC, seed=0), run_dir / "model.safetensors")
+    assert args.func(args) == 0
+    assert f"file: {run_dir / 'model.safetensors'}" in capsys.readouterr().out
+    elsewhere = tmp_path / "exported.safetensors"  # recipe.export.path: summary.json names the file
+    (run_dir / "model.safetensors").rename(elsewhere)
+    (run_dir / "summary.json").write_text(json.dumps({"export": {"path": str(elsewhere)}}))
+    assert args.func(args) == 0
+    assert f"file: {elsewhere}" in capsys.readouterr().out
 
 
 def test_export_rejects_bad_arguments(tmp_path):
