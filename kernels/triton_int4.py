@@ -54,7 +54,7 @@ from .weights import PackedInt4Weight
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # QAT_TRITON_AUTOTUNE=0: run the fixed config on the GPU too (no tuning; the GPU test run uses it)
 AUTOTUNE = not INTERPRET and os.environ.get("QAT_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off")
-GEMV_MAX_M = 1  # GEMV for one row; the tensor-core GEMM was faster from M = 2 on an H200 (kernels-gpu.md)
+GEMV_MAX_M = 1  # GEMV for one row; the tensor-core GEMM was faster from M = 2 on an H200 (kernels_gpu.md)
 GEMM_MAX_M = 4096  # fused GEMM above that; dequantize + dense matmul above this (slower at every M measured)
 GEMV_ROWS = 4  # rows of x per GEMV program
 GEMV_EXACT = True  # the GEMV rounds the weights to x's dtype as the reference does (module docstring)
