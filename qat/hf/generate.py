@@ -183,11 +183,20 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int 
     return run(model, tokenizer, ids, max_new_tokens, sample, temperature, top_k, top_p, seed)
 
 
+def check_language_model(model: nn.Module, path: str) -> None:
+    """A ValueError naming the model's class when `path` holds no causal LM (e.g. the digits CNN of the
+    default run): both engines need a Hugging Face causal LM, which has `generate`."""
+    if not callable(getattr(model, "generate", None)):
+        raise ValueError(f"{path} holds a {type(model).__name__} model, not a language model: qat generate "
+                         "needs a Hugging Face causal LM exported by qat")
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Handler of `qat generate`."""
     try:
-        tokenizer = tokenizer_for(args.file, args.tokenizer)
         model = qat.load(args.file, kernel_backend=args.backend)
+        check_language_model(model, args.file)  # before the tokenizer: its error would hide this one
+        tokenizer = tokenizer_for(args.file, args.tokenizer)
         result = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.sample, args.temperature,
                           args.top_k, args.top_p, args.seed, args.chat, args.engine)
     except (ValueError, FileNotFoundError) as err:

@@ -35,6 +35,7 @@ from qat.lightning.telemetry import QuantTelemetry
 from qat.lightning.throughput import Throughput
 from qat.recipe import Recipe, quant_spec_hash, recipe_hash, recipe_to_yaml
 from qat.run.models import build_model, import_object, instantiate, load_teacher, model_from_checkpoint
+from qat.run.preflight import check_classes, class_count, new_directories, remove_new_directories
 from qat.swap import PrepareReport
 from qat.tasks import make_task
 
@@ -111,7 +112,18 @@ def float_reference(recipe: Recipe) -> list[pl.Callback]:
 
 
 def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -> Run:
-    """Make every object of a run, write the resolved recipe into its directory, start nothing."""
+    """Make every object of a run, write the resolved recipe into its directory, start nothing. The checks
+    come before the directory is made; a failure after that removes what this run created, so an error
+    never leaves a half-written run behind."""
+    created: list[Path] = []
+    try:
+        return _build(recipe, extra_callbacks, created)
+    except BaseException:
+        remove_new_directories(created)
+        raise
+
+
+def _build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]], created: list[Path]) -> Run:
     pl.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
     if recipe.trainer.cpu_threads is not None:
         torch.set_num_threads(recipe.trainer.cpu_threads)
@@ -122,13 +134,16 @@ def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -
     datamodule = make_datamodule(recipe, model)
     if recipe.model.hf is not None:
         datamodule.setup("fit")  # a corpus or tokenizer problem is an error now, before the run directory exists
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    num_classes = getattr(datamodule, "num_classes", None) or recipe.model.args.get("classes", 10)
-    info = {"recipe": recipe_to_yaml(recipe), "recipe_hash": recipe_hash(recipe),
-            "quant_spec_hash": quant_spec_hash(recipe.quant)}
+    num_classes, classes_from = class_count(recipe, datamodule)
     check_sharded_run(recipe)
     task = make_task(recipe.task, num_classes)
+    if recipe.task == "classification":  # else torchmetrics fails at the first validation, mid-run
+        check_classes(model, datamodule, task, classes_from)
+    created += new_directories(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    info = {"recipe": recipe_to_yaml(recipe), "recipe_hash": recipe_hash(recipe),
+            "quant_spec_hash": quant_spec_hash(recipe.quant)}
     if floats:  # what 'embedding' is measured against; its own copy only when the teacher is cast to bf16
         bf16_teacher = recipe.distill.enabled and recipe.distill.teacher_dtype == "bfloat16"
         task.reference = freeze_teacher(copy.deepcopy(floats[0]) if bf16_teacher else floats[0])
