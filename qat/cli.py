@@ -54,10 +54,14 @@ def optional_import_missing(err: ImportError) -> Optional[str]:
 
 @contextmanager
 def _unless_missing(command: str) -> Iterator[None]:
-    """Around a handler's import: a missing optional dependency ends the command with what to install;
-    any other ImportError (one raised inside qat itself is a bug) propagates."""
+    """Around a handler's import (seconds: torch, Lightning), with a spinner on stderr meanwhile: a missing
+    optional dependency ends the command with what to install; any other ImportError (one raised inside
+    qat itself is a bug) propagates."""
+    from rich.console import Console  # here, not at the top: `qat --help` does without it
+
     try:
-        yield
+        with Console(stderr=True).status(f"qat {command}: starting (importing torch)"):
+            yield
     except ImportError as err:
         package = optional_import_missing(err)
         if package is None:
@@ -105,7 +109,8 @@ def _bench(args: argparse.Namespace) -> int:
     unknown = getattr(args, "bench_args", None)  # main hands the bench whatever its parser did not take
     if unknown:
         raise SystemExit(f"qat bench: error: unrecognized arguments: {' '.join(unknown)}")
-    from qat.kernels.bench import run
+    with _unless_missing("bench"):
+        from qat.kernels.bench import run
 
     run(args)
     return 0

@@ -17,7 +17,7 @@ import argparse
 import itertools
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from qat.eval.evaluate import compare, latency
 from qat.eval.log_report import log_report
@@ -28,6 +28,7 @@ from qat.export import inspect_checkpoint, load
 from qat.export.spec import LAYOUT_INT4
 from qat.lightning.float_reference import FLOAT_FILE
 from qat.run.eval_sources import INT4_FILE, EvalSources, resolve
+from qat.run.progress import stages
 from qat.tasks import make_task
 
 
@@ -99,15 +100,25 @@ SENSITIVITY_NOT_FOR_EMBEDDINGS = ("per-layer sensitivity ranks layers by the KL 
                                   "embedding model has none (not measured)")
 
 
+def _quiet(stage: str) -> None:
+    """The default `progress` of build_report: say nothing."""
+
+
 def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] = None, with_latency: bool = True,
-                 budget_bits: Optional[float] = None, sensitivity: bool = True) -> dict[str, Any]:
-    """The report dict of `sources` (see `qat.eval.evaluate.compare` for its layout)."""
+                 budget_bits: Optional[float] = None, sensitivity: bool = True,
+                 progress: Callable[[str], None] = _quiet) -> dict[str, Any]:
+    """The report dict of `sources` (see `qat.eval.evaluate.compare` for its layout); `progress(stage)` is
+    told each stage as it starts."""
     recipe = sources.recipe
+    progress("loading the data")
     data = sources.datamodule()
     val_batches = list(data.val_dataloader())
     train_batches = list(itertools.islice(iter(data.train_dataloader()), recipe.schedule.calibration_batches))
+    progress("loading the models: float reference, PTQ (calibrated now), QAT, int4 file")
     models = _models(sources, train_batches, val_batches)
     vocab = _vocab_size(data, recipe, models["float"])
+    progress(f"comparing {', '.join(models)} on {len(val_batches)} validation batches (metrics, robustness, "
+             "per-layer errors)")
     report = compare(models, val_batches, recipe.task, noise_levels, vocab, _drop_token(data))
     pretrained = sources.float_path is None
     report.update(name=recipe.name, source=str(sources.source),
@@ -116,10 +127,12 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
                   else f"the model at the end of FP warm-up ({sources.float_path.name})",
                   size=_size(sources, models["float"]))
     if with_latency:
+        progress("measuring CPU latency, float vs int4")
         report["latency"] = latency(models["float"], models["int4"], val_batches[0], recipe.task)
     if (sensitivity or budget_bits is not None) and recipe.task == "embedding":
         report["not_applicable"]["sensitivity"] = SENSITIVITY_NOT_FOR_EMBEDDINGS
     elif sensitivity or budget_bits is not None:
+        progress("per-layer sensitivity (a pass over the data per layer and bit width)")
         rows = layer_sensitivity(recipe, models["float"], val_batches, layers=quantized_layers(models["ptq"]),
                                  task=make_task(recipe.task))
         report["sensitivity"] = {"bits_choices": list(DEFAULT_BITS), "layers": rows}
@@ -130,12 +143,14 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
 
 def evaluate(path: str | Path, output: Optional[str | Path] = None, float_path: Optional[str] = None,
              recipe_path: Optional[str] = None, overrides: Optional[list[str]] = None,
-             **options: Any) -> tuple[dict[str, Any], dict[str, Path]]:
+             progress: Callable[[str], None] = _quiet, **options: Any) -> tuple[dict[str, Any], dict[str, Path]]:
     """Build the report of `path` and write it to `output` (default: its run directory)."""
+    progress(f"reading {path}")
     sources = resolve(path, float_path, recipe_path, overrides)
-    report = build_report(sources, **options)
+    report = build_report(sources, **options, progress=progress)
     default_dir = sources.source if sources.source.is_dir() else \
         (sources.source.parent if sources.checkpoint is None else sources.source.parent.parent)
+    progress("writing report.md, report.json and the plots")
     return report, write_report(report, output or default_dir)
 
 
@@ -171,9 +186,10 @@ SUMMARY_KEYS = ("accuracy", "perplexity", "perplexity_ratio", "cosine", "nn_agre
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of `qat eval`: 0 on success, 2 with a message naming the problem otherwise."""
     try:
-        report, paths = evaluate(args.source, args.output, args.float, args.recipe, list(args.overrides),
-                                 noise_levels=args.noise, with_latency=not args.no_latency,
-                                 budget_bits=args.budget_bits, sensitivity=not args.no_sensitivity)
+        with stages("qat eval") as stage:
+            report, paths = evaluate(args.source, args.output, args.float, args.recipe, list(args.overrides),
+                                     progress=stage, noise_levels=args.noise, with_latency=not args.no_latency,
+                                     budget_bits=args.budget_bits, sensitivity=not args.no_sensitivity)
     except (EvalError, ValueError, FileNotFoundError) as err:
         print(f"qat eval: error: {err}", file=sys.stderr)
         return 2
