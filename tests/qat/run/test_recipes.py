@@ -27,6 +27,15 @@ def test_every_recipe_loads_and_validates():
         assert isinstance(load_recipe(path), Recipe)
 
 
+def test_the_full_digits_runs_train_on_one_torch_thread():
+    """Two threads per tiny op are 3-5x slower for the digits CNN on a busy 2-core machine
+    (benchmarks/training/default-run-time.md). digits_w4a4, the tests' base recipe, keeps torch's
+    default (test_cpu_threads_sets_torchs_intra_op_threads_for_the_run relies on it)."""
+    threads = {name: load_recipe(ROOT / "recipes" / f"{name}.yaml").trainer.cpu_threads
+               for name in ("digits_w2a4", "digits_w4a4_kd24")}
+    assert threads == {"digits_w2a4": 1, "digits_w4a4_kd24": 1}
+
+
 @pytest.mark.parametrize("path", TOY_RECIPES, ids=[p.stem for p in TOY_RECIPES])
 def test_every_toy_recipe_runs_a_few_steps(path, tmp_path):
     recipe = load_recipe(path, [*FAST, f"logging.run_dir={tmp_path}", "trainer.max_steps=4",
