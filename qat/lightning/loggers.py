@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -89,8 +90,12 @@ def make_wandb_logger(run_dir: Path, mode: str, project: str, name: str) -> Logg
     """A WandbLogger writing under `run_dir/wandb` ('offline' or 'online')."""
     from pytorch_lightning.loggers import WandbLogger
 
-    return WandbLogger(project=project, name=name, save_dir=str(run_dir), offline=(mode == "offline"),
-                       log_model=False, settings=_wandb_settings())
+    logger = WandbLogger(project=project, name=name, save_dir=str(run_dir), offline=(mode == "offline"),
+                         log_model=False, settings=_wandb_settings())
+    # Lightning passes anonymous=None to wandb.init, which then warns that this deprecated setting "has no
+    # effect"; left out, wandb uses its default (the same behaviour) and says nothing.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def _wandb_settings() -> Any:
@@ -101,6 +106,7 @@ def _wandb_settings() -> Any:
 
 def make_loggers(run_dir: Path, wandb_mode: str, project: str, name: str) -> list[Logger]:
     """CSV logger writing `run_dir/metrics.csv`, plus a fail-safe wandb logger unless disabled."""
+    quiet_lightning_notices()
     # The run directory already holds recipe.yaml: Lightning's "directory not empty" warning is noise here.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
@@ -112,3 +118,25 @@ def make_loggers(run_dir: Path, wandb_mode: str, project: str, name: str) -> lis
             warnings.warn(f"wandb logging is off ({type(err).__name__}: {err}); training continues with CSV",
                           stacklevel=2)
     return loggers
+
+# Lightning's start-up notices that tell a qat run nothing: which accelerators exist (the recipe's
+# trainer.accelerator says which one runs), tips to install its cloud products, and that it loads the
+# training data to count the steps of the learning-rate schedule.
+LIGHTNING_NOTICES = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:",
+                     "Loading `train_dataloader` to estimate number of stepping batches")
+
+
+class _DropLightningNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(LIGHTNING_NOTICES)
+
+
+def quiet_lightning_notices() -> None:
+    """Drop LIGHTNING_NOTICES from the logger of Lightning's rank-zero info lines, and the FutureWarning
+    that Lightning 2.6's own pytree helper raises in torch on every fit (its use of the deprecated
+    `LeafSpec`, nothing qat or a recipe can change). Every other message and warning stays."""
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(existing, _DropLightningNotices) for existing in logger.filters):
+        logger.addFilter(_DropLightningNotices())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"pytorch_lightning\.utilities\._pytree")
