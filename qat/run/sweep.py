@@ -8,6 +8,8 @@ its evaluation report, latency off); `--budget-bits` adds one mixed-precision se
 per-layer bits come from the sensitivity of the first run's float reference
 (`qat.eval.sensitivity`). Writes `sweep-rows.json`, `sweep-table.md` (the table, the command
 and the machine) and `sweep-pareto.png` (file size against the task metric, Pareto front marked).
+While it runs, a spinner on stderr names the setting training now, and a line on stdout gives each
+finished setting's int4 metric (float, PTQ and QAT beside it) and size.
 
 Example:
     >>> rows = sweep(load_recipe("recipes/digits_w2a4.yaml"), grid([2, 4], [128], ["lsq"]), Path("out"))
@@ -21,13 +23,15 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+from qat.errors import ConfigError
 from qat.eval.evaluate import main_metric
 from qat.eval.plots import size_plot
 from qat.eval.sensitivity import layer_sensitivity, suggest
 from qat.recipe import load_recipe
 from qat.run.eval_sources import resolve
+from qat.run.progress import stages
 from qat.run.train import train
 from qat.tasks import make_task
 
@@ -80,6 +84,10 @@ def run_setting(recipe_path: str, setting: dict[str, Any], extra: list[str], run
 
 def row_of(setting: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     """A setting's row from its run summary and evaluation report."""
+    if "report" not in summary:  # e.g. a run shorter than the recipe's FP warm-up: no QAT, no int4 file
+        raise ConfigError(f"sweep setting {setting['label']}: its run ({summary['steps']} steps, "
+                          f"{summary['run_dir']}) made no evaluation report; give it more steps "
+                          "(trainer.max_epochs / trainer.max_steps) or a shorter schedule.warmup_steps")
     report = json.loads(Path(summary["report"]["path"]).with_suffix(".json").read_text())
     key = report.get("metric") or main_metric(report["task"])
     stages = report["stages"]
@@ -136,21 +144,41 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def result_line(row: dict[str, Any]) -> str:
+    """A finished setting in one readable line: its int4 metric (float, PTQ, QAT beside it) and size."""
+    metric = row["metric"]
+    return (f"{row['label']}: int4 {metric} {row['int4']:.4f} (float {row['float']:.4f}, PTQ {row['ptq']:.4f}, "
+            f"QAT {row['qat']:.4f}); {row['file_bytes']:,} bytes ({row['bytes']:,} at nominal bits); "
+            f"{row['seconds']:.0f} s")
+
+
+def _quiet(stage: str) -> None:
+    """The default `progress` of sweep: say nothing."""
+
+
 def sweep(recipe_path: str, settings: list[dict[str, Any]], out: Path, extra: Sequence[str] = (),
           budget_bits: Optional[float] = None, command: str = "", runs_dir: Optional[Path] = None,
-          resume: bool = False) -> list[dict[str, Any]]:
-    """Run every setting (and the mixed one with `budget_bits`); write sweep-rows.json, sweep-table.md
-    and sweep-pareto.png into `out` (the runs themselves under `runs_dir`, default `out/runs`)."""
+          resume: bool = False, progress: Callable[[str], None] = _quiet) -> list[dict[str, Any]]:
+    """Run every setting (and the mixed one with `budget_bits`), printing a line as each ends; write
+    sweep-rows.json (every row, machine-readable), sweep-table.md and sweep-pareto.png into `out` (the
+    runs themselves under `runs_dir`, default `out/runs`). `progress(stage)` is told each stage as it starts."""
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = runs_dir or out / "runs"
+    total = len(settings) + (budget_bits is not None)
     rows = []
     for setting in settings:
+        progress(f"[{len(rows) + 1}/{total}] training {setting['label']}")
         rows.append(run_setting(recipe_path, setting, list(extra), runs_dir, resume))
-        print(json.dumps({k: rows[-1][k] for k in ("label", "ptq", "qat", "int4", "bytes")}), flush=True)
+        print(f"[{len(rows)}/{total}] {result_line(rows[-1])}", flush=True)
     if budget_bits is not None:
+        progress(f"[{total}/{total}] per-layer sensitivity of {rows[0]['label']}'s float reference for "
+                 f"--budget-bits {budget_bits:g}")
         mixed = mixed_setting(rows[0]["run_dir"], budget_bits)
+        progress(f"[{total}/{total}] training {mixed['label']}")
         rows.append({**run_setting(recipe_path, mixed, list(extra), runs_dir, resume),
                      "assignment": mixed["assignment"]})
+        print(f"[{total}/{total}] {result_line(rows[-1])}", flush=True)
+    progress("the table and the Pareto plot")
     higher = rows[0]["metric"] != "perplexity"
     points = [{"label": r["label"], "bytes": r["bytes"], r["metric"]: r["int4"]} for r in rows]
     front = pareto_front(points, rows[0]["metric"], higher)
@@ -174,9 +202,11 @@ def run_sweep(args: argparse.Namespace) -> int:
         return 2
     command = "qat sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if args.command_line is None \
         else args.command_line
-    rows = sweep(args.recipe, settings, Path(args.output), args.overrides, args.budget_bits, command,
-                 Path(args.runs_dir) if args.runs_dir else None, args.resume)
+    with stages("qat sweep") as stage:
+        rows = sweep(args.recipe, settings, Path(args.output), args.overrides, args.budget_bits, command,
+                     Path(args.runs_dir) if args.runs_dir else None, args.resume, progress=stage)
     front = pareto_front([{"bytes": r["bytes"], "m": r["int4"]} for r in rows], "m", rows[0]["metric"] != "perplexity")
     print(table(rows, front))
-    print(f"written: {Path(args.output) / 'sweep-table.md'}")
+    out = Path(args.output)
+    print(f"written: {out / 'sweep-table.md'}, {out / 'sweep-rows.json'} (every row), {out / 'sweep-pareto.png'}")
     return 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+import qat.run.sweep as sweep_module
 from qat.eval.plots import size_plot
 from qat.recipe import load_recipe
 from qat.run.sweep import grid, pareto_front, table
@@ -43,3 +46,23 @@ def test_table_marks_the_front_and_the_plot_is_a_png(tmp_path):
     points = [{"label": r["label"], "bytes": r["bytes"], "accuracy": r["int4"]} for r in rows]
     path = size_plot(points, "accuracy", tmp_path / "sweep.png", pareto=[0])
     assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
+
+
+def test_the_sweep_prints_a_readable_line_per_setting_and_keeps_every_row(tmp_path, monkeypatch, capsys):
+    def run_setting(recipe_path, setting, extra, runs_dir, resume):  # a stand-in for the training run
+        size = 1000 * setting["bits"]
+        return {**{k: v for k, v in setting.items() if k != "overrides"}, "metric": "accuracy", "float": 0.99,
+                "ptq": 0.5 + setting["bits"] / 10, "qat": 0.97, "int4": 0.96, "int4_agreement": 0.95, "ptq_kl": 0.3,
+                "int4_kl": 0.02, "int4_ece": 0.01, "gap_recovered": 90.0, "file_bytes": size + 234, "bytes": size,
+                "bits_per_weight": 4.1, "seconds": 12.3, "run_dir": str(runs_dir / setting["label"])}
+
+    monkeypatch.setattr(sweep_module, "run_setting", run_setting)
+    stages = []
+    rows = sweep_module.sweep("recipe.yaml", grid([2, 4], [128], ["lsq"]), tmp_path, progress=stages.append)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["[1/2] w2 g128 lsq: int4 accuracy 0.9600 (float 0.9900, PTQ 0.7000, QAT 0.9700); 2,234 bytes "
+                     "(2,000 at nominal bits); 12 s",
+                     "[2/2] w4 g128 lsq: int4 accuracy 0.9600 (float 0.9900, PTQ 0.9000, QAT 0.9700); 4,234 bytes "
+                     "(4,000 at nominal bits); 12 s"]
+    assert stages[:2] == ["[1/2] training w2 g128 lsq", "[2/2] training w4 g128 lsq"]
+    assert json.loads((tmp_path / "sweep-rows.json").read_text())["rows"] == rows
