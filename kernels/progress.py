@@ -30,7 +30,7 @@ def status(text: str) -> Iterator[None]:
         yield
         return
     spinner = Spinner("dots", text)
-    with Live(spinner, console=Console(stderr=True), transient=True, refresh_per_second=8,
+    with Live(spinner, console=Console(stderr=True, soft_wrap=True), transient=True, refresh_per_second=8,
               redirect_stdout=sys.stdout.isatty(), redirect_stderr=True):
         _spinner = spinner
         try:

@@ -27,7 +27,7 @@ from rich.spinner import Spinner
 def stages(title: str, console: Optional[Console] = None) -> Iterator[Callable[[str], None]]:
     """Yields `stage(text)`: the stage running from now on. A stage ends at the next one or at the end of
     the block (when the block raises, its last stage is not reported as done)."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)  # long lines wrap in the terminal, unbroken
     spinner = Spinner("dots", f"{title}: starting")
     running: dict[str, float] = {}  # the running stage's text -> its start time (one entry at most)
 
