@@ -49,11 +49,21 @@ def _grouped_bars(ax: Any, categories: list[str], series: list[tuple[str, dict, 
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(categories))], categories, **ticks)
 
 
+def _worst_first(rows_by_stage: dict[str, list[dict]], key: str) -> tuple[list[str], str]:
+    """Category names in the order of the report's tables (worst first) for the int4 stage, else the last
+    stage listed; then every name only another stage has. Returns the names and the stage they follow."""
+    focus = "int4" if "int4" in rows_by_stage else next(reversed(rows_by_stage))
+    names = [r[key] for r in rows_by_stage[focus]]
+    names += [r[key] for rows in rows_by_stage.values() for r in rows if r[key] not in names]
+    return list(dict.fromkeys(names)), focus
+
+
 def layers_plot(report: dict, path: Path) -> Path:
-    """Bars: weight SQNR and per-layer output SQNR of each quantized stage (dB)."""
+    """Bars: weight SQNR and per-layer output SQNR of each quantized stage (dB), layers in the order of the
+    report's output-error table (worst int4 output first)."""
     plt = _pyplot()
     layers = report["layers"]
-    names = sorted({r["layer"] for rows in layers["output_error"].values() for r in rows})
+    names, focus = _worst_first(layers["output_error"], "layer")
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 3), 4))
     series = [(f"{s} weight", {r["layer"]: r["weight_sqnr_db"] for r in rows}, s)
               for s, rows in layers["weight_sqnr"].items()]
@@ -63,44 +73,83 @@ def layers_plot(report: dict, path: Path) -> Path:
             for label, values, stage in series]
     _grouped_bars(ax, names, bars, rotation=30, ha="right")
     ax.set_ylabel("SQNR (dB, higher is better)")
-    ax.set_title("per-layer SQNR vs float")
-    ax.legend(fontsize=7)
+    ax.set_title(f"per-layer SQNR vs float (worst {focus} output first)")
+    _legend_outside(ax, len(bars))
     return _save(fig, path)
+
+
+def _legend_outside(ax: Any, entries: int) -> None:
+    """The legend in a row under the axes, where it hides no data."""
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(entries, 5), frameon=False)
 
 
 def slices_plot(report: dict, path: Path) -> Path:
-    """Grouped bars: per-class accuracy of each stage."""
+    """Grouped bars from 0: per-class error rate (1 - accuracy) of each stage, classes in the order of the
+    report's per-class table (worst int4 class first). Error rates from 0 show differences of a few
+    points that accuracy bars from 0 would hide, without an axis cut off below."""
     plt = _pyplot()
     slices = report["slices"]
-    classes = [r["slice"] for r in next(iter(slices.values()))]
-    classes = sorted(classes, key=lambda c: (len(c), c))
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes) + 2), 4))
-    _grouped_bars(ax, classes, [(stage, {r["slice"]: r["accuracy"] for r in rows}, stage, 1.0)
+    classes, focus = _worst_first(slices, "slice")
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes) + 2), 4.2))
+    _grouped_bars(ax, classes, [(stage, {r["slice"]: 1.0 - r["accuracy"] for r in rows}, stage, 1.0)
                                 for stage, rows in slices.items()])
-    low = min(r["accuracy"] for rows in slices.values() for r in rows)
-    ax.set_ylim(max(0.0, low - 0.05), 1.0)
-    ax.set_xlabel("class")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7)
+    high = max(1.0 - r["accuracy"] for rows in slices.values() for r in rows)
+    ax.set_ylim(0.0, max(0.05, high * 1.15))
+    ax.set_xlabel(f"class (worst {focus} first)")
+    ax.set_ylabel("error rate (1 - accuracy, lower is better)")
+    ax.set_title("per-class error rate")
+    _legend_outside(ax, len(slices))
     return _save(fig, path)
 
 
+def merge_sparse_bins(bins: list[dict], min_count: int) -> list[dict]:
+    """Adjacent confidence bins merged until each holds at least `min_count` examples (the last merged
+    into its neighbour), with count-weighted confidence and accuracy: a bin of 1 or 2 examples has an
+    accuracy of 0 or 1 by chance, which would draw a zig-zag that says nothing about calibration."""
+    merged: list[dict] = []
+    for b in (b for b in bins if b["count"]):
+        last = merged[-1] if merged else None
+        if last is not None and last["count"] < min_count:
+            total = last["count"] + b["count"]
+            merged[-1] = {"lo": last["lo"], "hi": b["hi"], "count": total,
+                          "confidence": (last["confidence"] * last["count"] + b["confidence"] * b["count"]) / total,
+                          "accuracy": (last["accuracy"] * last["count"] + b["accuracy"] * b["count"]) / total}
+        else:
+            merged.append(dict(b))
+    if len(merged) > 1 and merged[-1]["count"] < min_count:
+        tail = merged.pop()
+        merged[-1] = merge_sparse_bins([merged[-1], tail], min_count=math.inf)[0]
+    return merged
+
+
 def reliability_plot(report: dict, path: Path) -> Path:
-    """Accuracy against mean confidence per bin (marker area ~ examples in the bin), with the diagonal."""
+    """Accuracy against mean confidence per bin, sparse bins merged (`merge_sparse_bins`; marker area ~
+    examples), with the diagonal; under it, how many examples fall in each confidence bin (log scale)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect")
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
+    min_count = 0
     for stage, bins in report["calibration"].items():
         ece, total = report["stages"][stage]["ece"], sum(b["count"] for b in bins)
-        xs, ys = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
+        min_count = max(10, total // 100)
+        shown = merge_sparse_bins(bins, min_count)
+        xs, ys = [b["confidence"] for b in shown], [b["accuracy"] for b in shown]
         color = STAGE_COLORS.get(stage)
-        ax.plot(xs, ys, "-", color=color, alpha=0.3, linewidth=1)
-        ax.scatter(xs, ys, s=[8 + 200 * b["count"] / total for b in bins], color=color, alpha=0.8,
+        ax.plot(xs, ys, "-", color=color, alpha=0.4, linewidth=1)
+        ax.scatter(xs, ys, s=[8 + 200 * b["count"] / total for b in shown], color=color, alpha=0.8,
                    label=f"{stage} (ECE {ece:.3f})")
-    ax.set_xlabel("confidence")
+        counts.bar([b["lo"] for b in bins], [b["count"] for b in bins], [b["hi"] - b["lo"] for b in bins],
+                   align="edge", fill=False, edgecolor=color, linewidth=1)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("accuracy")
-    ax.set_title("reliability diagram")
-    ax.legend(fontsize=7)
+    ax.set_title(f"reliability diagram (bins of under {min_count} examples merged)", fontsize=10)
+    legend = ax.legend(fontsize=7, loc="upper left")
+    for handle in legend.legend_handles[1:]:  # one marker size in the legend, whatever the first bin's count
+        handle.set_sizes([30])
+    counts.set_yscale("log")
+    counts.set_xlabel("confidence")
+    counts.set_ylabel("examples")
     return _save(fig, path)
 
 
@@ -115,35 +164,87 @@ def robustness_plot(report: dict, path: Path) -> Path:
     for section, style, suffix in series:
         for stage, values in section["stages"].items():
             ax.plot(section["levels"], values, style, label=stage + suffix, color=STAGE_COLORS.get(stage))
-    ax.set_xlabel("noise level (Gaussian sigma / share of tokens replaced)")
+    # The report's "Gaussian input noise (level: sigma)": what goes in the title, the level on the x axis.
+    what, _, level = robust.get("perturbation", "input noise").partition(" (level: ")
+    if len(series) > 1:
+        what = "token substitution (solid) and dropout (dashed)"
+    ax.set_xlabel(f"noise level: {level.removesuffix(')')}" if level else "noise level")
     ax.set_ylabel(ROBUSTNESS_LABELS.get(robust["metric"], robust["metric"]))
+    ax.set_title(f"robustness: {robust['metric']} under {what}", fontsize=10)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def size_plot(points: list[dict[str, Any]], metric: str, path: Path, title: str = "size vs metric",
+def size_plot(points: list[dict[str, Any]], metric: str, path: Path, title: Optional[str] = None,
               pareto: Optional[list[int]] = None, xlabel: str = "bytes on disk (log)") -> Path:
-    """Scatter of bytes against `metric`, labelled; indices in `pareto` joined as the front."""
+    """Scatter of bytes against `metric`, each point labelled (stage names in their stage colours); labels
+    that would overlap are moved apart with a line to their point; indices in `pareto` joined as the front."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    seen: dict[tuple, int] = {}
     for i, p in enumerate(points):
         on_front = pareto is not None and i in pareto
-        ax.scatter(p["bytes"], p[metric], color="#d62728" if on_front else "#1f77b4", zorder=4 if on_front else 3)
-        stacked = seen.get((p["bytes"], p[metric]), 0)  # equal points: labels one above the other
-        seen[(p["bytes"], p[metric])] = stacked + 1
-        ax.annotate(p["label"], (p["bytes"], p[metric]), fontsize=7, xytext=(3, 3 + 9 * stacked),
-                    textcoords="offset points")
+        color = STAGE_COLORS.get(p["label"], "#d62728" if on_front else "#1f77b4")
+        ax.scatter(p["bytes"], p[metric], color=color, zorder=4 if on_front else 3)
     if pareto:
         front = sorted((points[i] for i in pareto), key=lambda p: p["bytes"])
         ax.plot([p["bytes"] for p in front], [p[metric] for p in front], "--", color="#d62728",
                 label="Pareto front", zorder=2)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(_bytes_formatter())
+    ax.xaxis.set_minor_formatter(_bytes_formatter(minor=True))
+    ax.tick_params(axis="x", which="both", labelsize=8)
+    ax.margins(x=0.15, y=0.12)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
-    ax.set_title(title)
+    ax.set_title(title or f"size vs {metric}")
+    _label_points(ax, points, metric)
     return _save(fig, path)
+
+
+def _bytes_formatter(minor: bool = False) -> Any:
+    """Tick labels in B / kB / MB / GB; minor ticks labelled only at 2x and 5x a power of ten."""
+    from matplotlib.ticker import FuncFormatter
+
+    def text(value: float, _position: Any) -> str:
+        if value <= 0:
+            return ""
+        lead = value / 10 ** math.floor(math.log10(value) + 1e-9)
+        if minor and round(lead) not in (2, 5):
+            return ""
+        for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if value >= scale:
+                return f"{value / scale:g} {unit}"
+        return f"{value:g} B"
+
+    return FuncFormatter(text)
+
+
+def _label_points(ax: Any, points: list[dict[str, Any]], metric: str, fontsize: float = 7) -> None:
+    """Annotate each point with its label (points at the same place share one, "qat, int4"), lowest point
+    first: a label that would overlap one already placed (in display space) moves up until it does not,
+    joined to its point by a thin line."""
+    fig = ax.figure
+    fig.canvas.draw()  # final limits and scales, so data -> pixel is what gets saved
+    to_pixels, points_per_pixel = ax.transData.transform, 72 / fig.dpi
+    height = 1.3 * fontsize / points_per_pixel
+    shared: dict[tuple, list[str]] = {}
+    for p in points:
+        shared.setdefault((p["bytes"], p[metric]), []).append(p["label"])
+    labelled = [{"bytes": at[0], metric: at[1], "label": ", ".join(labels)} for at, labels in shared.items()]
+    placed: list[tuple[float, float, float]] = []  # x, y (pixels) and width of each placed label
+    for p in sorted(labelled, key=lambda p: (p[metric], p["bytes"])):
+        x, y = to_pixels((p["bytes"], p[metric]))
+        width = 0.62 * fontsize * len(p["label"]) / points_per_pixel
+        left, bottom = x + 4 / points_per_pixel, y + 3 / points_per_pixel
+        while any(left < px + pw and px < left + width and abs(bottom - py) < height for px, py, pw in placed):
+            bottom += height / 2
+        placed.append((left, bottom, width))
+        moved = bottom - y > 4 / points_per_pixel
+        ax.annotate(p["label"], (p["bytes"], p[metric]), fontsize=fontsize, textcoords="offset points",
+                    xytext=((left - x) * points_per_pixel, (bottom - y) * points_per_pixel),
+                    color=STAGE_COLORS.get(p["label"], "black"), va="bottom",
+                    arrowprops={"arrowstyle": "-", "color": "#999999", "linewidth": 0.6} if moved else None)
 
 
 def _metric(report: dict) -> str:

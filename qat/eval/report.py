@@ -4,8 +4,9 @@ The Markdown shows the numbers of the JSON (same values, rounded for reading); t
 plots (matplotlib, Agg backend, no display needed) are written next to them:
 
     layers.png        per-layer weight SQNR and output SQNR, worst first
-    slices.png        per-class accuracy of each stage, worst class first
-    reliability.png   reliability diagram (accuracy against confidence per bin)
+    slices.png        per-class error rate (1 - accuracy) of each stage, worst class first
+    reliability.png   reliability diagram (accuracy against confidence per bin, sparse bins merged),
+                      the examples per bin under it
     robustness.png    task metric against input-noise level
     size.png          file size against the task metric
 
