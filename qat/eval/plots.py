@@ -191,8 +191,8 @@ def size_plot(points: list[dict[str, Any]], metric: str, path: Path, title: Opti
                 label="Pareto front", zorder=2)
         ax.legend(fontsize=7, loc="lower right")
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(_bytes_formatter())
-    ax.xaxis.set_minor_formatter(_bytes_formatter(minor=True))
+    ax.xaxis.set_major_formatter(_bytes_formatter(ax))
+    ax.xaxis.set_minor_formatter(_bytes_formatter(ax, minor=True))
     ax.tick_params(axis="x", which="both", labelsize=8)
     ax.margins(x=0.15, y=0.12)
     ax.set_xlabel(xlabel)
@@ -202,15 +202,18 @@ def size_plot(points: list[dict[str, Any]], metric: str, path: Path, title: Opti
     return _save(fig, path)
 
 
-def _bytes_formatter(minor: bool = False) -> Any:
-    """Tick labels in B / kB / MB / GB; minor ticks labelled only at 2x and 5x a power of ten."""
+def _bytes_formatter(ax: Any, minor: bool = False) -> Any:
+    """Tick labels in B / kB / MB / GB on a log axis; minor ticks labelled all where the axis spans under a
+    decade, at 2x and 5x a power of ten under two decades, else not at all."""
     from matplotlib.ticker import FuncFormatter
 
     def text(value: float, _position: Any) -> str:
         if value <= 0:
             return ""
-        lead = value / 10 ** math.floor(math.log10(value) + 1e-9)
-        if minor and round(lead) not in (2, 5):
+        lead = round(value / 10 ** math.floor(math.log10(value) + 1e-9))
+        low, high = ax.get_xlim()
+        decades = math.log10(high / low) if low > 0 else math.inf
+        if minor and (decades >= 2 or (decades >= 1 and lead not in (2, 5))):
             return ""
         for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
             if value >= scale:
@@ -237,6 +240,8 @@ def _label_points(ax: Any, points: list[dict[str, Any]], metric: str, fontsize: 
         x, y = to_pixels((p["bytes"], p[metric]))
         width = 0.62 * fontsize * len(p["label"]) / points_per_pixel
         left, bottom = x + 4 / points_per_pixel, y + 3 / points_per_pixel
+        if left + width > ax.bbox.x1:  # past the right edge: the label goes to the left of its point
+            left = x - 4 / points_per_pixel - width
         while any(left < px + pw and px < left + width and abs(bottom - py) < height for px, py, pw in placed):
             bottom += height / 2
         placed.append((left, bottom, width))
