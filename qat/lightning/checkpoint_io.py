@@ -13,6 +13,11 @@ A full disk does not always arrive as an OSError: torch.save's zip writer checks
 each write got and reports a short write as a RuntimeError ("unexpected pos N vs M", or
 "PytorchStreamWriter failed writing file"); those are write failures too.
 
+Because a write never leaves a truncated file, a resumed run can keep overwriting `last.ckpt`:
+`RunCheckpoint` is Lightning's ModelCheckpoint without `-v1` copies (which made the next
+`resume=last` pick a stale file), and `saved_step` reads the global step a checkpoint records,
+how `resume=last` tells which of its files is the newest.
+
 Example:
     >>> pl.Trainer(plugins=[AtomicCheckpointIO()])
 """
@@ -22,12 +27,17 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.types import _PATH
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from qat.config import ConfigError
 
 
 class CheckpointWriteError(OSError):
@@ -110,3 +120,52 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         atomic_torch_save(checkpoint, path)
+
+
+def saved_step(path: str | Path) -> int:
+    """The global step a Lightning checkpoint records (memory-mapped: its tensors are not read); a
+    `ConfigError` naming the file when it is not a readable training checkpoint."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception as err:  # pickle, zip, torch and key errors alike
+        raise ConfigError(f"cannot resume from {path}: not a readable training checkpoint "
+                          f"({type(err).__name__}: {err})") from None
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint for a run directory: a file is overwritten in place (atomically, by
+    AtomicCheckpointIO), never written beside as `last-v1.ckpt`; on resume Lightning's warning that the
+    checkpoint directory is not empty (expected then) is left out, and a run directory that was copied
+    or moved keeps its best score and paths (Lightning drops them when the recorded dirpath differs, so
+    the first validation after resume would overwrite a better best.ckpt)."""
+
+    def __init__(self, *args: Any, resuming: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, enable_version_counter=False, **kwargs)
+        self.resuming = resuming
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        with warnings.catch_warnings():
+            if self.resuming:
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_dir = state_dict.get("dirpath")
+        if saved_dir is not None and self.dirpath is not None and Path(saved_dir) != Path(self.dirpath):
+            state_dict = _relocated(state_dict, Path(saved_dir), Path(self.dirpath))
+        super().load_state_dict(state_dict)
+
+
+def _relocated(state: dict[str, Any], old: Path, new: Path) -> dict[str, Any]:
+    """ModelCheckpoint's state with the paths of files in `old` moved to `new` (the copied run's)."""
+
+    def move(path: Any) -> Any:
+        return str(new / Path(path).name) if path and Path(path).parent == old else path
+
+    state = {**state, "dirpath": str(new)}
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in state:
+            state[key] = move(state[key])
+    if "best_k_models" in state:
+        state["best_k_models"] = {move(path): score for path, score in state["best_k_models"].items()}
+    return state

@@ -1,5 +1,9 @@
 """Run logging: CSV always; wandb offline by default, and never fatal.
 
+`RunCSVLogger` writes `<run_dir>/metrics.csv` and, on resume, continues it: the rows of the steps
+the checkpoint holds are kept, the ones logged after it are dropped (those steps run again), and
+rows are written as they are logged, so a killed run loses none of the steps it checkpointed.
+
 `FailSafeLogger` wraps another Lightning logger: the first exception from it (at
 start-up or while logging) is reported once as a warning and the wrapped logger is
 dropped, so training carries on with the CSV log. wandb 'offline' needs no network;
@@ -11,13 +15,79 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import pytorch_lightning as pl
+from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities import rank_zero_only
+
+
+class _ContinuedMetricsWriter(ExperimentWriter):
+    """Lightning's CSV writer, but an existing metrics.csv is continued instead of deleted: rows whose
+    step is below `resume_step` are kept (with their header, which grows if new columns appear);
+    a new run (`resume_step` None) starts an empty file, as Lightning's does."""
+
+    def __init__(self, log_dir: str, resume_step: Optional[int]) -> None:
+        self.resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # called by Lightning's __init__, in place of its delete
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        if self.resume_step is None:
+            path.unlink()  # a new run's file starts empty (only a relaunched rank could find one)
+            return
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file)
+            header = list(reader.fieldnames or [])
+            # Lightning logs the metrics of optimizer step k + 1 at step k: below the checkpoint's global
+            # step they came from steps it holds; from it on, the resumed run logs them again.
+            kept = [row for row in reader if row.get("step") and float(row["step"]) < self.resume_step]
+        tmp = path.with_name(f".{path.name}.tmp")  # replaced in one rename: the history is never half-written
+        with tmp.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, path)
+        self.metrics_keys = header  # new columns rewrite the file with the wider header (Lightning's save)
+
+
+class RunCSVLogger(CSVLogger):
+    """CSVLogger writing `<run_dir>/metrics.csv`, continued on resume (see `_ContinuedMetricsWriter`).
+    Rows are flushed as they are logged (Lightning buffers 100 steps): after a SIGKILL, `resume=last`
+    would otherwise find a history that stops up to 100 steps before its checkpoint."""
+
+    def __init__(self, run_dir: Path, resume_step: Optional[int] = None) -> None:
+        super().__init__(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedMetricsWriter(self.log_dir, self.resume_step)
+        return self._experiment
+
+
+class ResumedLogStep(pl.Callback):
+    """Keeps the step a resumed run logs at equal to its optimizer steps. Lightning (2.6) counts one
+    stepped batch too many when it resumes from a checkpoint written at the end of an epoch (the first
+    loop iteration only skips the validation already done, yet is counted), so every row the resumed
+    run logs would carry the next step's number. At the start of a batch the count is, by Lightning's
+    own definition, the optimizer steps done (one optimizer, automatic optimization: qat's module)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
 
 
 class FailSafeLogger(Logger):
@@ -104,12 +174,12 @@ def _wandb_settings() -> Any:
     return wandb.Settings(silent=True, console="off", x_disable_stats=True)
 
 
-def make_loggers(run_dir: Path, wandb_mode: str, project: str, name: str) -> list[Logger]:
-    """CSV logger writing `run_dir/metrics.csv`, plus a fail-safe wandb logger unless disabled."""
+def make_loggers(run_dir: Path, wandb_mode: str, project: str, name: str,
+                 resume_step: Optional[int] = None) -> list[Logger]:
+    """CSV logger writing `run_dir/metrics.csv` (continued from `resume_step`, the resumed checkpoint's
+    global step), plus a fail-safe wandb logger unless disabled."""
     quiet_lightning_notices()
-    # The run directory already holds recipe.yaml: Lightning's "directory not empty" warning is noise here.
-    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers: list[Logger] = [RunCSVLogger(run_dir, resume_step)]
     if wandb_mode != "disabled":
         try:
             inner = make_wandb_logger(run_dir, wandb_mode, project, name)
@@ -118,6 +188,7 @@ def make_loggers(run_dir: Path, wandb_mode: str, project: str, name: str) -> lis
             warnings.warn(f"wandb logging is off ({type(err).__name__}: {err}); training continues with CSV",
                           stacklevel=2)
     return loggers
+
 
 # Lightning's start-up notices that tell a qat run nothing: which accelerators exist (the recipe's
 # trainer.accelerator says which one runs), tips to install its cloud products, and that it loads the

@@ -16,16 +16,16 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import RichProgressBar
 from torch import nn
 
 from qat.hf.load import load_tokenizer, weights_folder
-from qat.lightning.checkpoint_io import AtomicCheckpointIO
+from qat.lightning.checkpoint_io import AtomicCheckpointIO, RunCheckpoint, saved_step
 from qat.lightning.distillation import Distillation, freeze_teacher
 from qat.lightning.distributed import StopLaunchedRanks, is_launched_worker, process_group_timeout
 from qat.lightning.float_reference import FloatReference
 from qat.lightning.loader_progress import LoaderProgress
-from qat.lightning.loggers import make_loggers
+from qat.lightning.loggers import ResumedLogStep, make_loggers
 from qat.lightning.module import QATModule
 from qat.lightning.nonfinite import NonFiniteGuard
 from qat.lightning.pruning import Pruning
@@ -40,7 +40,7 @@ from qat.swap import PrepareReport
 from qat.tasks import make_task
 
 __all__ = ["Run", "build", "build_model", "import_object", "instantiate", "make_distillation",
-           "model_from_checkpoint", "resolve_run_dir", "trainer_kwargs"]
+           "model_from_checkpoint", "newest_checkpoint", "resolve_run_dir", "trainer_kwargs"]
 
 
 @dataclass
@@ -60,19 +60,32 @@ class Run:
     pruning: Optional[Pruning] = None
 
 
+def _versions(base: Path) -> dict[int, Path]:
+    return {int(m.group(1)): p for p in base.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))}
+
+
+def newest_checkpoint(base: Path) -> Path:
+    """What `resume=last` continues: the newest run under `base` (the highest `version_N` holding a last
+    checkpoint; a new run takes the next number, and a copied directory keeps its own, unlike its
+    mtimes), and of its last checkpoints (`last.ckpt`, and `last-vN.ckpt` copies from older qat
+    versions) the one whose recorded global step is the highest, whatever its file name."""
+    for _, version in sorted(_versions(base).items(), reverse=True):
+        files = [p for p in (version / "checkpoints").glob("last*.ckpt") if re.fullmatch(r"last(-v\d+)?\.ckpt", p.name)]
+        if files:
+            return max(sorted(files), key=saved_step)
+    raise FileNotFoundError(f"resume=last: no checkpoints/last.ckpt under {base}")
+
+
 def resolve_run_dir(recipe: Recipe) -> tuple[Path, Optional[str]]:
     """(run directory, checkpoint to resume from). A new run takes the next `version_N`."""
     base = Path(recipe.logging.run_dir) / (recipe.logging.name or recipe.name)
     if recipe.resume is None:
-        versions = [int(m.group(1)) for p in base.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+        versions = list(_versions(base))
         if is_launched_worker() and versions:  # rank 0 made this run's directory before it launched us
             return base / f"version_{max(versions)}", None
         return base / f"version_{max(versions, default=-1) + 1}", None
     if recipe.resume == "last":
-        candidates = sorted(base.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            raise FileNotFoundError(f"resume=last: no checkpoints/last.ckpt under {base}")
-        ckpt = candidates[-1]
+        ckpt = newest_checkpoint(base)
     else:
         ckpt = Path(recipe.resume)
         if not ckpt.is_file():
@@ -80,7 +93,8 @@ def resolve_run_dir(recipe: Recipe) -> tuple[Path, Optional[str]]:
     return ckpt.parent.parent, str(ckpt)
 
 
-def build_callbacks(recipe: Recipe, run_dir: Path, schedule: QuantizationSchedule) -> list[pl.Callback]:
+def build_callbacks(recipe: Recipe, run_dir: Path, schedule: QuantizationSchedule,
+                    resuming: bool = False) -> list[pl.Callback]:
     ckpt_dir = run_dir / "checkpoints"
     monitor, mode = {"classification": ("val/acc", "max"), "embedding": ("val/cosine", "max")}.get(
         recipe.task, ("val/loss", "min"))
@@ -90,11 +104,13 @@ def build_callbacks(recipe: Recipe, run_dir: Path, schedule: QuantizationSchedul
         QuantTelemetry(recipe.logging.telemetry_every_n_steps),
         NonFiniteGuard(ckpt_dir),
         StopLaunchedRanks(),
-        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                        every_n_train_steps=recipe.trainer.checkpoint_every_n_steps),
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                        auto_insert_metric_name=False, enable_version_counter=False),
+        RunCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, resuming=resuming,
+                      every_n_train_steps=recipe.trainer.checkpoint_every_n_steps),
+        RunCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                      auto_insert_metric_name=False, resuming=resuming),
     ]
+    if resuming:
+        callbacks.append(ResumedLogStep())
     if recipe.task in ("causal_lm", "language_model", "embedding"):
         callbacks.append(Throughput(make_task(recipe.task)))
     if recipe.logging.progress_bar:
@@ -128,6 +144,7 @@ def _build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]], created
     if recipe.trainer.cpu_threads is not None:
         torch.set_num_threads(recipe.trainer.cpu_threads)
     run_dir, resume_from = resolve_run_dir(recipe)
+    resume_step = saved_step(resume_from) if resume_from is not None else None
     floats: list[nn.Module] = []
     keep_float = (recipe.distill.enabled and recipe.distill.teacher == "initial") or recipe.task == "embedding"
     model, report = build_model(recipe, (lambda m: floats.append(copy.deepcopy(m))) if keep_float else None)
@@ -155,11 +172,11 @@ def _build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]], created
     distillation = make_distillation(recipe, run_dir, floats[0] if floats else None) \
         if recipe.distill.enabled else None
     pruning = Pruning(recipe.prune) if recipe.prune.enabled else None
-    callbacks = build_callbacks(recipe, run_dir, schedule)
+    callbacks = build_callbacks(recipe, run_dir, schedule, resuming=resume_from is not None)
     # Right after the schedule, distillation first: its 'warmup' teacher is taken before pruning starts.
     callbacks[1:1] = [c for c in (distillation, pruning) if c is not None]
     callbacks += [*(extra_callbacks or []), *float_reference(recipe)]
-    trainer = pl.Trainer(**trainer_kwargs(recipe, run_dir, callbacks))
+    trainer = pl.Trainer(**trainer_kwargs(recipe, run_dir, callbacks, resume_step))
     return Run(recipe, run_dir, model, report, module, datamodule, schedule, trainer, resume_from, distillation,
                pruning)
 
@@ -217,7 +234,8 @@ def _strategy(name: str) -> Any:
     return name
 
 
-def trainer_kwargs(recipe: Recipe, run_dir: Path, callbacks: list[pl.Callback]) -> dict[str, Any]:
+def trainer_kwargs(recipe: Recipe, run_dir: Path, callbacks: list[pl.Callback],
+                   resume_step: Optional[int] = None) -> dict[str, Any]:
     t = recipe.trainer
     kwargs: dict[str, Any] = {
         "max_epochs": t.max_epochs, "max_steps": t.max_steps, "accelerator": t.accelerator,
@@ -226,7 +244,7 @@ def trainer_kwargs(recipe: Recipe, run_dir: Path, callbacks: list[pl.Callback]) 
         "gradient_clip_val": t.gradient_clip_val, "log_every_n_steps": t.log_every_n_steps,
         "deterministic": t.deterministic, "default_root_dir": str(run_dir), "callbacks": callbacks,
         "logger": make_loggers(run_dir, recipe.logging.wandb, recipe.logging.wandb_project,
-                               recipe.logging.name or recipe.name),
+                               recipe.logging.name or recipe.name, resume_step),
         "enable_progress_bar": recipe.logging.progress_bar, "enable_model_summary": False,
         "use_distributed_sampler": False,  # ResumableLoader shards by rank itself
         "accumulate_grad_batches": t.accumulate_grad_batches,

@@ -183,3 +183,77 @@ def test_cpu_threads_sets_torchs_intra_op_threads_for_the_run(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def metrics_steps(run_dir) -> tuple[list[dict[str, str]], list[int]]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return rows, [int(row["step"]) for row in rows]
+
+
+def test_resume_in_place_continues_the_metrics_history(tmp_path, recwarn):
+    """A finished run (its last.ckpt written at the end of its last epoch) resumed for one more epoch
+    writes the uninterrupted two-epoch run's metrics.csv, byte for byte (constant learning rate: the
+    cosine schedule would follow the number of epochs)."""
+    same = ("trainer.max_steps=-1", "trainer.log_every_n_steps=2", "optimizer.schedule=constant")
+    train(fast_recipe(tmp_path / "full", "trainer.max_epochs=2", *same), quiet=True)
+    uninterrupted = tmp_path / "full" / "digits_w4a4" / "version_0" / "metrics.csv"
+    run_dir = tmp_path / "digits_w4a4" / "version_0"
+    train(fast_recipe(tmp_path, "trainer.max_epochs=1", *same), quiet=True)
+    first, first_steps = metrics_steps(run_dir)
+    recwarn.clear()
+    train(fast_recipe(tmp_path, "trainer.max_epochs=2", *same, "resume=last"), quiet=True)
+    rows, steps = metrics_steps(run_dir)
+    assert first_steps == [1, 3, 5, 7, 9, 10, 11, 11]  # epoch 0 (12 steps), PTQ figures at 10, validation
+    assert steps == [*first_steps, 13, 15, 17, 19, 21, 23, 23]
+    assert [{key: row[key] for key in first[0]} for row in rows[:len(first)]] == first  # kept as they were
+    assert (run_dir / "metrics.csv").read_text() == uninterrupted.read_text()
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]  # expected on resume
+
+
+def test_resume_from_a_run_stopped_by_max_steps_logs_each_row_at_its_own_step(tmp_path):
+    """Lightning counts one stepped batch too many when it resumes from the checkpoint of an epoch's last
+    step: without `ResumedLogStep` every resumed row would carry the next step's number (and figures)."""
+    same = ("trainer.log_every_n_steps=2", "optimizer.schedule=constant")
+    train(fast_recipe(tmp_path / "full", "trainer.max_steps=24", *same), quiet=True)
+    uninterrupted, _ = metrics_steps(tmp_path / "full" / "digits_w4a4" / "version_0")
+    train(fast_recipe(tmp_path, "trainer.max_steps=12", *same), quiet=True)
+    train(fast_recipe(tmp_path, "trainer.max_steps=24", *same, "resume=last"), quiet=True)
+    rows, _ = metrics_steps(tmp_path / "digits_w4a4" / "version_0")
+    # The epoch column aside: Lightning's current_epoch after this restart is one ahead (noted, not qat's).
+    assert [{k: v for k, v in row.items() if k != "epoch"} for row in rows] == \
+        [{k: v for k, v in row.items() if k != "epoch"} for row in uninterrupted]
+
+
+def test_resume_last_takes_the_newest_run_and_in_it_the_highest_recorded_step(tmp_path):
+    """By what the files record, not their names or mtimes: a stale last.ckpt beside a newer last-v1.ckpt
+    (written by resumes before qat overwrote last.ckpt in place) and touched last loses."""
+    import os
+
+    from qat.run.build import newest_checkpoint
+
+    steps = {"version_0/checkpoints/last.ckpt": 500, "version_1/checkpoints/last.ckpt": 12,
+             "version_1/checkpoints/last-v1.ckpt": 20, "version_1/checkpoints/best.ckpt": 99}
+    for name, step in steps.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"global_step": step}, tmp_path / name)
+    os.utime(tmp_path / "version_1/checkpoints/last.ckpt")  # the newest mtime
+    assert newest_checkpoint(tmp_path) == tmp_path / "version_1/checkpoints/last-v1.ckpt"
+
+
+def test_a_copied_run_directory_resumes_into_its_own_last_ckpt(tmp_path, recwarn):
+    import shutil
+
+    from qat.lightning.checkpoint_io import saved_step
+
+    base = tmp_path / "digits_w4a4"
+    train(fast_recipe(tmp_path, "trainer.max_steps=12"), quiet=True)
+    original = {p.name: p.read_bytes() for p in (base / "version_0" / "checkpoints").iterdir()}
+    shutil.copytree(base / "version_0", base / "version_1")
+    summary = train(fast_recipe(tmp_path, "trainer.max_steps=24", "resume=last"), quiet=True)
+    assert summary["run_dir"] == str(base / "version_1")
+    checkpoints = base / "version_1" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]  # no last-v1.ckpt
+    assert saved_step(checkpoints / "last.ckpt") == 24
+    assert {p.name: p.read_bytes() for p in (base / "version_0" / "checkpoints").iterdir()} == original
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]  # best score kept
