@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +21,7 @@ import torch
 from pytorch_lightning.callbacks import RichProgressBar
 from torch import nn
 
+from qat.config import ConfigError
 from qat.hf.load import load_tokenizer, weights_folder
 from qat.lightning.checkpoint_io import AtomicCheckpointIO, RunCheckpoint, saved_step
 from qat.lightning.distillation import Distillation, freeze_teacher
@@ -39,8 +42,8 @@ from qat.run.preflight import check_classes, class_count, new_directories, remov
 from qat.swap import PrepareReport
 from qat.tasks import make_task
 
-__all__ = ["Run", "build", "build_model", "import_object", "instantiate", "make_distillation",
-           "model_from_checkpoint", "newest_checkpoint", "resolve_run_dir", "trainer_kwargs"]
+__all__ = ["Run", "RunDirectoryError", "build", "build_model", "check_writable", "import_object", "instantiate",
+           "make_distillation", "model_from_checkpoint", "newest_checkpoint", "resolve_run_dir", "trainer_kwargs"]
 
 
 @dataclass
@@ -91,6 +94,31 @@ def resolve_run_dir(recipe: Recipe) -> tuple[Path, Optional[str]]:
         if not ckpt.is_file():
             raise FileNotFoundError(f"resume={recipe.resume!r}: no such checkpoint file")
     return ckpt.parent.parent, str(ckpt)
+
+
+class RunDirectoryError(ConfigError):
+    """The run directory cannot be written; raised before any work, so nothing is half-written."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse a run directory that cannot be written, by creating and removing a probe file in it and
+    in its checkpoints/ (for a new run: in the nearest folder that exists, where its folders will be
+    made). Permission bits cannot tell: root ignores them, and a read-only mount refuses everyone."""
+    for folder in dict.fromkeys(_nearest_existing(d) for d in (run_dir, run_dir / "checkpoints")):
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".qat-write-probe-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            reason = "not a directory" if not folder.is_dir() else err.strerror or str(err)
+            where = "" if folder == run_dir else f" (in {folder})"
+            raise RunDirectoryError(f"run directory {run_dir} is not writable{where}: {reason}") from None
 
 
 def build_callbacks(recipe: Recipe, run_dir: Path, schedule: QuantizationSchedule,
@@ -144,6 +172,7 @@ def _build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]], created
     if recipe.trainer.cpu_threads is not None:
         torch.set_num_threads(recipe.trainer.cpu_threads)
     run_dir, resume_from = resolve_run_dir(recipe)
+    check_writable(run_dir)  # before any work: a read-only run directory is one line, not a traceback later
     resume_step = saved_step(resume_from) if resume_from is not None else None
     floats: list[nn.Module] = []
     keep_float = (recipe.distill.enabled and recipe.distill.teacher == "initial") or recipe.task == "embedding"

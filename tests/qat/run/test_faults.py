@@ -7,6 +7,7 @@ import builtins
 import errno
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,57 @@ def test_read_only_directory_mocked_keeps_the_previous_checkpoint(tmp_path, monk
     with pytest.raises(CheckpointWriteError, match=r"Permission denied.*writable"):
         AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
     assert path.read_bytes() == before
+
+
+# ---- the run directory is checked writable before any work ---------------------------------------
+
+
+def _train_argv(runs: Path, *extra: str) -> list[str]:
+    from tests.qat.run.helpers import DEFAULT_RECIPE, FAST
+
+    return ["train", str(DEFAULT_RECIPE), *FAST, f"logging.run_dir={runs}", *extra]
+
+
+def _no_model_is_built(monkeypatch) -> None:
+    import qat.run.build
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was built before the run directory was checked")
+
+    monkeypatch.setattr(qat.run.build, "build_model", fail)
+
+
+def test_a_file_in_place_of_the_runs_folder_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where the runs folder should be")  # unwritable for root too
+    _no_model_is_built(monkeypatch)
+    assert main(_train_argv(blocker)) == 2
+    assert capsys.readouterr().err == (f"qat: error: run directory {blocker}/digits_w4a4/version_0 is not "
+                                       f"writable (in {blocker}): not a directory\n")
+    assert blocker.read_text() == "a file where the runs folder should be"
+
+
+def test_a_read_only_run_directory_is_refused_on_resume_with_nothing_written(tmp_path, monkeypatch, capsys):
+    """A read-only mount, mocked where qat probes it (root ignores permission bits): the probe file
+    cannot be made in the run directory, and resume=last stops before anything is loaded or written."""
+    from qat.run.train import train
+    from tests.qat.run.helpers import fast_recipe
+
+    train(fast_recipe(tmp_path, "trainer.max_steps=12"), quiet=True)
+    run_dir = tmp_path / "digits_w4a4" / "version_0"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only_mount(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).is_relative_to(run_dir):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_mount)
+    _no_model_is_built(monkeypatch)
+    assert main(_train_argv(tmp_path, "trainer.max_steps=20", "resume=last")) == 2
+    assert capsys.readouterr().err == f"qat: error: run directory {run_dir} is not writable: Read-only file system\n"
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 # ---- RNG states --------------------------------------------------------------------------------
