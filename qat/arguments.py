@@ -100,15 +100,20 @@ def add_eval_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                     "latency and sensitivity; writes report.md, report.json and PNG plots.")
     parser.add_argument("source", help="a run directory, a training checkpoint (.ckpt) or a qat int4 .safetensors")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.args.batch_size=128")
-    parser.add_argument("-o", "--output", help="directory for the report (default: the run directory)")
+    parser.add_argument("-o", "--output", help="directory for the report (default: the run directory, or its "
+                        "eval/ when the run's own report there has other figures: that one is kept)")
     parser.add_argument("--float", help="float reference state dict (default: <run_dir>/float.safetensors)")
     parser.add_argument("--recipe", help="recipe YAML (default: the checkpoint's or the run directory's)")
-    parser.add_argument("--noise", type=float, nargs="+", help="noise levels (default: by input kind)")
-    parser.add_argument("--budget-bits", type=float, help="suggest per-layer bits under this average")
-    parser.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
+    parser.add_argument("--noise", type=float, nargs="+",
+                        help="noise levels (default: the recipe's report.noise_levels, else by input kind)")
+    parser.add_argument("--budget-bits", type=float,
+                        help="suggest per-layer bits under this average (default: the recipe's report.budget_bits)")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="skip the CPU latency measurement (default: as the recipe's report.latency)")
     parser.add_argument("--no-sensitivity", action="store_true",
                         help="skip per-layer sensitivity (one pass over the data per layer and bit width: long "
-                             "for a large language model); --budget-bits still computes it")
+                             "for a large language model), the recipe's report.budget_bits too; --budget-bits "
+                             "still computes it")
     return parser
 
 

@@ -4,7 +4,9 @@
     qat eval runs/.../checkpoints/last.ckpt --budget-bits 3   # plus a mixed-precision suggestion
     qat eval model.safetensors --float float.safetensors --recipe recipe.yaml -o eval/
 
-The end of a training run with `report.enabled: true` calls `report_run` (the same code).
+The end of a training run with `report.enabled: true` calls `report_run` (the same code, the same
+settings: `qat eval` takes the recipe's `report` section as its defaults, so on a run directory it
+reproduces the run's own report and rewrites it; a report with other figures goes to <run_dir>/eval/).
 
 Example:
     >>> report, paths = evaluate("runs/digits_w2a4/version_0")
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -27,6 +30,7 @@ from qat.eval.sensitivity import DEFAULT_BITS, layer_sensitivity, quantized_laye
 from qat.export import inspect_checkpoint, load
 from qat.export.spec import LAYOUT_INT4
 from qat.lightning.float_reference import FLOAT_FILE
+from qat.recipe import ReportConfig
 from qat.run.eval_sources import INT4_FILE, EvalSources, resolve
 from qat.run.progress import stages
 from qat.tasks import make_task
@@ -141,17 +145,65 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
     return report
 
 
+def report_options(settings: ReportConfig, noise_levels: Optional[Sequence[float]] = None,
+                   with_latency: Optional[bool] = None, budget_bits: Optional[float] = None,
+                   sensitivity: Optional[bool] = None) -> dict[str, Any]:
+    """`build_report`'s options: those given, the others from the recipe's `report` section, so that
+    `qat eval RUN_DIR` makes the report the run made at its end. Sensitivity, which the end-of-run report
+    computes only with a budget (it is long for a large model), is on for a run that made no report;
+    `sensitivity=False` (--no-sensitivity) drops the recipe's budget too, an explicit one keeps it."""
+    budget = budget_bits if budget_bits is not None or sensitivity is False else settings.budget_bits
+    return {"noise_levels": settings.noise_levels if noise_levels is None else noise_levels,
+            "with_latency": settings.latency if with_latency is None else with_latency,
+            "budget_bits": budget,
+            "sensitivity": (budget is not None or not settings.enabled) if sensitivity is None else sensitivity}
+
+
 def evaluate(path: str | Path, output: Optional[str | Path] = None, float_path: Optional[str] = None,
              recipe_path: Optional[str] = None, overrides: Optional[list[str]] = None,
              progress: Callable[[str], None] = _quiet, **options: Any) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Build the report of `path` and write it to `output` (default: its run directory)."""
+    """Build the report of `path` and write it to `output` (default: its run directory). `options`
+    (`report_options`' arguments) default to the recipe's `report` settings."""
     progress(f"reading {path}")
     sources = resolve(path, float_path, recipe_path, overrides)
-    report = build_report(sources, **options, progress=progress)
+    report = build_report(sources, **report_options(sources.recipe.report, **options), progress=progress)
     default_dir = sources.source if sources.source.is_dir() else \
         (sources.source.parent if sources.checkpoint is None else sources.source.parent.parent)
     progress("writing report.md, report.json and the plots")
-    return report, write_report(report, output or default_dir)
+    return report, write_report(report, output or _unclobbered(default_dir, report))
+
+
+OTHER_REPORT_DIR = "eval"
+
+
+def _unclobbered(run_dir: Path, report: dict[str, Any]) -> Path:
+    """Where a report goes by default: the run directory, unless that holds a report with other figures
+    (the run's own, made at the end of training, evaluated another way): that one is kept, and this one
+    goes to <run_dir>/eval/ (replacing an earlier one there). A reproduction (same figures; latency is
+    measured again) rewrites the run's report."""
+    existing = run_dir / "report.json"
+    try:
+        same = not existing.exists() or _figures(json.loads(existing.read_text())) == _figures(report)
+    except (OSError, ValueError):  # unreadable: not ours to overwrite
+        same = False
+    if same:
+        return run_dir
+    print(f"qat eval: {run_dir / 'report.md'} has other figures and is kept; this report goes to "
+          f"{run_dir / OTHER_REPORT_DIR} (or pass -o DIR)", file=sys.stderr)
+    return run_dir / OTHER_REPORT_DIR
+
+
+def _figures(report: dict[str, Any]) -> str:
+    """What two reports are compared on: everything as report.json holds it, but the file paths (the same
+    run named another way) and the latency timings (whether latency was measured still counts); as JSON
+    text, where NaN equals NaN."""
+    figures = json.loads(json.dumps(report, default=str))
+    for key in ("plots", "source", "float_reference"):
+        figures.pop(key, None)
+    figures.get("size", {}).pop("int4_path", None)
+    if "latency" in figures:
+        figures["latency"] = True
+    return json.dumps(figures, sort_keys=True)
 
 
 def report_run(run: Any) -> dict[str, Any]:
@@ -168,8 +220,7 @@ def report_run(run: Any) -> dict[str, Any]:
     export = Path(run.recipe.export.path or run_dir / INT4_FILE)
     sources = EvalSources(run.recipe, run_dir, float_path, int4_path=export if export.is_file() else None,
                           trained=run.model)
-    report = build_report(sources, settings.noise_levels, settings.latency, settings.budget_bits,
-                          sensitivity=settings.budget_bits is not None)
+    report = build_report(sources, **report_options(settings))
     paths = write_report(report, run_dir)
     plots = {name: path for name, path in paths.items() if name not in ("json", "md")}
     log_report(run.trainer.loggers, report, plots, run.trainer.global_step)
@@ -188,8 +239,9 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         with stages("qat eval") as stage:
             report, paths = evaluate(args.source, args.output, args.float, args.recipe, list(args.overrides),
-                                     progress=stage, noise_levels=args.noise, with_latency=not args.no_latency,
-                                     budget_bits=args.budget_bits, sensitivity=not args.no_sensitivity)
+                                     progress=stage, noise_levels=args.noise,
+                                     with_latency=False if args.no_latency else None, budget_bits=args.budget_bits,
+                                     sensitivity=False if args.no_sensitivity else None)
     except (EvalError, ValueError, FileNotFoundError) as err:
         print(f"qat eval: error: {err}", file=sys.stderr)
         return 2

@@ -84,6 +84,48 @@ def test_qat_eval_works_on_all_three_inputs(run, which, tmp_path, capsys):
     assert "qat eval: loading the models" in printed.err and "qat eval: comparing float, ptq" in printed.err
 
 
+def test_qat_eval_of_the_run_reproduces_its_report_in_place(run, capsys):
+    """No options: the recipe's `report` settings (budget_bits 2.5, noise levels, no latency), as at the end
+    of training, so the run's report comes back digit for digit, its suggested bits included."""
+    _, run_dir = run
+    before = {name: (run_dir / name).read_text() for name in ("report.md", "report.json")}
+    assert "Suggested bits under an average of 2.5 bits/weight" in before["report.md"]
+    assert main(["eval", str(run_dir)]) == 0
+    assert {name: (run_dir / name).read_text() for name in before} == before
+    assert not (run_dir / "eval").exists()
+    assert f"report: {run_dir / 'report.md'}" in capsys.readouterr().out
+
+
+def test_qat_eval_with_other_settings_keeps_the_runs_report(run, capsys):
+    _, run_dir = run
+    before = {name: (run_dir / name).read_bytes() for name in ("report.md", "report.json", *PLOTS)}
+    try:
+        assert main(["eval", str(run_dir), "--budget-bits", "3"]) == 0
+        assert {name: (run_dir / name).read_bytes() for name in before} == before  # the training report, kept
+        other = json.loads((run_dir / "eval" / "report.json").read_text())
+        assert 2.5 < other["sensitivity"]["suggestion"]["average_bits"] <= 3
+        captured = capsys.readouterr()
+        assert f"{run_dir / 'report.md'} has other figures and is kept" in captured.err
+        assert f"report: {run_dir / 'eval' / 'report.md'}" in captured.out
+    finally:
+        shutil.rmtree(run_dir / "eval", ignore_errors=True)
+
+
+def test_qat_eval_takes_its_defaults_from_the_recipes_report_settings():
+    from qat.recipe import ReportConfig
+    from qat.run.evaluate import report_options
+
+    run_report = ReportConfig(enabled=True, noise_levels=[0.0, 0.3], latency=False, budget_bits=2.5)
+    assert report_options(run_report) == {"noise_levels": [0.0, 0.3], "with_latency": False, "budget_bits": 2.5,
+                                          "sensitivity": True}
+    assert report_options(run_report, noise_levels=[0.1], with_latency=True, budget_bits=3.0, sensitivity=False) == \
+        {"noise_levels": [0.1], "with_latency": True, "budget_bits": 3.0, "sensitivity": False}
+    assert report_options(run_report, sensitivity=False)["budget_bits"] is None  # --no-sensitivity: no budget
+    # No budget: the end-of-run report skips sensitivity, so qat eval does too; a run without one gets it.
+    assert report_options(ReportConfig(enabled=True))["sensitivity"] is False
+    assert report_options(ReportConfig(enabled=False))["sensitivity"] is True
+
+
 def test_a_file_that_is_not_a_qat_checkpoint_is_named(tmp_path, capsys):
     garbage = tmp_path / "model.ckpt"
     garbage.write_bytes(b"not a checkpoint at all")
