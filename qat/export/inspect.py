@@ -18,8 +18,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
+from qat.export.columns import table
 from qat.export.format import CheckpointError, layer_tensor
 from qat.export.manifest import Manifest, read_manifest
 from qat.export.reader import Header, read_header, read_tensors
@@ -107,23 +108,6 @@ def _layer_row(name: str, spec: LayerSpec) -> list[str]:
         a = spec.input
         act = f"int{a.bits} {'sym' if a.symmetric else 'asym'} per {a.granularity}"
     return [name, spec.type, *weight, act]
-
-
-def table(columns: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "  ") -> list[str]:
-    """Aligned text columns under a header line (cells as str; numbers right-aligned)."""
-    cells = [[str(cell) for cell in row] for row in rows]
-    widths = [max([len(column), *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
-    numeric = [bool(cells) and all(_is_number(row[i]) for row in cells) for i in range(len(columns))]
-
-    def line(row: Sequence[str]) -> str:
-        return indent + "  ".join(cell.rjust(width) if right else cell.ljust(width)
-                                  for cell, width, right in zip(row, widths, numeric, strict=True)).rstrip()
-
-    return [line(list(columns)), *(line(row) for row in cells)]
-
-
-def _is_number(text: str) -> bool:
-    return text.replace(",", "").replace(".", "", 1).isdigit()
 
 
 def _first(names: list[str], count: int = 6) -> str:

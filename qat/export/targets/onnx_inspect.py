@@ -24,9 +24,9 @@ from typing import Any, Optional
 import onnx
 from onnx import helper
 
+from qat.export.columns import table
 from qat.export.format import MetadataError
 from qat.export.golden import KEY_GOLDEN, decode_golden
-from qat.export.inspect import table
 from qat.export.targets.onnx import METADATA_SOURCE
 
 KEY_LAYERS, KEY_KV_CACHE = "qat.layers", "qat.kv_cache"  # written by onnx.py and onnx_cache.py
