@@ -82,7 +82,8 @@ def test_a_copied_run_directory_keeps_its_best_score_and_paths(tmp_path):
             "monitor": "val/acc", "best_model_score": torch.tensor(0.9), "best_model_path": str(old / "best.ckpt"),
             "current_score": torch.tensor(0.8), "dirpath": str(old), "best_k_models": {str(old / "best.ckpt"): 0.9},
             "kth_best_model_path": str(old / "best.ckpt"), "kth_value": 0.9, "last_model_path": str(old / "last.ckpt")})
-    assert callback.best_model_score.item() == torch.tensor(0.9).item()  # a worse first validation after resume keeps best.ckpt
+    # the score kept: a worse first validation after resume leaves best.ckpt alone
+    assert callback.best_model_score.item() == torch.tensor(0.9).item()
     assert (callback.best_model_path, callback.kth_best_model_path) == (str(new / "best.ckpt"),) * 2
     assert callback.best_k_models == {str(new / "best.ckpt"): 0.9}
     assert callback.last_model_path == str(new / "last.ckpt")  # so last.ckpt is overwritten, not last-v1.ckpt
