@@ -75,7 +75,8 @@ def add_inspect_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         "the metadata qat wrote, its MatMulNBits nodes and its sizes.",
     )
     parser.add_argument("file", help="a .safetensors file written by qat export, a run directory or an .onnx file")
-    parser.add_argument("--no-verify", action="store_true", help="skip reading the payload (header checks only)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip reading the payload (header checks only; for an .onnx file, the ONNX checker)")
     return parser
 
 
