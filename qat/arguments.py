@@ -86,7 +86,8 @@ def add_verify_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         "verify", help="rerun a file's golden inputs here and check the outputs",
         description="Load a qat file (or run a converted .onnx file), rerun the golden inputs stored at export, "
         "report the largest deviation; exit 1 past the tolerance or for a corrupted file.")
-    parser.add_argument("file", help="a qat .safetensors file or an .onnx file written by qat export --to onnx")
+    parser.add_argument("file", help="a qat .safetensors file, a run directory (its int4 file) or an .onnx file "
+                        "written by qat export --to onnx")
     parser.add_argument("--backend", help="kernel backend for qat files (reference, dequant, cpu_int4pack, ...)")
     parser.add_argument("--tolerance", type=float, help="largest allowed deviation relative to max |golden output|")
     return parser

@@ -171,3 +171,14 @@ def test_a_weight_only_file_keeps_the_automatic_choice_and_its_tolerance(lm_file
     report = verify(lm_file)
     ran = set(report.runtime.split("kernels ")[1].split(" (")[0].replace(",", "").split()[::2])
     assert report.passed and report.tolerance == (1e-4 if ran <= {"dequant", "reference"} else 5e-2)
+
+
+def test_verify_takes_a_run_directory_and_says_what_to_do_without_a_file(w2a4_file, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert main(["verify", str(run_dir)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no int4 file (model.safetensors)" in err and "qat export" in err
+    w2a4_file.rename(run_dir / "model.safetensors")
+    assert main(["verify", str(run_dir)]) == 0
+    assert "-> OK" in capsys.readouterr().out
