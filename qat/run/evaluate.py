@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import torch
+
 from qat.eval.evaluate import compare, latency
 from qat.eval.log_report import log_report
 from qat.eval.outputs import EvalError, collect, collect_embeddings
@@ -166,6 +168,8 @@ def evaluate(path: str | Path, output: Optional[str | Path] = None, float_path: 
     (`report_options`' arguments) default to the recipe's `report` settings."""
     progress(f"reading {path}")
     sources = resolve(path, float_path, recipe_path, overrides)
+    if sources.recipe.trainer.cpu_threads is not None:  # the run's thread count, as its end-of-run report had:
+        torch.set_num_threads(sources.recipe.trainer.cpu_threads)  # float sums split by thread differ in last bits
     report = build_report(sources, **report_options(sources.recipe.report, **options), progress=progress)
     default_dir = sources.source if sources.source.is_dir() else \
         (sources.source.parent if sources.checkpoint is None else sources.source.parent.parent)

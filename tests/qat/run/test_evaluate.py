@@ -90,7 +90,13 @@ def test_qat_eval_of_the_run_reproduces_its_report_in_place(run, capsys):
     _, run_dir = run
     before = {name: (run_dir / name).read_text() for name in ("report.md", "report.json")}
     assert "Suggested bits under an average of 2.5 bits/weight" in before["report.md"]
-    assert main(["eval", str(run_dir)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # as a fresh `qat eval` process: the recipe's cpu_threads (1) must win
+    try:
+        assert main(["eval", str(run_dir)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert {name: (run_dir / name).read_text() for name in before} == before
     assert not (run_dir / "eval").exists()
     assert f"report: {run_dir / 'report.md'}" in capsys.readouterr().out
