@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from qat.kernels.dispatch import int4_linear_prepared
 from qat.kernels.reference import dequantize_int4, unpack_int4
-from qat.kernels.timing import copies_needed, machine_description, make_layer
+from qat.kernels.timing import copies_needed, make_layer
 
 from benchmarks import record
 from qat.export.targets.matmul_nbits import choose_layout, nbits_tensors
@@ -130,8 +130,8 @@ def main() -> None:
     if args.out != "-":
         import onnxruntime
 
-        header = ["# ONNX Runtime MatMulNBits vs qat's CPU dispatch, 4096x4096 int4 g128 (issue 12 anchor)", "",
-                  f"Machine: {machine_description('cpu', args.threads)}; onnxruntime {onnxruntime.__version__}.",
+        header = ["# ONNX Runtime MatMulNBits vs qat's CPU dispatch, 4096x4096 int4 g128", "",
+                  f"Machine: {record.machine()}; onnxruntime {onnxruntime.__version__}.",
                   f"Command: `{record.command()}` ({time.perf_counter() - started:.0f} s, {record.now()}).",
                   "Ratios: time(dense of the column's activation dtype) / time(method), medians of interleaved calls "
                   "(qat fp32 x, qat int8 act (`cpu_int8_act` forced, fp32 x) and ORT columns vs dense fp32; qat "
