@@ -1,4 +1,4 @@
-"""A real causal LM int4 file through ONNX Runtime (issue 11: "SmolLM2 if the graph export fits").
+"""A real causal LM int4 file through ONNX Runtime.
 
 Exports the file with `qat export --to onnx`'s converter (traced on a (1, 16) batch of ids; batch
 and length stay dynamic), runs ONNX Runtime on a held-out-length input and compares its logits

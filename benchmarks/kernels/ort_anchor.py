@@ -1,4 +1,4 @@
-"""The CPU anchor of issue 12: ONNX Runtime's MatMulNBits on the same int4 layer, next to qat's dispatch and dense.
+"""The CPU anchor: ONNX Runtime's MatMulNBits on the same int4 layer, next to qat's dispatch and dense.
 
     .venv/bin/python -m benchmarks.kernels.ort_anchor [--rows 1,4,16,64,256,1024] [--threads 2] [--out FILE.md | -]
 

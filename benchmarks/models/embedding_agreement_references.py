@@ -1,4 +1,4 @@
-"""What plain weight formats score on the encoder recipe's held-out sentences (issue 9, MiniLM goals).
+"""What plain weight formats score on the encoder recipe's held-out sentences (MiniLM).
 
 The float model's weights (every 2-D tensor but the token-type table: the recipe's int4 scope) are
 rounded once, with no data and no training, to fp16 / bf16 and to round-to-nearest integer formats

@@ -1,4 +1,4 @@
-"""How much of an int4 encoder's error the nearest-neighbour agreement tolerates (issue 9, MiniLM goals).
+"""How much of an int4 encoder's error the nearest-neighbour agreement tolerates (MiniLM).
 
 The held-out sentence embeddings of the float model E and of the int4 file Q are blended,
 X = normalize(E + a (Q - E)), for shrinking a: the same error direction, a times its size. For each

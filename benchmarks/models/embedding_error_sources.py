@@ -1,4 +1,4 @@
-"""Where an int4 encoder file's error sits (issue 9, MiniLM): the file's tensors put back to float by group.
+"""Where an int4 encoder file's error sits (MiniLM): the file's tensors put back to float by group.
 
 The float model gets every quantized tensor of the int4 file (dequantized) and every float parameter the
 run trained (LayerNorms, biases); then one group of tensors at a time goes back to the float model's own

@@ -1,4 +1,4 @@
-"""Post-training rounding of an encoder recipe, no training: round-to-nearest vs GPTQ (issue 9, MiniLM).
+"""Post-training rounding of an encoder recipe, no training: round-to-nearest vs GPTQ (MiniLM).
 
 For each rounding it prepares the recipe's model, calibrates it on the recipe's first
 `schedule.calibration_batches` training batches exactly as a run does at the end of warm-up (GPTQ on
