@@ -11,6 +11,13 @@ separate documents.
     .jsonl           one document per line: a JSON object with a string field "text"
     stdlib:docstrings  the name, in a file list: the docstrings of the standard library's top-level
                      modules (`stdlib_docstrings`; about 3,900 documents, 9,000 sentences on 3.11)
+    debian:licenses  the licence texts of Debian's base-files (/usr/share/common-licenses, every
+                     Debian and Ubuntu system: legal English; 14 files, 237k characters on bookworm)
+    sklearn:descr    scikit-learn's dataset descriptions (sklearn/datasets/descr/*.rst: scientific
+                     prose with a few tables; 14 files, 43k characters in scikit-learn 1.x)
+
+The last two are the built-in out-of-domain evaluation corpora (`TextDataModule(eval_corpora=...)`):
+English of other kinds than the Python documentation the default corpus is.
 
 Example:
     >>> text = read_corpus(None)                      # the pydoc topics
@@ -20,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
 import sysconfig
@@ -28,6 +36,9 @@ from typing import Iterable, Optional, Sequence
 
 DOCUMENT_SEPARATOR = "\n\n"
 STDLIB_DOCSTRINGS = "stdlib:docstrings"
+DEBIAN_LICENSES = "debian:licenses"
+SKLEARN_DESCR = "sklearn:descr"
+COMMON_LICENSES = Path("/usr/share/common-licenses")
 
 
 def default_documents() -> list[str]:
@@ -58,6 +69,35 @@ def stdlib_docstrings() -> list[str]:
                 if text:
                     documents.append(text)
     return documents
+
+
+def debian_licenses(folder: Path = COMMON_LICENSES) -> list[str]:
+    """The licence texts Debian's base-files package installs (`/usr/share/common-licenses`), one document per
+    file in name order; the links there (GPL -> GPL-3 and the like) are skipped, so no text comes twice."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"built-in corpus {DEBIAN_LICENSES!r} is not on this machine: it is read from {folder} "
+                                "(Debian's base-files package; Debian and Ubuntu systems have it)")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink())
+    return [text for p in files if (text := p.read_text(encoding="utf-8", errors="replace")).strip()]
+
+
+def sklearn_descriptions() -> list[str]:
+    """scikit-learn's dataset descriptions (`sklearn/datasets/descr/*.rst`), one document per file in name order;
+    found without importing scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "descr" if spec and \
+        spec.submodule_search_locations else None
+    files = sorted(folder.glob("*.rst")) if folder is not None and folder.is_dir() else []
+    if not files:
+        where = folder if folder is not None else "sklearn/datasets/descr/*.rst"
+        raise FileNotFoundError(f"built-in corpus {SKLEARN_DESCR!r} is not on this machine: it is read from {where} "
+                                "(pip install scikit-learn; the [dev] and [examples] extras have it)")
+    return [p.read_text(encoding="utf-8") for p in files]
+
+
+# The corpora a file list may name instead of a path, and what reads each.
+BUILTIN_CORPORA = {STDLIB_DOCSTRINGS: stdlib_docstrings, DEBIAN_LICENSES: debian_licenses,
+                   SKLEARN_DESCR: sklearn_descriptions}
 
 
 def _read_text_file(path: Path) -> list[str]:
@@ -99,8 +139,8 @@ def read_documents(files: Optional[Sequence[str]] = None) -> list[str]:
         files = [str(files)]
     documents: list[str] = []
     for name in files:
-        if str(name) == STDLIB_DOCSTRINGS:
-            documents.extend(stdlib_docstrings())
+        if str(name) in BUILTIN_CORPORA:
+            documents.extend(BUILTIN_CORPORA[str(name)]())
             continue
         path = Path(name)
         if not path.is_file():

@@ -92,3 +92,32 @@ class ResumableLoader(DataLoader):
             self.epoch_sampler.resume_at(epoch + 1, 0)
         else:
             self.epoch_sampler.resume_at(epoch, done * int(self.batch_size or 1))
+
+
+def validation_names(datamodule: Any) -> list[str]:
+    """The names of a data module's validation loaders, in `val_dataloader()` order: '' for its own held-out
+    split, then its `eval_domains` (a `TextDataModule` with `eval_corpora`)."""
+    return ["", *(getattr(datamodule, "eval_domains", None) or ())]
+
+
+def validation_loaders(datamodule: Any) -> dict[str, Any]:
+    """A data module's validation loaders by name ('' first: its own held-out split; then one per evaluation
+    domain), whether `val_dataloader()` gives one loader or a list."""
+    loaders = datamodule.val_dataloader()
+    if not isinstance(loaders, (list, tuple)):
+        return {"": loaders}
+    names = validation_names(datamodule)
+    if len(names) != len(loaders):
+        names = ["", *(f"dataloader_{i}" for i in range(1, len(loaders)))]
+    return dict(zip(names, loaders, strict=True))
+
+
+def main_validation_loader(datamodule: Any) -> Any:
+    """The data module's own validation loader (the first, when `val_dataloader()` gives several)."""
+    return validation_loaders(datamodule)[""]
+
+
+def domain_key(metric: str, domain: str) -> str:
+    """The name of `metric` measured on validation loader `domain`: `metric` itself for the data module's own
+    split (''), else `metric/domain` (summary rows: `ppl/legal`; logged: `val/ppl/legal`)."""
+    return f"{metric}/{domain}" if domain else metric

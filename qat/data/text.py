@@ -6,6 +6,8 @@
     blocks -> train (first blocks) | validation (last blocks: the end of the corpus)
 
 Training and validation are whole, disjoint blocks: no validation sequence is ever trained on.
+`eval_corpora` adds validation on other text (one loader per named domain, after the held-out end of
+the training corpus): those corpora are only ever validation data, never training or calibration.
 Batches are dicts {"input_ids", "attention_mask", "labels"} of (B, T) int64 tensors; labels are
 the input ids (the model shifts them) and the mask is all ones (packed blocks have no padding).
 Training batches come from a `ResumableLoader`, so a killed run resumes at the exact batch.
@@ -18,14 +20,16 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from qat.data.corpus import default_corpus, read_corpus, read_documents
+from qat.data.corpus import BUILTIN_CORPORA, DEBIAN_LICENSES, SKLEARN_DESCR, default_corpus, read_corpus, read_documents
 from qat.data.loading import ResumableLoader
 from qat.data.tokenize import (
     check_ids_in_vocab,
@@ -36,9 +40,51 @@ from qat.data.tokenize import (
     tokenizer_eos_id,
 )
 
-__all__ = ["PackedBlocks", "TextDataModule", "default_corpus", "pack_tokens", "read_corpus"]
+__all__ = ["DEFAULT_DOMAIN_NAMES", "PackedBlocks", "TextDataModule", "default_corpus", "domain_corpora",
+           "pack_tokens", "read_corpus"]
 
 TokenIds = Union[Sequence[int], Tensor]
+# The domain name of a built-in corpus named alone in `eval_corpora` (a file alone is named by its stem).
+DEFAULT_DOMAIN_NAMES = {DEBIAN_LICENSES: "legal", SKLEARN_DESCR: "science"}
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def domain_corpora(eval_corpora: Optional[Sequence[Any]]) -> dict[str, list[str]]:
+    """The named corpora of `eval_corpora`: {domain name: its file list}, in the order given.
+
+    An entry is a built-in corpus name (`debian:licenses` -> 'legal', `sklearn:descr` -> 'science'), a
+    file (named by its stem), or a mapping `{name: NAME, files: FILE or [FILES]}`. Names are letters,
+    digits, '_', '.', '-' (they end metric names: `val/ppl/NAME`) and distinct.
+    """
+    corpora: dict[str, list[str]] = {}
+    for entry in eval_corpora or ():
+        if isinstance(entry, Mapping):
+            unknown = set(entry) - {"name", "files"}
+            if unknown or "files" not in entry:
+                raise ValueError(f"eval_corpora entry {dict(entry)}: expected {{name: NAME, files: FILES}}")
+            files = entry["files"]
+            files = [files] if isinstance(files, str) else [str(f) for f in files]
+            name = entry.get("name") or _default_domain_name(files[0] if files else "")
+        elif isinstance(entry, str):
+            files, name = [entry], _default_domain_name(entry)
+        else:
+            raise ValueError(f"eval_corpora entry {entry!r}: expected a file, a built-in corpus name "
+                             f"({', '.join(BUILTIN_CORPORA)}) or {{name: NAME, files: FILES}}")
+        if not files:
+            raise ValueError(f"eval_corpora entry {name!r} names no files")
+        if not _DOMAIN_NAME.fullmatch(str(name)):
+            raise ValueError(f"eval_corpora name {name!r}: use letters, digits, '_', '.' or '-' (it ends the metric "
+                             "names, val/ppl/NAME)")
+        if name in corpora:
+            raise ValueError(f"eval_corpora: two corpora are named {name!r}; give each a distinct name")
+        corpora[str(name)] = files
+    return corpora
+
+
+def _default_domain_name(source: str) -> str:
+    if source in BUILTIN_CORPORA:
+        return DEFAULT_DOMAIN_NAMES.get(source, source.partition(":")[2])
+    return Path(source).stem
 
 
 def _as_stream(token_ids: Union[TokenIds, Sequence[TokenIds]], eos_id: Optional[int]) -> Tensor:
@@ -110,6 +156,13 @@ class TextDataModule(pl.LightningDataModule):
             -1 = no separator.
         join_documents: tokenize the corpus as one text (`read_corpus`: documents joined by blank
             lines, no EOS) instead of document by document.
+        eval_corpora: other text to validate on, one domain each (see `domain_corpora`): e.g.
+            `["debian:licenses", "sklearn:descr", {name: notes, files: [a.txt, b.jsonl]}]`. Each is
+            tokenized and packed like the training corpus and gives `eval_tokens` tokens of evenly
+            spaced blocks (all its blocks when it has fewer); `val_dataloader()` is then a list, the
+            held-out end of the training corpus first and one loader per domain after it, in order
+            (`eval_domains` names them). A corpus file that is also a training file is refused.
+        eval_tokens: tokens per domain (default: as many as the held-out end of the training corpus).
 
     Every problem (empty or too-short corpus, seq_len above the model's limit, mismatched
     tokenizer) is a ValueError raised by the constructor or `setup`, before any training.
@@ -119,7 +172,8 @@ class TextDataModule(pl.LightningDataModule):
                  batch_size: int = 4, val_fraction: float = 0.1, val_tokens: Optional[int] = None, seed: int = 0,
                  max_train_blocks: Optional[int] = None, vocab_size: Optional[int] = None,
                  max_positions: Optional[int] = None, eos_id: Optional[int] = None,
-                 val_batch_size: Optional[int] = None, join_documents: bool = False) -> None:
+                 val_batch_size: Optional[int] = None, join_documents: bool = False,
+                 eval_corpora: Optional[Sequence[Any]] = None, eval_tokens: Optional[int] = None) -> None:
         super().__init__()
         check_length(seq_len, "seq_len", tokenizer, max_positions)
         check_split_settings(val_fraction, batch_size=batch_size, val_tokens=val_tokens,
@@ -130,21 +184,48 @@ class TextDataModule(pl.LightningDataModule):
         self.val_fraction, self.val_tokens, self.max_train_blocks = val_fraction, val_tokens, max_train_blocks
         self.vocab_size, self.join_documents = vocab_size, join_documents
         self.eos_id = tokenizer_eos_id(tokenizer) if eos_id is None else (None if eos_id == -1 else eos_id)
+        self.eval_corpora = domain_corpora(eval_corpora)
+        self.eval_tokens = eval_tokens
+        check_split_settings(val_fraction, eval_tokens=eval_tokens)
+        overlap = {f for files in self.eval_corpora.values() for f in files} & set(self.files or ())
+        if overlap:
+            raise ValueError(f"eval_corpora name training files {sorted(overlap)}: an evaluation domain is text the "
+                             "model never trains on; drop them from one of the two lists")
         self.train_set: Optional[PackedBlocks] = None
         self.val_set: Optional[PackedBlocks] = None
+        self.domain_sets: dict[str, PackedBlocks] = {}
+
+    @property
+    def eval_domains(self) -> list[str]:
+        """The names of the `eval_corpora` domains: validation loaders 1, 2, ... (0 is the training corpus' end)."""
+        return list(self.eval_corpora)
 
     def _num_val_blocks(self, num_blocks: int) -> int:
         if self.val_tokens is not None:
             return math.ceil(self.val_tokens / self.seq_len)
         return max(1, math.floor(num_blocks * self.val_fraction + 0.5))  # half rounds up
 
+    def _stream(self, files: Optional[Sequence[str]]) -> Tensor:
+        if self.join_documents:
+            stream = _as_stream(encode_text(self.tokenizer, read_corpus(files)), None)
+        else:
+            stream = _as_stream(encode_documents(self.tokenizer, read_documents(files)), self.eos_id)
+        check_ids_in_vocab(stream, self.vocab_size)
+        return stream
+
+    def _domain_blocks(self, name: str, files: Sequence[str], tokens: int) -> Tensor:
+        """`tokens` tokens (rounded up to whole blocks) of a domain corpus: evenly spaced blocks over it."""
+        blocks = pack_tokens(self._stream(files), self.seq_len, drop="head")
+        if blocks.shape[0] == 0:
+            raise ValueError(f"eval_corpora {name!r} ({list(files)}) gives fewer tokens than one block of "
+                             f"seq_len={self.seq_len}")
+        wanted = min(blocks.shape[0], math.ceil(tokens / self.seq_len))
+        picks = torch.linspace(0, blocks.shape[0] - 1, wanted).round().long().unique()
+        return blocks[picks]
+
     def _blocks(self) -> Tensor:
         """All blocks of the corpus, (N, seq_len), the last one ending at the corpus' end."""
-        if self.join_documents:
-            stream = _as_stream(encode_text(self.tokenizer, read_corpus(self.files)), None)
-        else:
-            stream = _as_stream(encode_documents(self.tokenizer, read_documents(self.files)), self.eos_id)
-        check_ids_in_vocab(stream, self.vocab_size)
+        stream = self._stream(self.files)
         if stream.numel() < 2 * self.seq_len:
             source = "the default corpus" if not self.files else f"corpus files {list(self.files)}"
             raise ValueError(f"{source} gives {stream.numel()} tokens: fewer than 2 blocks of seq_len={self.seq_len} "
@@ -164,8 +245,11 @@ class TextDataModule(pl.LightningDataModule):
         train_blocks = blocks[: blocks.shape[0] - num_val]
         if self.max_train_blocks is not None:
             train_blocks = train_blocks[: self.max_train_blocks]
-        self.train_set = PackedBlocks(train_blocks)
         self.val_set = PackedBlocks(blocks[blocks.shape[0] - num_val:])
+        tokens = self.eval_tokens or num_val * self.seq_len
+        self.domain_sets = {name: PackedBlocks(self._domain_blocks(name, files, tokens))
+                            for name, files in self.eval_corpora.items()}
+        self.train_set = PackedBlocks(train_blocks)
 
     def _require_setup(self) -> None:
         if self.train_set is None:
@@ -175,13 +259,19 @@ class TextDataModule(pl.LightningDataModule):
         self._require_setup()
         return ResumableLoader(self.train_set, batch_size=self.batch_size, shuffle=True, seed=self.seed)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> Union[DataLoader, list[DataLoader]]:
+        """The held-out end of the training corpus; with `eval_corpora`, a list: it, then one loader per domain."""
         self._require_setup()
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False)
+        main = DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False)
+        if not self.domain_sets:
+            return main
+        return [main, *(DataLoader(blocks, batch_size=self.val_batch_size, shuffle=False)
+                        for blocks in self.domain_sets.values())]
 
     def summary(self) -> str:
-        """One line: blocks and tokens of each split."""
+        """One line: blocks and tokens of each split (and of each evaluation domain)."""
         self._require_setup()
         train, val = len(self.train_set), len(self.val_set)
+        domains = "".join(f", {name} {len(blocks) * self.seq_len} tokens" for name, blocks in self.domain_sets.items())
         return (f"text data: {train} train blocks ({train * self.seq_len} tokens), {val} validation blocks "
-                f"({val * self.seq_len} tokens) of seq_len={self.seq_len}")
+                f"({val * self.seq_len} tokens) of seq_len={self.seq_len}{domains}")

@@ -15,6 +15,8 @@ By task (`qat.tasks`, which also splits, feeds and scores the batches):
                               agreement (`compare_embeddings`)
 
 Sections that do not apply to a task are listed in `report["not_applicable"]` with the reason.
+Language models with evaluation domains (`TextDataModule(eval_corpora=...)`) get `report["domains"]`
+(`domain_perplexity`): each stage's perplexity on each domain and the % of the PTQ gap recovered there.
 
 Example:
     >>> report = compare({"float": fp, "ptq": ptq, "qat": qat, "int4": int4}, val_batches, "classification")
@@ -23,18 +25,20 @@ Example:
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qat.eval import metrics
 from qat.eval.layers import output_errors, weight_sqnr
 from qat.eval.outputs import Outputs, collect, collect_embeddings
 from qat.eval.robustness import default_levels, describe, perturbation
-from qat.tasks import Task, make_task, model_output
+from qat.tasks import IGNORE, Task, make_task, model_output
 
 REFERENCE = "float"
 LM_TASKS = ("language_model", "causal_lm")
@@ -90,6 +94,47 @@ def gap_recovered(stages: dict[str, dict[str, Any]], quantized: str = "qat") -> 
             ptq_worse = ptq[key] < fp[key] if higher_is_better else ptq[key] > fp[key]
             result[key] = metrics.gap_recovered(fp[key], ptq[key], q[key]) if ptq_worse else None
     return result
+
+
+@torch.no_grad()
+def streamed_perplexity(model: nn.Module, batches: Sequence, task: Task) -> tuple[float, int]:
+    """(perplexity, next tokens scored) of `model` over `batches`, one batch at a time: no logits are kept."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            inputs, targets = task.split(batch)
+            logits = task.scored(task.forward(model, inputs)).float()
+            targets = targets.to(logits.device)
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           ignore_index=IGNORE, reduction="sum"))
+            count += int((targets != IGNORE).sum())
+    finally:
+        model.train(was_training)
+    return (math.exp(total / count) if count else float("nan")), count
+
+
+def domain_perplexity(models: dict[str, nn.Module], domains: dict[str, Sequence], task: str | Task,
+                      stages: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
+    """Each model's perplexity on each evaluation domain ({name: batches}) and the % of the float-to-PTQ gap
+    that QAT and the int4 file recover there: 100 * (ptq - stage) / (ptq - float), None where PTQ is not
+    worse. With `stages` (the report's rows, measured on the training text's held-out end) that text is the
+    first row, named ''."""
+    task = _task(task)
+    rows: dict[str, Any] = {}
+    if stages is not None and all("perplexity" in row for row in stages.values()):
+        rows[""] = {"tokens": int(stages[REFERENCE].get("count", 0)),
+                    "perplexity": {name: row["perplexity"] for name, row in stages.items()}}
+    for domain, batches in domains.items():
+        figures = {name: streamed_perplexity(model, batches, task) for name, model in models.items()}
+        rows[domain] = {"tokens": figures[REFERENCE][1], "perplexity": {name: f[0] for name, f in figures.items()}}
+    for row in rows.values():
+        ppl = row["perplexity"]
+        row["gap_recovered"] = {stage: metrics.gap_recovered(ppl[REFERENCE], ppl["ptq"], ppl[stage])
+                                if "ptq" in ppl and ppl["ptq"] > ppl[REFERENCE] else None
+                                for stage in ("qat", "int4") if stage in ppl}
+    return rows
 
 
 def robustness(models: dict[str, nn.Module], batches: list, task: str | Task, levels: Sequence[float],

@@ -72,6 +72,22 @@ def _stages_section(report: dict) -> list[str]:
     return lines
 
 
+def _domains_section(report: dict) -> list[str]:
+    domains = report.get("domains")
+    if not domains:
+        return []
+    stages = list(next(iter(domains.values()))["perplexity"])
+    gaps = [s for s in ("qat", "int4") if s in stages]
+    lines = ["## Perplexity by domain (% of the PTQ gap recovered: (PTQ - stage) / (PTQ - float) in perplexity)", "",
+             "The first row is the held-out end of the training text; the others are evaluation domains "
+             "(`data.args.eval_corpora`), text the run never trained or calibrated on.", ""]
+    head = ["domain", "next tokens", *(STAGE_LABELS.get(s, s) for s in stages),
+            *(f"{STAGE_LABELS.get(s, s)} % gap recovered" for s in gaps)]
+    body = [[name or "training text (held-out end)", row["tokens"], *(row["perplexity"][s] for s in stages),
+             *(_fmt(row["gap_recovered"].get(s), 1) for s in gaps)] for name, row in domains.items()]
+    return lines + _table(head, body)
+
+
 def _size_section(report: dict) -> list[str]:
     size, lines = report.get("size"), []
     if size:
@@ -161,8 +177,8 @@ def markdown(report: dict) -> str:
     lines = [title, "", f"Source: `{report.get('source', '?')}`; task: {report['task']}.", ""]
     if report.get("plots"):
         lines += [" ".join(f"![{p}]({p})" for p in report["plots"]), ""]
-    for section in (_stages_section, _size_section, _slices_section, _robustness_section, _layers_section,
-                    _sensitivity_section, _not_applicable_section):
+    for section in (_stages_section, _domains_section, _size_section, _slices_section, _robustness_section,
+                    _layers_section, _sensitivity_section, _not_applicable_section):
         lines += section(report)
     return "\n".join(lines)
 

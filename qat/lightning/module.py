@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from qat.config import ConfigError
 from qat.control import quantizer_parameters
+from qat.data.loading import domain_key, validation_names
 from qat.lightning.rng import collect_rng_states, restore_rng_states
 from qat.recipe import OptimizerConfig
 from qat.tasks import Task, make_task, move_batch
@@ -78,6 +79,9 @@ class QATModule(pl.LightningModule):
         self.checkpoint_info = dict(checkpoint_info or {})
         self.num_classes = num_classes
         self.val_metrics = self.task_spec.metrics()
+        # Validation loaders 1, 2, ... (evaluation domains, `TextDataModule(eval_corpora=...)`): their own
+        # metrics, made on first use; not submodules, so checkpoints and the state dict do not change.
+        self.domain_metrics: dict[int, Any] = {}
         self.loss_hooks: list[LossHook] = []
         self.task_loss_weight = 1.0 if self.task_spec.has_loss else 0.0  # 0: labels-free (the loss hooks alone)
 
@@ -112,17 +116,41 @@ class QATModule(pl.LightningModule):
             raise RuntimeError("no loss term: task_loss_weight is 0 (labels-free) and no loss hook gave a term")
         return terms
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def _validation_names(self) -> list[str]:
+        trainer = getattr(self, "_trainer", None)
+        return validation_names(trainer.datamodule if trainer is not None else None)
+
+    def _metrics_of(self, dataloader_idx: int) -> Any:
+        if dataloader_idx == 0:
+            return self.val_metrics
+        if dataloader_idx not in self.domain_metrics:
+            self.domain_metrics[dataloader_idx] = self.task_spec.metrics().to(self.device)
+        return self.domain_metrics[dataloader_idx]
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """One validation batch; loader 0 logs `val/loss` and `val/<metric>`, evaluation domain D (loader 1, 2, ...)
+        `val/loss/D` and `val/<metric>/D`."""
         inputs, targets = self.task_spec.split(batch)
         output = self(inputs)
         if self.task_spec.has_loss:
-            self.log("val/loss", self.task_loss(output, targets, inputs), on_epoch=True, sync_dist=True,
-                     batch_size=self.task_spec.size(inputs))
-        self.task_spec.update(self.val_metrics, output, targets, inputs)
+            domain = self._domain_name(dataloader_idx)
+            self.log(domain_key("val/loss", domain), self.task_loss(output, targets, inputs), on_epoch=True,
+                     sync_dist=True, batch_size=self.task_spec.size(inputs), add_dataloader_idx=False)
+        self.task_spec.update(self._metrics_of(dataloader_idx), output, targets, inputs)
+
+    def _domain_name(self, dataloader_idx: int) -> str:
+        if dataloader_idx == 0:
+            return ""
+        names = self._validation_names()
+        return names[dataloader_idx] if dataloader_idx < len(names) else f"dataloader_{dataloader_idx}"
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
         self.val_metrics.reset()
+        for index, metrics in sorted(self.domain_metrics.items()):
+            domain = self._domain_name(index)
+            self.log_dict({domain_key(f"val/{k}", domain): v for k, v in metrics.compute().items()})
+            metrics.reset()
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable) -> dict[str, float]:
@@ -146,6 +174,14 @@ class QATModule(pl.LightningModule):
         result = {k: float(v) for k, v in metrics.compute().items()}
         if count:
             result["loss"] = total / count
+        return result
+
+    def evaluate_loaders(self, loaders: dict[str, Iterable]) -> dict[str, float]:
+        """`evaluate` on each named loader (`qat.data.loading.validation_loaders`), in one flat dict: the
+        figures of loader '' under their own names, those of domain D as `<metric>/D` (`ppl/legal`)."""
+        result: dict[str, float] = {}
+        for domain, batches in loaders.items():
+            result.update({domain_key(k, domain): v for k, v in self.evaluate(batches).items()})
         return result
 
     def configure_optimizers(self):

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qat.control import calibrate, freeze, quantizers, set_fake_quant
+from qat.data.loading import validation_loaders
 from qat.ptq import gptq_round
 from qat.recipe import ScheduleConfig
 from qat.tasks import move_batch
@@ -92,7 +93,7 @@ class QuantizationSchedule(pl.Callback):
         model = pl_module.model
         val_batches = self._val_batches(trainer)
         if self.evaluate and val_batches is not None:
-            self.fp_metrics = pl_module.evaluate(val_batches)
+            self.fp_metrics = pl_module.evaluate_loaders(val_batches)
         calibration_batches = self._calibration_batches(trainer, pl_module.device)
         set_fake_quant(model, weights=True, activations=True)  # calibrate every quantizer the model will use
         calibrate(model, calibration_batches)
@@ -100,7 +101,7 @@ class QuantizationSchedule(pl.Callback):
         if self.config.weight_rounding == "gptq":
             if self.evaluate and val_batches is not None:  # the round-to-nearest figures GPTQ is measured against
                 set_fake_quant(model, weights=True, activations=activations_now)
-                self.rtn_metrics = pl_module.evaluate(val_batches)
+                self.rtn_metrics = pl_module.evaluate_loaders(val_batches)
                 set_fake_quant(model, weights=True, activations=True)  # GPTQ sees what calibration saw
             rounded = gptq_round(model, calibration_batches, self.config.gptq_damping, self.config.gptq_act_order)
             broadcast_weights(model, list(rounded))
@@ -109,7 +110,7 @@ class QuantizationSchedule(pl.Callback):
         self.activations_on = activations_now
         self.quantized = True
         if self.evaluate and val_batches is not None:
-            self.ptq_metrics = pl_module.evaluate(val_batches)
+            self.ptq_metrics = pl_module.evaluate_loaders(val_batches)
             self._log(trainer, {**self._prefixed("fp", self.fp_metrics), **self._prefixed("rtn", self.rtn_metrics),
                                 **self._prefixed("ptq", self.ptq_metrics)})
 
@@ -132,11 +133,13 @@ class QuantizationSchedule(pl.Callback):
         return [move_batch(batch, device) for batch in taken]
 
     @staticmethod
-    def _val_batches(trainer: pl.Trainer) -> Optional[list]:
+    def _val_batches(trainer: pl.Trainer) -> Optional[dict[str, list]]:
+        """The validation batches by loader name ('' the data module's own split, then its evaluation domains),
+        so the FP / RTN / PTQ rows have a figure per domain as the QAT and int4 rows do."""
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "val_dataloader"):
             return None
-        return list(datamodule.val_dataloader())
+        return {name: list(loader) for name, loader in validation_loaders(datamodule).items()}
 
     def state_dict(self) -> dict:
         keys = ("quantized", "activations_on", "frozen", "bn_frozen", "fp_metrics", "ptq_metrics", "rtn_metrics")

@@ -24,7 +24,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from qat.eval.evaluate import compare, latency
+from qat.data.loading import validation_loaders
+from qat.eval.evaluate import LM_TASKS, compare, domain_perplexity, latency
 from qat.eval.log_report import log_report
 from qat.eval.outputs import EvalError, collect, collect_embeddings
 from qat.eval.report import write_report
@@ -118,7 +119,8 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
     recipe = sources.recipe
     progress("loading the data")
     data = sources.datamodule()
-    val_batches = list(data.val_dataloader())
+    loaders = validation_loaders(data)  # '' the held-out end of the training text, then the evaluation domains
+    val_batches = list(loaders[""])
     train_batches = list(itertools.islice(iter(data.train_dataloader()), recipe.schedule.calibration_batches))
     progress("loading the models: float reference, PTQ (calibrated now), QAT, int4 file")
     models = _models(sources, train_batches, val_batches)
@@ -126,6 +128,10 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
     progress(f"comparing {', '.join(models)} on {len(val_batches)} validation batches (metrics, robustness, "
              "per-layer errors)")
     report = compare(models, val_batches, recipe.task, noise_levels, vocab, _drop_token(data))
+    if len(loaders) > 1 and recipe.task in LM_TASKS:
+        progress(f"perplexity on the evaluation domains: {', '.join(name for name in loaders if name)}")
+        report["domains"] = domain_perplexity(models, {name: list(loader) for name, loader in loaders.items() if name},
+                                              recipe.task, report["stages"])
     pretrained = sources.float_path is None
     report.update(name=recipe.name, source=str(sources.source),
                   float_reference=f"{recipe.model.hf.path} (pretrained)" if pretrained else str(sources.float_path),

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from qat.data.loading import main_validation_loader, validation_loaders
 from qat.export import export_model, load
 from qat.export.report import SizeReport
 from qat.export.targets.cli import run_convert
@@ -36,7 +37,7 @@ def golden_batch(datamodule: Any, count: int = 4) -> Optional[tuple[Tensor, ...]
     """
     try:
         datamodule.setup("validate")
-        batch = next(iter(datamodule.val_dataloader()))
+        batch = next(iter(main_validation_loader(datamodule)))
     except Exception:  # golden data is optional: no validation data, no golden data
         return None
     if isinstance(batch, dict):
@@ -67,7 +68,7 @@ def export_run(run: Run) -> dict[str, Any]:
     sparsity = remove_masks(model).as_dict() if run.pruning is not None else None
     size = export_trained(model, path, architecture_of(recipe, model), recipe_hash(recipe), run.datamodule, sparsity)
     evaluator = QATModule(load(path), run.module.task_spec)
-    return {"int4": evaluator.evaluate(run.datamodule.val_dataloader()),
+    return {"int4": evaluator.evaluate_loaders(validation_loaders(run.datamodule)),
             "export": {"path": str(path), "file_bytes": size.file_bytes, "bits_per_weight": size.bits_per_weight}}
 
 

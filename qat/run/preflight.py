@@ -24,6 +24,7 @@ from torch import nn
 
 from qat.config import ConfigError
 from qat.control import quantizers
+from qat.data.loading import main_validation_loader
 from qat.recipe import Recipe
 from qat.tasks import Task
 
@@ -68,7 +69,7 @@ def check_classes(model: nn.Module, datamodule: pl.LightningDataModule, task: Ta
     or labels outside the classes."""
     with _untouched_state(model):
         datamodule.setup("fit")  # Lightning calls it again in fit: a data module sets itself up once
-        batch = next(iter(datamodule.val_dataloader()), None)
+        batch = next(iter(main_validation_loader(datamodule)), None)
         if batch is None:
             return  # no validation data: nothing is scored, so nothing can disagree
         inputs, labels = task.split(batch)

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from qat.data.loading import main_validation_loader
 from qat.errors import ConfigError
 from qat.eval.evaluate import main_metric
 from qat.eval.plots import size_plot
@@ -105,7 +106,7 @@ def mixed_setting(first_run_dir: str, budget_bits: float) -> dict[str, Any]:
     """The mixed-precision setting suggested from the first run's float reference."""
     sources = resolve(first_run_dir)
     data = sources.datamodule()
-    batches = list(data.val_dataloader())
+    batches = list(main_validation_loader(data))
     rows = layer_sensitivity(sources.recipe, sources.float_model(), batches, task=make_task(sources.recipe.task))
     suggestion = suggest(sources.recipe, rows, budget_bits)
     return {"label": f"mixed@{budget_bits:g}", "bits": round(suggestion["average_bits"], 3), "group_size": "-",

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 from rich.console import Console
 from rich.table import Table
 
+from qat.data.loading import validation_loaders
 from qat.recipe import Recipe, recipe_hash
 from qat.run.build import Run, build
 from qat.run.evaluate import report_run
@@ -22,8 +23,9 @@ from qat.run.export import export_run
 
 
 def summarize(run: Run, seconds: float) -> dict[str, Any]:
-    """The run's figures: float (FP), right after quantization (PTQ) and after QAT."""
-    final = run.module.evaluate(run.datamodule.val_dataloader())
+    """The run's figures: float (FP), right after quantization (PTQ) and after QAT; with evaluation domains
+    (`data.args.eval_corpora`) every row also has `<metric>/<domain>` (`ppl/legal`)."""
+    final = run.module.evaluate_loaders(validation_loaders(run.datamodule))
     schedule = run.schedule
     return {
         "name": run.recipe.name,
@@ -39,6 +41,23 @@ def summarize(run: Run, seconds: float) -> dict[str, Any]:
         "skipped_layers": {layer.name: layer.reason for layer in run.report.skipped},
         **_kd_prune_summary(run),
     }
+
+
+def domain_gaps(summary: dict[str, Any], metric: str = "ppl") -> dict[str, dict[str, Optional[float]]]:
+    """% of the round-to-nearest gap recovered, per validation domain ('' is the training text's held-out end):
+    100 * (rtn - stage) / (rtn - fp) in perplexity for the QAT and int4 rows (`rtn` is the PTQ row without
+    GPTQ rounding); None where round-to-nearest is not worse than float or a row is missing."""
+    fp, rtn = summary.get("fp") or {}, summary.get("rtn") or summary.get("ptq") or {}
+    gaps: dict[str, dict[str, Optional[float]]] = {}
+    for key in [k for k in fp if k == metric or k.startswith(metric + "/")]:
+        domain = key.partition("/")[2]
+        row: dict[str, Optional[float]] = {}
+        for stage in ("qat", "int4"):
+            value = (summary.get(stage) or {}).get(key)
+            gap = rtn.get(key, float("nan")) - fp[key]
+            row[stage] = round(100.0 * (rtn[key] - value) / gap, 2) if value is not None and gap > 0 else None
+        gaps[domain] = row
+    return gaps
 
 
 def _kd_prune_summary(run: Run) -> dict[str, Any]:
@@ -66,6 +85,10 @@ def print_summary(summary: dict[str, Any], console: Optional[Console] = None) ->
         table.add_row(labels[key], *(f"{summary[key].get(m, float('nan')):.4f}" for m in metrics))
     console.print(table)
     console.print(f"steps: {summary['steps']}  time: {summary['seconds']} s  run: {summary['run_dir']}")
+    for domain, gap in (summary.get("gap_recovered_by_domain") or {}).items():
+        cells = ", ".join(f"{stage} {value:.1f}%" for stage, value in gap.items() if value is not None)
+        console.print(f"% of the round-to-nearest perplexity gap recovered on {domain or 'the training text'}: "
+                      f"{cells or 'no gap'}")
     if summary.get("sparsity"):
         sparsity = summary["sparsity"]
         console.print(f"sparsity: {sparsity['total']:.4f} ({sparsity['pattern'] or sparsity['method']}) over "
@@ -87,6 +110,8 @@ def train(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None, q
     summary = summarize(run, time.perf_counter() - start)
     if run.recipe.export.enabled and run.schedule.quantized and run.trainer.is_global_zero:
         summary.update(export_run(run))
+    if any(key.startswith("ppl/") for key in summary.get("fp") or {}):
+        summary["gap_recovered_by_domain"] = domain_gaps(summary)
     if run.recipe.report.enabled and run.schedule.quantized and run.trainer.is_global_zero:
         summary["report"] = report_run(run)
     if run.trainer.is_global_zero:
