@@ -155,6 +155,24 @@ class FailSafeLogger(Logger):
     def finalize(self, status: str) -> None:
         self._call("finalize", status)
 
+    def close(self) -> None:
+        """Finish the wrapped logger's run, if it started one. Lightning's finalize leaves a wandb run open
+        until the process exits, and a later WandbLogger in the same process (a sweep, a notebook, a test
+        session) would log into it instead of starting its own. Called once the run's report is logged."""
+        run = getattr(self.inner, "_experiment", None)
+        if run is not None and callable(getattr(run, "finish", None)):
+            try:
+                run.finish()
+            except Exception as err:
+                self._disable(err)
+
+
+def close_loggers(loggers: list[Logger]) -> None:
+    """Finish every fail-safe logger's run (see FailSafeLogger.close)."""
+    for logger in loggers:
+        if isinstance(logger, FailSafeLogger):
+            logger.close()
+
 
 def make_wandb_logger(run_dir: Path, mode: str, project: str, name: str) -> Logger:
     """A WandbLogger writing under `run_dir/wandb` ('offline' or 'online')."""

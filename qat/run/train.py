@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qat.data.loading import validation_loaders
+from qat.lightning.loggers import close_loggers
 from qat.recipe import Recipe, recipe_hash
 from qat.run.build import Run, build
 from qat.run.evaluate import report_run
@@ -102,6 +103,13 @@ def print_summary(summary: dict[str, Any], console: Optional[Console] = None) ->
 def train(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None, quiet: bool = False) -> dict:
     """Train `recipe` end to end; writes `summary.json` in the run directory and returns it."""
     run = build(recipe, extra_callbacks)
+    try:
+        return _fit_and_measure(run, quiet)
+    finally:
+        close_loggers(run.trainer.loggers)  # the next run in this process starts its own wandb run
+
+
+def _fit_and_measure(run: Run, quiet: bool) -> dict:
     console = Console(quiet=quiet or not run.trainer.is_global_zero)
     if not quiet and run.trainer.is_global_zero:
         print(run.report)

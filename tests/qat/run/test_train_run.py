@@ -126,6 +126,18 @@ def test_wandb_offline_writes_a_local_run(tmp_path):
     assert runs, "wandb offline run directory missing"
 
 
+def test_each_run_in_one_process_gets_its_own_wandb_run(tmp_path):
+    """Lightning leaves a wandb run open until the process exits; a second run (a sweep, a notebook) must not
+    log into the first one's."""
+    import wandb
+
+    for _ in range(2):
+        train(fast_recipe(tmp_path, "logging.wandb=offline", "trainer.max_steps=3"), quiet=True)
+        assert wandb.run is None
+    for version in ("version_0", "version_1"):
+        assert len(list((tmp_path / "digits_w4a4" / version / "wandb").glob("offline-run-*"))) == 1, version
+
+
 class BrokenLogger(pl.loggers.Logger):
     name, version = "broken", "0"
 
