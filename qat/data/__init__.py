@@ -4,12 +4,14 @@
     ResumableLoader                                 a DataLoader that resumes mid-epoch (qat.data.loading)
 
     default_corpus / read_corpus / read_documents   the text (qat.data.corpus)
-    pack_tokens / TextDataModule                    causal-LM blocks (qat.data.text)
+    pack_tokens / TextDataModule                    causal-LM blocks (qat.data.text), evaluation domains too
+    GeneratedTextDataModule / generate_blocks       text the float teacher generates, mixed in (qat.data.generated)
     split_sentences / SentenceDataModule            sentence-encoder batches (qat.data.sentences)
 """
 
 from qat.data.corpus import default_corpus, read_corpus, read_documents, split_sentences
 from qat.data.digits import DigitsDataModule
+from qat.data.generated import GeneratedTextDataModule, generate_blocks
 from qat.data.loading import ResumableLoader
 from qat.data.sentences import SentenceDataModule
 from qat.data.synthetic import SyntheticTokensDataModule
@@ -17,11 +19,13 @@ from qat.data.text import TextDataModule, pack_tokens
 
 __all__ = [
     "DigitsDataModule",
+    "GeneratedTextDataModule",
     "ResumableLoader",
     "SentenceDataModule",
     "SyntheticTokensDataModule",
     "TextDataModule",
     "default_corpus",
+    "generate_blocks",
     "pack_tokens",
     "read_corpus",
     "read_documents",

@@ -106,19 +106,29 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def unwritable_reason(folder: Path) -> Optional[str]:
+    """Why files cannot be written in `folder` (or in the nearest existing folder above it, where it would be
+    made), found by creating and removing a probe file; None when they can. Permission bits cannot tell:
+    root ignores them, and a read-only mount refuses everyone."""
+    existing = _nearest_existing(folder)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".qat-write-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return "not a directory" if not existing.is_dir() else err.strerror or str(err)
+    return None
+
+
 def check_writable(run_dir: Path) -> None:
-    """Refuse a run directory that cannot be written, by creating and removing a probe file in it and
-    in its checkpoints/ (for a new run: in the nearest folder that exists, where its folders will be
-    made). Permission bits cannot tell: root ignores them, and a read-only mount refuses everyone."""
-    for folder in dict.fromkeys(_nearest_existing(d) for d in (run_dir, run_dir / "checkpoints")):
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".qat-write-probe-", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as err:
-            reason = "not a directory" if not folder.is_dir() else err.strerror or str(err)
-            where = "" if folder == run_dir else f" (in {folder})"
-            raise RunDirectoryError(f"run directory {run_dir} is not writable{where}: {reason}") from None
+    """Refuse a run directory that cannot be written: it and its checkpoints/ (for a new run: the nearest
+    folder that exists, where its folders will be made) must take a probe file."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        reason = unwritable_reason(folder)
+        if reason is not None:
+            existing = _nearest_existing(folder)
+            where = "" if existing == run_dir else f" (in {existing})"
+            raise RunDirectoryError(f"run directory {run_dir} is not writable{where}: {reason}")
 
 
 def build_callbacks(recipe: Recipe, run_dir: Path, schedule: QuantizationSchedule,
@@ -175,9 +185,11 @@ def _build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]], created
     check_writable(run_dir)  # before any work: a read-only run directory is one line, not a traceback later
     resume_step = saved_step(resume_from) if resume_from is not None else None
     floats: list[nn.Module] = []
-    keep_float = (recipe.distill.enabled and recipe.distill.teacher == "initial") or recipe.task == "embedding"
+    wants_teacher = _takes_teacher(recipe)  # a data module that generates text with the float model
+    keep_float = (recipe.distill.enabled and recipe.distill.teacher == "initial") or recipe.task == "embedding" \
+        or wants_teacher
     model, report = build_model(recipe, (lambda m: floats.append(copy.deepcopy(m))) if keep_float else None)
-    datamodule = make_datamodule(recipe, model)
+    datamodule = make_datamodule(recipe, model, teacher=floats[0] if wants_teacher else None)
     if recipe.model.hf is not None:
         datamodule.setup("fit")  # a corpus or tokenizer problem is an error now, before the run directory exists
     num_classes, classes_from = class_count(recipe, datamodule)
@@ -210,12 +222,22 @@ def _build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]], created
                pruning)
 
 
-def make_datamodule(recipe: Recipe, model: Optional[nn.Module] = None) -> pl.LightningDataModule:
+def _takes_teacher(recipe: Recipe) -> bool:
+    return "teacher" in _parameters(import_object(recipe.data._target_, "data")) and "teacher" not in recipe.data.args
+
+
+def make_datamodule(recipe: Recipe, model: Optional[nn.Module] = None,
+                    teacher: Optional[nn.Module] = None) -> pl.LightningDataModule:
     """The recipe's data module; a Hugging Face model's tokenizer and limits (from `model.config`, or the
     source's config when no model is given) go to the arguments it takes (`tokenizer`, `max_positions`,
-    `vocab_size`)."""
+    `vocab_size`), and to one that takes a `teacher` (`qat.data.GeneratedTextDataModule`) the recipe's float
+    model before prepare: `teacher`, or the float model loaded again (what `qat eval` does)."""
     factory = import_object(recipe.data._target_, "data")
     extra: dict[str, Any] = {}
+    if _takes_teacher(recipe):
+        from qat.run.models import load_float_model
+
+        extra["teacher"] = teacher if teacher is not None else load_float_model(recipe)
     if recipe.model.hf is not None:
         accepted = _parameters(factory)
         if "tokenizer" in accepted and "tokenizer" not in recipe.data.args:
