@@ -34,6 +34,7 @@ from qat.export import inspect_checkpoint, load
 from qat.export.spec import LAYOUT_INT4
 from qat.lightning.float_reference import FLOAT_FILE
 from qat.recipe import ReportConfig
+from qat.run.build import unwritable_reason
 from qat.run.eval_sources import INT4_FILE, EvalSources, resolve
 from qat.run.progress import stages
 from qat.tasks import make_task
@@ -176,9 +177,13 @@ def evaluate(path: str | Path, output: Optional[str | Path] = None, float_path: 
     sources = resolve(path, float_path, recipe_path, overrides)
     if sources.recipe.trainer.cpu_threads is not None:  # the run's thread count, as its end-of-run report had:
         torch.set_num_threads(sources.recipe.trainer.cpu_threads)  # float sums split by thread differ in last bits
-    report = build_report(sources, **report_options(sources.recipe.report, **options), progress=progress)
     default_dir = sources.source if sources.source.is_dir() else \
         (sources.source.parent if sources.checkpoint is None else sources.source.parent.parent)
+    reason = unwritable_reason(Path(output) if output else default_dir)  # before minutes of work, not after
+    if reason is not None:
+        raise EvalError(f"cannot write the report in {output or default_dir}: {reason}; pass -o DIR for another "
+                        "folder")
+    report = build_report(sources, **report_options(sources.recipe.report, **options), progress=progress)
     progress("writing report.md, report.json and the plots")
     return report, write_report(report, output or _unclobbered(default_dir, report))
 

@@ -196,3 +196,13 @@ def test_a_tied_table_is_written_twice_and_loads_back_tied(tmp_path):
     again = TinyLM(tie_embeddings=True)
     again.load_state_dict(safetensors.torch.load_file(str(tmp_path / "float.safetensors")))
     assert again.lm_head.weight is again.embed.weight and torch.equal(again.embed.weight, model.embed.weight)
+
+
+def test_an_unwritable_report_folder_is_refused_before_the_evaluation(run, tmp_path, capsys):
+    _, run_dir = run
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["eval", str(run_dir), "-o", str(blocker / "report")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"qat eval: error: cannot write the report in {blocker / 'report'}: not a directory; "
+                                "pass -o DIR for another folder"]
