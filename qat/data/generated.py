@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from qat.data.text import PackedBlocks, TextDataModule
+from qat.hf.load import cache_dir
 
 __all__ = ["GeneratedTextDataModule", "GenerationCache", "GenerationSettings", "MixedBlocks", "NucleusFilter",
            "generate_blocks", "mix_indices", "weights_digest"]
@@ -86,8 +87,6 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def _default_cache_root() -> Path:
-    from qat.hf.load import cache_dir
-
     return cache_dir() / "generated"
 
 

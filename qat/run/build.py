@@ -37,7 +37,14 @@ from qat.lightning.sharding import ShardedQATModule, check_sharded_run, is_shard
 from qat.lightning.telemetry import QuantTelemetry
 from qat.lightning.throughput import Throughput
 from qat.recipe import Recipe, quant_spec_hash, recipe_hash, recipe_to_yaml
-from qat.run.models import build_model, import_object, instantiate, load_teacher, model_from_checkpoint
+from qat.run.models import (
+    build_model,
+    import_object,
+    instantiate,
+    load_float_model,
+    load_teacher,
+    model_from_checkpoint,
+)
 from qat.run.preflight import check_classes, class_count, new_directories, remove_new_directories
 from qat.swap import PrepareReport
 from qat.tasks import make_task
@@ -235,8 +242,6 @@ def make_datamodule(recipe: Recipe, model: Optional[nn.Module] = None,
     factory = import_object(recipe.data._target_, "data")
     extra: dict[str, Any] = {}
     if _takes_teacher(recipe):
-        from qat.run.models import load_float_model
-
         extra["teacher"] = teacher if teacher is not None else load_float_model(recipe)
     if recipe.model.hf is not None:
         accepted = _parameters(factory)
