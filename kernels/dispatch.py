@@ -255,7 +255,7 @@ def choose_backend(x: Tensor, weight: PackedInt4Weight) -> str:
     return autotune.choose_by_measurement(x, weight, candidates, _run_unchecked)
 
 
-def _requested(backend: Optional[str]) -> str:
+def requested_backend(backend: Optional[str] = None) -> str:
     """The backend asked for: the argument, else $QAT_KERNEL_BACKEND, else `auto`."""
     return backend or os.environ.get(ENV_VAR) or AUTO
 
@@ -271,7 +271,7 @@ def _checked(x: Tensor, weight: PackedInt4Weight, name: str) -> Backend:
 
 def _run(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
     check_activation(x, weight.in_features, bias, weight.out_features)
-    name = _requested(backend)
+    name = requested_backend(backend)
     key = None
     if name == AUTO:
         key = (x.dtype, x.device, x.numel() // weight.in_features, CPU_CACHE_DENSE_ABOVE_M,
@@ -297,7 +297,7 @@ def bind(x: Tensor, weight: PackedInt4Weight, backend: Optional[str] = None) -> 
     or, when x is a contiguous 2-D tensor, in being one) need a new `bind`.
     """
     check_activation(x, weight.in_features, weight.bias, weight.out_features)
-    name = _requested(backend)
+    name = requested_backend(backend)
     if name == AUTO:
         name = choose_backend(x, weight)
     run, bias = _checked(x, weight, name).run, weight.bias

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -118,10 +117,8 @@ class _PackedWeight(nn.Module):
         """The kernels this layer's calls so far went through (what `qat verify` reports)."""
         if self.weight_spec.layout != LAYOUT_INT4 or not isinstance(self, PackedLinear):
             return {"dequant"}  # dequantized in x's dtype, then the float op: exact
-        forced = self.kernel_backend or os.environ.get(dispatch.ENV_VAR)
-        if forced and forced != dispatch.AUTO:
-            return {forced}
-        return auto_choices_of(self.weight_packed)
+        requested = dispatch.requested_backend(self.kernel_backend)
+        return auto_choices_of(self.weight_packed) if requested == dispatch.AUTO else {requested}
 
     def _describe(self) -> str:
         w = self.weight_spec
