@@ -53,8 +53,7 @@ def _worst_first(rows_by_stage: dict[str, list[dict]], key: str) -> tuple[list[s
     """Category names in the order of the report's tables (worst first) for the int4 stage, else the last
     stage listed; then every name only another stage has. Returns the names and the stage they follow."""
     focus = "int4" if "int4" in rows_by_stage else next(reversed(rows_by_stage))
-    names = [r[key] for r in rows_by_stage[focus]]
-    names += [r[key] for rows in rows_by_stage.values() for r in rows if r[key] not in names]
+    names = [r[key] for r in rows_by_stage[focus]] + [r[key] for rows in rows_by_stage.values() for r in rows]
     return list(dict.fromkeys(names)), focus
 
 

@@ -156,16 +156,25 @@ def run_int4_file(run_dir: Path) -> Optional[Path]:
     return None
 
 
+def int4_path(path: Path) -> Path:
+    """`path` itself, or for a run directory its int4 file (`run_int4_file`); a FileNotFoundError saying how to
+    write one when the directory has none (`qat inspect` and `qat verify` alike)."""
+    if not path.is_dir():
+        return path
+    found = run_int4_file(path)
+    if found is None:
+        raise FileNotFoundError(f"{path} holds no int4 file ({RUN_FILE}); write one from the run's last "
+                                f"checkpoint with `qat export {path} -o {path / RUN_FILE}`")
+    return found
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     """Handler of `qat inspect`: prints the report; 0 if every check passed, 1 otherwise."""
-    path = Path(args.file)
-    if path.is_dir():
-        found = run_int4_file(path)
-        if found is None:
-            print(f"qat inspect: error: {path} holds no int4 file ({RUN_FILE}); write one from the run's last "
-                  f"checkpoint with `qat export {path} -o {path / RUN_FILE}`", file=sys.stderr)
-            return 1
-        path = found
+    try:
+        path = int4_path(Path(args.file))
+    except FileNotFoundError as err:
+        print(f"qat inspect: error: {err}", file=sys.stderr)
+        return 1
     if not path.is_file():
         print(f"qat inspect: error: no file at {path}", file=sys.stderr)
         return 1

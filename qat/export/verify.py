@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from qat.export.golden import KEY_GOLDEN, Golden, decode_golden, float32_sha256, output_tensor
-from qat.export.inspect import RUN_FILE, run_int4_file
+from qat.export.inspect import int4_path
 from qat.export.load import load
 from qat.export.manifest import read_golden
 from qat.export.runtime import _PackedWeight
@@ -137,13 +137,7 @@ def verify_onnx(path: str, tolerance: Optional[float] = None) -> VerifyReport:
 
 def verify(path: str | os.PathLike, backend: Optional[str] = None, tolerance: Optional[float] = None) -> VerifyReport:
     """Rerun the golden inputs of a qat file (.safetensors) or a converted ONNX file; see the module docs."""
-    path = os.fspath(path)
-    if Path(path).is_dir():
-        found = run_int4_file(Path(path))
-        if found is None:
-            raise FileNotFoundError(f"{path} holds no int4 file ({RUN_FILE}); write one from the run's last "
-                                    f"checkpoint with `qat export {path} -o {Path(path) / RUN_FILE}`")
-        path = os.fspath(found)
+    path = os.fspath(int4_path(Path(path)))
     if not Path(path).is_file():
         raise FileNotFoundError(f"no file at {path}")
     if path.endswith(".onnx"):
