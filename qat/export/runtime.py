@@ -27,6 +27,7 @@ from qat.export.pack import dequantize_codes
 from qat.export.spec import InputSpec, LayerSpec, WeightSpec
 from qat.functional import SCALE_EPS, expand_qparam, fake_quantize
 from qat.kernels import dispatch
+from qat.kernels.names import DEQUANT
 from qat.kernels.reference import SYMMETRIC_ZERO, unpack_int4
 from qat.kernels.weights import auto_choices_of
 
@@ -114,11 +115,9 @@ class _PackedWeight(nn.Module):
         return x
 
     def kernels_run(self) -> set[str]:
-        """The kernels this layer's calls so far went through (what `qat verify` reports)."""
-        if self.weight_spec.layout != LAYOUT_INT4 or not isinstance(self, PackedLinear):
-            return {"dequant"}  # dequantized in x's dtype, then the float op: exact
-        requested = dispatch.requested_backend(self.kernel_backend)
-        return auto_choices_of(self.weight_packed) if requested == dispatch.AUTO else {requested}
+        """The kernels this layer's calls so far went through (what `qat verify` reports): convolutions,
+        embeddings and uint8-layout weights are dequantized in x's dtype, then the float op runs (exact)."""
+        return {DEQUANT}
 
     def _describe(self) -> str:
         w = self.weight_spec
@@ -144,6 +143,13 @@ class PackedLinear(_PackedWeight):
             )
         weight = self.dequantized_weight().to(x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def kernels_run(self) -> set[str]:
+        """The int4 kernels dispatch ran for this layer so far, or the one it was told to run."""
+        if self.weight_spec.layout != LAYOUT_INT4:
+            return super().kernels_run()
+        requested = dispatch.requested_backend(self.kernel_backend)
+        return auto_choices_of(self.weight_packed) if requested == dispatch.AUTO else {requested}
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._describe()}"
