@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import pytorch_lightning as pl
 import safetensors.torch
 import torch
 from torch import nn
@@ -58,10 +59,14 @@ class EvalSources:
     checkpoint: Optional[Path] = None
     int4_path: Optional[Path] = None
     trained: Optional[nn.Module] = None  # the QAT model in memory (end of a run) instead of the checkpoint's
+    data: Optional[pl.LightningDataModule] = None  # the run's data module, set up (end of a run)
     _tmp: list = field(default_factory=list, repr=False)
 
-    def datamodule(self):
-        """The recipe's data module (a Hugging Face model's tokenizer and limits passed in), set up."""
+    def datamodule(self) -> pl.LightningDataModule:
+        """The recipe's data module (a Hugging Face model's tokenizer and limits passed in), set up; the
+        run's own when it is given (`data`), not made and set up again."""
+        if self.data is not None:
+            return self.data
         data = make_datamodule(self.recipe)
         data.setup("fit")
         return data

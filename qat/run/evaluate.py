@@ -234,7 +234,7 @@ def report_run(run: Any) -> dict[str, Any]:
         return {"error": message}
     export = Path(run.recipe.export.path or run_dir / INT4_FILE)
     sources = EvalSources(run.recipe, run_dir, float_path, int4_path=export if export.is_file() else None,
-                          trained=run.model)
+                          trained=run.model, data=run.datamodule)
     report = build_report(sources, **report_options(settings))
     paths = write_report(report, run_dir)
     plots = {name: path for name, path in paths.items() if name not in ("json", "md")}
