@@ -174,23 +174,22 @@ class NucleusFilter:
             return scores
         log_norm = scores.float().logsumexp(-1, keepdim=True)
         k = min(self.candidates, scores.shape[-1])
-        top, index = scores.topk(k, dim=-1)
-        probs = (top.float() - log_norm).exp()
+        out, mass = self._nucleus(scores, *scores.topk(k, dim=-1), log_norm)
+        short = mass < self.top_p
+        if short.any():  # rows whose candidates hold too little mass: sort the whole row
+            rows = short.nonzero().reshape(-1)
+            out[rows] = self._nucleus(scores[rows], *scores[rows].sort(dim=-1, descending=True), log_norm[rows])[0]
+        return out
+
+    def _nucleus(self, scores: Tensor, ordered: Tensor, index: Tensor, log_norm: Tensor) -> tuple[Tensor, Tensor]:
+        """`scores` with every token but the nucleus among `ordered` (descending, at positions `index`) -inf,
+        and the probability mass `ordered` holds per row."""
+        probs = (ordered.float() - log_norm).exp()
         cumulative = probs.cumsum(-1)
         keep = (cumulative - probs) < self.top_p  # the mass before a token is under top_p: it is in the nucleus
         keep[:, 0] = True
-        out = torch.full_like(scores, float("-inf")).scatter(-1, index, torch.where(keep, top, float("-inf")))
-        short = cumulative[:, -1] < self.top_p
-        if short.any():  # rows whose candidates hold too little mass: sort the whole row
-            rows = short.nonzero().reshape(-1)
-            ordered, order = scores[rows].sort(dim=-1, descending=True)
-            probs = (ordered.float() - log_norm[rows]).exp()
-            cumulative = probs.cumsum(-1)
-            keep = (cumulative - probs) < self.top_p
-            keep[:, 0] = True
-            out[rows] = torch.full_like(ordered, float("-inf")).scatter(-1, order, torch.where(keep, ordered,
-                                                                                                 float("-inf")))
-        return out
+        out = torch.full_like(scores, float("-inf")).scatter(-1, index, torch.where(keep, ordered, float("-inf")))
+        return out, cumulative[:, -1]
 
 
 @torch.no_grad()
