@@ -69,40 +69,14 @@ def _unless_missing(command: str) -> Iterator[None]:
         raise SystemExit(f"qat: `{command}` is unavailable: {err}; install it with `pip install {package}`") from err
 
 
-def _export(args: argparse.Namespace) -> int:
-    with _unless_missing("export"):
-        from qat.run.export import run_export
-    return run_export(args)
+def _handler(command: str, module: str, function: str):
+    """The handler of `qat COMMAND`: imports `module` when the command runs, then calls its `function`(args)."""
+    def handle(args: argparse.Namespace) -> int:
+        with _unless_missing(command):
+            run = getattr(__import__(module, fromlist=[function]), function)
+        return run(args)
 
-
-def _inspect(args: argparse.Namespace) -> int:
-    with _unless_missing("inspect"):
-        from qat.export.inspect import run_inspect
-    return run_inspect(args)
-
-
-def _verify(args: argparse.Namespace) -> int:
-    with _unless_missing("verify"):
-        from qat.export.verify import run_verify
-    return run_verify(args)
-
-
-def _eval(args: argparse.Namespace) -> int:
-    with _unless_missing("eval"):
-        from qat.run.evaluate import run_eval
-    return run_eval(args)
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    with _unless_missing("sweep"):
-        from qat.run.sweep import run_sweep
-    return run_sweep(args)
-
-
-def _generate(args: argparse.Namespace) -> int:
-    with _unless_missing("generate"):
-        from qat.hf.generate import run_generate
-    return run_generate(args)
+    return handle
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -119,13 +93,13 @@ def _bench(args: argparse.Namespace) -> int:
 # Each subcommand's parser (qat.arguments) and handler, in `qat --help` order.
 COMMANDS = (
     (arguments.add_train_parser, _train),
-    (arguments.add_export_parser, _export),
-    (arguments.add_inspect_parser, _inspect),
-    (arguments.add_verify_parser, _verify),
-    (arguments.add_eval_parser, _eval),
-    (arguments.add_sweep_parser, _sweep),
+    (arguments.add_export_parser, _handler("export", "qat.run.export", "run_export")),
+    (arguments.add_inspect_parser, _handler("inspect", "qat.export.inspect", "run_inspect")),
+    (arguments.add_verify_parser, _handler("verify", "qat.export.verify", "run_verify")),
+    (arguments.add_eval_parser, _handler("eval", "qat.run.evaluate", "run_eval")),
+    (arguments.add_sweep_parser, _handler("sweep", "qat.run.sweep", "run_sweep")),
     (arguments.add_bench_parser, _bench),
-    (arguments.add_generate_parser, _generate),
+    (arguments.add_generate_parser, _handler("generate", "qat.hf.generate", "run_generate")),
 )
 
 
