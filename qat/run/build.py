@@ -206,8 +206,9 @@ def _build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]], created
         check_classes(model, datamodule, task, classes_from)
     created += new_directories(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    info = {"recipe": recipe_to_yaml(recipe), "recipe_hash": recipe_hash(recipe),
+    resolved = recipe_to_yaml(recipe)
+    (run_dir / "recipe.yaml").write_text(resolved)
+    info = {"recipe": resolved, "recipe_hash": recipe_hash(recipe),
             "quant_spec_hash": quant_spec_hash(recipe.quant)}
     if floats:  # what 'embedding' is measured against; its own copy only when the teacher is cast to bf16
         bf16_teacher = recipe.distill.enabled and recipe.distill.teacher_dtype == "bfloat16"
