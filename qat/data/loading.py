@@ -59,7 +59,8 @@ class EpochSampler(Sampler[int]):
         yield from self.indices(epoch)[start:]
 
     def __len__(self) -> int:
-        return len(self.indices(0))
+        world = _rank_and_world()[1]
+        return self.size // world  # the length of every rank's share, without drawing a permutation
 
 
 # (batches of the current epoch already trained, whether the epoch is complete)
