@@ -10,6 +10,8 @@ out), so the held-out set stays the corpus's own last sentences; `train_clauses`
 training sentences (`qat.data.corpus.split_clauses`), more distinct inputs from the same text. Batches are
 dicts {"input_ids", "attention_mask"} (plus "token_type_ids" when the tokenizer gives them) of
 (B, L) int64 tensors, padded to the longest sentence of the batch (L <= max_length).
+`eval_corpora` adds validation on other text, as in `TextDataModule`: one loader per named domain after
+the held-out end of the corpus, evenly spaced sentences of it, none that is a training sentence.
 
 Example:
     >>> dm = SentenceDataModule(tokenizer, max_length=128, batch_size=32)
@@ -19,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from qat.data.corpus import read_documents, split_clauses, split_sentences
 from qat.data.loading import ResumableLoader
+from qat.data.text import domain_corpora
 from qat.data.token_dropout import TokenDropout
 from qat.data.tokenize import check_ids_in_vocab, check_length, check_split_settings
 
@@ -86,6 +89,13 @@ class SentenceDataModule(pl.LightningDataModule):
             per epoch (`qat.data.token_dropout.TokenDropout`); validation is never dropped. 0 = off.
         vocab_size, max_positions: the model's vocabulary size and maximum length, checked as in
             `TextDataModule`.
+        eval_corpora: other text to validate on, one domain each (`qat.data.text.domain_corpora`, as in
+            `TextDataModule`): e.g. `["debian:licenses", "sklearn:descr", {name: notes, files: [a.txt]}]`. Each
+            gives `eval_sentences` evenly spaced sentences of its own (split as the corpus is; each once, none
+            that is also a training sentence; all of them when it has fewer); `val_dataloader()` is then a list,
+            the held-out sentences first and one loader per domain after them, in order (`eval_domains` names
+            them). A file that is also a training file (`files`, `extra_train_files`) is refused.
+        eval_sentences: sentences per domain (default: as many as the held-out split has).
     """
 
     def __init__(self, tokenizer: Any, files: Optional[Sequence[str]] = None, max_length: int = 128,
@@ -93,11 +103,13 @@ class SentenceDataModule(pl.LightningDataModule):
                  min_words: int = 5, max_train_sentences: Optional[int] = None, vocab_size: Optional[int] = None,
                  max_positions: Optional[int] = None, val_batch_size: Optional[int] = None,
                  extra_train_files: Optional[Sequence[str]] = None, train_clauses: bool = False,
-                 train_token_dropout: float = 0.0) -> None:
+                 train_token_dropout: float = 0.0, eval_corpora: Optional[Sequence[Any]] = None,
+                 eval_sentences: Optional[int] = None) -> None:
         super().__init__()
         check_length(max_length, "max_length", tokenizer, max_positions)
         check_split_settings(val_fraction, batch_size=batch_size, val_sentences=val_sentences,
-                             max_train_sentences=max_train_sentences, val_batch_size=val_batch_size)
+                             max_train_sentences=max_train_sentences, val_batch_size=val_batch_size,
+                             eval_sentences=eval_sentences)
         if getattr(tokenizer, "pad_token_id", None) is None:
             raise ValueError("the tokenizer has no pad token (pad_token_id is None): sentence batches need padding")
         self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed
@@ -111,8 +123,20 @@ class SentenceDataModule(pl.LightningDataModule):
         if not 0.0 <= train_token_dropout < 1.0:
             raise ValueError(f"train_token_dropout={train_token_dropout!r} must be in [0, 1)")
         self.train_clauses, self.train_token_dropout = train_clauses, train_token_dropout
+        self.eval_corpora, self.eval_sentences = domain_corpora(eval_corpora), eval_sentences
+        training = set(self.files or ()) | set(self.extra_train_files or ())
+        overlap = {f for files in self.eval_corpora.values() for f in files} & training
+        if overlap:
+            raise ValueError(f"eval_corpora name training files {sorted(overlap)}: an evaluation domain is text the "
+                             "model never trains on; drop them from one of the two lists")
         self.train_set: Optional[TokenizedSentences] = None
         self.val_set: Optional[TokenizedSentences] = None
+        self.domain_sets: dict[str, TokenizedSentences] = {}
+
+    @property
+    def eval_domains(self) -> list[str]:
+        """The names of the `eval_corpora` domains: validation loaders 1, 2, ... (0 is the held-out sentences)."""
+        return list(self.eval_corpora)
 
     def _split(self) -> tuple[list[str], list[str]]:
         sentences = split_sentences(read_documents(self.files), min_words=self.min_words)
@@ -135,6 +159,16 @@ class SentenceDataModule(pl.LightningDataModule):
             train = train + split_clauses(train, self.min_words, exclude=val)
         return train, val
 
+    def _domain_sentences(self, name: str, files: Sequence[str], count: int, trained: set[str]) -> list[str]:
+        """`count` evenly spaced sentences of a domain corpus (all when it has fewer), none in `trained`."""
+        candidates = [s for s in split_sentences(read_documents(files), min_words=self.min_words) if s not in trained]
+        if not candidates:
+            raise ValueError(f"eval_corpora {name!r} ({list(files)}) gives no sentence of at least {self.min_words} "
+                             "words that is not also a training sentence")
+        wanted = min(len(candidates), count)
+        picks = torch.linspace(0, len(candidates) - 1, wanted).round().long().unique().tolist()
+        return [candidates[i] for i in picks]
+
     def _tokenize(self, sentences: list[str]) -> TokenizedSentences:
         encoded = self.tokenizer(sentences, truncation=True, max_length=self.max_length)
         keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
@@ -147,6 +181,9 @@ class SentenceDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         train, val = self._split()
+        count, trained = self.eval_sentences or len(val), set(train)
+        self.domain_sets = {name: self._tokenize(self._domain_sentences(name, files, count, trained))
+                            for name, files in self.eval_corpora.items()}
         self.train_set, self.val_set = self._tokenize(train), self._tokenize(val)
 
     def _require_setup(self) -> None:
@@ -164,13 +201,19 @@ class SentenceDataModule(pl.LightningDataModule):
             dataset.sampler = loader.epoch_sampler  # the drops follow the loader's epoch, resume included
         return loader
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> Union[DataLoader, list[DataLoader]]:
+        """The held-out sentences; with `eval_corpora`, a list: them, then one loader per domain."""
         self._require_setup()
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
-                          collate_fn=PadCollate(int(self.tokenizer.pad_token_id)))
+        collate = PadCollate(int(self.tokenizer.pad_token_id))
+        main = DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, collate_fn=collate)
+        if not self.domain_sets:
+            return main
+        return [main, *(DataLoader(sentences, batch_size=self.val_batch_size, shuffle=False, collate_fn=collate)
+                        for sentences in self.domain_sets.values())]
 
     def summary(self) -> str:
-        """One line: sentences of each split."""
+        """One line: sentences of each split (and of each evaluation domain)."""
         self._require_setup()
-        return (f"sentence data: {len(self.train_set)} train sentences, {len(self.val_set)} validation sentences "
-                f"(max_length={self.max_length})")
+        domains = "".join(f", {name} {len(sentences)} sentences" for name, sentences in self.domain_sets.items())
+        return (f"sentence data: {len(self.train_set)} train sentences, {len(self.val_set)} validation sentences"
+                f"{domains} (max_length={self.max_length})")
