@@ -16,7 +16,9 @@ By task (`qat.tasks`, which also splits, feeds and scores the batches):
 
 Sections that do not apply to a task are listed in `report["not_applicable"]` with the reason.
 Language models with evaluation domains (`TextDataModule(eval_corpora=...)`) get `report["domains"]`
-(`domain_perplexity`): each stage's perplexity on each domain and the % of the PTQ gap recovered there.
+(`domain_perplexity`): each stage's perplexity on each domain and the % of the PTQ gap recovered there;
+sentence encoders (`SentenceDataModule(eval_corpora=...)`) each stage's cosine to the float embeddings and
+nearest-neighbour agreement on each domain (`domain_embeddings`).
 
 Example:
     >>> report = compare({"float": fp, "ptq": ptq, "qat": qat, "int4": int4}, val_batches, "classification")
@@ -134,6 +136,33 @@ def domain_perplexity(models: dict[str, nn.Module], domains: dict[str, Sequence]
         row["gap_recovered"] = {stage: metrics.gap_recovered(ppl[REFERENCE], ppl["ptq"], ppl[stage])
                                 if "ptq" in ppl and ppl["ptq"] > ppl[REFERENCE] else None
                                 for stage in ("qat", "int4") if stage in ppl}
+    return rows
+
+
+def domain_embeddings(models: dict[str, nn.Module], domains: dict[str, Sequence], task: str | Task,
+                      stages: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
+    """Each model's cosine to the float embeddings and nearest-neighbour agreement on each evaluation domain
+    ({name: batches}), and the % of the float-to-PTQ cosine gap that QAT and the int4 file recover there (None
+    where PTQ is not worse). With `stages` (the report's rows, on the held-out sentences of the training text)
+    that text is the first row, named ''."""
+    task = _task(task)
+    rows: dict[str, Any] = {}
+    if stages is not None and all("cosine" in row for row in stages.values()):
+        rows[""] = {"sentences": int(stages[REFERENCE].get("count", 0)),
+                    **{key: {name: row[key] for name, row in stages.items()} for key in ("cosine", "nn_agreement")}}
+    for domain, batches in domains.items():
+        embeddings = {name: collect_embeddings(model, batches, task, describe=f" ({name}, {domain})")
+                      for name, model in models.items()}
+        reference = embeddings[REFERENCE]
+        rows[domain] = {"sentences": int(reference.shape[0]),
+                        "cosine": {name: metrics.mean_cosine(e, reference) for name, e in embeddings.items()},
+                        "nn_agreement": {name: metrics.neighbour_agreement(e, reference)
+                                         for name, e in embeddings.items()}}
+    for row in rows.values():
+        cosine = row["cosine"]
+        row["gap_recovered"] = {stage: metrics.gap_recovered(cosine[REFERENCE], cosine["ptq"], cosine[stage])
+                                if "ptq" in cosine and cosine["ptq"] < cosine[REFERENCE] else None
+                                for stage in ("qat", "int4") if stage in cosine}
     return rows
 
 

@@ -76,6 +76,8 @@ def _domains_section(report: dict) -> list[str]:
     domains = report.get("domains")
     if not domains:
         return []
+    if "cosine" in next(iter(domains.values())):
+        return _embedding_domains_section(domains)
     stages = list(next(iter(domains.values()))["perplexity"])
     gaps = [s for s in ("qat", "int4") if s in stages]
     lines = ["## Perplexity by domain (% of the PTQ gap recovered: (PTQ - stage) / (PTQ - float) in perplexity)", "",
@@ -85,6 +87,22 @@ def _domains_section(report: dict) -> list[str]:
             *(f"{STAGE_LABELS.get(s, s)} % gap recovered" for s in gaps)]
     body = [[name or "training text (held-out end)", row["tokens"], *(row["perplexity"][s] for s in stages),
              *(_fmt(row["gap_recovered"].get(s), 1) for s in gaps)] for name, row in domains.items()]
+    return lines + _table(head, body)
+
+
+def _embedding_domains_section(domains: dict) -> list[str]:
+    stages = list(next(iter(domains.values()))["cosine"])
+    gaps = [s for s in ("qat", "int4") if s in stages]
+    lines = ["## Embeddings by domain (cosine to the float embeddings; nearest-neighbour agreement; % of the PTQ "
+             "cosine gap recovered: (stage - PTQ) / (float - PTQ))", "",
+             "The first row is the held-out end of the training text; the others are evaluation domains "
+             "(`data.args.eval_corpora`), text the run never trained or calibrated on.", ""]
+    head = ["domain", "sentences", *(f"{STAGE_LABELS.get(s, s)} cosine" for s in stages),
+            *(f"{STAGE_LABELS.get(s, s)} NN agreement" for s in stages),
+            *(f"{STAGE_LABELS.get(s, s)} % gap recovered" for s in gaps)]
+    body = [[name or "training text (held-out end)", row["sentences"], *(row["cosine"][s] for s in stages),
+             *(row["nn_agreement"][s] for s in stages), *(_fmt(row["gap_recovered"].get(s), 1) for s in gaps)]
+            for name, row in domains.items()]
     return lines + _table(head, body)
 
 

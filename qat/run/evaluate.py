@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from qat.data.loading import validation_loaders
-from qat.eval.evaluate import LM_TASKS, compare, domain_perplexity, latency
+from qat.eval.evaluate import LM_TASKS, compare, domain_embeddings, domain_perplexity, latency
 from qat.eval.log_report import log_report
 from qat.eval.outputs import EvalError, collect, collect_embeddings
 from qat.eval.report import write_report
@@ -132,6 +132,10 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
     if len(loaders) > 1 and recipe.task in LM_TASKS:
         progress(f"perplexity on the evaluation domains: {', '.join(name for name in loaders if name)}")
         report["domains"] = domain_perplexity(models, {name: list(loader) for name, loader in loaders.items() if name},
+                                              recipe.task, report["stages"])
+    elif len(loaders) > 1 and recipe.task == "embedding":
+        progress(f"cosine and nearest neighbours on the evaluation domains: {', '.join(n for n in loaders if n)}")
+        report["domains"] = domain_embeddings(models, {name: list(loader) for name, loader in loaders.items() if name},
                                               recipe.task, report["stages"])
     pretrained = sources.float_path is None
     report.update(name=recipe.name, source=str(sources.source),

@@ -44,10 +44,16 @@ def summarize(run: Run, seconds: float) -> dict[str, Any]:
     }
 
 
+# The metric of the per-domain gap: perplexity (lower is better) for language models, else the cosine to the
+# float embeddings (higher is better).
+GAP_METRICS = {"ppl": False, "cosine": True}
+
+
 def domain_gaps(summary: dict[str, Any], metric: str = "ppl") -> dict[str, dict[str, Optional[float]]]:
     """% of the round-to-nearest gap recovered, per validation domain ('' is the training text's held-out end):
-    100 * (rtn - stage) / (rtn - fp) in perplexity for the QAT and int4 rows (`rtn` is the PTQ row without
-    GPTQ rounding); None where round-to-nearest is not worse than float or a row is missing."""
+    100 * (rtn - stage) / (rtn - fp) in `metric` (perplexity; or cosine) for the QAT and int4 rows (`rtn` is the
+    PTQ row without GPTQ rounding); None where round-to-nearest is not worse than float or a row is missing."""
+    sign = -1.0 if GAP_METRICS.get(metric, False) else 1.0  # gap > 0 when round-to-nearest is worse
     fp, rtn = summary.get("fp") or {}, summary.get("rtn") or summary.get("ptq") or {}
     gaps: dict[str, dict[str, Optional[float]]] = {}
     for key in [k for k in fp if k == metric or k.startswith(metric + "/")]:
@@ -56,7 +62,7 @@ def domain_gaps(summary: dict[str, Any], metric: str = "ppl") -> dict[str, dict[
         for stage in ("qat", "int4"):
             value = (summary.get(stage) or {}).get(key)
             gap = rtn.get(key, float("nan")) - fp[key]
-            row[stage] = round(100.0 * (rtn[key] - value) / gap, 2) if value is not None and gap > 0 else None
+            row[stage] = round(100.0 * (rtn[key] - value) / gap, 2) if value is not None and sign * gap > 0 else None
         gaps[domain] = row
     return gaps
 
@@ -88,7 +94,9 @@ def print_summary(summary: dict[str, Any], console: Optional[Console] = None) ->
     console.print(f"steps: {summary['steps']}  time: {summary['seconds']} s  run: {summary['run_dir']}")
     for domain, gap in (summary.get("gap_recovered_by_domain") or {}).items():
         cells = ", ".join(f"{stage} {value:.1f}%" for stage, value in gap.items() if value is not None)
-        console.print(f"% of the round-to-nearest perplexity gap recovered on {domain or 'the training text'}: "
+        metric = next((m for m in GAP_METRICS if m in (summary.get("fp") or {})), "ppl")
+        console.print(f"% of the round-to-nearest {'perplexity' if metric == 'ppl' else metric} gap recovered on "
+                      f"{domain or 'the training text'}: "
                       f"{cells or 'no gap'}")
     if summary.get("sparsity"):
         sparsity = summary["sparsity"]
@@ -118,8 +126,9 @@ def _fit_and_measure(run: Run, quiet: bool) -> dict:
     summary = summarize(run, time.perf_counter() - start)
     if run.recipe.export.enabled and run.schedule.quantized and run.trainer.is_global_zero:
         summary.update(export_run(run))
-    if any(key.startswith("ppl/") for key in summary.get("fp") or {}):
-        summary["gap_recovered_by_domain"] = domain_gaps(summary)
+    for metric in GAP_METRICS:
+        if any(key.startswith(metric + "/") for key in summary.get("fp") or {}):
+            summary["gap_recovered_by_domain"] = domain_gaps(summary, metric)
     if run.recipe.report.enabled and run.schedule.quantized and run.trainer.is_global_zero:
         summary["report"] = report_run(run)
     if run.trainer.is_global_zero:

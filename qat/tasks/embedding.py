@@ -4,6 +4,11 @@
                      last_hidden_state over unmasked tokens, L2-normalized (sentence-transformers'
                      pooling); no task loss (distill from the float model); cosine to the float
                      model's embeddings and top-1 nearest-neighbour agreement
+
+With evaluation domains (`SentenceDataModule(eval_corpora=...)`) each validation loader gets its own
+metrics (`QATModule.validation_step` by dataloader index): `val/cosine/<domain>` and
+`val/nn_agreement/<domain>`, and `cosine/<domain>` in every summary row; the nearest neighbours are
+searched within each domain's sentences.
 """
 
 from __future__ import annotations
