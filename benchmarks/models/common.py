@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from qat.data.loading import main_validation_loader
 from qat.recipe import load_recipe
 from qat.run.build import build
 from qat.run.models import load_float_model
@@ -46,7 +47,7 @@ def held_out_reference(recipe_path: str, overrides: list[str],
                                        f"logging.run_dir={run_dir}", *overrides])
     run = build(recipe)
     run.datamodule.setup("fit")
-    batches = list(run.datamodule.val_dataloader())
+    batches = list(main_validation_loader(run.datamodule))  # the held-out sentences, not the eval domains
     teacher = load_float_model(recipe).eval()
     return batches, teacher, sentence_embeddings(teacher, batches)
 

@@ -21,6 +21,7 @@ import torch
 from benchmarks import record
 from benchmarks.models.common import sentence_embeddings
 from qat.control import calibrate, set_fake_quant
+from qat.data.loading import main_validation_loader
 from qat.ptq import gptq_round
 from qat.recipe import load_recipe
 from qat.run.build import build
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     for damping in [*([] if args.skip_nearest else [None]), *args.damping]:
         run = build(recipe)
         run.datamodule.setup("fit")
-        val_batches = list(run.datamodule.val_dataloader())
+        val_batches = list(main_validation_loader(run.datamodule))
         if reference is None:
             reference = sentence_embeddings(float_model, val_batches)
         batches = list(itertools.islice(iter(run.datamodule.train_dataloader()), recipe.schedule.calibration_batches))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qat
+from qat.data.loading import main_validation_loader
 from qat.hf.generate import generate, tokenizer_for
 from qat.recipe import load_recipe
 from qat.run.build import build
@@ -80,7 +81,7 @@ def test_minilm_qat_kd_export_load(tmp_path):
     run = fit(recipe)
     path = export_run(run)["export"]["path"]
     loaded = qat.load(path, kernel_backend="reference")
-    batch = next(iter(run.datamodule.val_dataloader()))
+    batch = next(iter(main_validation_loader(run.datamodule)))  # the recipe has evaluation domains too
     inputs, _ = run.module.task_spec.split(batch)
     with torch.no_grad():
         expected = run.module.task_spec.forward(run.model.eval(), inputs)
