@@ -1,7 +1,7 @@
 """Generation speed of the self-generated distillation text (qat.data.generated) with SmolLM2-135M.
 
 Generates `--sequences` sequences of `--length` tokens with the recipe's float model, in batches of each
-`--batch-sizes` entry (transformers' `generate`, KV cache, sampling at temperature 1.0 / top-p 0.95, the
+`--batch-sizes` entry (`qat.data.sampling`: KV cache, sampling at temperature 1.0 / top-p 0.95, the
 first token uniform over the vocabulary), into a fresh temporary cache (nothing is read from an earlier
 one), and writes tokens/s (every generated token counted, the drawn first one too) to
 benchmarks/models/generation_speed.md. A second call on the same cache is timed as well: the cache hit.
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
              f"{args.sequences} sequences x {args.length} tokens, sampled at temperature 1.0 / top-p 0.95, first "
              "token uniform over the vocabulary, end-of-sequence suppressed, a bfloat16 copy of the model sampling "
              "(`qat.data.generated.generate_blocks`, "
-             "transformers' `generate` with its KV cache), torch threads: " + str(torch.get_num_threads()) + ".", "",
+             "`qat.data.sampling`'s decode loop with the model's KV cache), torch threads: "
+             + str(torch.get_num_threads()) + ".", "",
              "| generation batch | tokens | seconds | tokens/s | cache hit, seconds |",
              "| --- | --- | --- | --- | --- |"]
     lines += [f"| {b} | {t} | {s:.1f} | {r:.0f} | {h:.2f} |" for b, t, s, r, h in rows]

@@ -2,8 +2,8 @@
 student alongside the user's text, mixed by weight (LLM-QAT, Liu et al. 2023: data-free distillation on
 text in the teacher's own distribution).
 
-    generate_blocks   N sequences of `seq_len` tokens from a causal LM, batched with transformers'
-                      `generate` (KV cache), sampled at a stated temperature / top-p (no top-k), the
+    generate_blocks   N sequences of `seq_len` tokens from a causal LM, batched, with its KV cache
+                      (`qat.data.sampling`), sampled at a stated temperature / top-p (no top-k), the
                       first token drawn uniformly from the vocabulary (special tokens left out), the
                       end-of-sequence token suppressed so that every sequence is whole, by a bfloat16
                       copy of the teacher by default (`float32`: the teacher itself); cached on disk
@@ -40,13 +40,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from qat.data.sampling import sample_sequences
 from qat.data.text import PackedBlocks, TextDataModule
 from qat.hf.load import cache_dir
 
-__all__ = ["GeneratedTextDataModule", "GenerationCache", "GenerationSettings", "MixedBlocks", "NucleusFilter",
+__all__ = ["GeneratedTextDataModule", "GenerationCache", "GenerationSettings", "MixedBlocks",
            "generate_blocks", "mix_indices", "weights_digest"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: sampled by qat.data.sampling (1: transformers' generate)
 
 
 @dataclass(frozen=True)
@@ -160,38 +161,6 @@ def _first_tokens(count: int, vocab_size: int, excluded: Sequence[int], generato
     return choices[torch.randint(len(choices), (count, 1), generator=generator)]
 
 
-class NucleusFilter:
-    """Top-p filtering (keep the most probable tokens until their mass reaches `top_p`; every other logit
-    -inf) over the `candidates` most probable tokens found by `topk`, a full sort only for the rows whose
-    candidates hold less than `top_p`: the same tokens as transformers' TopPLogitsWarper (which sorts the whole
-    vocabulary, as long as a decode step of SmolLM2-135M at batch 64 on the CPU), at a tenth of its cost."""
-
-    def __init__(self, top_p: float, candidates: int = 1024) -> None:
-        self.top_p, self.candidates = top_p, candidates
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self.top_p >= 1.0:
-            return scores
-        log_norm = scores.float().logsumexp(-1, keepdim=True)
-        k = min(self.candidates, scores.shape[-1])
-        out, mass = self._nucleus(scores, *scores.topk(k, dim=-1), log_norm)
-        short = mass < self.top_p
-        if short.any():  # rows whose candidates hold too little mass: sort the whole row
-            rows = short.nonzero().reshape(-1)
-            out[rows] = self._nucleus(scores[rows], *scores[rows].sort(dim=-1, descending=True), log_norm[rows])[0]
-        return out
-
-    def _nucleus(self, scores: Tensor, ordered: Tensor, index: Tensor, log_norm: Tensor) -> tuple[Tensor, Tensor]:
-        """`scores` with every token but the nucleus among `ordered` (descending, at positions `index`) -inf,
-        and the probability mass `ordered` holds per row."""
-        probs = (ordered.float() - log_norm).exp()
-        cumulative = probs.cumsum(-1)
-        keep = (cumulative - probs) < self.top_p  # the mass before a token is under top_p: it is in the nucleus
-        keep[:, 0] = True
-        out = torch.full_like(scores, float("-inf")).scatter(-1, index, torch.where(keep, ordered, float("-inf")))
-        return out, cumulative[:, -1]
-
-
 @torch.no_grad()
 def generate_batch(model: nn.Module, index: int, settings: GenerationSettings, vocab_size: int,
                    excluded: Sequence[int]) -> Tensor:
@@ -204,17 +173,9 @@ def generate_batch(model: nn.Module, index: int, settings: GenerationSettings, v
         first = _first_tokens(settings.batch_size, vocab_size, excluded, torch.Generator().manual_seed(seed))
         config = getattr(model, "generation_config", None)
         eos = getattr(config, "eos_token_id", None)
-        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
-        pad = getattr(config, "pad_token_id", None)
-        new = settings.seq_len - 1
-        from transformers import LogitsProcessorList
-
-        # top-p by NucleusFilter, after transformers' temperature (custom processors come after its own)
-        out = model.generate(input_ids=first.to(device), attention_mask=torch.ones_like(first, device=device),
-                             do_sample=True, temperature=settings.temperature, top_p=1.0, top_k=0,
-                             logits_processor=LogitsProcessorList([NucleusFilter(settings.top_p)]),
-                             max_new_tokens=new, min_new_tokens=new, use_cache=True,
-                             pad_token_id=pad if pad is not None else (eos if eos is not None else 0))
+        eos = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+        out = sample_sequences(model, first.to(device), settings.seq_len - 1, settings.temperature, settings.top_p,
+                               suppressed=[int(i) for i in eos])
     if out.shape != (settings.batch_size, settings.seq_len):
         raise RuntimeError(f"generation batch {index} came back with shape {tuple(out.shape)}, not "
                            f"({settings.batch_size}, {settings.seq_len})")
@@ -353,7 +314,7 @@ class GeneratedTextDataModule(TextDataModule):
             None: every user and generated block once per epoch; 1.0: generated text only (data-free).
         temperature, top_p: the sampling settings (no top-k; the first token uniform over the vocabulary
             but its special tokens; end-of-sequence suppressed).
-        generation_batch_size: sequences per `generate` call.
+        generation_batch_size: sequences sampled together.
         generation_dtype: 'bfloat16' (a copy of the teacher samples; about twice as fast on CPUs with
             AVX512-BF16) or 'float32' (the teacher itself).
         generation_seed: the seed of the samples (default: `seed`).

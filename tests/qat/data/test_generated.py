@@ -199,14 +199,3 @@ def test_weight_zero_generates_nothing_and_needs_no_teacher(tmp_path):
 def test_no_teacher_is_an_error_saying_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match="needs the teacher model"):
         module(None, tmp_path)
-
-
-@pytest.mark.parametrize("top_p, scale, candidates", [(0.95, 3.0, 1024), (0.9, 0.5, 64), (0.5, 8.0, 16), (1.0, 1.0, 8)])
-def test_the_nucleus_filter_keeps_the_tokens_transformers_top_p_keeps(top_p, scale, candidates):
-    from transformers import TopPLogitsWarper
-
-    scores = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * scale
-    ours = gen.NucleusFilter(top_p, candidates)(None, scores.clone())
-    theirs = TopPLogitsWarper(top_p)(None, scores.clone()) if top_p < 1 else scores
-    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
-    assert torch.equal(ours[torch.isfinite(ours)], scores[torch.isfinite(ours)])
