@@ -149,6 +149,14 @@ class RunCheckpoint(ModelCheckpoint):
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
 
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        # a run that stops before its first validation (max_steps inside the first epoch) has nothing to rank:
+        # Lightning saves nothing then either, but warns with every logged key
+        if (self.monitor is not None and self.monitor not in monitor_candidates
+                and not trainer.fit_loop.epoch_loop.val_loop._has_run):
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_dir = state_dict.get("dirpath")
         if saved_dir is not None and self.dirpath is not None and Path(saved_dir) != Path(self.dirpath):

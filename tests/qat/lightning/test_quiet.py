@@ -67,3 +67,13 @@ def test_a_training_run_prints_none_of_the_noise(tmp_path, capfd):
     text = printed.out + printed.err
     assert "QAT" in text  # the run's own summary table
     assert [noise for noise in NOISE if noise in text] == []
+
+
+def test_a_run_that_stops_before_its_first_validation_does_not_warn_about_the_best_checkpoints_metric(tmp_path):
+    # digits: 12 training batches of 128 an epoch; 11 steps end the run before the epoch's validation
+    argv = ["train", "recipes/digits_w4a4.yaml", *FAST, f"logging.run_dir={tmp_path}", "trainer.max_steps=11"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    assert [str(w.message)[:80] for w in caught if "could not find the monitored key" in str(w.message)] == []
+    assert not (next(tmp_path.rglob("checkpoints")) / "best.ckpt").exists()  # nothing to rank: none written
