@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from qat.data.loading import ResumableLoader
 from qat.data.sampling import sample_sequences
 from qat.data.text import PackedBlocks, TextDataModule
 from qat.hf.load import cache_dir
@@ -47,6 +48,7 @@ from qat.hf.load import cache_dir
 __all__ = ["GeneratedTextDataModule", "GenerationCache", "GenerationSettings", "MixedBlocks",
            "generate_blocks", "mix_indices", "weights_digest"]
 
+CALIBRATION_SOURCES = ("mix", "user", "generated")
 CACHE_VERSION = 2  # 2: sampled by qat.data.sampling (1: transformers' generate)
 
 
@@ -318,28 +320,32 @@ class GeneratedTextDataModule(TextDataModule):
         generation_dtype: 'bfloat16' (a copy of the teacher samples; about twice as fast on CPUs with
             AVX512-BF16) or 'float32' (the teacher itself).
         generation_seed: the seed of the samples (default: `seed`).
+        calibration_source: what the first training batches that calibrate (and GPTQ-round) the model are
+            drawn from: 'mix' (the training mix), 'user' (the user's text only) or 'generated'.
         cache_dir: where the cache folders go (default `$QAT_CACHE/generated`, `~/.cache/qat/generated`).
         progress: show the generation progress bar.
 
-    Validation (and `eval_corpora`) stays on the user's text; calibration takes the first training batches,
-    so it sees the same mix.
+    Validation (and `eval_corpora`) stays on the user's text; calibration takes the first batches of
+    `calibration_dataloader()`: the training mix, or one of its two sources (`calibration_source`).
     """
 
     def __init__(self, tokenizer: Any, teacher: Optional[nn.Module] = None, generated_sequences: int = 256,
                  generated_weight: Optional[float] = 0.5, temperature: float = 1.0, top_p: float = 0.95,
                  generation_batch_size: int = 16, generation_seed: Optional[int] = None,
-                 generation_dtype: str = "bfloat16",
+                 generation_dtype: str = "bfloat16", calibration_source: str = "mix",
                  cache_dir: Optional[str] = None, progress: bool = True, **text_args: Any) -> None:
         super().__init__(tokenizer, **text_args)
         if generated_weight is not None and not 0.0 <= generated_weight <= 1.0:
             raise ValueError(f"generated_weight={generated_weight!r} must be between 0 and 1")
+        if calibration_source not in CALIBRATION_SOURCES:
+            raise ValueError(f"calibration_source={calibration_source!r}: use one of {', '.join(CALIBRATION_SOURCES)}")
         if not isinstance(generated_sequences, int) or generated_sequences < 1:
             raise ValueError(f"generated_sequences={generated_sequences!r} must be a positive integer")
         self.settings = GenerationSettings(seq_len=self.seq_len, temperature=float(temperature), top_p=float(top_p),
                                            batch_size=generation_batch_size, dtype=generation_dtype,
                                            seed=self.seed if generation_seed is None else generation_seed)
         self.teacher, self.generated_sequences, self.generated_weight = teacher, generated_sequences, generated_weight
-        self.cache_dir, self.progress = cache_dir, progress
+        self.cache_dir, self.progress, self.calibration_source = cache_dir, progress, calibration_source
         self.generated_set: Optional[PackedBlocks] = None
         self.user_train_set: Optional[PackedBlocks] = None
 
@@ -360,6 +366,15 @@ class GeneratedTextDataModule(TextDataModule):
         self.teacher = None  # the float copy is not kept for the whole run
         self.user_train_set = self.train_set
         self.train_set = MixedBlocks(self.user_train_set, self.generated_set, self.generated_weight)
+
+    def calibration_dataloader(self) -> ResumableLoader:
+        """Training-order batches of `calibration_source`: the mix (the training loader itself), or one source."""
+        self._require_setup()
+        source = {"mix": self.train_set, "user": self.user_train_set, "generated": self.generated_set}
+        blocks = source[self.calibration_source]
+        if len(blocks) == 0:
+            raise ValueError(f"calibration_source={self.calibration_source!r} holds no blocks (generated_weight=0?)")
+        return ResumableLoader(blocks, batch_size=self.batch_size, shuffle=True, seed=self.seed)
 
     def summary(self) -> str:
         text = super().summary()

@@ -118,6 +118,14 @@ def main_validation_loader(datamodule: Any) -> Any:
     return validation_loaders(datamodule)[""]
 
 
+def calibration_loader(datamodule: Any) -> Any:
+    """The loader whose first batches calibrate (and GPTQ-round) the model: the data module's
+    `calibration_dataloader()` when it has one (e.g. `GeneratedTextDataModule(calibration_source='user')`),
+    else its training loader."""
+    method = getattr(datamodule, "calibration_dataloader", None)
+    return method() if callable(method) else datamodule.train_dataloader()
+
+
 def domain_key(metric: str, domain: str) -> str:
     """The name of `metric` measured on validation loader `domain`: `metric` itself for the data module's own
     split (''), else `metric/domain` (summary rows: `ppl/legal`; logged: `val/ppl/legal`)."""

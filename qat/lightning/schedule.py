@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qat.control import calibrate, freeze, quantizers, set_fake_quant
-from qat.data.loading import validation_loaders
+from qat.data.loading import calibration_loader, validation_loaders
 from qat.ptq import gptq_round
 from qat.recipe import ScheduleConfig
 from qat.tasks import move_batch
@@ -128,8 +128,7 @@ class QuantizationSchedule(pl.Callback):
         datamodule = trainer.datamodule
         if datamodule is None:
             raise RuntimeError("QuantizationSchedule needs the Trainer to be given a LightningDataModule")
-        loader = datamodule.train_dataloader()
-        taken = itertools.islice(iter(loader), self.config.calibration_batches)
+        taken = itertools.islice(iter(calibration_loader(datamodule)), self.config.calibration_batches)
         return [move_batch(batch, device) for batch in taken]
 
     @staticmethod

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from qat.data.loading import validation_loaders
+from qat.data.loading import calibration_loader, validation_loaders
 from qat.eval.evaluate import LM_TASKS, compare, domain_embeddings, domain_perplexity, latency
 from qat.eval.log_report import log_report
 from qat.eval.outputs import EvalError, collect, collect_embeddings
@@ -122,7 +122,7 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
     data = sources.datamodule()
     loaders = validation_loaders(data)  # '' the held-out end of the training text, then the evaluation domains
     val_batches = list(loaders[""])
-    train_batches = list(itertools.islice(iter(data.train_dataloader()), recipe.schedule.calibration_batches))
+    train_batches = list(itertools.islice(iter(calibration_loader(data)), recipe.schedule.calibration_batches))
     progress("loading the models: float reference, PTQ (calibrated now), QAT, int4 file")
     models = _models(sources, train_batches, val_batches)
     vocab = _vocab_size(data, recipe, models["float"])

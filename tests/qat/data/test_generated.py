@@ -9,10 +9,10 @@ from collections import Counter
 import pytest
 import torch
 
-from qat.data import GeneratedTextDataModule, generate_blocks
+from qat.data import GeneratedTextDataModule, TextDataModule, generate_blocks
 from qat.data import generated as gen
 from qat.data.generated import GenerationCache, GenerationSettings, mix_indices, weights_digest
-from qat.data.loading import validation_loaders
+from qat.data.loading import calibration_loader, validation_loaders
 from tests.qat.data.tokenizers_for_tests import WORDS, word_tokenizer
 from tests.qat.hf.tiny_models import VOCAB, save_tiny_llama
 
@@ -199,3 +199,28 @@ def test_weight_zero_generates_nothing_and_needs_no_teacher(tmp_path):
 def test_no_teacher_is_an_error_saying_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match="needs the teacher model"):
         module(None, tmp_path)
+
+
+@pytest.mark.parametrize("source", ["mix", "user", "generated"])
+def test_calibration_batches_come_from_the_chosen_source_in_training_order(teacher, tmp_path, source):
+    dm = module(teacher, tmp_path, calibration_source=source)
+    generated = {tuple(r) for r in dm.generated_set.blocks.tolist()}
+    user = {tuple(r) for r in dm.user_train_set.blocks.tolist()}
+    rows = rows_of(calibration_loader(dm))
+    expected = {"mix": generated | user, "user": user, "generated": generated}[source]
+    assert set(rows) == expected and len(rows) == len(rows_of(dm.train_dataloader()) if source == "mix" else expected)
+    if source == "mix":  # the training loader itself: the first batches a run trains on
+        assert rows == rows_of(dm.train_dataloader())
+
+
+def test_a_data_module_without_a_calibration_loader_calibrates_on_its_training_batches(tmp_path):
+    dm = TextDataModule(word_tokenizer(model_max_length=64), files=[words_file(tmp_path)], seq_len=12, batch_size=4,
+                        val_tokens=48)
+    dm.setup("fit")
+    assert not hasattr(dm, "calibration_dataloader")
+    assert rows_of(calibration_loader(dm)) == rows_of(dm.train_dataloader())
+
+
+def test_an_unknown_calibration_source_is_refused_with_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="calibration_source='teacher': use one of mix, user, generated"):
+        module(None, tmp_path, generated_weight=0.0, calibration_source="teacher")
