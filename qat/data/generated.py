@@ -6,7 +6,7 @@ text in the teacher's own distribution).
                       (`qat.data.sampling`), sampled at a stated temperature / top-p (no top-k), the
                       first token drawn uniformly from the vocabulary (special tokens left out), the
                       end-of-sequence token suppressed so that every sequence is whole, by a bfloat16
-                      copy of the teacher by default (`float32`: the teacher itself); cached on disk
+                      copy of the teacher by default (`float32`: a float32 copy); cached on disk
     GeneratedTextDataModule   TextDataModule whose training (hence calibration) blocks are the user's
                       text and the generated sequences, mixed by `generated_weight`; validation, and
                       the evaluation domains, stay the user's text
@@ -49,7 +49,7 @@ __all__ = ["GeneratedTextDataModule", "GenerationCache", "GenerationSettings", "
            "generate_blocks", "mix_indices", "weights_digest"]
 
 CALIBRATION_SOURCES = ("mix", "user", "generated")
-CACHE_VERSION = 2  # 2: sampled by qat.data.sampling (1: transformers' generate)
+CACHE_VERSION = 3  # 3: inverse-CDF nucleus draws; 2: multinomial draws (qat.data.sampling); 1: generate
 
 
 @dataclass(frozen=True)
@@ -185,14 +185,11 @@ def generate_batch(model: nn.Module, index: int, settings: GenerationSettings, v
 
 
 def _sampler(model: nn.Module, dtype: str) -> nn.Module:
-    """The model that samples: `model` itself when it already has the dtype, else a copy cast to it (the
-    teacher's own weights are never cast)."""
-    wanted = getattr(torch, dtype)
-    if next(model.parameters()).dtype == wanted:
-        return model
+    """A copy of `model` in `dtype` that samples: the sampler fuses its projections in place
+    (`qat.hf.batched_decoder`), and the teacher's own parameters are never replaced or cast."""
     import copy
 
-    return copy.deepcopy(model).to(wanted)
+    return copy.deepcopy(model).to(getattr(torch, dtype))
 
 
 def _special_ids(tokenizer: Any) -> list[int]:
@@ -221,17 +218,13 @@ def generate_blocks(model: nn.Module, num_sequences: int, settings: GenerationSe
     batches: list[Optional[Tensor]] = [cache.load(i) for i in range(count)]
     missing = [i for i, b in enumerate(batches) if b is None]
     if missing:
-        sampler = _sampler(model, settings.dtype)
-        was_training = sampler.training
-        sampler.eval()
-        try:
-            with _Progress(progress, len(missing), count - len(missing), settings) as advance:
-                for index in missing:
-                    batches[index] = generate_batch(sampler, index, settings, vocab_size, excluded_first_tokens)
-                    cache.store(index, batches[index])
-                    advance()
-        finally:
-            sampler.train(was_training)
+        sampler = _sampler(model, settings.dtype).eval()
+        with _Progress(progress, len(missing), count - len(missing), settings) as advance:
+            for index in missing:
+                batches[index] = generate_batch(sampler, index, settings, vocab_size, excluded_first_tokens)
+                cache.store(index, batches[index])
+                advance()
+        del sampler
     return torch.cat(batches)[:num_sequences]  # type: ignore[arg-type]
 
 
@@ -318,7 +311,7 @@ class GeneratedTextDataModule(TextDataModule):
             but its special tokens; end-of-sequence suppressed).
         generation_batch_size: sequences sampled together.
         generation_dtype: 'bfloat16' (a copy of the teacher samples; about twice as fast on CPUs with
-            AVX512-BF16) or 'float32' (the teacher itself).
+            AVX512-BF16) or 'float32' (a float32 copy).
         generation_seed: the seed of the samples (default: `seed`).
         calibration_source: what the first training batches that calibrate (and GPTQ-round) the model are
             drawn from: 'mix' (the training mix), 'user' (the user's text only) or 'generated'.

@@ -1,5 +1,6 @@
 """qat.data.sampling: the nucleus kept is transformers' top-p set, draws follow its renormalised
-probabilities, and the cached decode loop continues sequences as the model's own greedy `generate` does."""
+probabilities, and the cached decode loop (the batched Llama decoder, or another model's own forward and
+cache) continues sequences as the model's own greedy `generate` does."""
 
 from __future__ import annotations
 
@@ -46,6 +47,16 @@ def test_draws_follow_the_renormalised_nucleus():
     assert abs(float(counts[0]) - 0.625) < 0.014
 
 
+def test_short_rows_draw_from_their_full_nucleus_and_the_others_from_their_candidates():
+    flat, peaked = torch.zeros(3001), torch.arange(3001.0)
+    logits = torch.stack([flat, peaked] * 500)  # rows 0, 2, ...: flat (its top 16 hold 0.5 %); 1, 3, ...: peaked
+    torch.manual_seed(0)
+    draws = sample_nucleus(logits, top_p=0.9, candidates=16).reshape(-1)
+    # the flat row's nucleus is its 2701 first tokens in sort order: 500 draws land far beyond 16 candidates
+    assert len(set(draws[0::2].tolist())) > 300
+    assert set(draws[1::2].tolist()) <= {2998, 2999, 3000}
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     from transformers import LlamaForCausalLM
@@ -74,3 +85,15 @@ def test_suppressed_tokens_are_never_drawn_and_the_shape_is_the_prompt_plus_the_
 def test_a_non_positive_temperature_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="temperature"):
         sample_sequences(tiny_llama, torch.tensor([[1]]), new_tokens=2, temperature=0.0)
+
+
+def test_a_model_the_batched_decoder_cannot_run_samples_through_its_own_forward_and_cache():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)).eval()
+    first = torch.tensor([[5], [9]])
+    ours = sample_sequences(gpt2, first, new_tokens=8, top_p=1e-9)
+    theirs = gpt2.generate(input_ids=first, attention_mask=torch.ones_like(first), do_sample=False,
+                           max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+    assert torch.equal(ours, theirs)
