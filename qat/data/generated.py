@@ -5,8 +5,9 @@ text in the teacher's own distribution).
     generate_blocks   N sequences of `seq_len` tokens from a causal LM, batched, with its KV cache
                       (`qat.data.sampling`), sampled at a stated temperature / top-p (no top-k), the
                       first token drawn uniformly from the vocabulary (special tokens left out), the
-                      end-of-sequence token suppressed so that every sequence is whole, by a bfloat16
-                      copy of the teacher by default (`float32`: a float32 copy); cached on disk
+                      end-of-sequence token suppressed so that every sequence is whole, by a copy of the
+                      teacher in `sampler_dtype`'s choice (bfloat16 where the chip has bf16 matmuls,
+                      else float32); cached on disk
     GeneratedTextDataModule   TextDataModule whose training (hence calibration) blocks are the user's
                       text and the generated sequences, mixed by `generated_weight`; validation, and
                       the evaluation domains, stay the user's text
@@ -46,7 +47,7 @@ from qat.data.text import PackedBlocks, TextDataModule
 from qat.hf.load import cache_dir
 
 __all__ = ["GeneratedTextDataModule", "GenerationCache", "GenerationSettings", "MixedBlocks",
-           "generate_blocks", "mix_indices", "weights_digest"]
+           "generate_blocks", "mix_indices", "sampler_dtype", "weights_digest"]
 
 CALIBRATION_SOURCES = ("mix", "user", "generated")
 CACHE_VERSION = 3  # 3: inverse-CDF nucleus draws; 2: multinomial draws (qat.data.sampling); 1: generate
@@ -62,7 +63,7 @@ class GenerationSettings:
     batch_size: int = 16
     seed: int = 0
     first_token: str = "uniform"  # drawn uniformly from the vocabulary, special tokens left out
-    dtype: str = "bfloat16"  # the teacher's copy that samples: bfloat16 (about 2x fp32 on AVX512-BF16 CPUs), float32
+    dtype: str = "float32"  # the teacher's copy that samples: 'float32' or 'bfloat16' (`sampler_dtype` chooses)
 
     def __post_init__(self) -> None:
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
@@ -77,6 +78,21 @@ class GenerationSettings:
             raise ValueError(f"first_token={self.first_token!r}: only 'uniform' is implemented")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"generation dtype={self.dtype!r}: use 'bfloat16' or 'float32'")
+
+
+def sampler_dtype(requested: str, device: torch.device | str = "cpu") -> str:
+    """The dtype the sampling copy of the teacher runs in: `requested` unless it is 'auto', which picks
+    'bfloat16' on a GPU or a CPU with bf16 matrix instructions (AVX512-BF16 or AMX) and 'float32' elsewhere.
+
+    Why not bfloat16 everywhere: without those instructions a CPU emulates bf16 matmuls, and SmolLM2's
+    sampling step ran 4.9x slower in bf16 than in float32 on an AVX2 EPYC (1118 vs 229 ms at batch 64;
+    benchmarks/models/generation_speed.md), while on an AVX512-BF16 one bf16 was about twice as fast."""
+    if requested != "auto":
+        return requested
+    if torch.device(device).type == "cuda":
+        return "bfloat16"
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bfloat16" if native else "float32"
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -190,6 +206,11 @@ def _sampler(model: nn.Module, dtype: str) -> nn.Module:
     import copy
 
     return copy.deepcopy(model).to(getattr(torch, dtype))
+
+
+def _device(model: Optional[nn.Module]) -> torch.device:
+    parameter = next(model.parameters(), None) if model is not None else None
+    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def _special_ids(tokenizer: Any) -> list[int]:
@@ -310,8 +331,9 @@ class GeneratedTextDataModule(TextDataModule):
         temperature, top_p: the sampling settings (no top-k; the first token uniform over the vocabulary
             but its special tokens; end-of-sequence suppressed).
         generation_batch_size: sequences sampled together.
-        generation_dtype: 'bfloat16' (a copy of the teacher samples; about twice as fast on CPUs with
-            AVX512-BF16) or 'float32' (a float32 copy).
+        generation_dtype: the dtype of the teacher's copy that samples: 'auto' (`sampler_dtype`: bfloat16
+            where the chip has bf16 matmuls, else float32), 'bfloat16' or 'float32'. The resolved dtype is
+            part of the cache key.
         generation_seed: the seed of the samples (default: `seed`).
         calibration_source: what the first training batches that calibrate (and GPTQ-round) the model are
             drawn from: 'mix' (the training mix), 'user' (the user's text only) or 'generated'.
@@ -325,7 +347,7 @@ class GeneratedTextDataModule(TextDataModule):
     def __init__(self, tokenizer: Any, teacher: Optional[nn.Module] = None, generated_sequences: int = 256,
                  generated_weight: Optional[float] = 0.5, temperature: float = 1.0, top_p: float = 0.95,
                  generation_batch_size: int = 16, generation_seed: Optional[int] = None,
-                 generation_dtype: str = "bfloat16", calibration_source: str = "mix",
+                 generation_dtype: str = "auto", calibration_source: str = "mix",
                  cache_dir: Optional[str] = None, progress: bool = True, **text_args: Any) -> None:
         super().__init__(tokenizer, **text_args)
         if generated_weight is not None and not 0.0 <= generated_weight <= 1.0:
@@ -335,7 +357,8 @@ class GeneratedTextDataModule(TextDataModule):
         if not isinstance(generated_sequences, int) or generated_sequences < 1:
             raise ValueError(f"generated_sequences={generated_sequences!r} must be a positive integer")
         self.settings = GenerationSettings(seq_len=self.seq_len, temperature=float(temperature), top_p=float(top_p),
-                                           batch_size=generation_batch_size, dtype=generation_dtype,
+                                           batch_size=generation_batch_size,
+                                           dtype=sampler_dtype(generation_dtype, _device(teacher)),
                                            seed=self.seed if generation_seed is None else generation_seed)
         self.teacher, self.generated_sequences, self.generated_weight = teacher, generated_sequences, generated_weight
         self.cache_dir, self.progress, self.calibration_source = cache_dir, progress, calibration_source

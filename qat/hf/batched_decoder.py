@@ -5,8 +5,9 @@ Hugging Face's decode step at batch 64 spends most of its time outside the matmu
 dynamic KV cache concatenates every layer's keys and values anew at every token (quadratic in the
 length: 2 ms a call at 100 tokens, 60 calls a step) and its CPU attention kernel is slow for one query
 (3 ms a layer). This decoder keeps each layer's values in one preallocated (B, kv heads, L, D) tensor
-and its keys in one (B, kv heads, D, L) (a step's scores read them as they lie), written in place, and attends one query with two batched matmuls (scores, softmax in float32,
-values), the projections fused as `LlamaDecoder` fuses them (q|k|v, gate|up; `fused_linear.py`).
+and its keys in one (B, kv heads, D, L) (a step's scores read them as they lie), written in place, and
+attends one query with two batched matmuls (scores, softmax in float32, values), the projections fused
+as `LlamaDecoder` fuses them (q|k|v, gate|up; `fused_linear.py`).
 
 Every sequence of a batch has the same length (the sampler's case: first tokens drawn, then one token
 each per step), so no attention mask or padding is needed. The model is the one it is given, in its
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qat.hf.fused_linear import fuse_linears
-from qat.hf.llama_decoder import _layer, _Layer, _norm, _rms_norm, head_dim, unsupported_reason
+from qat.hf.llama_decoder import _Layer, _layer, _norm, _rms_norm, head_dim, unsupported_reason
 
 __all__ = ["BatchedLlamaDecoder", "unsupported_reason"]
 
@@ -49,7 +50,8 @@ class BatchedLlamaDecoder:
             raise ValueError(f"{max_length} tokens exceed the model's sliding window of {window}")
         self.dtype, self.device = body.norm.weight.dtype, body.norm.weight.device
         self.embed, self.final_norm = body.embed_tokens, _norm(body.norm, self.dtype)
-        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, head_dim(config)
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = head_dim(config)
         self.scale = self.head_dim ** -0.5
         self.layers = [_layer(layer, self.dtype) for layer in body.layers]
         self.head = fuse_linears([model.lm_head])

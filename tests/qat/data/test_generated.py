@@ -11,7 +11,7 @@ import torch
 
 from qat.data import GeneratedTextDataModule, TextDataModule, generate_blocks
 from qat.data import generated as gen
-from qat.data.generated import GenerationCache, GenerationSettings, mix_indices, weights_digest
+from qat.data.generated import GenerationCache, GenerationSettings, mix_indices, sampler_dtype, weights_digest
 from qat.data.loading import calibration_loader, validation_loaders
 from tests.qat.data.tokenizers_for_tests import WORDS, word_tokenizer
 from tests.qat.hf.tiny_models import VOCAB, save_tiny_llama
@@ -107,7 +107,7 @@ def test_the_cache_key_holds_the_weights_and_every_setting(teacher, tmp_path):
     changed = [GenerationCache(digest, GenerationSettings(**{**SETTINGS.__dict__, name: value}), VOCAB, SPECIAL,
                                tmp_path).key
                for name, value in (("temperature", 0.7), ("top_p", 1.0), ("batch_size", 2), ("seed", 4),
-                                   ("seq_len", 16), ("dtype", "float32"))]
+                                   ("seq_len", 16), ("dtype", "bfloat16"))]
     changed.append(GenerationCache("0" * 64, SETTINGS, VOCAB, SPECIAL, tmp_path).key)
     changed.append(GenerationCache(digest, SETTINGS, VOCAB, [0], tmp_path).key)
     assert len({key, *changed}) == len(changed) + 1
@@ -116,6 +116,26 @@ def test_the_cache_key_holds_the_weights_and_every_setting(teacher, tmp_path):
     perturbed = {k: v.clone() for k, v in teacher.state_dict().items()}
     perturbed["lm_head.weight"][0, 0] += 1.0
     assert weights_digest(_with_state(teacher, perturbed)) != digest
+
+
+@pytest.mark.parametrize(("bf16", "amx", "expected"), [(True, False, "bfloat16"), (False, True, "bfloat16"),
+                                                      (False, False, "float32")])
+def test_auto_sampler_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch, bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert sampler_dtype("auto") == expected
+    assert sampler_dtype("auto", "cuda") == "bfloat16"
+    assert sampler_dtype("float32", "cuda") == "float32" and sampler_dtype("bfloat16") == "bfloat16"
+
+
+def test_the_data_module_keys_its_cache_by_the_resolved_sampler_dtype(monkeypatch, teacher):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    dm = GeneratedTextDataModule(word_tokenizer(model_max_length=64), teacher=teacher, seq_len=12)
+    assert dm.settings.dtype == "float32"
+    with pytest.raises(ValueError, match="generation dtype='float16'"):
+        GeneratedTextDataModule(word_tokenizer(model_max_length=64), teacher=teacher, seq_len=12,
+                                generation_dtype="float16")
 
 
 def _with_state(model, state):
