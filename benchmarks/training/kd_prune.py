@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import record  # noqa: E402
+from qat.data.loading import main_validation_loader  # noqa: E402
 from qat.distill import kd_logit_loss  # noqa: E402
 from qat.lightning.distillation import float_copy, weights_sha256  # noqa: E402
 from qat.lightning.module import QATModule  # noqa: E402
@@ -95,8 +96,8 @@ def one_run(config: str, seed: int, run_dir: Path, extra: list[str]) -> dict:
     final = summary.get("qat") or summary["final_float"]
     row = {"config": config, "seed": seed, "acc": final["acc"], "loss": final["loss"], "ece": final["ece"],
            "seconds": summary["seconds"], "reference_sha256": weights_sha256(reference.model)}
-    row.update(versus_reference(run.model, reference.model, run.datamodule.val_dataloader()))
-    ref = QATModule(reference.model, recipe.task, 10).evaluate(run.datamodule.val_dataloader())
+    row.update(versus_reference(run.model, reference.model, main_validation_loader(run.datamodule)))
+    ref = QATModule(reference.model, recipe.task, 10).evaluate(main_validation_loader(run.datamodule))
     row.update(ref_acc=ref["acc"], ref_loss=ref["loss"], ref_ece=ref["ece"])
     if recipe.export.enabled:
         exported = export_run(run)
