@@ -51,7 +51,10 @@ def smollm2(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smollm2")
     recipe = load_recipe(ROOT / "recipes" / "smollm2_w4_kd.yaml", [
         *SMALL, f"logging.run_dir={run_dir}", "data.args.seq_len=64",
-        "data.args.batch_size=2", "data.args.val_tokens=256", "data.args.max_train_blocks=16", "export.enabled=true"])
+        "data.args.batch_size=2", "data.args.val_tokens=256", "data.args.max_train_blocks=16", "export.enabled=true",
+        # the recipe's self-generated distillation text, 4 sequences sampled by the real model into a fresh cache
+        "data.args.generated_sequences=4", "data.args.generation_batch_size=4", "data.args.progress=false",
+        f"data.args.cache_dir={run_dir / 'cache'}"])
     run = fit(recipe)
     exported = export_run(run)["export"]
     for checkpoint in run_dir.rglob("*.ckpt"):
@@ -63,8 +66,10 @@ def test_smollm2_qat_kd_export_load_generate(smollm2):
     run, exported = smollm2
     path = exported["path"]
     assert exported["bits_per_weight"] < 5.0
+    generated = run.datamodule.generated_set.blocks  # the recipe trains on text the float model sampled
+    assert generated.shape == (4, 64) and 0 <= int(generated.min()) and int(generated.max()) < 49152
     loaded = qat.load(path, kernel_backend="reference")
-    ids = run.datamodule.val_dataloader().dataset[0]["input_ids"][None, :32]  # (1, 32) held-out tokens
+    ids = main_validation_loader(run.datamodule).dataset[0]["input_ids"][None, :32]  # (1, 32) held-out tokens
     with torch.no_grad():
         expected = run.model.eval()(input_ids=ids).logits
         got = loaded(input_ids=ids).logits
@@ -155,6 +160,6 @@ def test_smollm2_compressed_tensors_folder_loads_in_transformers_with_equal_logi
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "folder", dtype=torch.float32,
                                               quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
     loaded = qat.load(exported["path"], kernel_backend="reference")
-    ids = run.datamodule.val_dataloader().dataset[0]["input_ids"][None, :32]
+    ids = main_validation_loader(run.datamodule).dataset[0]["input_ids"][None, :32]
     with torch.no_grad():
         assert torch.equal(hf(input_ids=ids).logits, loaded(input_ids=ids).logits)
