@@ -37,7 +37,7 @@ import torch
 
 from benchmarks import record
 from benchmarks.peers.harness import Candidate, Failed, Reference, Row, markdown_table, settings_list, torch_candidate
-from qat.data.loading import calibration_loader
+from qat.data.loading import calibration_loader, validation_loaders
 from qat.export import export_model, load
 from qat.hf.load import load_tokenizer
 from qat.recipe import load_recipe
@@ -51,12 +51,8 @@ def held_out_blocks(recipe, tokens: int) -> dict[str, list[list[int]]]:
     from benchmarks.models.lm_domains import data_module
 
     dm = data_module(recipe, list(recipe.data.args.get("eval_corpora", [])), tokens)
-    names = ["held-out", *dm.eval_domains]
-    blocks: dict[str, list[list[int]]] = {}
-    for name, loader in zip(names, dm.val_dataloader(), strict=True):
-        rows = [row for batch in loader for row in _unpadded(batch)]
-        blocks[name] = rows
-    return blocks
+    return {name or "held-out": [row for batch in loader for row in _unpadded(batch)]
+            for name, loader in validation_loaders(dm).items()}
 
 
 def _unpadded(batch: dict) -> Iterator[list[int]]:

@@ -78,8 +78,9 @@ def test_failed_peer_gets_a_row_with_its_error() -> None:
 def test_the_comparison_runs_end_to_end_on_a_tiny_run(tmp_path: Path, capsys) -> None:
     """A tiny QAT + KD run, then the SmolLM2 comparison script on its file: every section gives rows (scored,
     or a row naming the failure), and qat's rows are scored."""
-    folder = save_tiny_llama(tmp_path / "llama")
-    recipe = load_recipe(None, [*LLAMA, f"model.hf.path={folder}", f"logging.run_dir={tmp_path / 'runs'}"])
+    folder = save_tiny_llama(tmp_path / "llama", intermediate_size=128)  # every Linear takes groups of 64
+    recipe = load_recipe(None, [*LLAMA, f"model.hf.path={folder}", f"logging.run_dir={tmp_path / 'runs'}",
+                                "export.enabled=true"])
     summary = train(recipe, quiet=True)
     run_dir = Path(summary["run_dir"])
     out = tmp_path / "peers.md"
@@ -91,4 +92,5 @@ def test_the_comparison_runs_end_to_end_on_a_tiny_run(tmp_path: Path, capsys) ->
                   "qat recipe file (QAT + KD)"):
         assert f"| {label} | " in table and f"| {label} | failed" not in table
     assert "ONNX Runtime MatMulNBits RTN g64" in table or "| onnxruntime | failed" in table
-    assert "torchao" in table  # scored, or the row saying why not
+    assert "| torchao int4 weight-only g64, minmax (bf16) | " in table or "| torchao | failed" in table
+    assert "| torchao int4 weight-only g128, minmax (bf16) | failed: group_size 128 does not divide" in table
