@@ -64,8 +64,10 @@ def _unpadded(batch: dict) -> Iterator[list[int]]:
 class Context:
     """What the peer sections share: the recipe, its file, the reference text, a scratch folder."""
 
-    def __init__(self, recipe_path: str, file: Path, tokens: int, work: Path, overrides: list[str]):
+    def __init__(self, recipe_path: str, file: Path, tokens: int, work: Path, overrides: list[str],
+                 also: list[str] = ()):
         self.recipe_path, self.overrides, self.file, self.work = recipe_path, overrides, file, work
+        self.also = [tuple(entry.split("=", 1)) for entry in also]  # (label, path) of further qat files
         self.recipe = load_recipe(recipe_path, overrides)
         self.float_model = load_float_model(self.recipe).eval()
         self.reference = Reference.from_blocks(held_out_blocks(self.recipe, tokens), self.float_model)
@@ -107,6 +109,12 @@ def qat_rows(ctx: Context) -> Iterator[Row | Failed | Candidate]:
     yield _qat_file("qat recipe file (QAT + KD)", ctx.file, seconds,
                     f"{Path(ctx.recipe_path).name}; quantize time: the run's training (summary.json), "
                     "text generation not counted")
+
+
+def also_rows(ctx: Context) -> Iterator[Row | Failed | Candidate]:
+    """Further qat int4 files (`--also LABEL=PATH`), e.g. other recipes' runs, scored like the recipe's."""
+    for label, path in ctx.also:
+        yield _qat_file(label, Path(path), None, f"--also {path}")
 
 
 def _qat_file(label: str, path: Path, seconds: float | None, settings: str) -> Candidate:
@@ -246,8 +254,8 @@ def distill_steps(model: torch.nn.Module, teacher: torch.nn.Module, batches: lis
 
 
 SECTIONS: dict[str, Callable[[Context], Iterator[Row | Failed | Candidate]]] = {
-    "qat": qat_rows, "torchao": torchao_rows, "torchao-qat": torchao_qat_rows, "llama.cpp": llama_cpp_rows,
-    "onnxruntime": onnxruntime_rows}
+    "qat": qat_rows, "also": also_rows, "torchao": torchao_rows, "torchao-qat": torchao_qat_rows,
+    "llama.cpp": llama_cpp_rows, "onnxruntime": onnxruntime_rows}
 
 
 def run_section(name: str, ctx: Context) -> list[Row | Failed]:
@@ -272,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", default="recipes/smollm2_w4_kd.yaml")
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens per domain")
     parser.add_argument("--skip", nargs="*", default=[], choices=list(SECTIONS))
+    parser.add_argument("--also", nargs="*", default=[], metavar="LABEL=PATH", help="further qat int4 files to score")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--output", default=None, help="write the record to this markdown file")
     args, overrides = parser.parse_known_args(argv)
@@ -279,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="qat-peers-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        ctx = Context(args.recipe, args.file, args.tokens, work, overrides)
+        ctx = Context(args.recipe, args.file, args.tokens, work, overrides, args.also)
         rows = [row for name in SECTIONS if name not in args.skip for row in run_section(name, ctx)]
     text = "\n".join(["# SmolLM2-135M: qat beside the tools users pick instead", "",
                       record.header(time.perf_counter() - started), "",
