@@ -144,8 +144,7 @@ def llama_cpp_rows(ctx: Context) -> Iterator[Row | Failed | Candidate]:
         yield Candidate(f"llama.cpp {kind}", lc.logits_function(out, context, threads), lc.weight_bytes(out),
                         time.perf_counter() - start, settings)
     if not lc.tools_built():
-        yield Failed("llama.cpp with importance matrix", "llama-imatrix / llama-quantize not built: run "
-                     "`.venv/bin/python -c 'from benchmarks.peers.llama_cpp_peer import build_tools; build_tools()'`")
+        yield Failed("llama.cpp with importance matrix", "llama-imatrix / llama-quantize not built: run `make peers`")
     else:
         text = ctx.work / "calibration.txt"
         tokenizer = load_tokenizer(ctx.recipe.model.hf)
