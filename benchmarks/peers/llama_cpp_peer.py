@@ -15,6 +15,7 @@ calibration text. Logits come from llama-cpp-python on the same token ids as eve
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -43,7 +44,10 @@ def build_tools() -> Path:
     """`llama-quantize` and `llama-imatrix` compiled for this CPU (static, release), once; their folder."""
     tree = source()
     if not (TOOLS / "llama-imatrix").is_file() or not (TOOLS / "llama-quantize").is_file():
+        # ninja: the system's, else the one pip installed beside this interpreter (qat depends on it)
+        ninja = shutil.which("ninja") or str(Path(sys.executable).parent / "ninja")
         subprocess.run(["cmake", "-S", str(tree), "-B", str(tree / "build"), "-G", "Ninja",
+                        f"-DCMAKE_MAKE_PROGRAM={ninja}",
                         "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON",
                         "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF"], check=True, capture_output=True)
