@@ -6,8 +6,8 @@ machine is shared: compare the medians side by side, not with other runs). The i
 runs with int8 activations allowed for every dtype (QAT_INT8_ACTIVATIONS=all: the lean decoder's
 activations are fp32, which the default policy keeps in float). Each model runs
 with both engines: `hf` (Hugging Face generate) and `qat` (the lean Llama decoder). `--gguf FILE`
-adds llama.cpp (llama-cpp-python, `make llama`) on that file with the same prompt tokens,
-e.g. the `qat export --to gguf` conversion of the same int4 file.
+(repeatable) adds llama.cpp (llama-cpp-python, `make llama`) on that file with the same prompt tokens,
+e.g. the `qat export --to gguf` conversion of the same int4 file, and llama.cpp's own Q4_0 of the float model.
 
 Usage:
     .venv/bin/python -m benchmarks.deploy.generate_speed runs/smollm2_w4_kd/version_0/model.safetensors \\
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--gguf", help="also run llama.cpp on this GGUF file")
+    parser.add_argument("--gguf", action="append", default=[],
+                        help="also run llama.cpp on this GGUF file (repeatable: e.g. llama.cpp's own Q4_0 beside ours)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from qat.export.manifest import read_manifest
@@ -63,22 +64,22 @@ def main(argv: list[str] | None = None) -> None:
         INT8_ALL: (qat.load(args.file, dtype=torch.float32), "qat"),
     }
     prompt_ids = tokenizer(PROMPT)["input_ids"]
-    llm = open_llama(args.gguf, n_ctx=256, threads=args.threads) if args.gguf else None
-    results: dict[str, list] = {name: [] for name in [*models, *(["llama.cpp " + args.gguf] if llm else [])]}
+    llms = {"llama.cpp " + path: open_llama(path, n_ctx=256, threads=args.threads) for path in args.gguf}
+    results: dict[str, list] = {name: [] for name in [*models, *llms]}
     texts = {}
+    header = record.header()  # before the loop sets QAT_INT8_ACTIVATIONS, which the command line would then show
     for _ in range(args.rounds):
         for name, (model, engine) in models.items():
             os.environ[int8_act.ENV_VAR] = "all" if name == INT8_ALL else "bf16"
             out = generate(model, tokenizer, PROMPT, max_new_tokens=args.new_tokens, engine=engine)
             results[name].append(out)
             texts[name] = out.text
-        if llm is not None:
-            name = "llama.cpp " + args.gguf
+        for name, llm in llms.items():
             run = llama_greedy(llm, prompt_ids, args.new_tokens)
             results[name].append(Generation("", len(run.tokens), run.prefill_tokens_per_s(len(prompt_ids)),
                                             run.decode_tokens_per_s))
             texts[name] = tokenizer.decode(run.tokens, skip_special_tokens=True)
-    print(record.header())
+    print(header)
     print(f"prompt {len(tokenizer(PROMPT)['input_ids'])} tokens, {args.new_tokens} new tokens, {args.rounds} rounds")
     base = statistics.median(r.decode_tokens_per_s for r in results["float fp32, hf"])
     print("| model, engine | prefill tok/s | decode tok/s | decode vs float fp32 (hf) |")
