@@ -133,13 +133,6 @@ def torch_candidate(label: str, model: nn.Module, quantize_s: float | None, sett
     return Candidate(label, module_logits(model), size, quantize_s, settings)
 
 
-def timed(fn: Callable[[], object]) -> tuple[object, float]:
-    """(fn(), wall seconds)."""
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 def markdown_table(reference: Reference, rows: Sequence[Row | Failed]) -> str:
     """One row per candidate: perplexity per domain, KL, top-1, bits per weight, quantize time."""
     domains = list(reference.blocks)

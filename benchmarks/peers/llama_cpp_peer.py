@@ -43,7 +43,7 @@ def source() -> Path:
 def build_tools() -> Path:
     """`llama-quantize` and `llama-imatrix` compiled for this CPU (static, release), once; their folder."""
     tree = source()
-    if not (TOOLS / "llama-imatrix").is_file() or not (TOOLS / "llama-quantize").is_file():
+    if not tools_built():
         # ninja: the system's, else the one pip installed beside this interpreter (qat depends on it)
         ninja = shutil.which("ninja") or str(Path(sys.executable).parent / "ninja")
         subprocess.run(["cmake", "-S", str(tree), "-B", str(tree / "build"), "-G", "Ninja",

@@ -118,20 +118,10 @@ def session_logits(onnx_path: Path, threads: Optional[int] = None) -> Callable[[
 
     The session is built once (`threads` intra-op threads; None: ORT's own choice) and reused.
     """
-    import numpy as np
-    import onnxruntime
+    from qat.export.targets.onnx import onnx_session, run_onnx
 
-    options = onnxruntime.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(os.fspath(onnx_path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-
-    def logits(ids: Sequence[int]) -> Tensor:
-        feed = np.asarray(list(ids), dtype=np.int64)[None]
-        return torch.from_numpy(session.run(None, {name: feed})[0][0]).float()
-
-    return logits
+    session = onnx_session(onnx_path, threads)
+    return lambda ids: run_onnx(session, [torch.tensor([list(ids)])])[0].float()
 
 
 def weight_bytes(onnx_path: Path) -> int:

@@ -120,7 +120,7 @@ def also_rows(ctx: Context) -> Iterator[Row | Failed | Candidate]:
 def _qat_file(label: str, path: Path, seconds: float | None, settings: str) -> Candidate:
     from qat.export.reader import read_header
 
-    size = sum(entry.end - entry.begin for entry in read_header(path).tensors.values())
+    size = sum(entry.nbytes for entry in read_header(path).tensors.values())
     return torch_candidate(label, load(path, device="cpu"), seconds, settings, weight_bytes=size)
 
 
