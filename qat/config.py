@@ -25,7 +25,7 @@ GRANULARITIES = ("tensor", "channel", "group")
 QUANTIZERS = ("lsq", "lsq_plus", "observer")
 INITS = ("minmax", "percentile", "mse")
 SCALE_DTYPE_NAMES = ("float16", "bfloat16", "float32")
-SUPPORTED_TYPES = ("Linear", "Conv2d", "Embedding")
+SUPPORTED_TYPES = ("Linear", "Conv2d", "Embedding", "QuantPoint")
 MIN_BITS, MAX_BITS = 2, 8
 MIN_GROUP, MAX_GROUP = 16, 256
 GROUP_FALLBACKS = ("divisor", "skip")
@@ -166,7 +166,8 @@ class QuantRule:
     name: Optional[str] = None
     """A regular expression, matched against the whole qualified module name; None: every name."""
     type: Optional[str] = None
-    """A class name: 'Linear', 'Conv2d' or 'Embedding' (subclasses match their base); None: every type."""
+    """A class name: 'Linear', 'Conv2d', 'Embedding' (subclasses match their base) or 'QuantPoint' (a marked
+    tensor, qat.points: activation fields only); None: every type."""
     skip: Optional[bool] = None
     """True keeps the matched layers float; False undoes an earlier rule's skip."""
     bits: Optional[int] = None
@@ -257,6 +258,10 @@ class QuantSpec:
     of 128): 'divisor' uses the largest power-of-two group size (>= 16) below it that divides the
     dimension, and the report says so (no such size: the layer stays float); 'skip' keeps the layer in
     float, with the reason in the report."""
+    fold_batchnorm: bool = False
+    """True: each quantized Conv2d directly followed by a BatchNorm2d in an nn.Sequential folds it
+    (qat.conv_bn): the folded weight W * gamma / sqrt(var + eps) is what is quantized and exported, with the
+    folded bias; the file has no BatchNorm. False: BatchNorm stays a float layer after the quantized conv."""
     max_float_fraction: float = 0.05
     """`prepare` warns loudly when more than this share of the weights of quantizable layers stays float
     because a group size does not divide the input dimension (either `group_fallback`); in [0, 1)."""

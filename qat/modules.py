@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qat.config import LayerConfig
+from qat.config import ConfigError, LayerConfig
 from qat.fake_quant import FakeQuantizer, activation_quantizer, weight_quantizer
 from qat.functional import check_finite
+from qat.points import QuantPoint
 
 
 class QuantModule:
@@ -41,13 +42,19 @@ class QuantModule:
             if config.activation else None
         )
 
-    def quantized_weight(self) -> Tensor:
-        """The weight the layer computes with: times its `weight_mask` buffer if it has one
-        (pruning, see qat.prune), then fake-quantized when its quantizer is on."""
-        weight = self.weight
+    def masked_weight(self) -> Tensor:
+        """The weight times its `weight_mask` buffer if it has one (pruning, see qat.prune)."""
         mask = self._buffers.get("weight_mask")
-        if mask is not None:
-            weight = weight * mask  # before fake-quant: pruned weights quantize to exactly 0
+        return self.weight if mask is None else self.weight * mask  # pruned weights quantize to exactly 0
+
+    def export_weight(self) -> Tensor:
+        """The float weight the weight quantizer acts on (and the file stores quantized): the masked weight
+        here; a conv with a folded BatchNorm (qat.conv_bn) scales it by the BN."""
+        return self.masked_weight()
+
+    def quantized_weight(self) -> Tensor:
+        """The weight the layer computes with: `masked_weight()`, fake-quantized when its quantizer is on."""
+        weight = self.masked_weight()
         return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
 
     def quantized_input(self, x: Tensor) -> Tensor:
@@ -161,8 +168,45 @@ class QuantEmbedding(QuantModule, nn.Embedding):
         )
 
 
+class QuantizedPoint(QuantModule, nn.Module):
+    """A `QuantPoint` (qat.points) once prepared: fake-quantizes the tensor passing through, per tensor.
+
+    It has no weight; its one quantizer is the `input_quantizer` of the quantized-layer interface, so
+    calibration, freezing, export and loading treat it as a layer whose input is quantized."""
+
+    float_class = QuantPoint
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight_quantizer = None
+        self.input_quantizer = None
+
+    @classmethod
+    def from_float(cls, module: QuantPoint, config: LayerConfig) -> QuantizedPoint:
+        activation = config.activation
+        if activation is None:
+            raise ValueError("a QuantPoint needs an activation setting")
+        if activation.granularity != "tensor":
+            raise ConfigError(f"a QuantPoint quantizes per tensor; its activation granularity is "
+                              f"{activation.granularity!r} (set granularity: tensor in its rule)")
+        qmod = cls()
+        qmod.layer_config = LayerConfig(weight=None, activation=activation)
+        qmod.input_quantizer = activation_quantizer(activation, 1, -1)
+        return qmod.train(module.training)
+
+    def init_weight_qparams(self) -> None:
+        """No weight."""
+
+    def to_float(self, fold: bool = False) -> nn.Module:
+        return QuantPoint().train(self.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quantized_input(x)
+
+
 QUANT_MODULES: dict[type[nn.Module], type[QuantModule]] = {
     nn.Linear: QuantLinear,
     nn.Conv2d: QuantConv2d,
     nn.Embedding: QuantEmbedding,
+    QuantPoint: QuantizedPoint,
 }

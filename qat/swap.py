@@ -15,8 +15,10 @@ from typing import Optional
 from torch import nn
 
 from qat.config import MIN_GROUP, ConfigError, LayerConfig, QuantizerConfig, QuantSpec
+from qat.conv_bn import FoldedBatchNorm2d, QuantConvBn2d, conv_bn_pairs
 from qat.functional import check_finite
 from qat.modules import QUANT_MODULES, QuantModule
+from qat.points import QuantPoint
 
 
 class GroupSizeError(ValueError):
@@ -94,7 +96,7 @@ def _input_size(module: nn.Module) -> int:
 
 
 def quantizable_base(module: nn.Module) -> Optional[type[nn.Module]]:
-    """The float class (Linear, Conv2d, Embedding) `module` is an instance of, or None.
+    """The float class (Linear, Conv2d, Embedding, QuantPoint) `module` is an instance of, or None.
 
     Subclasses count (a library's own Linear subclass is quantized as a Linear); layers
     that are already quantized do not."""
@@ -161,12 +163,19 @@ def prepare(model: nn.Module, spec: Optional[QuantSpec] = None) -> tuple[nn.Modu
         plan.append((name, module, base, config))
         report.layers.append(entry)
     check_tied(plan, report)
+    pairs = conv_bn_pairs(model) if spec.fold_batchnorm else {}
     quantized: dict[int, QuantModule] = {}
     for name, module, base, config in plan:
         if config is None:
             continue
-        qmodule = QUANT_MODULES[base].from_float(module, config)
-        first = quantized.setdefault(id(module.weight), qmodule)
+        if name in pairs and config.weight is not None:
+            bn = FoldedBatchNorm2d.from_batchnorm(model.get_submodule(pairs[name]))
+            _set_submodule(model, pairs[name], bn)
+            qmodule = QuantConvBn2d.from_conv_bn(module, bn, config)
+            report[name].reason = "; ".join(filter(None, [report[name].reason, f"{pairs[name]} folded in"]))
+        else:
+            qmodule = QUANT_MODULES[base].from_float(module, config)
+        first = quantized.setdefault(id(getattr(module, "weight", qmodule)), qmodule)
         if first is not qmodule and qmodule.weight_quantizer is not None:
             qmodule.weight_quantizer = first.weight_quantizer  # one quantizer for a tied table
         _set_submodule(model, name, qmodule)
@@ -180,6 +189,8 @@ def _plan_layer(name: str, module: nn.Module, base: type[nn.Module], spec: Quant
     config, rules = spec.resolve(name, base.__name__)
     if base is nn.Embedding and config is not None:  # its input is ids: only the table is quantized
         config = LayerConfig(weight=config.weight, activation=None) if config.weight is not None else None
+    if base is QuantPoint and config is not None:  # no weight: only the tensor passing through is quantized
+        config = LayerConfig(weight=None, activation=config.activation) if config.activation is not None else None
     entry = LayerReport(name, base.__name__, "skipped", rules=rules)
     if config is None:
         entry.reason = f"skipped by {rules[-1]}" if rules else "no weight or activation quantization set"
@@ -188,7 +199,8 @@ def _plan_layer(name: str, module: nn.Module, base: type[nn.Module], spec: Quant
     if config is None:
         entry.reason = note
         return entry, None
-    check_finite(module.weight, f"layer '{name}' weight")
+    if base is not QuantPoint:
+        check_finite(module.weight, f"layer '{name}' weight")
     entry.action, entry.config, entry.reason = "quantized", config, note
     return entry, config
 
@@ -196,8 +208,9 @@ def _plan_layer(name: str, module: nn.Module, base: type[nn.Module], spec: Quant
 def check_tied(plan: Plan, report: PrepareReport) -> None:
     """Layers sharing one weight must resolve to one weight setting (all quantized alike, or all float)."""
     groups: dict[int, list[tuple[str, Optional[LayerConfig]]]] = {}
-    for name, module, _, config in plan:
-        groups.setdefault(id(module.weight), []).append((name, config))
+    for name, module, base, config in plan:
+        if base is not QuantPoint:
+            groups.setdefault(id(module.weight), []).append((name, config))
     for members in groups.values():
         if len(members) < 2:
             continue
@@ -220,7 +233,7 @@ def _describe_weight(weight: Optional[QuantizerConfig]) -> str:
 def warn_float_fraction(plan: Plan, report: PrepareReport, spec: QuantSpec) -> None:
     """Warn loudly when group sizes that do not divide layers keep more than `max_float_fraction` of the
     weights of quantizable layers in float."""
-    sizes = {name: module.weight.numel() for name, module, _, _ in plan}
+    sizes = {name: module.weight.numel() for name, module, base, _ in plan if base is not QuantPoint}
     kept = sum(sizes.get(layer.name, 0) for layer in report.skipped if "does not divide" in layer.reason)
     total = sum(sizes.values())
     if total and kept / total > spec.max_float_fraction:
@@ -230,10 +243,17 @@ def warn_float_fraction(plan: Plan, report: PrepareReport, spec: QuantSpec) -> N
 
 
 def unprepare(model: nn.Module, fold: bool = False) -> nn.Module:
-    """Swap quantized layers back to float ones (in place); `fold` keeps the quantized weights."""
+    """Swap quantized layers back to float ones (in place); `fold` keeps the quantized weights. A folded
+    BatchNorm (QuantSpec.fold_batchnorm) becomes a BatchNorm2d again, or with `fold`, nn.Identity after a
+    conv holding the quantized folded weight and bias."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantModule):
+        if isinstance(module, QuantConvBn2d) and fold:
+            _set_submodule(model, name, module.folded_float())
+        elif isinstance(module, QuantModule):
             _set_submodule(model, name, module.to_float(fold=fold))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FoldedBatchNorm2d):
+            _set_submodule(model, name, nn.Identity() if fold else module.to_batchnorm())
     return model
 
 

@@ -37,6 +37,7 @@ KEY_TIED = "qat.tied"
 KEY_CHECKSUMS = "qat.tensor_sha256"
 KEY_HEADER_DIGEST = "qat.header_sha256"
 KEY_SPARSITY = "qat.sparsity"  # optional: pruning report of the exported weights
+KEY_FOLDED = "qat.folded_batchnorm"  # optional: {BatchNorm name: conv name} folded into the conv (weight, bias)
 REQUIRED_KEYS = (KEY_FORMAT, KEY_VERSION, KEY_LIBRARY, KEY_ARCHITECTURE, KEY_RECIPE, KEY_LAYERS, KEY_TIED,
                  KEY_CHECKSUMS, KEY_HEADER_DIGEST)
 
@@ -50,7 +51,7 @@ INPUT_ZERO = "input_quantizer.zero_point"
 
 LAYOUT_INT4 = "int4"  # two codes per byte, low nibble first
 LAYOUT_UINT8 = "uint8"  # one code per byte
-LAYER_TYPES = ("Linear", "Conv2d", "Embedding")
+LAYER_TYPES = ("Linear", "Conv2d", "Embedding", "QuantPoint")  # QuantPoint: an input quantizer, no weight
 
 # safetensors dtype names <-> torch dtypes (the ones qat reads and writes).
 ST_TO_TORCH = {

@@ -20,8 +20,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from qat.conv_bn import fold_into_skeleton
 from qat.export.architecture import build_architecture
-from qat.export.format import ArchitectureError, TensorMismatchError, layer_tensor
+from qat.export.format import KEY_FOLDED, ArchitectureError, TensorMismatchError, layer_tensor
 from qat.export.manifest import Manifest, read_manifest
 from qat.export.pack import conv_spec
 from qat.export.reader import Header, read_header, read_tensors
@@ -30,8 +31,9 @@ from qat.export.spec import LayerSpec
 from qat.export.state import Slot, state_slots
 from qat.export.values import check_values
 from qat.kernels import dispatch
+from qat.points import QuantPoint
 
-FLOAT_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
+FLOAT_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding, "QuantPoint": QuantPoint}
 
 
 def load(
@@ -68,6 +70,7 @@ def load(
     header = read_header(path)
     manifest = read_manifest(header)
     skeleton = model if model is not None else build_architecture(manifest.architecture, path)
+    fold_skeleton(skeleton, manifest, path)
     install_layers(skeleton, manifest, path, dtype)
     plan = plan_fill(skeleton, header, manifest)
     fill(plan, header, manifest, torch.device(device), dtype)
@@ -116,6 +119,14 @@ def install_layers(skeleton: nn.Module, manifest: Manifest, path: str, dtype: Op
         setattr(skeleton.get_submodule(parent_name) if parent_name else skeleton, child, packed)
 
 
+def fold_skeleton(skeleton: nn.Module, manifest: Manifest, path: str) -> None:
+    """The file's folded BatchNorm layers become nn.Identity, their convs gain the folded bias."""
+    try:
+        fold_into_skeleton(skeleton, manifest.folded)
+    except (AttributeError, TypeError) as err:
+        raise ArchitectureError(f"{path}: {KEY_FOLDED} does not fit the architecture: {err}") from None
+
+
 def _float_layer(skeleton: nn.Module, name: str, spec: LayerSpec, path: str) -> nn.Module:
     where = f"{path}: layer '{name}'"
     try:
@@ -131,7 +142,10 @@ def _float_layer(skeleton: nn.Module, name: str, spec: LayerSpec, path: str) -> 
                                 f"the file has {list(spec.weight.shape)}")
     if spec.conv is not None and conv_spec(module) != spec.conv:
         raise ArchitectureError(f"{where} has conv settings {conv_spec(module)}, the file has {spec.conv}")
-    if spec.input is not None:
+    if spec.input is not None and spec.type == "QuantPoint":
+        if spec.input.granularity != "tensor":
+            raise ArchitectureError(f"{where} is a QuantPoint; the file quantizes it per {spec.input.granularity}")
+    elif spec.input is not None:
         axis, channels = (-1, module.in_features) if spec.type == "Linear" else (1, module.in_channels)
         if spec.input.axis != axis or spec.input.channels not in (0, channels):
             raise ArchitectureError(f"{where} takes {channels} input channels on axis {axis}; the file's input "

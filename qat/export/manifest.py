@@ -28,6 +28,7 @@ from qat.export.format import (
     FORMAT_VERSION,
     KEY_ARCHITECTURE,
     KEY_CHECKSUMS,
+    KEY_FOLDED,
     KEY_FORMAT,
     KEY_HEADER_DIGEST,
     KEY_LAYERS,
@@ -64,6 +65,7 @@ class Manifest:
     checksums: dict[str, str] = field(default_factory=dict)
     sparsity: Optional[dict] = None
     golden: Optional[Golden] = None  # `qat.golden`: inputs and outputs for `qat verify`
+    folded: dict[str, str] = field(default_factory=dict)  # `qat.folded_batchnorm`: {BN name: conv name}
 
     def layer_tensor_names(self) -> set[str]:
         """File names of every tensor owned by a quantized layer (packed weights, scales, qparams)."""
@@ -105,6 +107,7 @@ def read_manifest(header: Header) -> Manifest:
         checksums=_string_map(path, KEY_CHECKSUMS, _json(path, metadata, KEY_CHECKSUMS)),
         sparsity=_sparsity(path, metadata),
         golden=decode_golden(metadata[KEY_GOLDEN], path) if KEY_GOLDEN in metadata else None,
+        folded=_string_map(path, KEY_FOLDED, _json(path, metadata, KEY_FOLDED)) if KEY_FOLDED in metadata else {},
     )
     _check_tensors(path, header, manifest)
     return manifest

@@ -26,7 +26,7 @@ from qat.export.spec import ConvSpec, InputSpec, LayerSpec, WeightSpec, choose_l
 from qat.fake_quant import FakeQuantizer
 from qat.functional import NonFiniteError, check_finite, expand_qparam, grouped_view, quantize
 from qat.kernels.reference import pack_int4, unpack_int4
-from qat.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
+from qat.modules import QuantConv2d, QuantEmbedding, QuantizedPoint, QuantLinear, QuantModule
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                torch.float64: "float64"}
@@ -119,8 +119,8 @@ def pack_layer(module: QuantModule, name: str = "") -> tuple[LayerSpec, dict[str
     A disabled input quantizer is not recorded (the model computes without it); a disabled
     weight quantizer raises `ExportError`, since the file would hold no quantized weight.
     """
-    types = {QuantLinear: "Linear", QuantConv2d: "Conv2d", QuantEmbedding: "Embedding"}
-    layer_type = types.get(type(module))
+    types = {QuantLinear: "Linear", QuantConv2d: "Conv2d", QuantEmbedding: "Embedding", QuantizedPoint: "QuantPoint"}
+    layer_type = next((kind for cls, kind in types.items() if isinstance(module, cls)), None)
     if layer_type is None:
         raise ExportError(f"layer '{name}': {type(module).__name__} has no export rule")
     if layer_type == "Embedding" and module.max_norm is not None:
@@ -147,11 +147,12 @@ def _pack_layer_weight(module: QuantModule, name: str) -> tuple[Optional[WeightS
                           "from before quantization started); export a later checkpoint, or enable it with "
                           "qat.set_fake_quant(model, weights=True) to export the weights as they would quantize")
     _check_quantizer(name, "weight", quantizer)
+    weight = module.export_weight()
     try:
-        check_finite(module.weight, f"layer '{name}' weight")
+        check_finite(weight, f"layer '{name}' weight")
     except NonFiniteError as err:
         raise ExportError(str(err)) from None
-    return pack_weight(quantizer, module.weight)
+    return pack_weight(quantizer, weight)
 
 
 # ---- the format's dequantization formula ----------------------------------------------------

@@ -19,12 +19,14 @@ import torch
 from torch import Tensor, nn
 
 import qat
+from qat.conv_bn import FoldedBatchNorm2d, QuantConvBn2d
 from qat.export.format import (
     CODES,
     FORMAT_NAME,
     FORMAT_VERSION,
     KEY_ARCHITECTURE,
     KEY_CHECKSUMS,
+    KEY_FOLDED,
     KEY_FORMAT,
     KEY_HEADER_DIGEST,
     KEY_LAYERS,
@@ -100,17 +102,26 @@ def check_architecture(architecture: Any) -> Optional[dict]:
     return architecture
 
 
+def folded_batchnorms(model: nn.Module) -> dict[str, str]:
+    """{BN name: conv name} of the BatchNorm layers folded into their conv (qat.conv_bn)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return {names[id(module.bn)]: name for name, module in model.named_modules() if isinstance(module, QuantConvBn2d)}
+
+
 def collect_tensors(model: nn.Module) -> tuple[dict[str, LayerSpec], dict[str, Tensor], dict[str, str]]:
-    """(layer specs, every tensor to store by file name, ties {alias: stored name}) of a prepared model."""
+    """(layer specs, every tensor to store by file name, ties {alias: stored name}) of a prepared model.
+    A conv with a folded BatchNorm stores the folded weight and bias; the BN itself stores nothing."""
     layers: dict[str, LayerSpec] = {}
     tensors: dict[str, Tensor] = {}
     tied: dict[str, str] = {}
     table_owner: dict[int, str] = {}  # id(shared weight) -> the first layer that packed it
     for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantConvBn2d):
+            tensors[f"{name}.bias"] = module.export_bias().detach().clone()
         if isinstance(module, QuantModule):
             spec, packed = pack_layer(module, name)
             layers[name] = spec
-            owner = table_owner.setdefault(id(module.weight), name)
+            owner = table_owner.setdefault(id(getattr(module, "weight", module)), name)  # a QuantPoint has none
             for suffix, tensor in packed.items():
                 source = layer_tensor(owner, suffix)
                 same = source in tensors and torch.equal(tensors[source], tensor)
@@ -122,6 +133,10 @@ def collect_tensors(model: nn.Module) -> tuple[dict[str, LayerSpec], dict[str, T
         raise ExportError("the model has no quantized layers; run qat.prepare(model, spec) and train it first")
 
     def skip(module: nn.Module, attr: str) -> bool:
+        if isinstance(module, FoldedBatchNorm2d):
+            return True
+        if isinstance(module, QuantConvBn2d) and attr == "bias":
+            return True  # stored folded, above
         if not isinstance(module, QuantModule):
             return False
         quantized_weight = attr == "weight" and module.weight_quantizer is not None
@@ -175,6 +190,9 @@ def export_model(
         KEY_LAYERS: json.dumps({name: spec.to_json() for name, spec in layers.items()}, sort_keys=True),
         KEY_TIED: json.dumps(tied, sort_keys=True),
     }
+    folded = folded_batchnorms(model)
+    if folded:
+        metadata[KEY_FOLDED] = json.dumps(folded, sort_keys=True)
     if sparsity is not None:
         if not isinstance(sparsity, dict):
             raise ExportError(f"sparsity must be a dict (a pruning report), got {type(sparsity).__name__}")
