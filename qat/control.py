@@ -67,7 +67,8 @@ def calibration(model: nn.Module, weights: bool = True) -> Iterator[list[FakeQua
     quantizers are re-initialized from the current weights first. Yields the observing quantizers."""
     if weights:
         init_weight_ranges(model)
-    active = [q for _, q in quantizers(model, "activation")]
+    # a frozen, initialized quantizer keeps its range (e.g. a QuantPoint's fixed range after ReLU6)
+    active = [q for _, q in quantizers(model, "activation") if not (q.frozen and q.initialized)]
     for quantizer in active:
         quantizer.start_calibration()
     try:

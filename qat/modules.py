@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from qat.config import ConfigError, LayerConfig
 from qat.fake_quant import FakeQuantizer, activation_quantizer, weight_quantizer
-from qat.functional import check_finite
+from qat.functional import check_finite, choose_qparams
 from qat.points import QuantPoint
 
 
@@ -180,6 +180,7 @@ class QuantizedPoint(QuantModule, nn.Module):
         super().__init__()
         self.weight_quantizer = None
         self.input_quantizer = None
+        self.fixed_range: Optional[tuple[float, float]] = None
 
     @classmethod
     def from_float(cls, module: QuantPoint, config: LayerConfig) -> QuantizedPoint:
@@ -192,13 +193,19 @@ class QuantizedPoint(QuantModule, nn.Module):
         qmod = cls()
         qmod.layer_config = LayerConfig(weight=None, activation=activation)
         qmod.input_quantizer = activation_quantizer(activation, 1, -1)
+        qmod.fixed_range = module.fixed_range
+        if module.fixed_range is not None:  # known range: fixed, never calibrated or learned
+            low, high = (torch.tensor([bound]) for bound in module.fixed_range)
+            scale, zero = choose_qparams(low, high, activation.bits, activation.symmetric, activation.is_signed)
+            qmod.input_quantizer.set_qparams(scale, zero)
+            qmod.input_quantizer.freeze()
         return qmod.train(module.training)
 
     def init_weight_qparams(self) -> None:
         """No weight."""
 
     def to_float(self, fold: bool = False) -> nn.Module:
-        return QuantPoint().train(self.training)
+        return QuantPoint(*(self.fixed_range or ())).train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.quantized_input(x)

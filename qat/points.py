@@ -14,8 +14,28 @@ Example:
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 
 class QuantPoint(nn.Identity):
-    """Identity in float; a per-tensor activation fake-quantizer once prepared (see the module docstring)."""
+    """Identity in float; a per-tensor activation fake-quantizer once prepared (see the module docstring).
+
+    Args:
+        low, high: a range the tensor is known to lie in (after ReLU6: 0 and 6). Given, the prepared
+            quantizer's range is fixed to it (frozen, not calibrated, not learned), so the activation
+            before it is exactly the quantizer's own clamp and an integer runtime can drop it (ONNX
+            Runtime removes a Clip whose range a QuantizeLinear covers). None: calibrated and learned.
+    """
+
+    def __init__(self, low: Optional[float] = None, high: Optional[float] = None) -> None:
+        super().__init__()
+        if (low is None) != (high is None):
+            raise ValueError("QuantPoint: give both low and high, or neither")
+        if low is not None and not float(low) < float(high):
+            raise ValueError(f"QuantPoint: low={low} must be below high={high}")
+        self.fixed_range: Optional[tuple[float, float]] = None if low is None else (float(low), float(high))
+
+    def extra_repr(self) -> str:
+        return "" if self.fixed_range is None else f"fixed_range={self.fixed_range}"

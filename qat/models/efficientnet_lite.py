@@ -22,7 +22,9 @@ integer graph quantizes each tensor once: `input_point` (the model input), `stem
 `expand_out` (if it expands), `depthwise_out`, `project_out` and, for residual blocks, `residual_out`
 (out = residual_out(project_out(project(...)) + x)), then `head_out` and `pooled` (after pooling, before
 dropout / classifier). A block's input x, which the residual adds, is the previous point's output and is
-therefore not marked again. lite0 has 60 points: 4 + 15 expands + 16 * 2 + 9 residual sums.
+therefore not marked again. lite0 has 60 points: 4 + 15 expands + 16 * 2 + 9 residual sums. The points
+after a ReLU6 (stem_out, expand_out, depthwise_out, head_out) have the fixed range [0, 6]: the ReLU6 is then
+exactly the 8-bit quantizer's own clamp, which an integer runtime folds away.
 
 Padding: 'symmetric' is PyTorch's k // 2 on each side (what qat recipes train with); 'tf' is TensorFlow's
 'SAME' padding computed from each input's size (asymmetric for stride 2: (0, 1) for 3x3 and (1, 2) for
@@ -130,9 +132,9 @@ class MBConvBlock(nn.Module):
         self.expands = expand_ratio != 1
         if self.expands:
             self.expand = conv_bn(in_channels, hidden, 1)
-            self.expand_out = QuantPoint()
+            self.expand_out = QuantPoint(0.0, 6.0)  # after ReLU6
         self.depthwise = conv_bn(hidden, hidden, kernel, stride, groups=hidden, padding=padding)
-        self.depthwise_out = QuantPoint()
+        self.depthwise_out = QuantPoint(0.0, 6.0)  # after ReLU6
         self.project = conv_bn(hidden, out_channels, 1, relu6=False)
         self.project_out = QuantPoint()
         if self.residual:
@@ -182,7 +184,7 @@ class EfficientNetLite(nn.Module):
 
         self.input_point = QuantPoint()
         self.stem = conv_bn(3, STEM_CHANNELS, 3, 2, padding=padding)
-        self.stem_out = QuantPoint()
+        self.stem_out = QuantPoint(0.0, 6.0)  # after ReLU6
         specs = []  # (in, out, kernel, stride, expand ratio) of each block
         for i, (repeats, kernel, stride, expand, in_ch, out_ch) in enumerate(STAGES):
             in_ch = STEM_CHANNELS if i == 0 else round_channels(in_ch, width)
@@ -195,7 +197,7 @@ class EfficientNetLite(nn.Module):
             MBConvBlock(*spec, padding=padding, drop_rate=drop_connect * i / len(specs))
             for i, spec in enumerate(specs))
         self.head = conv_bn(specs[-1][1], HEAD_CHANNELS, 1)
-        self.head_out = QuantPoint()
+        self.head_out = QuantPoint(0.0, 6.0)  # after ReLU6
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.pooled = QuantPoint()
         self.dropout = nn.Dropout(dropout)

@@ -194,3 +194,19 @@ def test_quant_point_settings():
     model, report = qat.prepare(block(), spec)
     assert model.a_out.input_quantizer.config.bits == 6 and report["a_out"].action == "quantized"
     assert model.a[0].input_quantizer is None  # the rule matches QuantPoints only: convs stay weight-only
+
+
+def test_a_fixed_range_point_is_exactly_the_relu6_clamp_and_ignores_calibration():
+    model = nn.Sequential(nn.ReLU6(), QuantPoint(0.0, 6.0))
+    model, _ = qat.prepare(model, QuantSpec(weight=None, activation=default_activation_config(8)))
+    quantizer = model[1].input_quantizer
+    scale, zero = quantizer.qparams()
+    assert torch.equal(scale, torch.tensor(6 / 255)) and quantizer.frozen and not quantizer.scale.requires_grad
+    x = torch.linspace(-3, 9, 1001)
+    qat.calibrate(model, [x * 0.1])  # a narrower range observed: not taken
+    assert torch.equal(quantizer.qparams()[0], scale)
+    codes = torch.clamp(torch.round(x / scale) + zero, zero, zero + 255)  # 0..6 on codes 0..255, no ReLU6
+    assert torch.equal(model(x), (codes - zero) * scale)
+    assert torch.equal(model(x), nn.Sequential(nn.Identity(), model[1])(x))  # the ReLU6 changes nothing
+    with pytest.raises(ValueError, match="both"):
+        QuantPoint(0.0)
