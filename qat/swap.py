@@ -201,6 +201,8 @@ def _plan_layer(name: str, module: nn.Module, base: type[nn.Module], spec: Quant
         return entry, None
     if base is not QuantPoint:
         check_finite(module.weight, f"layer '{name}' weight")
+    if base is QuantPoint and module.fixed_range is not None:
+        note = "; ".join(filter(None, [note, f"fixed range [{module.fixed_range[0]:g}, {module.fixed_range[1]:g}]"]))
     entry.action, entry.config, entry.reason = "quantized", config, note
     return entry, config
 

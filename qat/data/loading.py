@@ -118,6 +118,17 @@ def main_validation_loader(datamodule: Any) -> Any:
     return validation_loaders(datamodule)[""]
 
 
+def report_loader(datamodule: Any) -> tuple[str, Any]:
+    """(split name, loader) the evaluation report measures on: the data module's `test_dataloader()` when
+    it has one (a data set with an official test split, e.g. Fashion-MNIST's 10,000 images), else its own
+    validation split."""
+    method = getattr(datamodule, "test_dataloader", None)
+    if callable(method):
+        datamodule.setup("test")
+        return "test", method()
+    return "validation", main_validation_loader(datamodule)
+
+
 def calibration_loader(datamodule: Any) -> Any:
     """The loader whose first batches calibrate (and GPTQ-round) the model: the data module's
     `calibration_dataloader()` when it has one (e.g. `GeneratedTextDataModule(calibration_source='user')`),

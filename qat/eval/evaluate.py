@@ -251,10 +251,11 @@ def robustness_sections(models: dict[str, nn.Module], batches: list, task: Task,
 
 
 def compare(models: dict[str, nn.Module], batches: list, task: str, noise_levels: Optional[Sequence[float]] = None,
-            vocab_size: Optional[int] = None, drop_token: Optional[int] = None) -> dict[str, Any]:
+            vocab_size: Optional[int] = None, drop_token: Optional[int] = None,
+            class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """The report dict of `models` (must include 'float') on `batches` (a list of batches) for `task`
     (a `qat.tasks` name); `drop_token` (e.g. the tokenizer's unknown token) adds token dropout
-    to the robustness part."""
+    to the robustness part; `class_names` (label id -> name) names the per-class rows."""
     if REFERENCE not in models:
         raise ValueError(f"compare needs a '{REFERENCE}' model as the reference; got {sorted(models)}")
     runner = make_task(task)
@@ -270,7 +271,8 @@ def compare(models: dict[str, nn.Module], batches: list, task: str, noise_levels
         "layers": per_layer(models, batches[0], runner), "not_applicable": {},
     }
     if task == "classification":
-        report["slices"] = {name: metrics.per_class(out.logits, out.labels) for name, out in outputs.items()}
+        names = list(class_names) if class_names else None
+        report["slices"] = {name: metrics.per_class(out.logits, out.labels, names) for name, out in outputs.items()}
     else:
         report["not_applicable"]["slices"] = SLICES_NOT_FOR_LMS
     report.update(robustness_sections(models, batches, runner, noise_levels, vocab_size, drop_token))

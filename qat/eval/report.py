@@ -61,7 +61,8 @@ def _stages_section(report: dict) -> list[str]:
     stages = report["stages"]
     keys = stage_columns(report)
     against = AGAINST_FLOAT.get(report["task"], "agreement, KL and flips against float")
-    lines = [f"## Stages ({report['examples']} {COUNTED.get(report['task'], 'examples')}; {against})", "",
+    split = f" of the {report['split']} split" if report.get("split") else ""
+    lines = [f"## Stages ({report['examples']} {COUNTED.get(report['task'], 'examples')}{split}; {against})", "",
              f"Float is {report.get('float_is', 'the model at the end of FP warm-up')}; QAT also trains the "
              "weights further, so its distance to float is quantization error plus that training.", ""]
     lines += _table(["stage", *keys], [[STAGE_LABELS.get(s, s), *(row[k] for k in keys)] for s, row in stages.items()])

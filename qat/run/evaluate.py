@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from qat.data.loading import calibration_loader, validation_loaders
+from qat.data.loading import calibration_loader, report_loader, validation_loaders
 from qat.eval.evaluate import LM_TASKS, compare, domain_embeddings, domain_perplexity, latency
 from qat.eval.log_report import log_report
 from qat.eval.outputs import EvalError, collect, collect_embeddings
@@ -121,14 +121,16 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
     progress("loading the data")
     data = sources.datamodule()
     loaders = validation_loaders(data)  # '' the held-out end of the training text, then the evaluation domains
-    val_batches = list(loaders[""])
+    split, held_out = report_loader(data)  # the test split where the data module has one
+    val_batches = list(held_out)
     train_batches = list(itertools.islice(iter(calibration_loader(data)), recipe.schedule.calibration_batches))
     progress("loading the models: float reference, PTQ (calibrated now), QAT, int4 file")
     models = _models(sources, train_batches, val_batches)
     vocab = _vocab_size(data, recipe, models["float"])
     progress(f"comparing {', '.join(models)} on {len(val_batches)} validation batches (metrics, robustness, "
              "per-layer errors)")
-    report = compare(models, val_batches, recipe.task, noise_levels, vocab, _drop_token(data))
+    report = compare(models, val_batches, recipe.task, noise_levels, vocab, _drop_token(data),
+                     class_names=getattr(data, "class_names", None))
     if len(loaders) > 1 and recipe.task in LM_TASKS:
         progress(f"perplexity on the evaluation domains: {', '.join(name for name in loaders if name)}")
         report["domains"] = domain_perplexity(models, {name: list(loader) for name, loader in loaders.items() if name},
@@ -138,7 +140,7 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
         report["domains"] = domain_embeddings(models, {name: list(loader) for name, loader in loaders.items() if name},
                                               recipe.task, report["stages"])
     pretrained = sources.float_path is None
-    report.update(name=recipe.name, source=str(sources.source),
+    report.update(name=recipe.name, source=str(sources.source), split=split,
                   float_reference=f"{recipe.model.hf.path} (pretrained)" if pretrained else str(sources.float_path),
                   float_is=f"the pretrained model the run started from ({recipe.model.hf.path})" if pretrained
                   else f"the model at the end of FP warm-up ({sources.float_path.name})",

@@ -29,9 +29,12 @@ from qat.recipe import load_recipe_text, recipe_hash
 from qat.run.build import Run
 from qat.run.models import architecture_of, instantiate, model_from_checkpoint
 
+GOLDEN_BYTES = 64 * 1024  # golden inputs stored in the file: at most this many bytes (at least one sample)
+
 
 def golden_batch(datamodule: Any, count: int = 4) -> Optional[tuple[Tensor, ...]]:
-    """The model inputs of the first `count` validation samples of a Lightning data module, or None.
+    """The model inputs of the first `count` validation samples of a Lightning data module (fewer when
+    they would take more than GOLDEN_BYTES: one 64x64 RGB image is 48 KiB), or None.
 
     A batch is `(inputs, targets)`, a dict with `input_ids` (and `attention_mask`), or a tensor.
     """
@@ -48,7 +51,9 @@ def golden_batch(datamodule: Any, count: int = 4) -> Optional[tuple[Tensor, ...]
         batch = (batch,)
     if not batch or not all(isinstance(t, Tensor) for t in batch):
         return None
-    return tuple(t[:count] for t in batch)
+    per_sample = sum(t[:1].numel() * t.element_size() for t in batch)
+    count = max(1, min(count, GOLDEN_BYTES // max(1, per_sample)))
+    return tuple(t[:count].contiguous() for t in batch)
 
 
 def export_trained(model: nn.Module, out_path: str | os.PathLike, architecture: dict, recipe_hash: str,
