@@ -39,7 +39,7 @@ from torch import nn
 from qat.eval import metrics
 from qat.eval.layers import output_errors, weight_sqnr
 from qat.eval.outputs import Outputs, collect, collect_embeddings
-from qat.eval.robustness import default_levels, describe, perturbation
+from qat.eval.robustness import PHOTOMETRIC_SHIFTS, default_levels, describe, is_image_batch, perturbation, photometric
 from qat.tasks import IGNORE, Task, make_task, model_output
 
 REFERENCE = "float"
@@ -191,6 +191,24 @@ def robustness(models: dict[str, nn.Module], batches: list, task: str | Task, le
     return result
 
 
+def photometric_robustness(models: dict[str, nn.Module], batches: list, task: str | Task,
+                           shifts: Sequence[tuple[str, float]] = PHOTOMETRIC_SHIFTS) -> dict[str, Any]:
+    """Accuracy of each model under brightness and contrast shifts of the input images (same layout as
+    `robustness`; levels are the shifts' names)."""
+    task = _task(task)
+    result: dict[str, Any] = {"metric": "accuracy", "levels": [f"{kind} {amount:+g}" if kind == "brightness"
+                                                                else f"{kind} x{amount:g}" for kind, amount in shifts],
+                              "stages": {}, "perturbation": "brightness / contrast shifts (inputs clamped to the "
+                                                             "clean range)"}
+    for name, model in models.items():
+        values = []
+        for kind, amount in shifts:
+            out = collect(model, batches, transform=photometric(kind, amount), task=task)
+            values.append(metrics.accuracy(out.logits, out.labels))
+        result["stages"][name] = values
+    return result
+
+
 @torch.no_grad()
 def latency_ms(model: nn.Module, inputs: Any, repeats: int = 7) -> float:
     """Median wall time of one forward of `inputs`, in ms (after one warm-up call)."""
@@ -243,6 +261,8 @@ def robustness_sections(models: dict[str, nn.Module], batches: list, task: Task,
     sample = task.split(batches[0])[0]
     levels = noise_levels if noise_levels is not None else default_levels(sample)
     sections = {"robustness": robustness(robust_models, batches, task, levels, vocab_size)}
+    if is_image_batch(sample):
+        sections["robustness_photometric"] = photometric_robustness(robust_models, batches, task)
     tokens = sample["input_ids"] if isinstance(sample, dict) else sample
     if drop_token is not None and not tokens.is_floating_point():
         sections["robustness_dropout"] = robustness(robust_models, batches, task, levels, vocab_size,

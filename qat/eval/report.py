@@ -23,7 +23,8 @@ from typing import Any
 
 from qat.eval import plots
 
-ROBUSTNESS_KEYS = ("robustness", "robustness_dropout")  # noise / token substitution; token dropout
+# noise / token substitution; token dropout; image brightness and contrast
+ROBUSTNESS_KEYS = ("robustness", "robustness_dropout", "robustness_photometric")
 STAGE_LABELS = {"float": "float", "ptq": "PTQ", "qat": "QAT", "int4": "int4 file"}
 
 

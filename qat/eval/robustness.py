@@ -5,6 +5,10 @@
                             random token of the vocabulary           (typo-style substitution)
                             or by `drop_token` when one is given      (token dropout)
 
+    images (4-D float)      photometric shifts of each image, clamped to the clean batch's value range:
+                            brightness +-b (b added; inputs normalised as (pixel - 127) / 128: 0.25 is
+                            32 grey levels), contrast c (x -> mean + c * (x - mean), per image)
+
 Labels are never changed; a dict batch has its `input_ids` perturbed.
 
 Example:
@@ -58,6 +62,31 @@ def perturbation(level: float, seed: int = 0, vocab_size: Optional[int] = None,
         return substitute_tokens(inputs, level, vocab_size, generator, drop_token)
 
     return transform
+
+
+PHOTOMETRIC_SHIFTS = (("brightness", 0.25), ("brightness", -0.25), ("contrast", 0.5), ("contrast", 1.5))
+
+
+def photometric(kind: str, amount: float) -> Callable[[Tensor], Tensor]:
+    """A brightness (`amount` added) or contrast (`amount` times the distance to each image's mean) shift of
+    a batch of images (B, C, H, W), clamped to the batch's own [min, max] (a real camera saturates)."""
+    if kind not in ("brightness", "contrast"):
+        raise ValueError(f"photometric shift {kind!r}; allowed: 'brightness', 'contrast'")
+
+    def transform(images: Tensor) -> Tensor:
+        if kind == "brightness":
+            shifted = images + amount
+        else:
+            mean = images.mean(dim=(1, 2, 3), keepdim=True)
+            shifted = mean + amount * (images - mean)
+        return shifted.clamp(images.min(), images.max())
+
+    return transform
+
+
+def is_image_batch(sample_input: Any) -> bool:
+    """Whether model inputs like `sample_input` are images: a float tensor (B, C, H, W)."""
+    return isinstance(sample_input, Tensor) and sample_input.is_floating_point() and sample_input.dim() == 4
 
 
 def default_levels(sample_input: Any) -> tuple[float, ...]:

@@ -17,7 +17,7 @@ from qat.eval.evaluate import compare
 from qat.eval.layers import output_errors, sqnr_db, weight_sqnr
 from qat.eval.outputs import EvalError, collect
 from qat.eval.report import markdown, write_report
-from qat.eval.robustness import perturbation, substitute_tokens
+from qat.eval.robustness import perturbation, photometric, substitute_tokens
 from qat.lightning.telemetry import weight_stats
 from qat.swap import prepare
 from tests.qat.eval.toy_models import FragileMLP
@@ -154,3 +154,24 @@ def test_a_language_model_report_has_perplexity_ratio_and_same_top_token_rate():
     assert stage["agreement"] == metrics.agreement(out.logits, ref.logits)  # same-top-token rate
     assert report["stages"]["float"]["perplexity_ratio"] == 1.0
     assert report["robustness"]["metric"] == "perplexity" and "slices" not in report
+
+
+def test_photometric_shifts_by_hand_and_in_the_report_of_an_image_model():
+    images = torch.linspace(-1, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    brighter = photometric("brightness", 0.25)(images)
+    assert torch.equal(brighter, (images + 0.25).clamp(-1, 1))  # saturates at the clean range
+    flatter = photometric("contrast", 0.5)(images)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.equal(flatter, mean + 0.5 * (images - mean))  # inside the range: no clamp
+    with pytest.raises(ValueError, match="allowed"):
+        photometric("hue", 0.1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    x = torch.randn(8, 3, 4, 4)
+    batches = [(x, torch.arange(8) % 3)]
+    report = compare({"float": model, "qat": _quantized(model, 4)}, batches, "classification", noise_levels=[0.0])
+    shifted = report["robustness_photometric"]
+    assert shifted["levels"] == ["brightness +0.25", "brightness -0.25", "contrast x0.5", "contrast x1.5"]
+    out = collect(model, batches, transform=photometric("contrast", 1.5))
+    assert shifted["stages"]["float"][3] == metrics.accuracy(out.logits, out.labels)
+    assert "brightness / contrast" in markdown(report)
