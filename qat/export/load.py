@@ -26,11 +26,12 @@ from qat.export.format import KEY_FOLDED, ArchitectureError, TensorMismatchError
 from qat.export.manifest import Manifest, read_manifest
 from qat.export.pack import conv_spec
 from qat.export.reader import Header, read_header, read_tensors
-from qat.export.runtime import PACKED_LAYERS, InputQuantizer, _PackedWeight
+from qat.export.runtime import PACKED_LAYERS, InputQuantizer, PackedConv2d, _PackedWeight
 from qat.export.spec import LayerSpec
 from qat.export.state import Slot, state_slots
 from qat.export.values import check_values
 from qat.kernels import dispatch
+from qat.kernels.names import DEQUANT_CACHED
 from qat.points import QuantPoint
 
 FLOAT_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding, "QuantPoint": QuantPoint}
@@ -74,10 +75,10 @@ def load(
     install_layers(skeleton, manifest, path, dtype)
     plan = plan_fill(skeleton, header, manifest)
     fill(plan, header, manifest, torch.device(device), dtype)
-    if kernel_backend is None and not os.environ.get(dispatch.ENV_VAR) and \
-            exact_backend_needed(manifest, dynamic_activation_bits):
+    automatic = kernel_backend is None and not os.environ.get(dispatch.ENV_VAR)
+    if automatic and exact_backend_needed(manifest, dynamic_activation_bits):
         kernel_backend = EXACT_BACKEND
-    _configure_packed_layers(skeleton, kernel_backend, dynamic_activation_bits)
+    _configure_packed_layers(skeleton, kernel_backend, dynamic_activation_bits, cache_convs=automatic)
     return skeleton.eval().requires_grad_(False)
 
 
@@ -96,11 +97,16 @@ def exact_backend_needed(manifest: Manifest, dynamic_bits: Optional[int]) -> boo
     return bool(dynamic_bits) or any(spec.input is not None for spec in manifest.layers.values())
 
 
-def _configure_packed_layers(model: nn.Module, kernel_backend: Optional[str], dynamic_bits: Optional[int]) -> None:
+def _configure_packed_layers(model: nn.Module, kernel_backend: Optional[str], dynamic_bits: Optional[int],
+                             cache_convs: bool = False) -> None:
+    """Backends of the packed layers. `cache_convs` (automatic choice): convolutions dequantize their weight
+    once and keep it (`dequant_cached`, exact): there is no int4 conv kernel, and dequantizing at every
+    call made the int4 EfficientNet-Lite0 ~2x slower than float on a CPU (benchmarks/models/effnet_fmnist.md)."""
     for module in model.modules():
         if isinstance(module, _PackedWeight):
             module.finish_loading()
-            module.kernel_backend = kernel_backend
+            module.kernel_backend = DEQUANT_CACHED if cache_convs and isinstance(module, PackedConv2d) \
+                else kernel_backend
             if module.input_quantizer is None and dynamic_bits and module.spec.type == "Linear":
                 module.dynamic_activation_bits = dynamic_bits
 

@@ -27,7 +27,7 @@ from qat.export.pack import dequantize_codes
 from qat.export.spec import InputSpec, LayerSpec, WeightSpec
 from qat.functional import SCALE_EPS, expand_qparam, fake_quantize
 from qat.kernels import dispatch
-from qat.kernels.names import DEQUANT
+from qat.kernels.names import DEQUANT, DEQUANT_CACHED
 from qat.kernels.reference import SYMMETRIC_ZERO, unpack_int4
 from qat.kernels.weights import auto_choices_of
 
@@ -156,7 +156,9 @@ class PackedLinear(_PackedWeight):
 
 
 class PackedConv2d(_PackedWeight):
-    """Conv2d whose weight is dequantized from packed codes at each call."""
+    """Conv2d whose weight is dequantized from packed codes at each call, or once and kept (in x's dtype,
+    on x's device) when the kernel backend is `dequant_cached` (the argument of `qat.load`, or
+    $QAT_KERNEL_BACKEND): the float conv's speed at the float conv's memory. Both are exact."""
 
     def __init__(self, skeleton: nn.Conv2d, spec: LayerSpec, device: torch.device | str = "meta") -> None:
         super().__init__()
@@ -165,10 +167,20 @@ class PackedConv2d(_PackedWeight):
             setattr(self, attr, getattr(skeleton, attr))
         self._init_packed(spec, device)
         self.bias = skeleton.bias
+        self._cached_weight: Optional[Tensor] = None
+
+    def conv_weight(self, dtype: torch.dtype) -> Tensor:
+        """The dequantized weight in `dtype`: kept after the first call under `dequant_cached`."""
+        if dispatch.requested_backend(self.kernel_backend) != DEQUANT_CACHED:
+            return self.dequantized_weight().to(dtype)
+        cached = self._cached_weight
+        if cached is None or cached.dtype != dtype or cached.device != self.weight_scales.device:
+            cached = self._cached_weight = self.dequantized_weight().to(dtype)
+        return cached
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.quantize_input(x)
-        weight = self.dequantized_weight().to(x.dtype)
+        weight = self.conv_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.padding_mode != "zeros":  # as nn.Conv2d._conv_forward
             padded = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)

@@ -210,3 +210,16 @@ def test_a_fixed_range_point_is_exactly_the_relu6_clamp_and_ignores_calibration(
     assert torch.equal(model(x), nn.Sequential(nn.Identity(), model[1])(x))  # the ReLU6 changes nothing
     with pytest.raises(ValueError, match="both"):
         QuantPoint(0.0)
+
+
+def test_loaded_convs_keep_their_dequantized_weight_under_dequant_cached(tmp_path):
+    path = tmp_path / "m.safetensors"
+    model = prepared_points()
+    qat.export_model(model, path)
+    cached = qat.load(path, model=Block(), kernel_backend="dequant_cached")
+    per_call = qat.load(path, model=Block(), kernel_backend="dequant")
+    probe = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(cached(probe), per_call(probe)) and torch.equal(cached(probe), model(probe))
+    assert cached.a[0]._cached_weight is cached.a[0].conv_weight(torch.float32)  # computed once, kept
+    assert per_call.a[0]._cached_weight is None
