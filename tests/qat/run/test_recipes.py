@@ -14,7 +14,9 @@ from tests.qat.run.helpers import FAST, ROOT, fast_recipe
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 # Recipes of the pretrained Hugging Face models run (a few steps, export, load) in tests/qat/hf/test_real_models.py.
 HF_RECIPES = [p for p in RECIPES if load_recipe(p).model.hf is not None]
-TOY_RECIPES = [p for p in RECIPES if p not in HF_RECIPES]
+# The pretrained EfficientNet-Lite0 recipe runs (a few steps, export, load, ONNX) in test_effnet_recipe.py.
+REAL_RECIPES = [*HF_RECIPES, ROOT / "recipes" / "effnet_lite0_fmnist_w4a8.yaml"]
+TOY_RECIPES = [p for p in RECIPES if p not in REAL_RECIPES]
 
 
 def test_recipes_directory_is_not_empty():
