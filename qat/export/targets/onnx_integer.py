@@ -9,28 +9,36 @@ that exports as the ONNX QDQ form of exactly its numbers:
                                     (4-bit codes fit) -> DequantizeLinear(axis 0) with the file's scales
                                     -> Conv / Gemm (input quantization of the layer itself: a QDQ in front)
 
+Why uint8 activations and int8 weights: it is the pair ONNX Runtime's x86 kernels (MLAS) run fastest
+(u8s8). Without AVX-512 VNNI / AVX-VNNI, MLAS multiplies u8 x s8 pairs with vpmaddubsw, whose 16-bit sums of
+two products saturate for 8-bit weights (255 * 127 * 2 > 32767: the reason for ORT's `reduce_range`);
+4-bit codes (|code| <= 8, 255 * 8 * 2 = 4080) never do, so these graphs are exact on AVX2 machines too.
+
 The graph is traced by `torch.onnx.export(dynamo=True)`; `onnx_integer_graph` then quantizes the biases
 (int32 at input_scale * weight_scale[c], the one deviation from the fake-quant model: see there), drops
 each ReLU6 (Clip) the QuantizeLinear after it makes redundant, and checks that every quantized layer
 reads a quantized tensor. Every other op (residual Add, pooling, Flatten) stays an ONNX op between a
 DequantizeLinear and a QuantizeLinear, so ONNX Runtime's QDQ transformers fuse the groups into
-QLinearConv, QLinearAdd, QLinearGlobalAveragePool and QGemm; `integer_op_counts` counts what it made.
+QLinearConv, QLinearAdd, QLinearGlobalAveragePool and QGemm (float logits); `integer_op_counts` counts
+the ops of the graph ONNX Runtime optimizes it into, which the report gives.
 
 Refused with `ConversionError` naming the layer: weights in groups smaller than a row (the integer
 kernels take one scale per output channel), weights wider than 8 bits or whose codes minus zero leave
-int8, activation quantizers that are not 8-bit per tensor, Embedding layers, and (in the graph pass)
-a quantized layer whose input no quantization point precedes.
+int8, activation quantizers that are not 8-bit per tensor, Embedding layers, Linear layers on inputs of
+more than 2 dimensions, and (in the graph pass) a quantized layer whose input no quantization point
+precedes.
 
 Example:
-    >>> report = export_onnx_integer("effnet.safetensors", "effnet-int8.onnx")
-    >>> print(report)        # effnet-int8.onnx: 50 integer convs (QLinearConv x50), 0 float Conv, ...
+    >>> report = export_onnx_integer("lite0.safetensors", "lite0-int8.onnx")
+    >>> print(report)  # ... ONNX Runtime (CPU, ORT_ENABLE_ALL) runs 49 integer conv(s) and 0 float conv(s); ...
+    >>> report.integer_convs, report.float_convs
+    (49, 0)
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -49,6 +57,8 @@ from qat.points import QuantPoint
 
 TARGET = "onnx --integer"
 DEFAULT_OPSET = 21
+MIN_OPSET = 18  # torch.onnx.export(dynamo=True) writes 18 and newer
+QDQ_POINT = "QuantizeLinear -> DequantizeLinear"
 UINT8_SHIFT = 128  # signed 8-bit codes + 128 = the same reals as uint8 codes (zero point + 128)
 
 
@@ -72,27 +82,29 @@ def dequantize_int8(codes: Tensor, scale: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("qat_onnx_integer::conv", mutates_args=())
-def qdq_conv(x: Tensor, codes: Tensor, scale: Tensor, bias: Optional[Tensor], stride: list[int],
+def qdq_conv(x: Tensor, codes: Tensor, scale: Tensor, zero_point: Tensor, bias: Optional[Tensor], stride: list[int],
              padding: list[int], dilation: list[int], groups: int) -> Tensor:
-    """conv2d(x, codes * scale, bias): exports as DequantizeLinear(codes, scale, axis=0) -> Conv."""
+    """conv2d(x, codes * scale, bias) (zero_point: int8 zeros): exports as DequantizeLinear(codes, scale,
+    zero_point, axis=0) -> Conv."""
     return F.conv2d(x, dequantize_int8(codes, scale), bias, stride, padding, dilation, groups)
 
 
 @qdq_conv.register_fake
-def _qdq_conv_shape(x: Tensor, codes: Tensor, scale: Tensor, bias: Optional[Tensor], stride: list[int],
-                    padding: list[int], dilation: list[int], groups: int) -> Tensor:
+def _qdq_conv_shape(x: Tensor, codes: Tensor, scale: Tensor, zero_point: Tensor, bias: Optional[Tensor],
+                    stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:
     weight = torch.empty(codes.shape, dtype=x.dtype, device=x.device)
     return F.conv2d(x, weight, None, stride, padding, dilation, groups)
 
 
 @torch.library.custom_op("qat_onnx_integer::linear", mutates_args=())
-def qdq_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """x @ (codes * scale).T + bias for 2-D x: exports as DequantizeLinear(codes, scale, axis=0) -> Gemm."""
+def qdq_linear(x: Tensor, codes: Tensor, scale: Tensor, zero_point: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x @ (codes * scale).T + bias for 2-D x (zero_point: int8 zeros): exports as DequantizeLinear(codes, scale,
+    zero_point, axis=0) -> Gemm(transB=1)."""
     return F.linear(x, dequantize_int8(codes, scale), bias)
 
 
 @qdq_linear.register_fake
-def _qdq_linear_shape(x: Tensor, codes: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _qdq_linear_shape(x: Tensor, codes: Tensor, scale: Tensor, zero_point: Tensor, bias: Optional[Tensor]) -> Tensor:
     return x.new_empty((x.shape[0], codes.shape[0]))
 
 
@@ -105,15 +117,15 @@ def translations(opset: int) -> dict:
     def to_qdq(x, scale, zero_point):
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
 
-    def to_conv(x, codes, scale, bias, stride, padding, dilation, groups):
-        weight = op.DequantizeLinear(codes, scale, axis=0)
+    def to_conv(x, codes, scale, zero_point, bias, stride, padding, dilation, groups):
+        weight = op.DequantizeLinear(codes, scale, zero_point, axis=0)
         pads = [*padding, *padding]
         if bias is None:
             return op.Conv(x, weight, strides=stride, pads=pads, dilations=dilation, group=groups)
         return op.Conv(x, weight, bias, strides=stride, pads=pads, dilations=dilation, group=groups)
 
-    def to_gemm(x, codes, scale, bias):
-        weight = op.DequantizeLinear(codes, scale, axis=0)
+    def to_gemm(x, codes, scale, zero_point, bias):
+        weight = op.DequantizeLinear(codes, scale, zero_point, axis=0)
         return op.Gemm(x, weight, transB=1) if bias is None else op.Gemm(x, weight, bias, transB=1)
 
     return {torch.ops.qat_onnx_integer.qdq.default: to_qdq, torch.ops.qat_onnx_integer.conv.default: to_conv,
@@ -165,26 +177,27 @@ class QDQConv2d(nn.Module):
         codes, scales = int8_weight(packed, name)
         self.register_buffer("weight_int8", codes)
         self.register_buffer("weight_scale", scales)
-        self.bias = packed.bias
+        self.register_buffer("weight_zero", torch.zeros(scales.shape, dtype=torch.int8))  # QGemm needs it given
+        self.register_buffer("bias", None if packed.bias is None else packed.bias.detach().float())
         self.input_point = None if packed.input_quantizer is None else QDQPoint(packed.input_quantizer, name)
         self.stride, self.dilation, self.groups = list(packed.stride), list(packed.dilation), packed.groups
-        self.padding = conv_padding(packed)
+        self.padding = conv_padding(packed, name)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_point is not None:
             x = self.input_point(x)
-        return qdq_conv(x, self.weight_int8, self.weight_scale, self.bias, self.stride, self.padding,
+        return qdq_conv(x, self.weight_int8, self.weight_scale, self.weight_zero, self.bias, self.stride, self.padding,
                         self.dilation, self.groups)
 
 
-def conv_padding(packed: PackedConv2d) -> list[int]:
+def conv_padding(packed: PackedConv2d, name: str) -> list[int]:
     """Symmetric (ph, pw) of a conv: its padding, 'valid' -> 0, 'same' -> dilation * (k - 1) / 2 (stride 1)."""
     if packed.padding == "valid":
         return [0, 0]
     if packed.padding == "same":
         totals = [d * (k - 1) for d, k in zip(packed.dilation, packed.kernel_size, strict=True)]
         if any(t % 2 for t in totals):
-            raise ConversionError(f"cannot convert to {TARGET}: padding='same' with an even kernel pads unevenly")
+            raise refuse(TARGET, name, "padding='same' with an even kernel pads one side more (not written)")
         return [t // 2 for t in totals]
     return list(packed.padding)
 
@@ -197,7 +210,8 @@ class QDQLinear(nn.Module):
         codes, scales = int8_weight(packed, name)
         self.register_buffer("weight_int8", codes)
         self.register_buffer("weight_scale", scales)
-        self.bias = packed.bias
+        self.register_buffer("weight_zero", torch.zeros(scales.shape, dtype=torch.int8))  # QGemm needs it given
+        self.register_buffer("bias", None if packed.bias is None else packed.bias.detach().float())
         self.input_point = None if packed.input_quantizer is None else QDQPoint(packed.input_quantizer, name)
         self.name = name
 
@@ -207,7 +221,7 @@ class QDQLinear(nn.Module):
                          "Gemm, which takes (batch, features)")
         if self.input_point is not None:
             x = self.input_point(x)
-        return qdq_linear(x, self.weight_int8, self.weight_scale, self.bias)
+        return qdq_linear(x, self.weight_int8, self.weight_scale, self.weight_zero, self.bias)
 
 
 def convert_modules(model: nn.Module) -> dict[str, str]:
@@ -216,7 +230,7 @@ def convert_modules(model: nn.Module) -> dict[str, str]:
     swapped: dict[str, str] = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantPoint) and getattr(module, "input_quantizer", None) is not None:
-            replacement, kind = QDQPoint(module.input_quantizer, name), "QuantizeLinear -> DequantizeLinear"
+            replacement, kind = QDQPoint(module.input_quantizer, name), QDQ_POINT
         elif isinstance(module, PackedConv2d):
             replacement, kind = QDQConv2d(module, name), "DequantizeLinear(int8) -> Conv"
         elif isinstance(module, PackedLinear):
@@ -232,33 +246,35 @@ def convert_modules(model: nn.Module) -> dict[str, str]:
 
 
 # ---- the export ------------------------------------------------------------------------------------
+INTEGER_CONV_OPS = ("QLinearConv", "ConvInteger")  # ONNX Runtime's integer convolutions (any domain)
+FLOAT_CONV_OPS = ("Conv", "FusedConv")  # a float convolution (ONNX, NCHWc or com.microsoft Conv + activation)
+METADATA_INTEGER = "qat.integer"
+
+
 @dataclass
 class IntegerOnnxReport:
-    """What `export_onnx_integer` wrote and what ONNX Runtime's optimizer made of it."""
+    """What `export_onnx_integer` wrote (`layers`: module -> its QDQ form; `graph`: the graph pass) and the op
+    types of the graph ONNX Runtime runs (`optimized_ops`, see `integer_op_counts`)."""
 
     path: str
-    layers: dict[str, str] = field(default_factory=dict)  # module -> its QDQ form
+    layers: dict[str, str] = field(default_factory=dict)
     graph: GraphReport = field(default_factory=GraphReport)
-    optimized_ops: dict[str, int] = field(default_factory=dict)  # op type -> count in ORT's optimized graph
+    optimized_ops: dict[str, int] = field(default_factory=dict)
 
     @property
     def integer_convs(self) -> int:
-        return sum(n for op, n in self.optimized_ops.items() if op in INTEGER_CONV_OPS)
+        return sum(self.optimized_ops.get(op, 0) for op in INTEGER_CONV_OPS)
 
     @property
     def float_convs(self) -> int:
-        return self.optimized_ops.get("Conv", 0) + self.optimized_ops.get("FusedConv", 0)
+        return sum(self.optimized_ops.get(op, 0) for op in FLOAT_CONV_OPS)
 
     def __str__(self) -> str:
-        convs = ", ".join(f"{op} x{n}" for op, n in sorted(self.optimized_ops.items()) if op in INTEGER_CONV_OPS)
-        lines = [f"{self.path}: {len(self.layers)} quantized modules in QDQ form; {self.graph}",
-                 f"ONNX Runtime's optimized graph: {self.integer_convs} integer conv(s) ({convs or 'none'}), "
-                 f"{self.float_convs} float Conv"]
-        lines.append("  ops: " + ", ".join(f"{op} x{n}" for op, n in sorted(self.optimized_ops.items())))
-        return "\n".join(lines)
-
-
-INTEGER_CONV_OPS = ("QLinearConv", "ConvInteger", "NhwcQLinearConv")
+        points = sum(kind == QDQ_POINT for kind in self.layers.values())
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(self.optimized_ops.items()))
+        return (f"{self.path}: {points} quantization point(s) as QuantizeLinear -> DequantizeLinear; {self.graph}\n"
+                f"ONNX Runtime (CPU, ORT_ENABLE_ALL) runs {self.integer_convs} integer conv(s) and "
+                f"{self.float_convs} float conv(s); ops: {ops}")
 
 
 def export_onnx_integer(
@@ -266,39 +282,43 @@ def export_onnx_integer(
     output: str | os.PathLike,
     example_inputs: Optional[Sequence[Tensor]] = None,
     opset: int = DEFAULT_OPSET,
+    *,
+    model: Optional[nn.Module] = None,
 ) -> IntegerOnnxReport:
     """Write the qat file `path` as an integer (QDQ) ONNX model at `output`; returns an `IntegerOnnxReport`
-    with the op counts of ONNX Runtime's optimized graph.
+    with the op counts of the graph ONNX Runtime optimizes it into.
 
-    `example_inputs` fix the traced shapes (the batch stays dynamic); without them the golden inputs
-    stored in the file are used. Raises `ConversionError` naming the layer for what the integer graph
-    cannot hold (see the module docstring).
+    `example_inputs` (the model's positional inputs) fix the traced shapes, the batch dimension staying
+    dynamic; without them the golden inputs stored in the file are used. `opset`: the ONNX opset (18 or
+    newer). `model`: a float skeleton of the architecture, for a file that records none (as `qat.load`).
+    Raises `ConversionError` naming the layer for what the integer graph cannot hold (module docstring).
+    The golden data is not copied: the integer graph differs from it by design (bias rounding,
+    requantization), by more than `qat verify`'s float tolerance.
     """
     import onnx
 
-    stored = read_golden(path)
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset={opset}; the exporter writes opset {MIN_OPSET} or newer")
     if example_inputs is None:
+        stored = read_golden(path)
         if stored is None:
             raise ConversionError(f"{path}: no golden inputs in the file to trace the graph with; pass "
                                   "example_inputs (qat export --to onnx --integer --input-shape ...)")
         example_inputs = stored.inputs
-    model = load(path, kernel_backend="reference")
+    model = load(path, kernel_backend="reference", model=model)
     report = IntegerOnnxReport(path=os.fspath(output), layers=convert_modules(model))
     inputs = _trace_inputs(example_inputs)
+    with torch.no_grad():
+        FirstOutput(model).eval()(*inputs)  # refusals raised while running (a Linear on a 3-D input) come out here
     program = torch.onnx.export(
         FirstOutput(model).eval(), inputs, dynamo=True, custom_translation_table=translations(opset),
         opset_version=opset, optimize=True, input_names=[f"input_{i}" for i in range(len(inputs))],
         output_names=["output"], dynamic_shapes=(_dynamic_shapes(inputs),), verbose=False,
     )
-    with tempfile.TemporaryDirectory() as folder:
-        traced = os.path.join(folder, "traced.onnx")
-        program.save(traced)
-        proto = onnx.load(traced)
+    proto = program.model_proto
     report.graph = rewrite_graph(proto)
     proto.metadata_props.add(key=METADATA_SOURCE, value=golden.file_sha256(path))
-    proto.metadata_props.add(key="qat.integer", value=json.dumps(report.layers, sort_keys=True))
-    if stored is not None:
-        proto.metadata_props.add(key=golden.KEY_GOLDEN, value=golden.encode_golden(stored))
+    proto.metadata_props.add(key=METADATA_INTEGER, value=json.dumps(report.layers, sort_keys=True))
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, os.fspath(output))
     report.optimized_ops = integer_op_counts(output)
