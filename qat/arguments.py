@@ -56,6 +56,9 @@ def add_export_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     group.add_argument("--kv-cache", action="store_true",
                        help="onnx, Llama-layout causal LMs: inputs input_ids, past_keys, past_values; outputs "
                        "logits, present_keys, present_values")
+    group.add_argument("--integer", action="store_true",
+                       help="onnx: an integer QDQ graph (QLinearConv, QLinearAdd, ...) of a CNN file with per-channel "
+                       "weights and a QuantPoint before every layer (qat.export.targets.onnx_integer)")
     group.add_argument("--input-shape",
                        help="onnx: example input shape, e.g. 1,1,8,8 (default: the file's golden inputs)")
     group.add_argument("--vocab", help="gguf: a GGUF file to copy the tokenizer from (default: the model's own "
