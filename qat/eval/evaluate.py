@@ -272,10 +272,12 @@ def robustness_sections(models: dict[str, nn.Module], batches: list, task: Task,
 
 def compare(models: dict[str, nn.Module], batches: list, task: str, noise_levels: Optional[Sequence[float]] = None,
             vocab_size: Optional[int] = None, drop_token: Optional[int] = None,
-            class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
+            class_names: Optional[Sequence[str]] = None, robustness_examples: Optional[int] = None,
+            ) -> dict[str, Any]:
     """The report dict of `models` (must include 'float') on `batches` (a list of batches) for `task`
     (a `qat.tasks` name); `drop_token` (e.g. the tokenizer's unknown token) adds token dropout
-    to the robustness part; `class_names` (label id -> name) names the per-class rows."""
+    to the robustness part; `class_names` (label id -> name) names the per-class rows;
+    `robustness_examples` measures robustness on the leading batches holding that many examples (None: all)."""
     if REFERENCE not in models:
         raise ValueError(f"compare needs a '{REFERENCE}' model as the reference; got {sorted(models)}")
     runner = make_task(task)
@@ -295,8 +297,23 @@ def compare(models: dict[str, nn.Module], batches: list, task: str, noise_levels
         report["slices"] = {name: metrics.per_class(out.logits, out.labels, names) for name, out in outputs.items()}
     else:
         report["not_applicable"]["slices"] = SLICES_NOT_FOR_LMS
-    report.update(robustness_sections(models, batches, runner, noise_levels, vocab_size, drop_token))
+    robust_batches = leading_batches(batches, runner, robustness_examples)
+    report.update(robustness_sections(models, robust_batches, runner, noise_levels, vocab_size, drop_token))
+    report["robustness_examples"] = sum(runner.size(runner.split(batch)[0]) for batch in robust_batches)
     return report
+
+
+def leading_batches(batches: list, task: Task, examples: Optional[int]) -> list:
+    """The first batches of `batches` that hold at least `examples` examples (all of them for None)."""
+    if examples is None:
+        return batches
+    taken, seen = [], 0
+    for batch in batches:
+        if seen >= examples:
+            break
+        taken.append(batch)
+        seen += task.size(task.split(batch)[0])
+    return taken
 
 
 def compare_embeddings(models: dict[str, nn.Module], batches: list, task: Task,

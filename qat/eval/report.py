@@ -160,7 +160,8 @@ def _robustness_section(report: dict) -> list[str]:
             continue
         what = "cosine to the float embeddings of the clean input" if robust["metric"] == "cosine" \
             else robust["metric"]
-        lines += [f"## Robustness: {what} under {robust.get('perturbation', 'input noise')}", ""]
+        subset = f" ({report['robustness_examples']} examples)" if report.get("robustness_examples") else ""
+        lines += [f"## Robustness: {what} under {robust.get('perturbation', 'input noise')}{subset}", ""]
         head = ["level", *(STAGE_LABELS.get(s, s) for s in robust["stages"])]
         rows = [[lvl, *(vals[i] for vals in robust["stages"].values())] for i, lvl in enumerate(robust["levels"])]
         lines += _table(head, rows)

@@ -275,12 +275,19 @@ class ReportConfig:
     """Robustness levels: Gaussian noise sigmas for float inputs, shares of tokens substituted (and
     dropped, where the data module has a drop token) for token inputs; None: by input kind
     (`qat.eval.robustness.default_levels`)."""
+    robustness_examples: Optional[int] = None
+    """Measure robustness (noise, photometric shifts) on the first batches holding this many examples of the
+    evaluation split (each level is a pass of every model over them); None: all of it."""
     latency: bool = True
     """Also time the int4 model against float on the CPU (one input row, and one validation batch)."""
     budget_bits: Optional[float] = None
     """Also rank the layers by sensitivity and suggest per-layer weight bits whose average, weighted by
     the layers' weights, stays under this many bits, with the quant rules that apply them; None: no
     sensitivity analysis. Not for task 'embedding'."""
+
+    def __post_init__(self) -> None:
+        if self.robustness_examples is not None and self.robustness_examples < 1:
+            raise ConfigError(f"report.robustness_examples={self.robustness_examples} must be >= 1, or null for all")
 
 
 @dataclass

@@ -130,7 +130,8 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
     progress(f"comparing {', '.join(models)} on {len(val_batches)} validation batches (metrics, robustness, "
              "per-layer errors)")
     report = compare(models, val_batches, recipe.task, noise_levels, vocab, _drop_token(data),
-                     class_names=getattr(data, "class_names", None))
+                     class_names=getattr(data, "class_names", None),
+                     robustness_examples=recipe.report.robustness_examples)
     if len(loaders) > 1 and recipe.task in LM_TASKS:
         progress(f"perplexity on the evaluation domains: {', '.join(name for name in loaders if name)}")
         report["domains"] = domain_perplexity(models, {name: list(loader) for name, loader in loaders.items() if name},

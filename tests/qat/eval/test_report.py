@@ -175,3 +175,17 @@ def test_photometric_shifts_by_hand_and_in_the_report_of_an_image_model():
     out = collect(model, batches, transform=photometric("contrast", 1.5))
     assert shifted["stages"]["float"][3] == metrics.accuracy(out.logits, out.labels)
     assert "brightness / contrast" in markdown(report)
+
+
+def test_robustness_on_the_leading_batches_only_when_asked(toy):
+    models, batches, _ = toy
+    report = compare(models, batches, "classification", noise_levels=[0.0], robustness_examples=40)
+    assert report["robustness_examples"] == 48  # the first batch (48) already holds 40
+    first = collect(models["float"], batches[:1])
+    assert report["robustness"]["stages"]["float"][0] == metrics.accuracy(first.logits, first.labels)
+    assert report["stages"]["float"]["accuracy"] == metrics.accuracy(*_all(models["float"], batches))
+
+
+def _all(model, batches):
+    out = collect(model, batches)
+    return out.logits, out.labels
