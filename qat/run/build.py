@@ -37,6 +37,7 @@ from qat.lightning.sharding import ShardedQATModule, check_sharded_run, is_shard
 from qat.lightning.telemetry import QuantTelemetry
 from qat.lightning.throughput import Throughput
 from qat.recipe import Recipe, quant_spec_hash, recipe_hash, recipe_to_yaml
+from qat.run.allocator import keep_freed_memory
 from qat.run.models import (
     build_model,
     import_object,
@@ -186,6 +187,7 @@ def build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]] = None) -
 
 def _build(recipe: Recipe, extra_callbacks: Optional[list[pl.Callback]], created: list[Path]) -> Run:
     pl.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
+    keep_freed_memory()
     if recipe.trainer.cpu_threads is not None:
         torch.set_num_threads(recipe.trainer.cpu_threads)
     run_dir, resume_from = resolve_run_dir(recipe)
