@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 
 SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name
-                for name in ("bindings.cpp", "dequant_tile.cpp", "small_m_bf16.cpp", "int8_act_gemm.cpp"))
+                for name in ("bindings.cpp", "dequant_tile.cpp", "small_m_bf16.cpp", "int8_act_gemm.cpp",
+                             "fake_quant.cpp"))
 ENV_DISABLE = "QAT_NATIVE"
 ENV_BUILD_DIR = "QAT_NATIVE_BUILD_DIR"
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")

@@ -13,6 +13,7 @@ at::Tensor int8_act_gemm(const at::Tensor& q, const at::Tensor& sx, const at::Te
 at::Tensor int8_act_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                            const at::Tensor& zeros, int64_t n, int64_t block);
 bool int8_act_available();
+at::Tensor fake_quant_per_tensor(const at::Tensor& x, double scale, double zero, int64_t qmin, int64_t qmax);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_tile", &dequantize_tile, "rows of an int4 weight, K nibble-major, float32 or bfloat16");
@@ -23,4 +24,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_act_gemm", &int8_act_gemm, "int4 codes x int8 activations (AVX512-VNNI), float32 out");
   m.def("int8_act_linear", &int8_act_linear, "quantize_activations + int8_act_gemm in one call, float32 out");
   m.def("int8_act_available", &int8_act_available, "whether int8_act_gemm was compiled in");
+  m.def("fake_quant_per_tensor", &fake_quant_per_tensor, "float32 per-tensor fake quantization in one pass");
 }

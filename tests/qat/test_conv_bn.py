@@ -223,3 +223,27 @@ def test_loaded_convs_keep_their_dequantized_weight_under_dequant_cached(tmp_pat
         assert torch.equal(cached(probe), per_call(probe)) and torch.equal(cached(probe), model(probe))
     assert cached.a[0]._cached_weight is cached.a[0].conv_weight(torch.float32)  # computed once, kept
     assert per_call.a[0]._cached_weight is None
+
+
+def test_the_compiled_point_kernel_is_bit_identical_to_the_torch_ops():
+    from qat.export.runtime import InputQuantizer
+    from qat.export.spec import InputSpec
+    from qat.kernels.native import native_module
+
+    if native_module() is None:
+        pytest.skip("the compiled CPU kernels did not build here (native_module() is None)")
+    spec = InputSpec(bits=8, signed=True, symmetric=False, granularity="tensor", axis=-1, channels=0,
+                     scale_dtype="float32", quantizer="lsq_plus")
+    quantizer = InputQuantizer(spec, device="cpu")
+    quantizer.scale.fill_(0.0371)
+    quantizer.zero_point.fill_(-17)
+    x = torch.randn(4, 8, 33, 33) * 6
+    x.view(-1)[:500] = (torch.arange(-250, 250) + 0.5) * quantizer.scale  # exact ties: half to even
+    x.view(-1)[500:503] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    with torch.no_grad():
+        fused = quantizer(x)
+    reference = fake_quantize(x, quantizer.scale.float(), quantizer.zero_point.float(), -128, 127)
+    assert torch.equal(fused.nan_to_num(9.0), reference.nan_to_num(9.0)) and fused.view(-1)[500].isnan()
+    leaf = x.clone().requires_grad_()
+    quantizer(leaf).sum().backward()  # with autograd on: the torch ops, not the kernel (it has no backward)
+    assert leaf.grad is not None
