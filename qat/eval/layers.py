@@ -45,7 +45,7 @@ def weight_sqnr(model: nn.Module) -> list[dict[str, Any]]:
         quantizer = getattr(module, "weight_quantizer", None) if isinstance(module, QuantModule) else None
         if quantizer is None:
             continue
-        stats = weight_stats(module.weight, quantizer)
+        stats = weight_stats(module.export_weight(), quantizer)  # a folded BN's conv: W * gamma / sigma
         rows.append({"layer": name, "bits": quantizer.config.bits, "weights": module.weight.numel(),
                      "weight_sqnr_db": stats["sqnr_db"], "clipped": stats["clipped"]})
     return sorted(rows, key=lambda r: r["weight_sqnr_db"])

@@ -65,7 +65,8 @@ class QuantTelemetry(pl.Callback):
             quantizer = getattr(module, "weight_quantizer", None) if isinstance(module, QuantModule) else None
             if quantizer is None or not quantizer.enabled:
                 continue
-            layer = weight_stats(whole_tensor(module.weight), quantizer)  # whole: also under FSDP2
+            # the weight the quantizer acts on (a folded BN's conv: W * gamma / sigma); whole: also under FSDP2
+            layer = weight_stats(whole_tensor(module.export_weight()), quantizer)
             scale = quantizer.qparams()[0]
             start = self.initial_scales.setdefault(name, scale.clone())
             layer["scale_drift"] = float(((scale - start).abs() / start).mean())

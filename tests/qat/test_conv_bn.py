@@ -247,3 +247,15 @@ def test_the_compiled_point_kernel_is_bit_identical_to_the_torch_ops():
     leaf = x.clone().requires_grad_()
     quantizer(leaf).sum().backward()  # with autograd on: the torch ops, not the kernel (it has no backward)
     assert leaf.grad is not None
+
+
+def test_weight_statistics_of_a_folded_conv_are_of_the_folded_weight():
+    from qat.eval.layers import weight_sqnr
+    from qat.lightning.telemetry import weight_stats
+
+    model, _ = qat.prepare(block(), FOLD)
+    conv, bn = model.a[0], model.a[1]
+    folded = conv.weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1, 1, 1)
+    row = next(r for r in weight_sqnr(model) if r["layer"] == "a.0")
+    assert row["weight_sqnr_db"] == weight_stats(folded, conv.weight_quantizer)["sqnr_db"]
+    assert row["clipped"] == 0.0  # min-max ranges of the folded weight clip nothing
