@@ -226,9 +226,10 @@ def test_loaded_convs_keep_their_dequantized_weight_under_dequant_cached(tmp_pat
 
 
 def test_the_compiled_point_kernel_is_bit_identical_to_the_torch_ops():
+    from qat.kernels.native import native_module
+
     from qat.export.runtime import InputQuantizer
     from qat.export.spec import InputSpec
-    from qat.kernels.native import native_module
 
     if native_module() is None:
         pytest.skip("the compiled CPU kernels did not build here (native_module() is None)")
