@@ -262,6 +262,11 @@ class QuantSpec:
     """True: each quantized Conv2d directly followed by a BatchNorm2d in an nn.Sequential folds it
     (qat.conv_bn): the folded weight W * gamma / sqrt(var + eps) is what is quantized and exported, with the
     folded bias; the file has no BatchNorm. False: BatchNorm stays a float layer after the quantized conv."""
+    integer_bias: bool = False
+    """True: a quantized Linear / Conv2d (per-channel or per-tensor weights) whose input is quantized (its own
+    input quantizer, or a QuantPoint just before it) adds its bias rounded to the grid input scale x weight
+    scale[c], as an integer runtime does (int32 bias: ONNX QLinearConv / QGemm), in training and in the file;
+    False: a float bias."""
     max_float_fraction: float = 0.05
     """`prepare` warns loudly when more than this share of the weights of quantizable layers stays float
     because a group size does not divide the input dimension (either `group_fallback`); in [0, 1)."""

@@ -113,9 +113,10 @@ class QuantConvBn2d(QuantConv2d):
         weight = self.masked_weight()
         return weight * self.bn.fold_factor().to(weight.dtype).reshape(-1, 1, 1, 1)
 
-    def export_bias(self) -> Tensor:
-        """b' = beta + (b - running_mean) * gamma / sqrt(running_var + eps)."""
-        return self.bn.folded_bias(self.bias)
+    def export_bias(self, x: Optional[Tensor] = None) -> Tensor:
+        """b' = beta + (b - running_mean) * gamma / sqrt(running_var + eps), on the integer grid when
+        `integer_bias` is on (`grid_bias`; `x`: the forward's input, None at export)."""
+        return self.grid_bias(self.bn.folded_bias(self.bias), x)
 
     def quantized_weight(self) -> Tensor:
         weight = self.export_weight()
@@ -132,7 +133,7 @@ class QuantConvBn2d(QuantConv2d):
         if not folds:
             return self._conv_forward(x, self.masked_weight(), self.bias)  # the BN module follows
         if not self.bn.training:
-            return self._conv_forward(x, self.quantized_weight(), self.export_bias())
+            return self._conv_forward(x, self.quantized_weight(), self.export_bias(x))
         factor = self.bn.fold_factor().reshape(1, -1, 1, 1)
         y = self._conv_forward(x, self.quantized_weight(), None) / factor
         if self.bias is not None:

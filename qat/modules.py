@@ -60,6 +60,32 @@ class QuantModule:
     def quantized_input(self, x: Tensor) -> Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
+    integer_bias: bool = False  # set by prepare from QuantSpec.integer_bias
+
+    def grid_bias(self, bias: Optional[Tensor], x: Optional[Tensor] = None) -> Optional[Tensor]:
+        """`bias` rounded to the grid input scale x weight scale[c] that an integer runtime adds its bias on
+        (int32 codes; ONNX QLinearConv / QGemm), when `integer_bias` is on and the input comes from a
+        QuantizedPoint (`x` carries it; the point last seen is kept for the export, `x=None`, and for inputs an
+        op such as dropout passed on untagged). Straight through: the gradient reaches the float bias.
+        Otherwise `bias` unchanged."""
+        if not self.integer_bias or bias is None:
+            return bias
+        point = getattr(x, "qat_point", None) if x is not None else None
+        if point is not None:
+            self.__dict__["input_point"] = point  # a reference, not a submodule; kept for the export and for
+        elif x is not None:  # forwards where an op in between (dropout) drops it; None: a forward ran, no point
+            self.__dict__.setdefault("input_point", None)
+        point = point or self.__dict__.get("input_point")
+        own = self.input_quantizer if self.input_quantizer is not None and self.input_quantizer.enabled else None
+        weights, inputs = self.weight_quantizer, own or getattr(point, "input_quantizer", None)
+        if weights is None or inputs is None or weights.granularity == "group":
+            return bias
+        if not all(q.enabled and q.initialized and not q.calibrating for q in (weights, inputs)):
+            return bias
+        grid = (inputs.qparams()[0].reshape(()) * weights.qparams()[0].reshape(-1)).to(bias.dtype)
+        rounded = torch.round(bias / grid) * grid
+        return bias + (rounded - bias).detach()
+
     @torch.no_grad()
     def init_weight_qparams(self) -> None:
         """Re-run range initialization of the weight quantizer on the current weight."""
@@ -97,7 +123,7 @@ class QuantLinear(QuantModule, nn.Linear):
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.grid_bias(self.bias, x))
 
 
 class QuantConv2d(QuantModule, nn.Conv2d):
@@ -131,7 +157,7 @@ class QuantConv2d(QuantModule, nn.Conv2d):
         return self._conv_kwargs(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.grid_bias(self.bias, x))
 
 
 class QuantEmbedding(QuantModule, nn.Embedding):
@@ -208,7 +234,10 @@ class QuantizedPoint(QuantModule, nn.Module):
         return QuantPoint(*(self.fixed_range or ())).train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.quantized_input(x)
+        out = self.quantized_input(x)
+        if self.input_quantizer is not None:  # the next layer's integer bias grid is this point's scale (also
+            out.qat_point = self  # while calibrating, when `out` is `x`: the link is structural)
+        return out
 
 
 QUANT_MODULES: dict[type[nn.Module], type[QuantModule]] = {

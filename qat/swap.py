@@ -175,6 +175,7 @@ def prepare(model: nn.Module, spec: Optional[QuantSpec] = None) -> tuple[nn.Modu
             report[name].reason = "; ".join(filter(None, [report[name].reason, f"{pairs[name]} folded in"]))
         else:
             qmodule = QUANT_MODULES[base].from_float(module, config)
+        qmodule.integer_bias = spec.integer_bias and base is not QuantPoint
         first = quantized.setdefault(id(getattr(module, "weight", qmodule)), qmodule)
         if first is not qmodule and qmodule.weight_quantizer is not None:
             qmodule.weight_quantizer = first.weight_quantizer  # one quantizer for a tied table

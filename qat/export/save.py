@@ -102,6 +102,23 @@ def check_architecture(architecture: Any) -> Optional[dict]:
     return architecture
 
 
+def link_integer_biases(model: nn.Module, inputs: Optional[Sequence[Tensor]]) -> None:
+    """Layers with `integer_bias` learn which QuantPoint feeds them on a forward (the grid of their bias is that
+    point's scale x their weight scale); a model that has run none since it was built (a checkpoint loaded for
+    export) runs `inputs` once, in eval mode, or the export is refused."""
+    unlinked = [name for name, module in model.named_modules() if isinstance(module, QuantModule)
+                and module.integer_bias and "input_point" not in module.__dict__]
+    if not unlinked:
+        return
+    if inputs is None:
+        raise ExportError(f"layers {', '.join(unlinked[:4])} round their bias to the integer grid of the QuantPoint "
+                          "before them, which a forward records: run the model once (or pass golden_inputs) first")
+    was_training = model.training
+    with torch.no_grad():
+        model.eval()(*inputs)
+    model.train(was_training)
+
+
 def folded_batchnorms(model: nn.Module) -> dict[str, str]:
     """{BN name: conv name} of the BatchNorm layers folded into their conv (qat.conv_bn)."""
     names = {id(module): name for name, module in model.named_modules()}
@@ -118,6 +135,8 @@ def collect_tensors(model: nn.Module) -> tuple[dict[str, LayerSpec], dict[str, T
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, QuantConvBn2d):
             tensors[f"{name}.bias"] = module.export_bias().detach().clone()
+        elif isinstance(module, QuantModule) and module.integer_bias and getattr(module, "bias", None) is not None:
+            tensors[f"{name}.bias"] = module.grid_bias(module.bias).detach().clone()  # on the integer grid
         if isinstance(module, QuantModule):
             spec, packed = pack_layer(module, name)
             layers[name] = spec
@@ -135,8 +154,9 @@ def collect_tensors(model: nn.Module) -> tuple[dict[str, LayerSpec], dict[str, T
     def skip(module: nn.Module, attr: str) -> bool:
         if isinstance(module, FoldedBatchNorm2d):
             return True
-        if isinstance(module, QuantConvBn2d) and attr == "bias":
-            return True  # stored folded, above
+        if isinstance(module, QuantModule) and attr == "bias" and (isinstance(module, QuantConvBn2d)
+                                                                   or module.integer_bias):
+            return True  # stored folded or on the integer grid, above
         if not isinstance(module, QuantModule):
             return False
         quantized_weight = attr == "weight" and module.weight_quantizer is not None
@@ -179,6 +199,7 @@ def export_model(
     architecture = check_architecture(architecture)
     if recipe_hash is not None and not isinstance(recipe_hash, str):
         raise ExportError(f"recipe_hash must be a string, got {type(recipe_hash).__name__}")
+    link_integer_biases(model, golden_inputs)
     with torch.no_grad():
         layers, tensors, tied = collect_tensors(model)
     metadata = {

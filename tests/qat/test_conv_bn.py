@@ -260,3 +260,44 @@ def test_weight_statistics_of_a_folded_conv_are_of_the_folded_weight():
     row = next(r for r in weight_sqnr(model) if r["layer"] == "a.0")
     assert row["weight_sqnr_db"] == weight_stats(folded, conv.weight_quantizer)["sqnr_db"]
     assert row["clipped"] == 0.0  # min-max ranges of the folded weight clip nothing
+
+
+INTEGER_BIAS = QuantSpec(weight=WEIGHT, activation=default_activation_config(8), fold_batchnorm=True, integer_bias=True,
+                         rules=[QuantRule(type="Conv2d", quantize_activations=False),
+                                QuantRule(type="Linear", quantize_activations=False)])
+
+
+def test_integer_bias_is_on_the_input_times_weight_scale_grid_and_exported_so(tmp_path):
+    model, _ = qat.prepare(block(), INTEGER_BIAS)
+    x = torch.randn(8, 3, 6, 6)
+    qat.calibrate(model, [x])
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    conv, point = model.b[0], model.a_out
+    grid = point.input_quantizer.qparams()[0] * conv.weight_quantizer.qparams()[0].reshape(-1)
+    bias = conv.export_bias()
+    assert conv.input_point is point and not torch.equal(bias, conv.bn.folded_bias(conv.bias))
+    assert torch.allclose(bias / grid, torch.round(bias / grid), atol=1e-3, rtol=0)  # integers
+    fc_bias = model.fc.grid_bias(model.fc.bias)
+    assert torch.equal(fc_bias, model.fc.bias)  # its input is a mean, not a point's output: float bias
+    path = tmp_path / "m.safetensors"
+    qat.export_model(model, path)
+    loaded = qat.load(path, model=Block(), kernel_backend="reference")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)  # the file holds the rounded biases the model trained with
+    assert torch.equal(loaded.fc.bias, fc_bias)
+
+
+def test_integer_bias_export_without_a_forward_runs_the_golden_inputs_or_refuses(tmp_path):
+    from qat.export import ExportError
+
+    model, _ = qat.prepare(block(), INTEGER_BIAS)
+    qat.calibrate(model, [torch.randn(8, 3, 6, 6)])
+    fresh = copy.deepcopy(model)
+    for module in fresh.modules():
+        module.__dict__.pop("input_point", None)
+    with pytest.raises(ExportError, match="integer grid"):
+        qat.export_model(fresh, tmp_path / "m.safetensors")
+    qat.export_model(fresh, tmp_path / "m.safetensors", golden_inputs=(torch.randn(2, 3, 6, 6),))
+    assert fresh.b[0].input_point is fresh.a_out
