@@ -10,7 +10,9 @@
     axis 0): what QLinearConv / QGemm add to their int32 accumulators. This rounding, at most half a step of
     input_scale * weight_scale[c], is where the graph's numbers differ from the fake-quant model; the report
     gives the largest in steps of the output (0.07-0.2 on the tests' models; up to ~1.5 in EfficientNet-Lite0's
-    ImageNet weights, whose depthwise weight steps are coarser than the output's). A channel whose bias does
+    ImageNet weights, whose depthwise weight steps are coarser than the output's). A file trained with
+    `QuantSpec(integer_bias=True)` has its biases on that grid already: the rounding is 0 (float32 ulps) and
+    ORT's outputs equal `qat.load`'s up to float32 summation order (tested). A channel whose bias does
     not fit int32 at that scale (a nearly dead channel: weights ~1e-8 after a BatchNorm with gamma ~0, bias
     of order 1; lite0's ImageNet weights have 8) gets a larger weight scale and its codes rounded to it, so
     its int8 initializer row is no longer the file's codes (`GraphReport.rescaled_channels`; the output moves
