@@ -150,3 +150,17 @@ def effective_scale(scale: Tensor, scale_dtype: torch.dtype = torch.float32) -> 
     """The scale part of `effective_qparams`: clamped, rounded to `scale_dtype`, as float32."""
     info = torch.finfo(scale_dtype)
     return scale.float().clamp(min=max(SCALE_EPS, info.tiny), max=info.max).to(scale_dtype).float()
+
+
+def int8_weight_multiplier(bits: int, symmetric: bool) -> int:
+    """The power of two k such that weight codes (minus their zero) times k stay within +-64: 8 for symmetric
+    4-bit weights.
+
+    An integer runtime stores the codes as int8 `code * k` with scale `scale / k` (the same reals), which makes
+    the grid of its int32 bias, input scale x weight scale, k times finer; +-64 keeps x86's u8 x s8 16-bit
+    pair sums (vpmaddubsw, machines without VNNI) from saturating: 255 * 64 * 2 = 32640 <= 32767. The
+    integer bias of QAT (`QuantSpec.integer_bias`) and `qat export --to onnx --integer` both use it."""
+    largest = 2 ** (bits - 1) if symmetric else 2**bits - 1
+    fits = 64 // largest
+    return 1 << (fits.bit_length() - 1) if fits >= 1 else 1  # a power of two: scale / k is exact
+

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from qat.config import ConfigError, LayerConfig
 from qat.fake_quant import FakeQuantizer, activation_quantizer, weight_quantizer
-from qat.functional import check_finite, choose_qparams
+from qat.functional import check_finite, choose_qparams, int8_weight_multiplier
 from qat.points import QuantPoint
 
 
@@ -63,11 +63,11 @@ class QuantModule:
     integer_bias: bool = False  # set by prepare from QuantSpec.integer_bias
 
     def grid_bias(self, bias: Optional[Tensor], x: Optional[Tensor] = None) -> Optional[Tensor]:
-        """`bias` rounded to the grid input scale x weight scale[c] that an integer runtime adds its bias on
-        (int32 codes; ONNX QLinearConv / QGemm), when `integer_bias` is on and the input comes from a
-        QuantizedPoint (`x` carries it; the point last seen is kept for the export, `x=None`, and for inputs an
-        op such as dropout passed on untagged). Straight through: the gradient reaches the float bias.
-        Otherwise `bias` unchanged."""
+        """`bias` rounded to the grid input scale x weight scale[c] / k that an integer runtime adds its bias on
+        (int32 codes; ONNX QLinearConv / QGemm; k: `int8_weight_multiplier`, 8 for 4-bit weights), when
+        `integer_bias` is on and the input comes from a QuantizedPoint (`x` carries it; the point last seen is
+        kept for the export, `x=None`, and for inputs an op such as dropout passed on untagged). Straight
+        through: the gradient reaches the float bias. Otherwise `bias` unchanged."""
         if not self.integer_bias or bias is None:
             return bias
         point = getattr(x, "qat_point", None) if x is not None else None
@@ -82,7 +82,8 @@ class QuantModule:
             return bias
         if not all(q.enabled and q.initialized and not q.calibrating for q in (weights, inputs)):
             return bias
-        grid = (inputs.qparams()[0].reshape(()) * weights.qparams()[0].reshape(-1)).to(bias.dtype)
+        multiplier = int8_weight_multiplier(weights.config.bits, weights.config.symmetric)  # a power of two
+        grid = (inputs.qparams()[0].reshape(()) * (weights.qparams()[0].reshape(-1) / multiplier)).to(bias.dtype)
         rounded = torch.round(bias / grid) * grid
         return bias + (rounded - bias).detach()
 

@@ -275,7 +275,7 @@ def test_integer_bias_is_on_the_input_times_weight_scale_grid_and_exported_so(tm
     with torch.no_grad():
         y = model(x)
     conv, point = model.b[0], model.a_out
-    grid = point.input_quantizer.qparams()[0] * conv.weight_quantizer.qparams()[0].reshape(-1)
+    grid = point.input_quantizer.qparams()[0] * conv.weight_quantizer.qparams()[0].reshape(-1) / 8  # k = 8
     bias = conv.export_bias()
     assert conv.input_point is point and not torch.equal(bias, conv.bn.folded_bias(conv.bias))
     assert torch.allclose(bias / grid, torch.round(bias / grid), atol=1e-3, rtol=0)  # integers

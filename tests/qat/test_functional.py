@@ -286,3 +286,13 @@ def test_asymmetric_range_near_float32_max_gives_a_finite_scale():
     big = torch.finfo(torch.float32).max
     scale, zero = choose_qparams(torch.tensor([-big]), torch.tensor([big]), bits=4, symmetric=False)
     assert torch.isfinite(scale).all() and scale.item() > 0 and 0 <= zero.item() <= 15
+
+
+def test_int8_weight_multiplier_keeps_codes_within_64():
+    from qat.functional import int8_weight_multiplier
+
+    assert [int8_weight_multiplier(bits, True) for bits in (2, 3, 4, 5, 6, 7, 8)] == [32, 16, 8, 4, 2, 1, 1]
+    assert [int8_weight_multiplier(bits, False) for bits in (2, 4, 6, 7, 8)] == [16, 4, 1, 1, 1]
+    for bits in range(2, 7):  # every code minus zero, times k, within +-64 (x86 u8 x s8 pair sums do not saturate)
+        assert 2 ** (bits - 1) * int8_weight_multiplier(bits, True) <= 64
+        assert (2**bits - 1) * int8_weight_multiplier(bits, False) <= 64

@@ -5,14 +5,17 @@ that exports as the ONNX QDQ form of exactly its numbers:
 
     QuantPoint (8-bit, per tensor)  QuantizeLinear -> DequantizeLinear, uint8, the point's scale and zero
                                     point (signed codes are shifted: code + 128, zero + 128, the same reals)
-    Conv2d / Linear, per channel    an int8 initializer holding the file's codes minus their zero point
-                                    (4-bit codes fit) -> DequantizeLinear(axis 0) with the file's scales
+    Conv2d / Linear, per channel    an int8 initializer holding the file's codes minus their zero point, times
+                                    k = qat.functional.int8_weight_multiplier (8 for symmetric 4-bit codes:
+                                    |code * k| <= 64) -> DequantizeLinear(axis 0) with the file's scales / k
+                                    (the same reals; the int32 bias grid input scale x weight scale / k is k
+                                    times finer)
                                     -> Conv / Gemm (input quantization of the layer itself: a QDQ in front)
 
 Why uint8 activations and int8 weights: it is the pair ONNX Runtime's x86 kernels (MLAS) run fastest
 (u8s8). Without AVX-512 VNNI / AVX-VNNI, MLAS multiplies u8 x s8 pairs with vpmaddubsw, whose 16-bit sums of
 two products saturate for 8-bit weights (255 * 127 * 2 > 32767: the reason for ORT's `reduce_range`);
-4-bit codes (|code| <= 8, 255 * 8 * 2 = 4080) never do, so these graphs are exact on AVX2 machines too.
+codes times k stay within +-64 (255 * 64 * 2 = 32640 <= 32767), so these graphs are exact on AVX2 machines too.
 
 The graph is traced by `torch.onnx.export(dynamo=True)`; `onnx_integer_graph` then quantizes the biases
 (int32 at input_scale * weight_scale[c], the one deviation from the fake-quant model: see there), drops
@@ -53,6 +56,7 @@ from qat.export.runtime import InputQuantizer, PackedConv2d, PackedLinear, _Pack
 from qat.export.targets.errors import ConversionError, refuse
 from qat.export.targets.onnx import METADATA_SOURCE, FirstOutput, _dynamic_shapes, _trace_inputs, layer_codes
 from qat.export.targets.onnx_integer_graph import GraphReport, integer_op_counts, rewrite_graph
+from qat.functional import int8_weight_multiplier
 from qat.points import QuantPoint
 
 TARGET = "onnx --integer"
@@ -163,7 +167,11 @@ def int8_weight(packed: _PackedWeight, name: str) -> tuple[Tensor, Tensor]:
     if signed.min() < -128 or signed.max() > 127:
         raise refuse(TARGET, name, f"{w.bits}-bit codes minus their zero points span [{int(signed.min())}, "
                      f"{int(signed.max())}], outside int8")
-    return signed.to(torch.int8).reshape(w.shape), scales.float().reshape(-1)
+    multiplier = int8_weight_multiplier(w.bits, w.symmetric)  # codes * k, scale / k: the same reals, an int32
+    signed = signed * multiplier  # bias grid k times finer (the one QAT with integer_bias trains on)
+    if signed.min() < -128 or signed.max() > 127:
+        raise refuse(TARGET, name, f"codes times {multiplier} span [{int(signed.min())}, {int(signed.max())}]")
+    return signed.to(torch.int8).reshape(w.shape), scales.float().reshape(-1) / multiplier
 
 
 class QDQConv2d(nn.Module):

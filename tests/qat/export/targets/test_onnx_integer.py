@@ -146,9 +146,9 @@ def test_int8_weight_initializers_hold_the_files_codes_and_scales(tiny) -> None:
         codes, scales, zeros = layer_codes(loaded.get_submodule(name))
         weight = initializers[f"model.{name}.weight_int8"]
         assert weight.dtype == np.int8
-        expected = codes.to(torch.int16) - zeros.to(torch.int16)  # symmetric: the signed 4-bit codes
+        expected = (codes.to(torch.int16) - zeros.to(torch.int16)) * 8  # the signed 4-bit codes, times k = 8
         assert np.array_equal(weight.reshape(weight.shape[0], -1), expected.numpy()), name
-        assert np.array_equal(initializers[f"model.{name}.weight_scale"], scales.float().reshape(-1).numpy()), name
+        assert np.array_equal(initializers[f"model.{name}.weight_scale"], (scales.float().reshape(-1) / 8).numpy())
     point = loaded.block.project_out.input_quantizer
     assert initializers["model.block.project_out.scale"] == point.scale.numpy()
     assert initializers["model.block.project_out.zero_point"] == point.zero_point.numpy().astype(np.uint8)
