@@ -104,9 +104,9 @@ def main() -> None:
         for size in (1, 32):
             x = torch.cat([b[0] for b in batches[:1]])[:size].contiguous()
             with torch.inference_mode():
-                times = {name: median_ms(fn, args.repeats) for name, fn in (
-                    ("fp32", lambda: onnx_logits(fp32, x)), ("int", lambda: onnx_logits(integer, x)),
-                    ("float", lambda: reference(x)), ("load", lambda: loaded(x)))}
+                runs = {"fp32": (lambda x=x: onnx_logits(fp32, x)), "int": (lambda x=x: onnx_logits(integer, x)),
+                        "float": (lambda x=x: reference(x)), "load": (lambda x=x: loaded(x))}
+                times = {name: median_ms(fn, args.repeats) for name, fn in runs.items()}
             rows.append(f"| {size} | {times['fp32']:.2f} | {times['int']:.2f} | {times['fp32'] / times['int']:.2f}x | "
                         f"{times['float']:.2f} | {times['load']:.2f} | {times['float'] / times['load']:.2f}x |")
         float_bytes = (args.run_dir / "float.safetensors").stat().st_size
