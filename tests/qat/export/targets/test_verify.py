@@ -149,7 +149,8 @@ def test_a_file_with_quantized_activations_runs_exact_kernels_and_verifies_bit_i
     import qat
 
     model = qat.load(w2a4_file)
-    assert {m.kernel_backend for m in model.modules() if hasattr(m, "weight_spec")} == {"dequant"}
+    backends = {type(m).__name__: m.kernel_backend for m in model.modules() if hasattr(m, "weight_spec")}
+    assert backends == {"PackedConv2d": "dequant_cached", "PackedLinear": "dequant"}  # convs: dequantized once
     report = verify(w2a4_file)
     assert report.passed and report.tolerance == 1e-4 and report.deviation == 0.0 and report.bitwise_equal
     assert "kernels dequant x4 (auto)" in report.runtime  # 2 convolutions and 2 Linear layers
