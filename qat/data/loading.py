@@ -122,11 +122,19 @@ def report_loader(datamodule: Any) -> tuple[str, Any]:
     """(split name, loader) the evaluation report measures on: the data module's `test_dataloader()` when
     it has one (a data set with an official test split, e.g. Fashion-MNIST's 10,000 images), else its own
     validation split."""
-    method = getattr(datamodule, "test_dataloader", None)
-    if callable(method):
+    if _defines_test_loader(datamodule):
         datamodule.setup("test")
-        return "test", method()
+        return "test", datamodule.test_dataloader()
     return "validation", main_validation_loader(datamodule)
+
+
+def _defines_test_loader(datamodule: Any) -> bool:
+    """Whether the data module has a test split: its own `test_dataloader` (LightningDataModule's default one
+    raises that none is implemented)."""
+    import pytorch_lightning as pl
+
+    method = getattr(type(datamodule), "test_dataloader", None)
+    return callable(method) and method is not getattr(pl.LightningDataModule, "test_dataloader", None)
 
 
 def calibration_loader(datamodule: Any) -> Any:
