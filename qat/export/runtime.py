@@ -52,8 +52,11 @@ class InputQuantizer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         spec = self.spec
-        if spec.granularity == "tensor" and x.dtype == torch.float32 and x.device.type == "cpu" \
-                and not (x.requires_grad and torch.is_grad_enabled()):  # no autograd through the kernel
+        # plain tensors only: not while torch.export / ONNX export traces the model (fake tensors), and no
+        # autograd through the kernel
+        if spec.granularity == "tensor" and type(x) is Tensor and x.dtype == torch.float32 \
+                and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()) \
+                and not torch.compiler.is_compiling():
             module = native_module()
             if module is not None:
                 qmin, qmax = spec.qrange
