@@ -45,6 +45,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+INTEGER_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")  # what integer kernels depend on
+
+
+def cpu_line() -> str:
+    """The CPU's model name and which of INTEGER_FLAGS it has, e.g. 'AMD EPYC (avx2 yes, avx512f no, ...)'."""
+    try:
+        flags = next((set(line.split(":", 1)[1].split()) for line in CPUINFO.read_text().splitlines()
+                      if line.startswith("flags")), set())
+    except OSError:
+        flags = set()
+    present = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in INTEGER_FLAGS)
+    return f"{cpu_model()} ({present})"
+
+
 def physical_cores() -> int | None:
     """Distinct (socket, core) pairs in /proc/cpuinfo; None where it does not say."""
     try:

@@ -40,6 +40,16 @@ from qat.config import LayerConfig
 from qat.modules import QuantConv2d
 
 
+def _sharing(cls: type[nn.BatchNorm2d], bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """A `cls` with `bn`'s settings holding `bn`'s very parameters and buffers (so its state_dict)."""
+    shared = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
+    for name, param in bn.named_parameters(recurse=False):
+        setattr(shared, name, param)
+    for name, buffer in bn.named_buffers(recurse=False):
+        shared._buffers[name] = buffer
+    return shared.train(bn.training)
+
+
 class FoldedBatchNorm2d(nn.BatchNorm2d):
     """A BatchNorm2d that a `QuantConvBn2d` folds: identity while `folded` (set by the conv at each call)."""
 
@@ -48,22 +58,11 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d) -> FoldedBatchNorm2d:
         """A FoldedBatchNorm2d sharing `bn`'s parameters and buffers (so its state_dict names and values)."""
-        folded = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
-        for name, param in bn.named_parameters(recurse=False):
-            setattr(folded, name, param)
-        for name, buffer in bn.named_buffers(recurse=False):
-            folded._buffers[name] = buffer
-        return folded.train(bn.training)
+        return _sharing(cls, bn)
 
     def to_batchnorm(self) -> nn.BatchNorm2d:
         """The plain BatchNorm2d, sharing the parameters and buffers."""
-        bn = nn.BatchNorm2d(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats,
-                            device="meta")
-        for name, param in self.named_parameters(recurse=False):
-            setattr(bn, name, param)
-        for name, buffer in self.named_buffers(recurse=False):
-            bn._buffers[name] = buffer
-        return bn.train(self.training)
+        return _sharing(nn.BatchNorm2d, self)
 
     def fold_factor(self) -> Tensor:
         """gamma / sqrt(running_var + eps), per channel (float32)."""
@@ -97,10 +96,6 @@ class QuantConvBn2d(QuantConv2d):
         qmod.__dict__["bn"] = bn  # a reference, not a submodule (no second state_dict entry)
         qmod._attach_quantizers(config, conv.in_channels)
         return qmod.train(conv.training)
-
-    def _attach_quantizers(self, config: LayerConfig, channels: int) -> None:
-        super()._attach_quantizers(config, channels)
-        self.init_weight_qparams()  # the range of the folded weight, not of the raw one
 
     @torch.no_grad()
     def init_weight_qparams(self) -> None:
@@ -172,7 +167,7 @@ def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
             continue
         children = list(module.named_children())
         for (conv_key, conv), (bn_key, bn) in pairwise(children):
-            if isinstance(conv, nn.Conv2d) and type(bn) in (nn.BatchNorm2d, FoldedBatchNorm2d) \
+            if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d \
                     and bn.num_features == conv.out_channels:
                 prefix = f"{name}." if name else ""
                 pairs[prefix + conv_key] = prefix + bn_key

@@ -36,7 +36,8 @@ class QuantModule:
     def _attach_quantizers(self, config: LayerConfig, channels: int) -> None:
         self.layer_config = config
         check_finite(self.weight, "weight")
-        self.weight_quantizer = weight_quantizer(config.weight, self.weight.detach()) if config.weight else None
+        weight = self.export_weight().detach()  # what the quantizer acts on (a folded BN's conv: W * gamma / sigma)
+        self.weight_quantizer = weight_quantizer(config.weight, weight) if config.weight else None
         self.input_quantizer = (
             activation_quantizer(config.activation, channels, self.activation_axis).to(self.weight.device)
             if config.activation else None
@@ -227,9 +228,6 @@ class QuantizedPoint(QuantModule, nn.Module):
             qmod.input_quantizer.set_qparams(scale, zero)
             qmod.input_quantizer.freeze()
         return qmod.train(module.training)
-
-    def init_weight_qparams(self) -> None:
-        """No weight."""
 
     def to_float(self, fold: bool = False) -> nn.Module:
         return QuantPoint(*(self.fixed_range or ())).train(self.training)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 import qat
 from benchmarks import record
 from qat import QuantizerConfig, QuantRule, QuantSpec, default_activation_config
-from qat.export.targets.onnx import export_onnx, run_onnx
+from qat.export.targets.onnx import export_onnx, onnx_session, run_onnx
 from qat.export.targets.onnx_integer import export_onnx_integer
 from qat.models import EfficientNetLite
 
@@ -41,31 +40,6 @@ SPEC = QuantSpec(weight=QuantizerConfig(bits=4, granularity="channel", init="min
                  activation=default_activation_config(8), fold_batchnorm=True,
                  rules=[QuantRule(type="Conv2d", quantize_activations=False),
                         QuantRule(type="Linear", quantize_activations=False)])
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_line() -> str:
-    """lscpu's model name and which of the integer-relevant x86 flags the CPU has."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        text = ""
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    name = fields.get("Model name", record.cpu_model()).strip()
-    flags = set(fields.get("Flags", "").split())
-    present = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in FLAGS)
-    return f"{name} ({present})"
-
-
-def session(path: Path, threads: int):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def time_interleaved(sessions: dict, inputs: tuple, repeats: int) -> dict[str, float]:
@@ -113,14 +87,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         files, report = build(Path(folder), args.size)
-        sessions = {name: session(path, args.threads) for name, path in files.items()}
+        sessions = {name: onnx_session(path, args.threads) for name, path in files.items()}
         rows = []
         for batch in (1, 32):
             inputs = (torch.randn(batch, 3, args.size, args.size),)
             medians = time_interleaved(sessions, inputs, args.repeats)
             rows += [f"| {batch} | {name} | {seconds * 1e3:.2f} | {medians['fp32'] / seconds:.2f}x |"
                      for name, seconds in medians.items()]
-    print(f"CPU: {cpu_line()}")
+    print(f"CPU: {record.cpu_line()}")
     print(f"onnxruntime {onnxruntime.__version__} (CPU, ORT_ENABLE_ALL), intra_op_num_threads={args.threads}, "
           f"torch {torch.__version__}; EfficientNet-Lite0, 10 classes, {args.size}x{args.size}, "
           f"median of {args.repeats} runs, sessions interleaved")

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 import qat
-from benchmarks.deploy.effnet_onnx_integer import cpu_line, session
+from benchmarks import record
+from qat.export.targets.onnx import onnx_session
 from qat.export.targets.onnx_integer import export_onnx_integer
 from qat.recipe import load_recipe
 from qat.run.models import instantiate, load_float_model
@@ -79,7 +80,7 @@ def main() -> None:
         example = batches[0][0][:1].contiguous()
         torch.onnx.export(reference, (example,), fp32_path, dynamo=False, input_names=["x"],
                           dynamic_axes={"x": {0: "batch"}})
-        integer, fp32 = session(integer_path, args.threads), session(fp32_path, args.threads)
+        integer, fp32 = onnx_session(integer_path, args.threads), onnx_session(fp32_path, args.threads)
         loaded = qat.load(int4_path)
         labels, ort_pred, load_pred, fp32_pred = [], [], [], []
         with torch.inference_mode():
@@ -89,7 +90,7 @@ def main() -> None:
                 load_pred.append(loaded(x).argmax(-1))
                 fp32_pred.append(onnx_logits(fp32, x).argmax(-1))
         y, ort, ld, fp = (torch.cat(t) for t in (labels, ort_pred, load_pred, fp32_pred))
-        rows = [f"Run: `{args.run_dir}`; {len(y)} test images; {cpu_line()}; {args.threads} threads; "
+        rows = [f"Run: `{args.run_dir}`; {len(y)} test images; {record.cpu_line()}; {args.threads} threads; "
                 f"ONNX Runtime {__import__('onnxruntime').__version__}.", "",
                 f"Integer graph: {report.integer_convs} integer convs, {report.float_convs} float convs "
                 f"(ORT's optimized graph).", "",
@@ -102,7 +103,7 @@ def main() -> None:
                 "| batch | ORT fp32 ms | ORT integer ms | speed-up | float PyTorch ms | qat.load ms | speed-up |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]
         for size in (1, 32):
-            x = torch.cat([b[0] for b in batches[:1]])[:size].contiguous()
+            x = batches[0][0][:size].contiguous()
             with torch.inference_mode():
                 runs = {"fp32": (lambda x=x: onnx_logits(fp32, x)), "int": (lambda x=x: onnx_logits(integer, x)),
                         "float": (lambda x=x: reference(x)), "load": (lambda x=x: loaded(x))}

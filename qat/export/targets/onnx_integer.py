@@ -174,6 +174,16 @@ def int8_weight(packed: _PackedWeight, name: str) -> tuple[Tensor, Tensor]:
     return signed.to(torch.int8).reshape(w.shape), scales.float().reshape(-1) / multiplier
 
 
+def register_int8_weight(module: nn.Module, packed: _PackedWeight, name: str) -> None:
+    """The buffers of a QDQ layer (int8 codes, per-channel scales, int8 zeros, float bias) and its input point."""
+    codes, scales = int8_weight(packed, name)
+    module.register_buffer("weight_int8", codes)
+    module.register_buffer("weight_scale", scales)
+    module.register_buffer("weight_zero", torch.zeros(scales.shape, dtype=torch.int8))  # QGemm needs it given
+    module.register_buffer("bias", None if packed.bias is None else packed.bias.detach().float())
+    module.input_point = None if packed.input_quantizer is None else QDQPoint(packed.input_quantizer, name)
+
+
 class QDQConv2d(nn.Module):
     """A packed Conv2d as DequantizeLinear(int8 codes, per-channel scales) -> Conv (float bias, quantized by
     the graph pass)."""
@@ -182,12 +192,7 @@ class QDQConv2d(nn.Module):
         super().__init__()
         if packed.padding_mode != "zeros":
             raise refuse(TARGET, name, f"padding_mode={packed.padding_mode!r}; ONNX Conv pads with zeros")
-        codes, scales = int8_weight(packed, name)
-        self.register_buffer("weight_int8", codes)
-        self.register_buffer("weight_scale", scales)
-        self.register_buffer("weight_zero", torch.zeros(scales.shape, dtype=torch.int8))  # QGemm needs it given
-        self.register_buffer("bias", None if packed.bias is None else packed.bias.detach().float())
-        self.input_point = None if packed.input_quantizer is None else QDQPoint(packed.input_quantizer, name)
+        register_int8_weight(self, packed, name)
         self.stride, self.dilation, self.groups = list(packed.stride), list(packed.dilation), packed.groups
         self.padding = conv_padding(packed, name)
 
@@ -215,12 +220,7 @@ class QDQLinear(nn.Module):
 
     def __init__(self, packed: PackedLinear, name: str) -> None:
         super().__init__()
-        codes, scales = int8_weight(packed, name)
-        self.register_buffer("weight_int8", codes)
-        self.register_buffer("weight_scale", scales)
-        self.register_buffer("weight_zero", torch.zeros(scales.shape, dtype=torch.int8))  # QGemm needs it given
-        self.register_buffer("bias", None if packed.bias is None else packed.bias.detach().float())
-        self.input_point = None if packed.input_quantizer is None else QDQPoint(packed.input_quantizer, name)
+        register_int8_weight(self, packed, name)
         self.name = name
 
     def forward(self, x: Tensor) -> Tensor:
