@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from qat.conv_bn import fold_into_skeleton
 from qat.export.architecture import build_architecture
+from qat.export.clamps import elide_clamps
 from qat.export.format import KEY_FOLDED, ArchitectureError, TensorMismatchError, layer_tensor
 from qat.export.manifest import Manifest, read_manifest
 from qat.export.pack import conv_spec
@@ -79,7 +80,9 @@ def load(
     if automatic and exact_backend_needed(manifest, dynamic_activation_bits):
         kernel_backend = EXACT_BACKEND
     _configure_packed_layers(skeleton, kernel_backend, dynamic_activation_bits, cache_convs=automatic)
-    return skeleton.eval().requires_grad_(False)
+    skeleton.eval().requires_grad_(False)
+    elide_clamps(skeleton)  # exact: each dropped clamp is its consumer quantizer's own
+    return skeleton
 
 
 # The backend of files whose layers take quantized inputs: dequantize W in x's dtype, dense matmul (for float32

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 
 import numpy as np
 import pytest
@@ -132,9 +133,18 @@ def test_onnx_runtime_runs_every_layer_with_integer_kernels(tiny) -> None:
     assert ops.get("QLinearConv") == 4 and "Conv" not in ops and "FusedConv" not in ops
     assert ops.get("QLinearAdd") == 1 and ops.get("QLinearGlobalAveragePool") == 1 and ops.get("QGemm") == 1
     assert not {"Gemm", "MatMul", "Add", "GlobalAveragePool", "DequantizeLinear"} & set(ops)  # no float compute
-    assert report.graph.dropped_clips == 3  # stem, expand and depthwise ReLU6 before their [0, 6] points
+    assert report.graph.dropped_clips == 0  # qat.load already dropped the three ReLU6 (qat.export.clamps)
     assert report.graph.int32_biases == 5 and report.graph.global_pools == 1
     assert "4 integer conv(s) and 0 float conv(s)" in str(report)
+
+
+def test_clips_a_loaded_model_keeps_are_dropped_from_the_graph(tmp_path, monkeypatch) -> None:
+    """A model whose clamps qat.load keeps (one fx cannot trace): the graph drops the redundant Clips itself."""
+    monkeypatch.setattr(sys.modules["qat.export.load"], "elide_clamps", lambda model: [])
+    x = export_tiny(tmp_path / "tiny.safetensors", 0)
+    report = export_onnx_integer(tmp_path / "tiny.safetensors", tmp_path / "tiny.onnx", (x[:2],), model=TinyNet())
+    assert report.graph.dropped_clips == 3  # stem, expand and depthwise ReLU6 before their [0, 6] points
+    assert "Clip" not in integer_op_counts(tmp_path / "tiny.onnx")
 
 
 def test_int8_weight_initializers_hold_the_files_codes_and_scales(tiny) -> None:
