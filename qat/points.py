@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 
 class QuantPoint(nn.Identity):
@@ -36,6 +36,11 @@ class QuantPoint(nn.Identity):
         if low is not None and not float(low) < float(high):
             raise ValueError(f"QuantPoint: low={low} must be below high={high}")
         self.fixed_range: Optional[tuple[float, float]] = None if low is None else (float(low), float(high))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # in a model `qat.load` filled, the point holds the file's quantizer for this tensor and applies it
+        quantizer = self._modules.get("input_quantizer")
+        return x if quantizer is None else quantizer(x)
 
     def extra_repr(self) -> str:
         return "" if self.fixed_range is None else f"fixed_range={self.fixed_range}"

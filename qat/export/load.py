@@ -167,9 +167,11 @@ def _apply_input_quantizer(module: nn.Module, args: tuple) -> tuple:
 
 
 def _attach_input_quantizer(module: nn.Module, spec: LayerSpec) -> None:
-    """A float layer whose input was fake-quantized in training: same fake-quant, as a pre-hook."""
+    """A float layer whose input was fake-quantized in training: same fake-quant, as a pre-hook (a QuantPoint
+    applies its `input_quantizer` itself: a hook costs ~6 us per call, 60 calls per EfficientNet-Lite0 image)."""
     module.input_quantizer = InputQuantizer(spec.input, device="meta")
-    module.register_forward_pre_hook(_apply_input_quantizer)
+    if not isinstance(module, QuantPoint):
+        module.register_forward_pre_hook(_apply_input_quantizer)
 
 
 # ---- matching and filling --------------------------------------------------------------------

@@ -40,7 +40,9 @@ class InputQuantizer(nn.Module):
     dequantize(quantize(x.float(), s, z)) in float32, cast back to x's dtype. A float32 CPU tensor quantized
     per tensor takes the compiled one-pass kernel (kernels/csrc/fake_quant.cpp: the same operations, bit for
     bit; ~6x less memory traffic than the six torch ops, which made the int4 EfficientNet-Lite0 with its 60
-    activation points 2x slower than float).
+    activation points 2x slower than float). An input that requires grad (an attack on the loaded model,
+    qat.eval.adversarial) gets the training quantizer's straight-through gradient: 1 inside the range, 0 where
+    clipped (round alone has a zero gradient everywhere).
     """
 
     def __init__(self, spec: InputSpec, device: torch.device | str = "meta") -> None:
@@ -49,22 +51,39 @@ class InputQuantizer(nn.Module):
         (shape, st_dtype), (zero_shape, _) = spec.tensor_shapes().values()
         self.register_buffer("scale", torch.empty(shape, dtype=ST_TO_TORCH[st_dtype], device=device))
         self.register_buffer("zero_point", torch.empty(zero_shape, dtype=torch.int32, device=device))
+        self._kernel_args: Optional[tuple] = None  # (scale, zero point, their versions, kernel arguments)
 
     def forward(self, x: Tensor) -> Tensor:
         spec = self.spec
         # plain tensors only: not while torch.export / ONNX export traces the model (fake tensors), and no
         # autograd through the kernel
-        if spec.granularity == "tensor" and type(x) is Tensor and x.dtype == torch.float32 \
-                and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()) \
-                and not torch.compiler.is_compiling():
+        if spec.granularity == "tensor" and type(x) is Tensor and x.dtype == torch.float32 and x.is_cpu \
+                and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling():
             module = native_module()
             if module is not None:
-                qmin, qmax = spec.qrange
-                return module.fake_quant_per_tensor(x, float(self.scale.float()), float(self.zero_point), qmin, qmax)
+                return module.fake_quant_per_tensor(x, *self.kernel_args())
         scale = expand_qparam(self.scale.float(), spec.granularity, x.dim(), spec.axis)
         zero = expand_qparam(self.zero_point.float(), spec.granularity, x.dim(), spec.axis)
         qmin, qmax = spec.qrange
-        return fake_quantize(x.float(), scale, zero, qmin, qmax).to(x.dtype)  # float32, as qat.ste
+        quantized = fake_quantize(x.float(), scale, zero, qmin, qmax)  # float32, as qat.ste
+        if x.requires_grad and torch.is_grad_enabled():  # straight-through; the forward value is unchanged
+            codes = torch.round(x.float() / scale) + zero
+            inside = (codes >= qmin) & (codes <= qmax)
+            quantized = quantized + (x.float() - x.float().detach()) * inside
+        return quantized.to(x.dtype)
+
+    def kernel_args(self) -> tuple[float, float, int, int]:
+        """(scale, zero point, qmin, qmax) as Python numbers for the per-tensor kernel; read from the buffers
+        again only when one was replaced or written (two tensor reads per call were most of a point's cost:
+        ~7 of 9 us at batch 1)."""
+        scale, zero = self._buffers["scale"], self._buffers["zero_point"]  # not through nn.Module.__getattr__
+        cached = self._kernel_args
+        if cached is None or cached[0] is not scale or cached[1] is not zero \
+                or cached[2] != (scale._version, zero._version):
+            cached = (scale, zero, (scale._version, zero._version),
+                      (float(scale.float()), float(zero), *self.spec.qrange))
+            self._kernel_args = cached
+        return cached[3]
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -149,7 +168,9 @@ class PackedLinear(_PackedWeight):
     def forward(self, x: Tensor) -> Tensor:
         x = self.quantize_input(x)
         w = self.weight_spec
-        if w.layout == LAYOUT_INT4:
+        # an input that requires grad takes the exact dequant path: some int4 kernels have no backward
+        # (cpu_int4pack: "derivative ... not implemented")
+        if w.layout == LAYOUT_INT4 and not (x.requires_grad and torch.is_grad_enabled()):
             return dispatch.int4_linear(
                 x, self.weight_packed, self.weight_scales, self.kernel_zeros_or_none(), w.group_size, self.bias,
                 backend=self.kernel_backend,
