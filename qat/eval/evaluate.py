@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.eval import metrics
+from qat.eval import adversarial, metrics
 from qat.eval.layers import output_errors, weight_sqnr
 from qat.eval.outputs import Outputs, collect, collect_embeddings
 from qat.eval.robustness import PHOTOMETRIC_SHIFTS, default_levels, describe, is_image_batch, perturbation, photometric
@@ -273,11 +273,14 @@ def robustness_sections(models: dict[str, nn.Module], batches: list, task: Task,
 def compare(models: dict[str, nn.Module], batches: list, task: str, noise_levels: Optional[Sequence[float]] = None,
             vocab_size: Optional[int] = None, drop_token: Optional[int] = None,
             class_names: Optional[Sequence[str]] = None, robustness_examples: Optional[int] = None,
-            ) -> dict[str, Any]:
+            adversarial_eps: Optional[Sequence[float]] = None, adversarial_examples: Optional[int] = 512,
+            adversarial_steps: int = adversarial.DEFAULT_STEPS) -> dict[str, Any]:
     """The report dict of `models` (must include 'float') on `batches` (a list of batches) for `task`
     (a `qat.tasks` name); `drop_token` (e.g. the tokenizer's unknown token) adds token dropout
     to the robustness part; `class_names` (label id -> name) names the per-class rows;
-    `robustness_examples` measures robustness on the leading batches holding that many examples (None: all)."""
+    `robustness_examples` measures robustness on the leading batches holding that many examples (None: all).
+    Image classifiers with `adversarial_eps` get `report["adversarial"]` (`qat.eval.adversarial.report_section`:
+    FGSM / PGD with `adversarial_steps` steps, on the first `adversarial_examples` examples)."""
     if REFERENCE not in models:
         raise ValueError(f"compare needs a '{REFERENCE}' model as the reference; got {sorted(models)}")
     runner = make_task(task)
@@ -300,6 +303,9 @@ def compare(models: dict[str, nn.Module], batches: list, task: str, noise_levels
     robust_batches = leading_batches(batches, runner, robustness_examples)
     report.update(robustness_sections(models, robust_batches, runner, noise_levels, vocab_size, drop_token))
     report["robustness_examples"] = sum(runner.size(runner.split(batch)[0]) for batch in robust_batches)
+    if adversarial_eps and task == "classification" and is_image_batch(runner.split(batches[0])[0]):
+        report["adversarial"] = adversarial.report_section(models, [runner.split(b) for b in batches],
+                                                           adversarial_eps, adversarial_examples, adversarial_steps)
     return report
 
 

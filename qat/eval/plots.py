@@ -174,6 +174,27 @@ def robustness_plot(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def adversarial_plot(report: dict, path: Path) -> Path:
+    """Accuracy against attack size, FGSM left and PGD right: each stage attacked white-box (solid) and,
+    dashed, the examples crafted on the float model measured on the other stages (transfer); eps 0: clean."""
+    plt = _pyplot()
+    adv = report["adversarial"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    eps = [0.0, *adv["eps"]]
+    for ax, attack in zip(axes, ("fgsm", "pgd"), strict=True):
+        for kind, style, suffix in (("white_box", "o-", ""), ("transfer", "s--", f" (from {adv['source']})")):
+            for stage, values in adv[kind][attack].items():
+                ax.plot(eps, [adv["clean"][stage], *values], style, label=stage + suffix,
+                        color=STAGE_COLORS.get(stage), alpha=1.0 if kind == "white_box" else 0.6)
+        title = "FGSM" if attack == "fgsm" else f"PGD, {adv['steps']} steps"
+        ax.set_title(f"{title} (L-inf, {adv['examples']} examples)", fontsize=10)
+        ax.set_xlabel("eps (model input units)")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("accuracy under attack")
+    _legend_outside(axes[0], 4)
+    return _save(fig, path)
+
+
 def size_plot(points: list[dict[str, Any]], metric: str, path: Path, title: Optional[str] = None,
               pareto: Optional[list[int]] = None, xlabel: str = "bytes on disk (log)") -> Path:
     """Scatter of bytes against `metric`, each point labelled (stage names in their stage colours); labels
@@ -272,6 +293,8 @@ def write_all(report: dict, directory: Path) -> dict[str, Path]:
         written["slices"] = slices_plot(report, directory / "slices.png")
     if report.get("robustness"):
         written["robustness"] = robustness_plot(report, directory / "robustness.png")
+    if report.get("adversarial"):
+        written["adversarial"] = adversarial_plot(report, directory / "adversarial.png")
     if report.get("size"):
         written["size"] = size_plot(_size_points(report), _metric(report), directory / "size.png")
     return written

@@ -8,6 +8,7 @@ plots (matplotlib, Agg backend, no display needed) are written next to them:
     reliability.png   reliability diagram (accuracy against confidence per bin, sparse bins merged),
                       the examples per bin under it
     robustness.png    task metric against input-noise level
+    adversarial.png   accuracy against attack size: white-box FGSM / PGD per stage, transfer from float
     size.png          file size against the task metric
 
 Example:
@@ -168,6 +169,32 @@ def _robustness_section(report: dict) -> list[str]:
     return lines
 
 
+def _adversarial_section(report: dict) -> list[str]:
+    adv = report.get("adversarial")
+    if not adv:
+        return []
+    low, high = adv["input_range"]
+    source = STAGE_LABELS.get(adv["source"], adv["source"])
+    lines = [f"## Adversarial robustness: accuracy under L-inf attacks ({adv['examples']} examples)", "",
+             f"eps in the model's input units (the clean inputs span [{low:.4g}, {high:.4g}]; attacked inputs are "
+             f"clipped to it). FGSM: one signed-gradient step of eps; PGD: {adv['steps']} steps of {adv['alpha']} "
+             "from a random start in the eps-ball. White-box: crafted on each stage itself (the int4 file through "
+             f"its straight-through gradients); transfer: crafted on {source}, measured on the others. eps 0: clean.",
+             ""]
+    stages = list(adv["white_box"]["fgsm"])
+    for kind, title in (("white_box", "White-box"), ("transfer", f"Transfer from {source}")):
+        targets = list(adv[kind]["fgsm"])
+        if not targets:
+            continue
+        head = ["eps", *(f"{STAGE_LABELS.get(s, s)} {attack.upper()}" for attack in ("fgsm", "pgd") for s in targets)]
+        rows = [[0.0, *(adv["clean"][s] for _ in ("fgsm", "pgd") for s in targets)]]
+        rows += [[eps, *(adv[kind][attack][s][i] for attack in ("fgsm", "pgd") for s in targets)]
+                 for i, eps in enumerate(adv["eps"])]
+        lines += [f"{title} (stages: {', '.join(STAGE_LABELS.get(s, s) for s in stages if s in targets)})", ""]
+        lines += _table(head, rows)
+    return lines
+
+
 def _sensitivity_section(report: dict) -> list[str]:
     sens = report.get("sensitivity")
     if not sens:
@@ -199,7 +226,7 @@ def markdown(report: dict) -> str:
     if report.get("plots"):
         lines += [" ".join(f"![{p}]({p})" for p in report["plots"]), ""]
     for section in (_stages_section, _domains_section, _size_section, _slices_section, _robustness_section,
-                    _layers_section, _sensitivity_section, _not_applicable_section):
+                    _adversarial_section, _layers_section, _sensitivity_section, _not_applicable_section):
         lines += section(report)
     return "\n".join(lines)
 

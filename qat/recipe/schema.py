@@ -284,10 +284,25 @@ class ReportConfig:
     """Also rank the layers by sensitivity and suggest per-layer weight bits whose average, weighted by
     the layers' weights, stays under this many bits, with the quant rules that apply them; None: no
     sensitivity analysis. Not for task 'embedding'."""
+    adversarial_eps: Optional[List[float]] = None
+    """Image classifiers: accuracy of float, PTQ, QAT and the int4 file under white-box L-inf FGSM and PGD
+    attacks of these sizes, and under those crafted on float (transfer); in the model's input units (digits:
+    1/16 is one grey level; images fed as (pixel - 127) / 128: 1/128 is one). None or []: not measured. Cost:
+    (1 + adversarial_steps) forward + backward passes per eps and stage over adversarial_examples."""
+    adversarial_examples: Optional[int] = 512
+    """Attack the first this many examples of the evaluation split; None: all of it."""
+    adversarial_steps: int = 10
+    """PGD steps (step size 2.5 * eps / steps, random start in the eps-ball)."""
 
     def __post_init__(self) -> None:
         if self.robustness_examples is not None and self.robustness_examples < 1:
             raise ConfigError(f"report.robustness_examples={self.robustness_examples} must be >= 1, or null for all")
+        if self.adversarial_examples is not None and self.adversarial_examples < 1:
+            raise ConfigError(f"report.adversarial_examples={self.adversarial_examples} must be >= 1, or null for all")
+        if self.adversarial_steps < 1:
+            raise ConfigError(f"report.adversarial_steps={self.adversarial_steps} must be >= 1")
+        if any(eps < 0 for eps in self.adversarial_eps or ()):
+            raise ConfigError(f"report.adversarial_eps={self.adversarial_eps}: attack sizes must be >= 0")
 
 
 @dataclass

@@ -131,7 +131,10 @@ def build_report(sources: EvalSources, noise_levels: Optional[Sequence[float]] =
              "per-layer errors)")
     report = compare(models, val_batches, recipe.task, noise_levels, vocab, _drop_token(data),
                      class_names=getattr(data, "class_names", None),
-                     robustness_examples=recipe.report.robustness_examples)
+                     robustness_examples=recipe.report.robustness_examples,
+                     adversarial_eps=recipe.report.adversarial_eps,
+                     adversarial_examples=recipe.report.adversarial_examples,
+                     adversarial_steps=recipe.report.adversarial_steps)
     if len(loaders) > 1 and recipe.task in LM_TASKS:
         progress(f"perplexity on the evaluation domains: {', '.join(name for name in loaders if name)}")
         report["domains"] = domain_perplexity(models, {name: list(loader) for name, loader in loaders.items() if name},
