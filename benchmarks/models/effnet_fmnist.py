@@ -53,14 +53,18 @@ def onnx_logits(sess, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(sess.run(None, {name: x.contiguous().numpy()})[0])
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_ms(runs: dict, repeats: int) -> dict:
+    """Median milliseconds of each function, interleaved (one call of each per round, so a busy spell of the
+    shared machine hits all of them alike)."""
+    for fn in runs.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -107,7 +111,7 @@ def main() -> None:
             with torch.inference_mode():
                 runs = {"fp32": (lambda x=x: onnx_logits(fp32, x)), "int": (lambda x=x: onnx_logits(integer, x)),
                         "float": (lambda x=x: reference(x)), "load": (lambda x=x: loaded(x))}
-                times = {name: median_ms(fn, args.repeats) for name, fn in runs.items()}
+                times = median_ms(runs, args.repeats)
             rows.append(f"| {size} | {times['fp32']:.2f} | {times['int']:.2f} | {times['fp32'] / times['int']:.2f}x | "
                         f"{times['float']:.2f} | {times['load']:.2f} | {times['float'] / times['load']:.2f}x |")
         float_bytes = (args.run_dir / "float.safetensors").stat().st_size
