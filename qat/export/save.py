@@ -36,6 +36,7 @@ from qat.export.format import (
     KEY_TIED,
     KEY_VERSION,
     PACKED,
+    REQUIRED_KEYS,
     SCALES,
     TORCH_TO_ST,
     ZEROS,
@@ -51,6 +52,7 @@ from qat.export.spec import LayerSpec
 from qat.export.state import state_slots
 from qat.modules import QuantModule
 
+KEY_PROFILE = "qat.calibration_profile"  # optional: activation / output statistics of validation data (qat.monitor)
 WEIGHT_SUFFIXES = (PACKED, CODES, SCALES, ZEROS)  # what layers sharing one quantized table share
 
 
@@ -79,6 +81,19 @@ def write_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], metada
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def add_metadata(path: str | os.PathLike, entries: dict[str, str]) -> None:
+    """Add (or replace) optional metadata keys of an existing qat file, e.g. the calibration profile computed
+    on the loaded file: the tensors are kept, checksums and the header digest recomputed, the file replaced
+    atomically. Required keys cannot be changed this way."""
+    header = read_header(path)
+    read_manifest(header)  # a valid qat file, or a CheckpointError naming the problem
+    if set(entries) & {*REQUIRED_KEYS}:
+        raise ExportError(f"add_metadata changes optional keys only, not {sorted(set(entries) & {*REQUIRED_KEYS})}")
+    metadata = {key: value for key, value in header.metadata.items() if key not in (KEY_CHECKSUMS, KEY_HEADER_DIGEST)}
+    metadata.update(entries)
+    write_checkpoint(path, safetensors.torch.load_file(os.fspath(path)), metadata)
 
 
 def check_architecture(architecture: Any) -> Optional[dict]:
@@ -182,6 +197,7 @@ def export_model(
     recipe_hash: Optional[str] = None,
     sparsity: Optional[dict] = None,
     golden_inputs: Optional[Sequence[Tensor]] = None,
+    profile: Optional[dict] = None,
 ) -> SizeReport:
     """Write `model` (prepared with `qat.prepare`, trained) to `path` as a qat int4 checkpoint.
 
@@ -194,7 +210,9 @@ def export_model(
     recorded as given; so is `sparsity`, a JSON-ready pruning report (`qat.prune.remove_masks(model)
     .as_dict()`) stored under `qat.sparsity`. `golden_inputs` (the model's positional inputs,
     a few samples) are run through the model and stored with its output under `qat.golden`
-    for `qat verify`. Returns the `SizeReport` of the written file.
+    for `qat verify`. `profile` (a JSON-ready calibration profile, `qat.monitor.profile.build_profile(...)
+    .to_json()`) is stored under `qat.calibration_profile` for the reference-free drift monitor.
+    Returns the `SizeReport` of the written file.
     """
     architecture = check_architecture(architecture)
     if recipe_hash is not None and not isinstance(recipe_hash, str):
@@ -220,6 +238,11 @@ def export_model(
         metadata[KEY_SPARSITY] = json.dumps(sparsity, sort_keys=True)
     if golden_inputs is not None:
         metadata[KEY_GOLDEN] = encode_golden(compute_golden(model, golden_inputs, by="fake-quant model, float32"))
+    if profile is not None:
+        if not isinstance(profile, dict):
+            raise ExportError(f"profile must be a dict (a calibration profile's to_json()), "
+                              f"got {type(profile).__name__}")
+        metadata[KEY_PROFILE] = json.dumps(profile, sort_keys=True, allow_nan=False)
     write_checkpoint(path, tensors, metadata)
     header = read_header(path)
     return size_report(header, read_manifest(header))

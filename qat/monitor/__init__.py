@@ -1,9 +1,17 @@
-"""Watching a deployed int4 model: drift against a reference, and the golden self-check of a file.
+"""Watching a deployed int4 model: drift against a reference, drift against the file's calibration profile,
+and the golden self-check of a file.
 
     DriftMonitor / DriftStatus / DriftError   agreement and KL over a sliding window (qat.monitor.drift)
     check_golden                              the file's stored golden outputs against the model
+    ReferenceFreeMonitor / ReferenceFreeStatus activation clip rates / histograms and output confidence against
+                                              the calibration profile, no float model (qat.monitor.reference_free)
+    build_profile / read_profile              the calibration profile (qat.monitor.profile)
 """
 
 from qat.monitor.drift import DriftError, DriftMonitor, DriftStatus, check_golden, sample_statistics
+from qat.monitor.profile import CalibrationProfile, ProfileMissingError, build_profile, read_profile
+from qat.monitor.reference_free import ReferenceFreeMonitor, ReferenceFreeStatus
 
-__all__ = ["DriftError", "DriftMonitor", "DriftStatus", "check_golden", "sample_statistics"]
+__all__ = ["CalibrationProfile", "DriftError", "DriftMonitor", "DriftStatus", "ProfileMissingError",
+           "ReferenceFreeMonitor", "ReferenceFreeStatus", "build_profile", "check_golden", "read_profile",
+           "sample_statistics"]

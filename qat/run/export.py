@@ -13,6 +13,7 @@ import argparse
 import copy
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,7 +22,9 @@ from torch import Tensor, nn
 
 from qat.data.loading import main_validation_loader, validation_loaders
 from qat.export import export_model, load
-from qat.export.report import SizeReport
+from qat.export.manifest import read_manifest
+from qat.export.reader import read_header
+from qat.export.report import SizeReport, size_report
 from qat.export.targets.cli import run_convert
 from qat.lightning.module import QATModule
 from qat.prune import remove_masks
@@ -30,6 +33,8 @@ from qat.run.build import Run
 from qat.run.models import architecture_of, instantiate, model_from_checkpoint
 
 GOLDEN_BYTES = 64 * 1024  # golden inputs stored in the file: at most this many bytes (at least one sample)
+PROFILE_SAMPLES = 1024  # validation samples the calibration profile (qat.monitor.profile) is computed on
+PROFILE_TOKENS = 16384  # ... or fewer sequences of a token model: this many tokens in all
 
 
 def golden_batch(datamodule: Any, count: int = 4) -> Optional[tuple[Tensor, ...]]:
@@ -58,10 +63,39 @@ def golden_batch(datamodule: Any, count: int = 4) -> Optional[tuple[Tensor, ...]
 
 def export_trained(model: nn.Module, out_path: str | os.PathLike, architecture: dict, recipe_hash: str,
                    datamodule: Any, sparsity: Optional[dict] = None) -> SizeReport:
-    """Write `model` (prepared, masks removed) to `out_path` with golden inputs from `datamodule`."""
+    """Write `model` (prepared, masks removed) to `out_path` with golden inputs and the calibration profile
+    (for the reference-free drift monitor) from `datamodule`'s validation data."""
     inputs = golden_batch(datamodule) if datamodule is not None else None  # for `qat verify`
-    return export_model(model, out_path, architecture=architecture, recipe_hash=recipe_hash,
-                        sparsity=sparsity, golden_inputs=inputs)
+    export_model(model, out_path, architecture=architecture, recipe_hash=recipe_hash,
+                 sparsity=sparsity, golden_inputs=inputs)
+    if datamodule is not None and architecture is not None:
+        add_calibration_profile(out_path, datamodule)
+    header = read_header(out_path)
+    return size_report(header, read_manifest(header))  # the file as written, its profile included
+
+
+def profile_samples(batch: Any) -> int:
+    """How many validation samples the profile takes: PROFILE_SAMPLES images (float inputs), but token sequences
+    only up to PROFILE_TOKENS tokens in all (at least 16 sequences): a language model's forward is the cost."""
+    from qat.monitor.profile import model_inputs
+
+    inputs = model_inputs(batch)[0]
+    if inputs.is_floating_point() or inputs.dim() < 2:
+        return PROFILE_SAMPLES
+    return min(PROFILE_SAMPLES, max(16, PROFILE_TOKENS // max(1, inputs[0].numel())))
+
+
+def add_calibration_profile(path: str | os.PathLike, datamodule: Any) -> None:
+    """Store the calibration profile (qat.monitor.profile) of the loaded file on up to PROFILE_SAMPLES
+    validation samples; without one (no validation data, an output that is not logits) warn and go on."""
+    from qat.monitor.profile import write_profile  # imported here: qat.monitor sits above the export
+
+    try:
+        datamodule.setup("validate")
+        loader = main_validation_loader(datamodule)
+        write_profile(path, loader, max_samples=profile_samples(next(iter(loader))))
+    except Exception as err:  # the profile is optional: a file without one still loads and verifies
+        warnings.warn(f"no calibration profile in {path}: {type(err).__name__}: {err}", stacklevel=2)
 
 
 def export_run(run: Run) -> dict[str, Any]:

@@ -34,7 +34,8 @@ def test_building_the_parser_imports_no_heavy_module():
 def test_every_subcommand_and_option_has_help():
     parser = build_parser()
     subparsers = subcommands(parser)
-    assert set(subparsers) == {"train", "export", "inspect", "verify", "eval", "sweep", "bench", "generate"}
+    assert set(subparsers) == {"train", "export", "inspect", "verify", "eval", "sweep", "bench", "generate",
+                               "monitor"}
     listed = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))._choices_actions
     assert all(choice.help for choice in listed)
     bare = [f"qat {name} {action.option_strings or action.dest}" for name, sub in subparsers.items()
