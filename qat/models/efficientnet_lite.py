@@ -94,7 +94,13 @@ def tf_same_pad(x: Tensor, kernel: int, stride: int) -> Tensor:
     for size in (x.shape[-1], x.shape[-2]):  # F.pad takes the last dimension first
         total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
         pads += [total // 2, total - total // 2]
-    return F.pad(x, pads) if any(pads) else x
+    if not any(pads):
+        return x
+    padded = F.pad(x, pads)
+    point = getattr(x, "qat_point", None)  # the QuantizedPoint x came from (qat.modules): zeros are on its grid
+    if point is not None:  # (0 is a code of every asymmetric or symmetric grid), so the conv after the padding
+        padded.qat_point = point  # still takes that point's codes: its integer bias grid is that point's
+    return padded
 
 
 def conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1,

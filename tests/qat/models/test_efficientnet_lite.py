@@ -250,3 +250,21 @@ def test_bad_arguments():
         EfficientNetLite(padding="same")
     with pytest.raises(ValueError, match="drop_connect"):
         EfficientNetLite(drop_connect=1.0)
+
+
+def test_tf_padding_keeps_the_point_link_for_integer_biases():
+    """The stem's input is padded ('tf') after the input point: the conv must still find that point, or its
+    integer bias has no grid (and the export refuses)."""
+    import qat
+    from qat import QuantizerConfig, QuantRule, QuantSpec, default_activation_config
+
+    spec = QuantSpec(weight=QuantizerConfig(bits=4, granularity="channel", init="minmax", scale_dtype="float32"),
+                     activation=default_activation_config(8), fold_batchnorm=True, integer_bias=True,
+                     rules=[QuantRule(type="Conv2d", quantize_activations=False),
+                            QuantRule(type="Linear", quantize_activations=False)])
+    torch.manual_seed(0)
+    model, _ = qat.prepare(EfficientNetLite(num_classes=4, padding="tf"), spec)
+    x = torch.randn(2, 3, 32, 32)
+    qat.calibrate(model, [x])
+    model.eval()(x)
+    assert model.stem[0].__dict__.get("input_point") is model.input_point
