@@ -173,3 +173,31 @@ def add_bench_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                                    description=BENCH_DESCRIPTION)
     add_bench_arguments(parser)
     return parser
+
+
+def add_monitor_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
+    """`qat monitor FILE DATA [--clean CLEAN] [--window N] ...` (qat.monitor.command)."""
+    parser = subparsers.add_parser(
+        "monitor", help="test production inputs for drift against the file's calibration profile (no float model)",
+        description="Run DATA through a qat file with hooks on its activation quantizers and compare clip rates, "
+                    "activation histograms and output confidence / entropy with the calibration profile stored at "
+                    "export; prints the alerts and the layers that moved. Exit 0: no drift, 1: drift, 2: error.")
+    parser.add_argument("file", help="a qat .safetensors file or a run directory (its model.safetensors)")
+    parser.add_argument("data", help="model inputs: a .pt / .npy / .npz tensor file, or a recipe .yaml (its data "
+                        "module's test split, else validation)")
+    parser.add_argument("--clean", help="clean in-distribution inputs (same forms) to build the profile from, for "
+                        "a file exported without one")
+    parser.add_argument("--window", type=int, default=500, help="samples per test window (default 500)")
+    parser.add_argument("--min-samples", type=int, default=100, help="no alert before this many (default 100)")
+    parser.add_argument("--false-alarm", type=float, default=1e-3,
+                        help="false-alarm probability per check, Bonferroni over all features (default 1e-3)")
+    parser.add_argument("--min-shift", type=float, default=0.02,
+                        help="least move of a histogram share / clip rate that alerts (default 0.02)")
+    parser.add_argument("--check-every", type=int, default=128, help="test once this many samples are pending "
+                        "(default 128)")
+    parser.add_argument("--sample-every", type=int, default=1, help="look at every k-th sample only (default 1)")
+    parser.add_argument("--alert-on-input", action="store_true",
+                        help="let the quantizers of the model's input alert too (default: reported only)")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per forward (default 64)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
