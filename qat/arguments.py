@@ -176,7 +176,7 @@ def add_bench_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
 
 
 def add_monitor_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
-    """`qat monitor FILE DATA [--clean CLEAN] [--window N] ...` (qat.monitor.command)."""
+    """`qat monitor FILE DATA [--clean CLEAN] [--window N] ...` (qat.run.monitor)."""
     parser = subparsers.add_parser(
         "monitor", help="test production inputs for drift against the file's calibration profile (no float model)",
         description="Run DATA through a qat file with hooks on its activation quantizers and compare clip rates, "

@@ -100,7 +100,7 @@ COMMANDS = (
     (arguments.add_sweep_parser, _handler("sweep", "qat.run.sweep", "run_sweep")),
     (arguments.add_bench_parser, _bench),
     (arguments.add_generate_parser, _handler("generate", "qat.hf.generate", "run_generate")),
-    (arguments.add_monitor_parser, _handler("monitor", "qat.monitor.command", "run_monitor")),
+    (arguments.add_monitor_parser, _handler("monitor", "qat.run.monitor", "run_monitor")),
 )
 
 
