@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,22 @@ LOGGER = logging.getLogger("qat.monitor")
 
 class DriftError(RuntimeError):
     """The deployed model's outputs drifted past a threshold (`DriftMonitor(on_alert="raise")`)."""
+
+
+def signal_alert(status: Any, on_alert: Union[str, Callable], was_alerting: bool, raise_message: str) -> bool:
+    """Act on a monitor's status as `on_alert` asks: 'raise' raises DriftError(raise_message) while alerting;
+    'log' or a function hears of each crossing (into alert: a warning; back out: info). Returns whether the
+    status alerts (the monitor's next `was_alerting`)."""
+    if status.alerting and on_alert == "raise":
+        raise DriftError(raise_message)
+    if status.alerting != was_alerting:
+        if callable(on_alert):
+            on_alert(status)
+        elif status.alerting:
+            LOGGER.warning("drift: %s", status)
+        else:
+            LOGGER.info("recovered: %s", status)
+    return status.alerting
 
 
 @dataclass
@@ -117,16 +133,7 @@ class DriftMonitor:
         return status
 
     def _alert(self, status: DriftStatus) -> None:
-        if status.alerting and self.on_alert == "raise":
-            raise DriftError(f"qat.monitor: drift: {status}")
-        if status.alerting != self._was_alerting:
-            if callable(self.on_alert):
-                self.on_alert(status)
-            elif status.alerting:
-                LOGGER.warning("drift: %s", status)
-            else:
-                LOGGER.info("recovered: %s", status)
-        self._was_alerting = status.alerting
+        self._was_alerting = signal_alert(status, self.on_alert, self._was_alerting, f"qat.monitor: drift: {status}")
 
 
 @torch.no_grad()

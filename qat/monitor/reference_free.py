@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from qat.monitor.drift import DriftError
+from qat.monitor.drift import signal_alert
 from qat.monitor.profile import (
     KEY_PROFILE,
     ActivationTaps,
@@ -277,13 +277,4 @@ class ReferenceFreeMonitor:
         return ReferenceFreeStatus(n, self.threshold, scores, [str(s) for s in alerting[: self.top]], inputs)
 
     def _alert(self, status: ReferenceFreeStatus) -> None:
-        if status.alerting and self.on_alert == "raise":
-            raise DriftError(f"qat.monitor: {status}")
-        if status.alerting != self._was_alerting:
-            if callable(self.on_alert):
-                self.on_alert(status)
-            elif status.alerting:
-                LOGGER.warning("drift: %s", status)
-            else:
-                LOGGER.info("recovered: %s", status)
-        self._was_alerting = status.alerting
+        self._was_alerting = signal_alert(status, self.on_alert, self._was_alerting, f"qat.monitor: {status}")
