@@ -145,17 +145,26 @@ def markdown_table(reference: Reference, rows: Sequence[Row | Failed]) -> str:
             lines.append(f"| {row.label} | failed: {row.error} |" + " |" * (len(domains) + 3))
             continue
         ppl = " | ".join(f"{row.perplexity[d]:.2f}" for d in domains)
-        took = "" if row.candidate.quantize_s is None else _duration(row.candidate.quantize_s)
+        took = "" if row.candidate.quantize_s is None else duration(row.candidate.quantize_s)
         lines.append(f"| {row.candidate.label} | {ppl} | {row.kl:.4f} | {row.top1:.1%} | "
                      f"{row.bits_per_weight:.2f} | {took} |")
     return "\n".join(lines)
 
 
-def settings_list(rows: Sequence[Row | Failed]) -> str:
-    """The exact configuration of every candidate, one bullet each."""
+def settings_list(rows: Sequence) -> str:
+    """The exact configuration of every candidate, one bullet each (any scored row with a `.candidate`
+    that has `.label` and `.settings`; failed rows are left out: the table carries their error)."""
     return "\n".join(f"- **{row.candidate.label}**: {row.candidate.settings}" for row in rows
-                     if isinstance(row, Row) and row.candidate.settings)
+                     if not isinstance(row, Failed) and row.candidate.settings)
 
 
-def _duration(seconds: float) -> str:
+def qat_file_bytes(path) -> int:
+    """Bytes of every tensor a qat int4 file stores (codes, scales, zero points, float tensors)."""
+    from qat.export.reader import read_header
+
+    return sum(entry.nbytes for entry in read_header(path).tensors.values())
+
+
+def duration(seconds: float) -> str:
+    """A wall time for a table cell: seconds under two minutes, else minutes."""
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

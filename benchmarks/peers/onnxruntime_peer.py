@@ -1,4 +1,4 @@
-"""ONNX Runtime's own 4-bit weight quantizer as a peer of qat, on a Hugging Face causal LM.
+"""ONNX Runtime's own 4-bit weight quantizer as a peer of qat, on a Hugging Face causal LM or encoder.
 
 The path a user takes without qat: trace the float model to ONNX, run
 `onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer` on the file (post-training,
@@ -22,6 +22,9 @@ Example:
     >>> float_onnx = export_float(model, Path("/tmp/float.onnx"))
     >>> settings = quantize(float_onnx, Path("/tmp/rtn64.onnx"), block_size=64, algorithm="rtn")
     >>> logits = session_logits(Path("/tmp/rtn64.onnx"), threads=2)(ids)   # (T, vocab) float32
+
+An encoder (all-MiniLM-L6-v2) the same way, through `export_encoder` ((input_ids, attention_mask) ->
+last_hidden_state) and `session_function`.
 """
 
 from __future__ import annotations
@@ -58,18 +61,43 @@ def export_float(model: nn.Module, out: Path) -> Path:
     a computed tensor the quantizer skips, and would stay float. Untied, it is a constant MatMul
     weight of its own (the float file then holds the table twice; the quantized one once).
     """
-    out = Path(out)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and head.weight is model.get_input_embeddings().weight:
         model = copy.deepcopy(model)
         head = model.get_output_embeddings()
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     ids = torch.zeros(2, 16, dtype=torch.long)
-    dims = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+    return _trace(_Logits(model), (ids,), ["input_ids"], "logits", out)
+
+
+def export_encoder(model: nn.Module, out: Path) -> Path:
+    """Write a float Hugging Face encoder (e.g. BertModel) as ONNX at `out`:
+    (input_ids, attention_mask) -> last_hidden_state, traced as `export_float` traces (token type ids left
+    to the model's default, all zeros, as a one-segment sentence batch has them)."""
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    return _trace(_LastHidden(model), (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"],
+                  "last_hidden_state", out)
+
+
+class _LastHidden(nn.Module):
+    """(input_ids, attention_mask) -> the encoder's last hidden states (batch, length, hidden)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _trace(module: nn.Module, inputs: tuple[Tensor, ...], input_names: list[str], output_name: str,
+           out: Path) -> Path:
+    """torch.onnx.export (dynamo, optimized) of `module` with every input's batch and length dynamic."""
+    out = Path(out)
+    dims = tuple({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for _ in inputs)
     with torch.no_grad():
-        program = torch.onnx.export(_Logits(model).eval(), (ids,), dynamo=True, optimize=True,
-                                    input_names=["input_ids"], output_names=["logits"],
-                                    dynamic_shapes=(dims,), verbose=False)
+        program = torch.onnx.export(module.eval(), inputs, dynamo=True, optimize=True, input_names=input_names,
+                                    output_names=[output_name], dynamic_shapes=dims, verbose=False)
     program.save(os.fspath(out))
     return out
 
@@ -118,10 +146,17 @@ def session_logits(onnx_path: Path, threads: Optional[int] = None) -> Callable[[
 
     The session is built once (`threads` intra-op threads; None: ORT's own choice) and reused.
     """
+    run = session_function(onnx_path, threads)
+    return lambda ids: run([torch.tensor([list(ids)])])[0].float()
+
+
+def session_function(onnx_path: Path, threads: Optional[int] = None) -> Callable[[Sequence[Tensor]], Tensor]:
+    """A function from the graph's inputs (torch tensors, in its input order) to its first output, by ONNX
+    Runtime on CPU; one session (`threads` intra-op threads; None: ORT's own choice), built once."""
     from qat.export.targets.onnx import onnx_session, run_onnx
 
     session = onnx_session(onnx_path, threads)
-    return lambda ids: run_onnx(session, [torch.tensor([list(ids)])])[0].float()
+    return lambda inputs: run_onnx(session, inputs)
 
 
 def weight_bytes(onnx_path: Path) -> int:
@@ -157,9 +192,14 @@ def _initializers(graph) -> dict:
     return found
 
 
-def export_qat(qat_file: Path, out: Path) -> Path:
-    """qat's own int4 ONNX graph of `qat_file`: MatMulNBits holding qat's codes, embedding as float32 Gather."""
+def export_qat(qat_file: Path, out: Path, example_inputs: Optional[Sequence[Tensor]] = None) -> Path:
+    """qat's own int4 ONNX graph of `qat_file`: MatMulNBits holding qat's codes, embedding as float32 Gather.
+
+    Traced on `example_inputs` (the model's positional inputs); default: one (1, 16) block of token ids
+    (a causal LM). An encoder takes (input_ids, attention_mask).
+    """
     from qat.export.targets.onnx import export_onnx
 
-    export_onnx(qat_file, out, example_inputs=(torch.zeros(1, 16, dtype=torch.long),))
+    inputs = example_inputs if example_inputs is not None else (torch.zeros(1, 16, dtype=torch.long),)
+    export_onnx(qat_file, out, example_inputs=tuple(inputs))
     return Path(out)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 import traceback
@@ -36,7 +37,16 @@ from pathlib import Path
 import torch
 
 from benchmarks import record
-from benchmarks.peers.harness import Candidate, Failed, Reference, Row, markdown_table, settings_list, torch_candidate
+from benchmarks.peers.harness import (
+    Candidate,
+    Failed,
+    Reference,
+    Row,
+    markdown_table,
+    qat_file_bytes,
+    settings_list,
+    torch_candidate,
+)
 from qat.data.loading import calibration_loader, validation_loaders
 from qat.export import export_model, load
 from qat.hf.load import load_tokenizer
@@ -89,26 +99,44 @@ class Context:
         return load_float_model(self.recipe).eval()
 
 
+# qat's post-training rows: (label, recipe overrides); round-to-nearest undoes the recipe's MSE ranges and GPTQ
+QAT_PTQ = (("qat round-to-nearest, min-max",
+            ["quant.weight.init=minmax", "schedule.weight_rounding=nearest", "schedule.gptq_act_order=false"]),
+           ("qat GPTQ (recipe start)", []))
+
+
 def qat_rows(ctx: Context) -> Iterator[Row | Failed | Candidate]:
     """float, qat RTN and GPTQ (exported and loaded like any int4 file), the recipe's file."""
     yield torch_candidate("float (fp32)", ctx.float_model, None, "the recipe's float model, float32")
-    calibration = ctx.calibration_batches()
-    spec = ctx.recipe.quant.weight
-    rtn = ["quant.weight.init=minmax", "schedule.weight_rounding=nearest", "schedule.gptq_act_order=false"]
-    for label, extra in (("qat round-to-nearest, min-max", rtn), ("qat GPTQ (recipe start)", [])):
-        recipe = load_recipe(ctx.recipe_path, [*ctx.overrides, *extra])
-        start = time.perf_counter()
-        model = EvalSources(recipe, ctx.file, None).ptq_model(calibration)
-        path = ctx.work / f"{label.split()[1]}.safetensors"
-        export_model(model, path, architecture=architecture_of(recipe, model))
-        took = time.perf_counter() - start
-        yield _qat_file(label, path, took, f"int{spec.bits} g{spec.group_size} asymmetric, "
-                        f"{recipe.schedule.weight_rounding}, ranges {recipe.quant.weight.init}")
-    summary = ctx.file.parent / "summary.json"
-    seconds = json.loads(summary.read_text()).get("seconds") if summary.is_file() else None
-    yield _qat_file("qat recipe file (QAT + KD)", ctx.file, seconds,
+    for label, path, seconds, settings in qat_ptq_files(ctx, QAT_PTQ):
+        yield _qat_file(label, path, seconds, settings)
+    yield _qat_file("qat recipe file (QAT + KD)", ctx.file, run_seconds(ctx.file),
                     f"{Path(ctx.recipe_path).name}; quantize time: the run's training (summary.json), "
                     "text generation not counted")
+
+
+def qat_ptq_files(ctx, variants) -> Iterator[tuple[str, Path, float, str]]:
+    """(label, int4 file, seconds, settings) of qat's post-training quantization of the float model, one per
+    (label, recipe overrides) variant: the recipe's spec, calibrated on its calibration batches, exported.
+    `ctx` has recipe_path, overrides, file, work and calibration_batches()."""
+    calibration = ctx.calibration_batches()
+    for label, extra in variants:
+        recipe = load_recipe(ctx.recipe_path, [*ctx.overrides, *extra])
+        spec = recipe.quant.weight
+        start = time.perf_counter()
+        model = EvalSources(recipe, ctx.file, None).ptq_model(calibration)
+        path = ctx.work / f"{re.sub('[^A-Za-z0-9]+', '-', label).strip('-')}.safetensors"
+        export_model(model, path, architecture=architecture_of(recipe, model))
+        rules = [entry for entry in extra if entry.startswith("quant.rules")]  # which layers it leaves float
+        yield (label, path, time.perf_counter() - start,
+               f"int{spec.bits} g{spec.group_size} asymmetric, {recipe.schedule.weight_rounding}, ranges {spec.init}"
+               + "".join(f"; `{rule}`" for rule in rules))
+
+
+def run_seconds(file: Path) -> float | None:
+    """The training time of the run that wrote `file` (its summary.json's "seconds"), None without one."""
+    summary = file.parent / "summary.json"
+    return json.loads(summary.read_text()).get("seconds") if summary.is_file() else None
 
 
 def also_rows(ctx: Context) -> Iterator[Row | Failed | Candidate]:
@@ -118,10 +146,7 @@ def also_rows(ctx: Context) -> Iterator[Row | Failed | Candidate]:
 
 
 def _qat_file(label: str, path: Path, seconds: float | None, settings: str) -> Candidate:
-    from qat.export.reader import read_header
-
-    size = sum(entry.nbytes for entry in read_header(path).tensors.values())
-    return torch_candidate(label, load(path, device="cpu"), seconds, settings, weight_bytes=size)
+    return torch_candidate(label, load(path, device="cpu"), seconds, settings, weight_bytes=qat_file_bytes(path))
 
 
 def llama_cpp_rows(ctx: Context) -> Iterator[Row | Failed | Candidate]:

@@ -85,11 +85,12 @@ def _cpu_config(group_size: int, algorithm: str = "minmax") -> PrototypeInt4Weig
     )
 
 
-def _describe(config: PrototypeInt4WeightOnlyConfig, dtype: torch.dtype) -> str:
+def _describe(config: PrototypeInt4WeightOnlyConfig, dtype: torch.dtype, model: nn.Module) -> str:
+    head = " incl. the untied lm_head" if hasattr(model, "lm_head") else ""
     return (
         f"torchao {torchao.__version__} quantize_(model, PrototypeInt4WeightOnlyConfig(group_size={config.group_size}, "
         f"int4_choose_qparams_algorithm='{config.int4_choose_qparams_algorithm.value}', set_inductor_config=False)) "
-        f"on every nn.Linear incl. the untied lm_head; Int4OpaqueTensor; {str(dtype).removeprefix('torch.')} "
+        f"on every nn.Linear{head}; Int4OpaqueTensor; {str(dtype).removeprefix('torch.')} "
         "activations; embedding left float"
     )
 
@@ -137,7 +138,7 @@ def ptq(
     dtype = _cast(model, dtype)
     quantize_(model, config)
     _check_all_int4(model)
-    return _describe(config, dtype)
+    return _describe(config, dtype, model)
 
 
 def _inner_tensors(tensor: Tensor) -> list[Tensor]:
@@ -203,5 +204,5 @@ def qat_convert(model: nn.Module, group_size: int, dtype: Optional[torch.dtype] 
     quantize_(model, config, filter_fn=lambda module, fqn: fqn in names)
     _check_all_int4(model)
     return "after QATConfig(Int4WeightOnlyConfig(...), step='prepare') / QATConfig(step='convert'): " + _describe(
-        config, dtype
+        config, dtype, model
     )

@@ -33,12 +33,8 @@ MODES = ("float", "qat", "float_kd", "qat_kd")
 
 
 def child(recipe_path: str, mode: str, batch: int, seq: int, steps: int, threads: int) -> dict:
-    from qat.control import freeze
-    from qat.distill import token_kd_loss
     from qat.recipe import load_recipe
     from qat.run.models import load_float_model
-    from qat.swap import prepare
-    from qat.tasks import CausalLMTask
 
     torch.set_num_threads(threads)
     recipe = load_recipe(recipe_path)
@@ -49,15 +45,39 @@ def child(recipe_path: str, mode: str, batch: int, seq: int, steps: int, threads
 
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if mode.startswith("qat"):
-        model, _ = prepare(model, recipe.quant)
-        if recipe.schedule.freeze_step == 0:  # as QuantizationSchedule does before the first step
-            freeze(model)
+        model = prepare_as_recipe(model, recipe)
+    times = timed_steps(model, random_batch(model.config.vocab_size, batch, seq), steps, teacher)
+    return {"mode": mode, "step_s": statistics.median(times[1:]), "peak_rss_mib": peak_rss_mib()}
+
+
+def prepare_as_recipe(model: torch.nn.Module, recipe) -> torch.nn.Module:
+    """The model prepared with the recipe's quant spec (fake-quant weights), its scales and zero points frozen
+    when the recipe freezes them from step 0, as QuantizationSchedule does before the first step."""
+    from qat.control import freeze
+    from qat.swap import prepare
+
+    model, _ = prepare(model, recipe.quant)
+    if recipe.schedule.freeze_step == 0:
+        freeze(model)
+    return model
+
+
+def random_batch(vocab_size: int, batch: int, seq: int) -> dict:
+    """The same random (batch, seq) token ids in every process (seed 0), all attended."""
+    ids = torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def timed_steps(model: torch.nn.Module, inputs: dict, steps: int, teacher: torch.nn.Module | None = None) -> list:
+    """Wall seconds of steps + 1 training steps on `inputs` (the first warms up: allocations, optimizer state):
+    forward, next-token loss (plus the token KL to `teacher`), backward, AdamW over the trainable parameters."""
+    from qat.distill import token_kd_loss
+    from qat.tasks import CausalLMTask
+
     task = CausalLMTask()
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     times = []
-    for _ in range(steps + 1):  # the first step warms up (allocations, optimizer state)
+    for _ in range(steps + 1):
         start = time.perf_counter()
         logits = task.forward(model, inputs)
         loss = task.loss(logits, task.split(inputs)[1], inputs)
@@ -69,8 +89,12 @@ def child(recipe_path: str, mode: str, batch: int, seq: int, steps: int, threads
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": mode, "step_s": statistics.median(times[1:]), "peak_rss_mib": peak_mib}
+    return times
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> None:
