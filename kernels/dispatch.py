@@ -23,7 +23,7 @@ fallback); an unknown name raises listing the available ones. Backends (their na
     cpu_blocked_bf16 the same with a bf16 GEMM (for fp32 / fp16 x; bf16 compute, documented tolerance)
     cpu_small_m     compiled AVX512-BF16 kernel for few rows (small_m.py; needs a C++ compiler), bf16 compute
     cpu_int8_act    x rounded to int8 per block of 32 k, integer dot products with the codes (int8_act.py;
-                    AVX512-VNNI, compiled), documented error bound
+                    AVX512-VNNI or AVX2, compiled), documented error bound
     triton          fused Triton kernels on CUDA: GEMV / GEMM / dequant+dense by M
     triton_gemv     the split-K GEMV kernel alone (any M)
     triton_gemm     the fused tensor-core GEMM kernel alone (any M)

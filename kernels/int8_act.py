@@ -1,4 +1,4 @@
-"""CPU path with int8 activations: int4 codes times int8 x in integer dot products (AVX512-VNNI).
+"""CPU path with int8 activations: int4 codes times int8 x in integer dot products (AVX512-VNNI or AVX2).
 
 Where compute dominates (M from a few dozen rows up), every float path does the multiply-adds of a
 dense bf16 GEMM plus dequantization, so it cannot beat oneDNN's bf16 GEMM. Integer dot products
@@ -7,7 +7,10 @@ benchmarks/kernels/int8_activations.md), so this path rounds x to int8 per row a
 k (symmetric, scale max |x| / 127, nearest even) and multiplies the stored 4-bit codes with it
 exactly in int32; each block's sum is scaled once in fp32 (kernels/csrc/int8_act_gemm.cpp gives
 the formula). This is the scheme llama.cpp runs for every Q4 x Q8_0 product and ONNX Runtime's
-MatMulNBits at accuracy level 4.
+MatMulNBits at accuracy level 4. CPUs with AVX2 but no AVX-512 VNNI run the same numbers through
+vpmaddubsw / vpmaddwd (kernels/csrc/int8_act_avx2.cpp): the only fast path such CPUs have for M = 1,
+where it streams the 4-bit codes at several times the speed of any float path
+(benchmarks/kernels/int8_act_avx2.md).
 
 Numbers: the only new error is x's rounding to int8, at most half a step (sx / 2) per element,
 so |y - y_ref| <= sum over blocks of sx / 2 * sum |w| over the block, plus fp32 rounding
@@ -71,7 +74,7 @@ def int8_act_unsupported(x: Tensor, weight: PackedInt4Weight) -> Optional[str]:
         return f"it needs a group size that is a multiple of {BLOCK}, got {weight.group_size}"
     module = native_module()
     if module is None or not module.int8_act_available():
-        return "its compiled kernel is not available (needs a C++ compiler and a CPU with AVX-512 VNNI)"
+        return "its compiled kernel is not available (needs a C++ compiler and a CPU with AVX2 + FMA + F16C)"
     return None
 
 

@@ -9,7 +9,9 @@ version; the library is cached under $QAT_NATIVE_BUILD_DIR (default
 folder as used; folders of other source versions unused for `STALE_DAYS` days are deleted at the next build.
 
 The AVX-512 path is compiled in when the CPU has AVX-512 F/BW/BF16/VNNI (`-march=native` is not
-used, so a cached build never carries instructions the CPU lacks); otherwise a scalar loop.
+used, so a cached build never carries instructions the CPU lacks); otherwise a scalar loop. The
+int8-activation kernel also has an AVX2 build (kernels/csrc/int8_act_avx2.cpp, compiled for AVX2
+through a target pragma and used where the CPU reports AVX2, FMA and F16C at run time).
 
 Example:
     >>> module = native_module()
@@ -33,7 +35,8 @@ import torch
 
 SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name
                 for name in ("bindings.cpp", "dequant_tile.cpp", "small_m_bf16.cpp", "int8_act_gemm.cpp",
-                             "fake_quant.cpp"))
+                             "int8_act_avx2.cpp", "fake_quant.cpp",
+                             "decode_ops.cpp"))
 ENV_DISABLE = "QAT_NATIVE"
 ENV_BUILD_DIR = "QAT_NATIVE_BUILD_DIR"
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")

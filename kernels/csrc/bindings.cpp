@@ -13,6 +13,11 @@ at::Tensor int8_act_gemm(const at::Tensor& q, const at::Tensor& sx, const at::Te
 at::Tensor int8_act_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                            const at::Tensor& zeros, int64_t n, int64_t block);
 bool int8_act_available();
+at::Tensor residual_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
+                             double eps);
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cache, const at::Tensor& cos,
+                            const at::Tensor& sin, int64_t position, int64_t heads, int64_t kv_heads, double scale);
+at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor fake_quant_per_tensor(const at::Tensor& x, double scale, double zero, int64_t qmin, int64_t qmax);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -21,8 +26,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_m_bf16", &small_m_bf16, "int4 x bf16 for 1 to 64 rows (AVX512-BF16), float32 out");
   m.def("small_m_available", &small_m_available, "whether small_m_bf16 was compiled in");
   m.def("quantize_activations", &quantize_activations, "x per row and block of k to int8: (q, sx, qsum)");
-  m.def("int8_act_gemm", &int8_act_gemm, "int4 codes x int8 activations (AVX512-VNNI), float32 out");
+  m.def("int8_act_gemm", &int8_act_gemm, "int4 codes x int8 activations (AVX512-VNNI or AVX2), float32 out");
   m.def("int8_act_linear", &int8_act_linear, "quantize_activations + int8_act_gemm in one call, float32 out");
   m.def("int8_act_available", &int8_act_available, "whether int8_act_gemm was compiled in");
+  m.def("residual_rms_norm", &residual_rms_norm, "x += delta in place, then RMS norm times weight (float32)");
+  m.def("decode_attention", &decode_attention, "rotary, KV cache write and attention of one token (float32)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up output (float32)");
   m.def("fake_quant_per_tensor", &fake_quant_per_tensor, "float32 per-tensor fake quantization in one pass");
 }

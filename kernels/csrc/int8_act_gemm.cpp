@@ -1,4 +1,5 @@
-// int4 weights x int8 activations (AVX512-VNNI): integer dot products per block of k, scaled in fp32.
+// int4 weights x int8 activations (AVX512-VNNI; AVX2 CPUs: int8_act_avx2.cpp): integer dot products per block of k,
+// scaled in fp32.
 //
 // Numbers: x comes quantized per row and per block of `block` k (kernels/int8_act.py): q = round(x / sx) in
 // [-127, 127], sx = max |x| / 127 over the block. The weight is w = (c - z) * s per group (codes c 0..15, integer
@@ -34,6 +35,14 @@
 #else
 #define QAT_INT8_ACT_AVX512 0
 #endif
+
+// The AVX2 build of the same numbers (kernels/csrc/int8_act_avx2.cpp), for CPUs without AVX-512 VNNI.
+bool int8_act_avx2_supported();
+void int8_act_quantize_row_avx2(const void* x, bool bf16, int64_t k, int64_t block, int8_t* q, float* sx,
+                                int32_t* qsum);
+void int8_act_gemm_avx2(const int8_t* q, const float* sx, const int32_t* qsum, const uint8_t* codes,
+                        const void* scales, at::ScalarType scale_type, const uint8_t* zeros, float* out, int64_t m,
+                        int64_t n, int64_t k, int64_t block, int64_t blocks_per_group);
 
 #if QAT_INT8_ACT_AVX512
 namespace {
@@ -192,12 +201,12 @@ void quantize_row(const T* x, int64_t k, int64_t block, int8_t* q, float* sx, in
 }  // namespace
 #endif
 
-bool int8_act_available() { return QAT_INT8_ACT_AVX512; }
+bool int8_act_available() { return QAT_INT8_ACT_AVX512 || int8_act_avx2_supported(); }
 
 // x bfloat16 or float32 (M, K) contiguous, block a multiple of 16 dividing K. Returns (q int8 (M, K), sx float32
 // (M, K / block), qsum int32 (M, K / block)), as kernels/int8_act.py `quantize_activations_reference` defines them.
 std::vector<at::Tensor> quantize_activations(const at::Tensor& x, int64_t block) {
-  TORCH_CHECK(QAT_INT8_ACT_AVX512, "quantize_activations needs a build with AVX-512 F/BW/VNNI");
+  TORCH_CHECK(int8_act_available(), "quantize_activations needs AVX2 + FMA + F16C or a build with AVX-512 VNNI");
   TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.is_contiguous() &&
                   x.dim() == 2, "x must be contiguous float32 or bfloat16 (M, K)");
   const int64_t m = x.size(0), k = x.size(1);
@@ -206,23 +215,28 @@ std::vector<at::Tensor> quantize_activations(const at::Tensor& x, int64_t block)
   at::Tensor q = at::empty({m, k}, x.options().dtype(at::kChar));
   at::Tensor sx = at::empty({m, k / block}, x.options().dtype(at::kFloat));
   at::Tensor qsum = at::empty({m, k / block}, x.options().dtype(at::kInt));
-#if QAT_INT8_ACT_AVX512
   int8_t* q_data = q.data_ptr<int8_t>();
   float* sx_data = sx.data_ptr<float>();
   int32_t* qsum_data = qsum.data_ptr<int32_t>();
   const int64_t blocks = k / block;
   const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const char* x_data = static_cast<const char*>(x.data_ptr());
+  const int64_t row_bytes = k * x.element_size();
   at::parallel_for(0, m, 16, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
+#if QAT_INT8_ACT_AVX512
       if (bf16)
-        quantize_row(x.data_ptr<at::BFloat16>() + r * k, k, block, q_data + r * k, sx_data + r * blocks,
-                     qsum_data + r * blocks);
+        quantize_row(reinterpret_cast<const at::BFloat16*>(x_data + r * row_bytes), k, block, q_data + r * k,
+                     sx_data + r * blocks, qsum_data + r * blocks);
       else
-        quantize_row(x.data_ptr<float>() + r * k, k, block, q_data + r * k, sx_data + r * blocks,
-                     qsum_data + r * blocks);
+        quantize_row(reinterpret_cast<const float*>(x_data + r * row_bytes), k, block, q_data + r * k,
+                     sx_data + r * blocks, qsum_data + r * blocks);
+#else
+      int8_act_quantize_row_avx2(x_data + r * row_bytes, bf16, k, block, q_data + r * k, sx_data + r * blocks,
+                                 qsum_data + r * blocks);
+#endif
     }
   });
-#endif
   return {q, sx, qsum};
 }
 
@@ -230,7 +244,7 @@ std::vector<at::Tensor> quantize_activations(const at::Tensor& x, int64_t block)
 // bfloat16 or float16 and zeros uint8 (P, G, 16), P = ceil(N / 16). Returns float32 (M, N).
 at::Tensor int8_act_gemm(const at::Tensor& q, const at::Tensor& sx, const at::Tensor& qsum, const at::Tensor& codes,
                          const at::Tensor& scales, const at::Tensor& zeros, int64_t n, int64_t block) {
-  TORCH_CHECK(QAT_INT8_ACT_AVX512, "int8_act_gemm needs a build with AVX-512 F/BW/VNNI");
+  TORCH_CHECK(int8_act_available(), "int8_act_gemm needs AVX2 + FMA + F16C or a build with AVX-512 VNNI");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2, "q must be contiguous int8 (M, K)");
   const int64_t m = q.size(0), k = q.size(1), panels = (n + 15) / 16;
   TORCH_CHECK(block > 0 && block % 8 == 0 && k % block == 0, "block must be a multiple of 8 dividing K = ", k,
@@ -252,7 +266,12 @@ at::Tensor int8_act_gemm(const at::Tensor& q, const at::Tensor& sx, const at::Te
   TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
               "zeros must be contiguous uint8 shaped like scales");
   at::Tensor out = at::empty({m, n}, q.options().dtype(at::kFloat));
-#if QAT_INT8_ACT_AVX512
+#if !QAT_INT8_ACT_AVX512
+  if (m > 0)
+    int8_act_gemm_avx2(q.data_ptr<int8_t>(), sx.data_ptr<float>(), qsum.data_ptr<int32_t>(), codes.data_ptr<uint8_t>(),
+                       scales.data_ptr(), scale_type, zeros.data_ptr<uint8_t>(), out.data_ptr<float>(), m, n, k, block,
+                       (k / block) / groups);
+#else
   if (m > 0) {
     const auto solve = [&](auto* scale_data) {
       using Scale = std::remove_const_t<std::remove_pointer_t<decltype(scale_data)>>;

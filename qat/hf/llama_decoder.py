@@ -11,7 +11,11 @@ computes the same function with fewer, larger calls:
 * rotary cos / sin come from the model's own rotary module once for every position (so every
   rope scaling transformers implements is honoured), queries and keys rotate together;
 * the residual stream, norms, attention and cache run in float32 (`dtype=`) whatever the weights'
-  dtype, each norm as one `F.rms_norm`; projections run in the dtype of their weights or kernel.
+  dtype, each norm as one `F.rms_norm`; projections run in the dtype of their weights or kernel;
+* a float32 one-token step on the CPU runs the small operations between the projections as three
+  compiled calls per layer (`kernels/csrc/decode_ops.cpp`: residual add + norm, rotary + cache
+  write + attention, silu * up) instead of some twenty tensor ops, where the compiled kernels are
+  available (`fused_ops=False` keeps the tensor ops).
 
 It reads the modules of the model it is given (from `qat.load` or `from_pretrained`) and
 runs one sequence at a time: the case of `qat generate`. Models it cannot run exactly are
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qat.hf.fused_linear import FusedLinear, fuse_linears
+from qat.kernels.native import native_module
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # the same layer layout (qwen2: q/k/v biases)
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -105,6 +110,21 @@ def _layer(layer: nn.Module, dtype: torch.dtype) -> _Layer:
                   fuse_linears([mlp.gate_proj, mlp.up_proj]), fuse_linears([mlp.down_proj]))
 
 
+def _compiled_ops(dtype: torch.dtype, device: torch.device) -> Optional[Any]:
+    """The compiled decode-step operations (kernels/csrc/decode_ops.cpp) where they apply: float32 on the CPU."""
+    if dtype != torch.float32 or device.type != "cpu":
+        return None
+    module = native_module()
+    return module if module is not None and hasattr(module, "decode_attention") else None
+
+
+def _float32_rows(call: Callable[[Tensor], Tensor], x: Tensor) -> bool:
+    """Whether a bound projection returns contiguous float32 rows, as the compiled operations need."""
+    with torch.inference_mode():
+        out = call(x)
+    return out.dtype == torch.float32 and out.is_contiguous() and out.dim() == 2
+
+
 @dataclass
 class _DecodeCalls:
     """A layer's projections bound to one-token inputs (kernel chosen and checked once)."""
@@ -122,7 +142,8 @@ class LlamaDecoder:
     weights must not change while it is in use. Logits come back as float32 inference-mode tensors.
     """
 
-    def __init__(self, model: nn.Module, max_length: int = 512, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, max_length: int = 512, dtype: torch.dtype = torch.float32,
+                 fused_ops: bool = True) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"LlamaDecoder cannot run this model: {reason}")
@@ -139,6 +160,7 @@ class LlamaDecoder:
         self.layers = [_layer(layer, dtype) for layer in body.layers]
         self.head = fuse_linears([model.lm_head])
         self._decode: Optional[tuple[list[_DecodeCalls], Callable[[Tensor], Tensor]]] = None
+        self._ops = _compiled_ops(dtype, self.device) if fused_ops else None
         self.length = 0  # tokens in the cache
         self.capacity = 0
         self.reserve(max_length)
@@ -182,6 +204,8 @@ class LlamaDecoder:
             raise ValueError(f"{self.length + 1} tokens exceed the reserved {self.capacity}: call reserve() first")
         self._check_ids(token, token)
         layers, head = self._decode_calls()
+        if self._ops is not None:
+            return self._compiled_step(token, layers, head)
         position, heads, kv_heads, dim, end = self.length, self.heads, self.kv_heads, self.head_dim, self.length + 1
         cos, sin, group, scale = self.cos[position], self.sin[position], heads // kv_heads, self.scale
         x = self.embed(torch.tensor([token], device=self.device)).to(self.dtype)  # (1, H)
@@ -199,6 +223,22 @@ class LlamaDecoder:
         self.length = position + 1
         return head(_rms_norm(x, self.final_norm))[0].to(torch.float32)
 
+    def _compiled_step(self, token: int, layers: list[_DecodeCalls], head: Callable[[Tensor], Tensor]) -> Tensor:
+        """`step` with the operations between projections as compiled calls (float32, CPU; see the module doc)."""
+        ops, position = self._ops, self.length
+        cos, sin = self.cos[position], self.sin[position]
+        x = self.embed(torch.tensor([token], device=self.device)).to(self.dtype).clone()  # (1, H), updated in place
+        norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
+        normed = ops.residual_rms_norm(x, None, self.layers[0].input_norm.weight, self.layers[0].input_norm.eps)
+        for layer, calls, cache, next_norm in zip(self.layers, layers, self.cache, norms, strict=True):
+            attended = ops.decode_attention(calls.qkv(normed), cache, cos, sin, position, self.heads, self.kv_heads,
+                                            self.scale)
+            normed = ops.residual_rms_norm(x, calls.o_proj(attended), layer.post_norm.weight, layer.post_norm.eps)
+            normed = ops.residual_rms_norm(x, calls.down_proj(ops.silu_mul(calls.gate_up(normed))),
+                                           next_norm.weight, next_norm.eps)
+        self.length = position + 1
+        return head(normed)[0].to(torch.float32)
+
     def prepare(self) -> None:
         """Choose and build every projection's one-token kernel now (else the first step pays for it)."""
         self._decode_calls()
@@ -214,6 +254,12 @@ class LlamaDecoder:
                                    layer.gate_up.bind(hidden), layer.down_proj.bind(like(layer.gate_up.sizes[0])))
                       for layer in self.layers]
             self._decode = (layers, self.head.bind(hidden))
+            attended = like(self.heads * self.head_dim)
+            probes = [probe for calls, layer in zip(layers, self.layers, strict=True)
+                      for probe in ((calls.qkv, hidden), (calls.o_proj, attended), (calls.gate_up, hidden),
+                                    (calls.down_proj, like(layer.gate_up.sizes[0])))]
+            if self._ops is not None and not all(_float32_rows(call, x) for call, x in probes):
+                self._ops = None  # a projection returns another dtype or layout: the tensor ops handle that
         return self._decode
 
     @torch.inference_mode()

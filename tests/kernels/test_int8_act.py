@@ -11,7 +11,7 @@ from qat.kernels.weights import PackedInt4Weight
 from tests.kernels.helpers import assert_bitwise_equal, assert_within_bound, int8_activation_bound, make_layer
 
 if int8_act.int8_act_unsupported(torch.zeros(1, 128), PackedInt4Weight(*make_layer(16, 128, 128), 128)) is not None:
-    pytest.skip("the int8-activation kernel cannot run here (no C++ compiler or no AVX-512 VNNI)",
+    pytest.skip("the int8-activation kernel cannot run here (no C++ compiler or no AVX2)",
                 allow_module_level=True)
 
 from qat.kernels.native import native_module
@@ -47,6 +47,15 @@ def test_compiled_quantizer_equals_the_specification_bit_for_bit(dtype):
     else:  # bf16's subnormals are large enough for a scale: the block is quantized like any other
         assert 0 < sx[3, 3] < 1e-40 and (q[3, 96:128] == 127).all()
     assert q.abs().max() <= 127 and torch.equal(qsum, q.reshape(9, -1, 32).sum(-1, dtype=torch.int32))
+
+
+def test_the_kernel_is_offered_exactly_where_the_cpu_can_run_one_of_its_builds():
+    """AVX-512 F/BW/VNNI compiled in, or AVX2 + FMA + F16C found at run time (/proc/cpuinfo spells them so)."""
+    from qat.kernels import native
+
+    flags = native.cpu_flags()
+    expected = set(native.AVX512_FLAGS) <= flags or {"avx2", "fma", "f16c"} <= flags
+    assert native_module().int8_act_available() == expected
 
 
 def test_codes_form_is_sixteen_rows_by_eight_k_per_64_bytes():

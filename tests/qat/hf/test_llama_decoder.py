@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from qat.kernels.cpu import int4pack_available
+from qat.kernels.native import native_module
 from transformers import LlamaForCausalLM
 
 import qat
@@ -70,12 +71,14 @@ def int4_files(tmp_path_factory, llama_folder):
     {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 16}},
 ], ids=["gqa-tied", "mha-untied-biases", "llama3-rope"])
-def test_float_model_prefill_and_steps_match_transformers(overrides):
+@pytest.mark.parametrize("fused_ops", [True, False], ids=["compiled-step", "tensor-step"])
+def test_float_model_prefill_and_steps_match_transformers(overrides, fused_ops):
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
     ids = torch.randint(0, VOCAB, (24,))
     expected = hf_logits(model, ids)
-    decoder = LlamaDecoder(model, max_length=32)
+    decoder = LlamaDecoder(model, max_length=32, fused_ops=fused_ops)
+    assert (decoder._ops is not None) == (fused_ops and native_module() is not None)
     assert relative(decoded_logits(decoder, ids, prompt=9), expected) < EXACT
     assert decoder.length == 24
     decoder.reset()  # a cached sequence continued by a chunk of several tokens (the masked path)
@@ -94,7 +97,9 @@ def test_other_llama_layout_architectures_match_transformers(architecture):
     torch.manual_seed(0)
     model = getattr(transformers, f"{architecture}ForCausalLM")(config).eval()
     ids = torch.randint(0, VOCAB, (24,))
-    assert relative(decoded_logits(LlamaDecoder(model, max_length=32), ids, prompt=9), hf_logits(model, ids)) < EXACT
+    for fused_ops in (True, False):  # Qwen2's q|k|v biases through both steps
+        decoder = LlamaDecoder(model, max_length=32, fused_ops=fused_ops)
+        assert relative(decoded_logits(decoder, ids, prompt=9), hf_logits(model, ids)) < EXACT
     if architecture == "Mistral":  # full attention equals the sliding window only while the sequence fits in it
         with pytest.raises(ValueError, match="sliding window of 32"):
             LlamaDecoder(model, max_length=33)
@@ -172,6 +177,12 @@ def test_lengths_past_the_model_or_the_reservation_are_refused():
         decoder.prefill(torch.tensor([1, 64]))
     with pytest.raises(ValueError, match="token id -1 is outside"):
         decoder.step(-1)
+
+
+def test_a_bf16_decoder_keeps_the_tensor_step():
+    """The compiled operations are float32 only: a bf16 residual stream runs the tensor ops."""
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    assert LlamaDecoder(model, max_length=8, dtype=torch.bfloat16)._ops is None
 
 
 def test_both_engines_generate_the_same_greedy_tokens(int4_files):
