@@ -66,8 +66,10 @@ def child(recipe_path: str, mode: str, batch: int, seq: int, steps: int, threads
     torch.set_num_threads(threads)
     model, what = prepared(mode, load_recipe(recipe_path))
     trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-    times = timed_steps(model, random_batch(model.config.vocab_size, batch, seq), steps)
+    cpu: list[float] = []
+    times = timed_steps(model, random_batch(model.config.vocab_size, batch, seq), steps, cpu_times=cpu)
     return {"mode": mode, "step_s": statistics.median(times[1:]), "steps_s": times[1:],
+            "cpu_s": statistics.median(cpu[1:]), "steps_cpu_s": cpu[1:],
             "peak_rss_mib": peak_rss_mib(), "trainable": trainable, "prepared": what}
 
 
@@ -84,19 +86,22 @@ def run_child(args: argparse.Namespace, mode: str) -> dict:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    """Medians over the rounds per mode, and each against float and against qat."""
+    """Medians over the rounds per mode (CPU seconds per step, wall seconds per step, peak RSS), each against
+    float and against qat."""
     good = {mode: [r for r in runs if "error" not in r] for mode, runs in results.items()}
-    step = {mode: statistics.median(r["step_s"] for r in runs) for mode, runs in good.items() if runs}
-    mem = {mode: statistics.median(r["peak_rss_mib"] for r in runs) for mode, runs in good.items() if runs}
-    lines = ["| mode | step s (median) | vs float | vs qat | peak RSS MiB | vs float | vs qat | each round's step s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    medians = {key: {mode: statistics.median(r[key] for r in runs) for mode, runs in good.items() if runs}
+               for key in ("cpu_s", "step_s", "peak_rss_mib")}
+    lines = ["| mode | CPU s / step | vs float | vs qat | wall s / step | vs float | vs qat | peak RSS MiB | vs float "
+             "| vs qat | each round's CPU s / wall s |",
+             "| --- |" + " ---: |" * 9 + " --- |"]
     for mode, runs in results.items():
-        if mode not in step:
-            lines.append(f"| {mode} | failed: {runs[0]['error']} | | | | | | |")
+        if not good[mode]:
+            lines.append(f"| {mode} | failed: {runs[0]['error']} |" + " |" * 9)
             continue
-        rounds = ", ".join(f"{r['step_s']:.2f}" for r in good[mode])
-        lines.append(f"| {mode} | {step[mode]:.2f} | {_ratio(step, mode, 'float')} | {_ratio(step, mode, 'qat')} | "
-                     f"{mem[mode]:.0f} | {_ratio(mem, mode, 'float')} | {_ratio(mem, mode, 'qat')} | {rounds} |")
+        cells = [f"{values[mode]:{'.0f' if key == 'peak_rss_mib' else '.2f'}} | {_ratio(values, mode, 'float')} | "
+                 f"{_ratio(values, mode, 'qat')}" for key, values in medians.items()]
+        rounds = ", ".join(f"{r['cpu_s']:.1f} / {r['step_s']:.1f}" for r in good[mode])
+        lines.append(f"| {mode} | {' | '.join(cells)} | {rounds} |")
     return "\n".join(lines)
 
 

@@ -68,9 +68,12 @@ def random_batch(vocab_size: int, batch: int, seq: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def timed_steps(model: torch.nn.Module, inputs: dict, steps: int, teacher: torch.nn.Module | None = None) -> list:
+def timed_steps(model: torch.nn.Module, inputs: dict, steps: int, teacher: torch.nn.Module | None = None,
+                cpu_times: list | None = None) -> list:
     """Wall seconds of steps + 1 training steps on `inputs` (the first warms up: allocations, optimizer state):
-    forward, next-token loss (plus the token KL to `teacher`), backward, AdamW over the trainable parameters."""
+    forward, next-token loss (plus the token KL to `teacher`), backward, AdamW over the trainable parameters.
+    `cpu_times`, when given, receives each step's CPU seconds of this process (all its threads): on a shared
+    machine the work a step does, where the wall time also counts the other jobs' turns on the cores."""
     from qat.distill import token_kd_loss
     from qat.tasks import CausalLMTask
 
@@ -78,7 +81,7 @@ def timed_steps(model: torch.nn.Module, inputs: dict, steps: int, teacher: torch
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     times = []
     for _ in range(steps + 1):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         logits = task.forward(model, inputs)
         loss = task.loss(logits, task.split(inputs)[1], inputs)
         if teacher is not None:
@@ -89,6 +92,8 @@ def timed_steps(model: torch.nn.Module, inputs: dict, steps: int, teacher: torch
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - cpu_start)
     return times
 
 
