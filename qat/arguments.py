@@ -178,10 +178,14 @@ def add_bench_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
 def add_monitor_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     """`qat monitor FILE DATA [--clean CLEAN] [--window N] ...` (qat.run.monitor)."""
     parser = subparsers.add_parser(
-        "monitor", help="test production inputs for drift against the file's calibration profile (no float model)",
-        description="Run DATA through a qat file with hooks on its activation quantizers and compare clip rates, "
-                    "activation histograms and output confidence / entropy with the calibration profile stored at "
-                    "export; prints the alerts and the layers that moved. Exit 0: no drift, 1: drift, 2: error.")
+        "monitor", help="estimate accuracy without labels and test production inputs for drift against the file's "
+                        "calibration profile (no float model)",
+        description="Run DATA through a qat file, estimate its accuracy without labels (ATC: the share of samples "
+                    "whose confidence reaches the threshold fit on labelled validation data at export) and compare "
+                    "clip rates, activation histograms and output confidence / entropy with the calibration profile "
+                    "stored at export; prints the alerts, the estimated accuracy and the layers that moved. Exit 0: "
+                    "no alert, 1: an alert (by default an estimated accuracy drop; drift for a profile without the "
+                    "estimate), 2: error.")
     parser.add_argument("file", help="a qat .safetensors file or a run directory (its model.safetensors)")
     parser.add_argument("data", help="model inputs: a .pt / .npy / .npz tensor file, or a recipe .yaml (its data "
                         "module's test split, else validation)")
@@ -198,6 +202,13 @@ def add_monitor_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--sample-every", type=int, default=1, help="look at every k-th sample only (default 1)")
     parser.add_argument("--alert-on-input", action="store_true",
                         help="let the quantizers of the model's input alert too (default: reported only)")
+    parser.add_argument("--alert-on", choices=("auto", "accuracy", "drift", "both"), default="auto",
+                        help="what alerts: an estimated accuracy drop, drift, or both (default auto: accuracy when "
+                             "the profile holds the estimate, else drift; drift is otherwise reported as a warning)")
+    parser.add_argument("--min-accuracy-drop", type=float, default=0.02,
+                        help="least estimated accuracy drop that alerts, as a fraction (default 0.02 = 2 points)")
+    parser.add_argument("--accuracy-score", choices=("negative_entropy", "confidence"), default="negative_entropy",
+                        help="the ATC score (default negative_entropy)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per forward (default 64)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser

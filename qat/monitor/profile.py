@@ -23,6 +23,16 @@ Stored in the int4 file under the metadata key `qat.calibration_profile` (docs/F
      "confidence" | "entropy", "low": lo, "high": hi, "values_per_sample": L, "hist": [bins + 2], "hist_sd": [bins + 2],
      "clip_rate": c, "clip_sd": s, "mean": mu, "std": sigma}}}
 
+With labelled validation batches `(inputs, class targets)` and logits of one row per sample (classification),
+the profile also stores the fit of the label-free accuracy estimate (qat.monitor.accuracy: ATC, the validation
+accuracy and each score's threshold) under the optional key `accuracy`:
+
+    "accuracy": {"version": 1, "method": "ATC", "samples": m, "validation_accuracy": a,
+                 "thresholds": {"confidence": {"threshold": t, "share": s}, "negative_entropy": {...}}}
+
+A profile without it (older files, unlabelled data) still reads; the monitor then reports the estimate as
+unavailable. The profile's own `version` stays 1: the key is optional and older readers ignore it.
+
 The profile is taken on the loaded int4 model (`write_profile`, which `qat train` / `qat export` call after
 writing the file): `qat.load` drops the ReLUs its quantizers absorb (qat.export.clamps), so a fake-quant model's
 statistics differ there (its ReLU zeroes what the loaded model's quantizer clips).
@@ -48,6 +58,7 @@ from qat.export.runtime import InputQuantizer
 from qat.export.save import KEY_PROFILE, add_metadata
 from qat.fake_quant import FakeQuantizer
 from qat.functional import expand_qparam
+from qat.monitor.accuracy import AccuracyEstimate, classification_targets
 
 PROFILE_VERSION = 1
 DEFAULT_BINS = 16
@@ -300,10 +311,14 @@ class CalibrationProfile:
     channels: dict[str, ChannelProfile] = field(default_factory=dict)
     version: int = PROFILE_VERSION
     max_values: int = MAX_VALUES  # values per sample and layer looked at: the monitor must use the same
+    accuracy: Optional[AccuracyEstimate] = None  # the label-free accuracy estimate's fit (absent: unavailable)
 
     def to_json(self) -> dict:
-        return {"version": self.version, "samples": self.samples, "bins": self.bins, "max_values": self.max_values,
-                "channels": {name: asdict(channel) for name, channel in self.channels.items()}}
+        value = {"version": self.version, "samples": self.samples, "bins": self.bins, "max_values": self.max_values,
+                 "channels": {name: asdict(channel) for name, channel in self.channels.items()}}
+        if self.accuracy is not None:
+            value["accuracy"] = self.accuracy.to_json()
+        return value
 
     @classmethod
     def from_json(cls, value: Any, where: str = "profile") -> CalibrationProfile:
@@ -315,8 +330,8 @@ class CalibrationProfile:
         try:
             channels = {name: ChannelProfile(**entry) for name, entry in value["channels"].items()}
             profile = cls(int(value["samples"]), int(value["bins"]), channels, value["version"],
-                          int(value["max_values"]))
-        except (KeyError, TypeError, AttributeError) as err:
+                          int(value["max_values"]), AccuracyEstimate.from_json(value.get("accuracy")))
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise ValueError(f"{where}: malformed calibration profile ({err})") from None
         if any(len(c.hist) != profile.bins + 2 or len(c.hist_sd) != profile.bins + 2 for c in channels.values()):
             raise ValueError(f"{where}: calibration profile histograms must have bins + 2 entries")
@@ -347,22 +362,32 @@ def model_inputs(batch: Any) -> tuple[Tensor, ...]:
 
 @torch.no_grad()
 def collect_rows(model: nn.Module, batches: Iterable[Any], bins: int = DEFAULT_BINS, max_samples: int = 1024,
-                 max_values: int = MAX_VALUES) -> tuple[dict[str, Tensor], dict[str, tuple]]:
+                 max_values: int = MAX_VALUES,
+                 ) -> tuple[dict[str, Tensor], dict[str, tuple], Optional[AccuracyEstimate]]:
     """Run `model` (eval mode) over `batches` (loader batches or input tensors) up to `max_samples`
     samples: ({channel: (samples, bins + 5) per-sample features}, {channel: (low, high, values per sample,
-    kind)})."""
+    kind)}, the ATC accuracy estimate (qat.monitor.accuracy) when every batch carried class targets for
+    logits of one row per sample, else None)."""
     was_training = model.training
     model.eval()
     taps = ActivationTaps(model, bins, max_values)
     collected: dict[str, list[Tensor]] = {}
     seen, rows_per_sample = 0, 1
+    labelled: Optional[list[tuple[Tensor, Tensor]]] = []  # (logits, targets) while every batch has them
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         for batch in batches:
             inputs = tuple(t[: max_samples - seen].to(device) for t in model_inputs(batch))
             outputs = model(*inputs)
             samples = inputs[0].shape[0]
-            rows_per_sample = output_values(outputs).shape[1]
+            logits = output_values(outputs)
+            rows_per_sample = logits.shape[1]
+            targets = classification_targets(batch, samples)
+            if labelled is not None and targets is not None and rows_per_sample == 1 and \
+                    bool(((targets >= 0) & (targets < logits.shape[-1])).all()):
+                labelled.append((logits[:, 0].cpu(), targets.cpu()))
+            else:
+                labelled = None
             for name, rows in {**taps.take(samples), **output_rows(outputs, bins)}.items():
                 collected.setdefault(name, []).append(rows.cpu())
             seen += samples
@@ -374,19 +399,23 @@ def collect_rows(model: nn.Module, batches: Iterable[Any], bins: int = DEFAULT_B
     bounds = {name: (*taps.bounds[name], taps.lengths.get(name, 0), "input" if name in taps.inputs else "activation")
               for name in taps.bounds}
     bounds.update({name: (0.0, 1.0, rows_per_sample, name.split(".")[-1]) for name in OUTPUT_CHANNELS})
-    return {name: torch.cat(parts) for name, parts in collected.items()}, bounds
+    estimate = None
+    if labelled:
+        estimate = AccuracyEstimate.fit(torch.cat([lg for lg, _ in labelled]), torch.cat([t for _, t in labelled]))
+    return {name: torch.cat(parts) for name, parts in collected.items()}, bounds, estimate
 
 
 def build_profile(model: nn.Module, batches: Iterable[Any], bins: int = DEFAULT_BINS, max_samples: int = 1024,
                   max_values: int = MAX_VALUES) -> CalibrationProfile:
-    """The calibration profile of `model` on clean `batches` (at most `max_samples` samples)."""
-    rows, bounds = collect_rows(model, batches, bins, max_samples, max_values)
-    return profile_from_rows(rows, bounds, bins, max_values)
+    """The calibration profile of `model` on clean `batches` (at most `max_samples` samples); with the ATC
+    accuracy estimate's validation accuracy and thresholds when the batches are `(inputs, class targets)`."""
+    rows, bounds, estimate = collect_rows(model, batches, bins, max_samples, max_values)
+    return profile_from_rows(rows, bounds, bins, max_values, estimate)
 
 
 def profile_from_rows(rows: dict[str, Tensor], bounds: dict[str, tuple], bins: int,
-                      max_values: int = MAX_VALUES) -> CalibrationProfile:
-    """A profile from per-sample feature rows (`collect_rows`)."""
+                      max_values: int = MAX_VALUES, accuracy: Optional[AccuracyEstimate] = None) -> CalibrationProfile:
+    """A profile from per-sample feature rows (`collect_rows`) and, optionally, the accuracy estimate."""
     if not rows:
         raise ValueError("no samples to profile: the batches were empty")
     samples = min(block.shape[0] for block in rows.values())
@@ -394,7 +423,7 @@ def profile_from_rows(rows: dict[str, Tensor], bounds: dict[str, tuple], bins: i
     for name, block in rows.items():
         low, high, length, kind = bounds[name]
         channels[name] = ChannelProfile.from_rows(kind, low, high, length, block)
-    return CalibrationProfile(samples, bins, channels, max_values=max_values)
+    return CalibrationProfile(samples, bins, channels, max_values=max_values, accuracy=accuracy)
 
 
 def write_profile(path: Union[str, os.PathLike], batches: Iterable[Any], bins: int = DEFAULT_BINS,

@@ -14,7 +14,24 @@ of its features has z above the Bonferroni bound for `false_alarm` over all test
 z > Phi^-1(1 - false_alarm / (2 * features)), and moved by at least `min_shift` (an absolute share:
 statistically certain but tiny moves are not drift that matters; a profiled sd of 0 counts as 1/m).
 The PSI of each histogram is reported beside (effect size). The quantizer of the model's own input
-(kind "input") measures data drift and only reports it unless `alert_on_input`. The hooks keep a
+(kind "input") measures data drift and only reports it unless `alert_on_input`.
+
+Drift is not a loss of accuracy (a brightness shift the model shrugs off moves its first layers), so when the
+profile holds the label-free accuracy estimate (qat.monitor.accuracy: ATC, fit on the labelled validation
+samples of the profile) the monitor alerts on that instead and keeps the drift test as a warning
+(`alert_on="accuracy"`, the default then; "drift" or "both" otherwise). Per window it reports the estimated
+accuracy a + (share - s) with a 95 % Wilson interval of the window share, and the estimated drop
+d = s - share (share: of the window's samples whose score reaches the ATC threshold; s: the validation
+samples' share, a: their accuracy). The accuracy alert fires when
+
+    d >= min_accuracy_drop   and   d / sqrt(p0 (1 - p0) (1/n + 1/m)) > Phi^-1(1 - false_alarm)
+
+with p0 = s kept within [1/(m+1), m/(m+1)] (a validation share of 1 still leaves a chance per sample of
+scoring below the lowest validation score, 1/(m+1)): the drop is significant against the clean-data null
+(window and validation shares equal; one-sided, `false_alarm` per check) and at least the drop that matters
+(the effect size, as `min_shift` is for drift). Requiring instead that the whole interval of d lie above
+min_accuracy_drop would miss most true drops of 2-4 points within 500 samples (the sd of d is about 1 point
+there). The hooks keep a
 strided copy of each activation; the histograms and the test run every `check_every` samples, over all
 pending samples at once; `sample_every` k looks at every k-th sample only. Validated figures (detection,
 false alarms, overhead): benchmarks/monitor/validation.md, overhead.md.
@@ -38,6 +55,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from qat.monitor.accuracy import SCORES, wilson_interval
 from qat.monitor.drift import signal_alert
 from qat.monitor.profile import (
     KEY_PROFILE,
@@ -46,10 +64,13 @@ from qat.monitor.profile import (
     ProfileMissingError,
     build_profile,
     output_rows,
+    output_values,
     read_profile,
 )
 
 LOGGER = logging.getLogger("qat.monitor")
+ACCURACY_ROWS = "output.above_threshold"  # add_rows key: per sample 1 / 0, its score reaches the ATC threshold
+ALERT_ON = ("accuracy", "drift", "both")
 
 
 @dataclass
@@ -71,29 +92,58 @@ class ChannelScore:
 
 @dataclass
 class ReferenceFreeStatus:
-    """The window's sample count, each channel's score (highest first) and the channels alerting."""
+    """The window's sample count, each channel's score (highest first), the channels that drifted, the
+    estimated accuracy and what alerts (`alerts`: an "accuracy ..." line and / or drifted channels, as
+    `alert_on` says)."""
 
     samples: int
     threshold: float
     channels: list[ChannelScore] = field(default_factory=list)
     alerts: list[str] = field(default_factory=list)
     input_drift: list[str] = field(default_factory=list)  # input channels past the threshold (not alerting)
+    drift: list[str] = field(default_factory=list)  # the other channels past the threshold, alerting or not
+    estimated_accuracy: Optional[float] = None  # None: the profile has no accuracy estimate (or no samples yet)
+    accuracy_interval: Optional[tuple[float, float]] = None  # 95 % (Wilson, over the window's samples)
+    validation_accuracy: Optional[float] = None
+    accuracy_drop: Optional[float] = None  # estimated: validation minus production, in [0, 1] units
+    accuracy_z: Optional[float] = None  # the drop's z against the clean-data null
+    accuracy_alert: bool = False
 
     @property
     def alerting(self) -> bool:
         return bool(self.alerts)
 
     @property
+    def drifting(self) -> bool:
+        return bool(self.drift)
+
+    @property
     def layers(self) -> list[str]:
-        """The alerting channels' names, most moved first."""
-        return [alert.split(" (")[0] for alert in self.alerts]
+        """The drifted channels' names (alerting or a warning), most moved first."""
+        return [line.split(" (")[0] for line in self.drift]
+
+    def accuracy_text(self) -> str:
+        if self.estimated_accuracy is None:
+            return "accuracy estimate unavailable (profile without validation labels)" \
+                if self.validation_accuracy is None else "accuracy estimate: no samples yet"
+        low, high = self.accuracy_interval or (0.0, 1.0)
+        return (f"estimated accuracy {100 * self.estimated_accuracy:.1f} % (95 % CI {100 * low:.1f}-{100 * high:.1f}) "
+                f"vs {100 * self.validation_accuracy:.1f} % validation, drop {100 * self.accuracy_drop:.1f} points")
 
     def __str__(self) -> str:
         inputs = f"; input drift (not alerting): {'; '.join(self.input_drift)}" if self.input_drift else ""
+        drift_alerts = [line for line in self.alerts if line in self.drift]
+        warning = [line for line in self.drift if line not in drift_alerts]
+        warnings = f"; drift (warning, not alerting): {'; '.join(warning)}" if warning else ""
         if not self.alerting:
-            top = f"; top {self.channels[0]}" if self.channels else ""
-            return f"last {self.samples} samples: ok (z threshold {self.threshold:.2f}{top}){inputs}"
-        return f"last {self.samples} samples: drift in {'; '.join(self.alerts)}{inputs}"
+            top = f", top {self.channels[0]}" if self.channels and not warning else ""
+            return (f"last {self.samples} samples: ok ({self.accuracy_text()}; z threshold {self.threshold:.2f}{top})"
+                    f"{warnings}{inputs}")
+        parts = [f"accuracy falling: {self.accuracy_text()}"] if self.accuracy_alert else []
+        parts += [f"drift in {'; '.join(drift_alerts)}"] if drift_alerts else []
+        if not self.accuracy_alert:
+            parts.append(self.accuracy_text())
+        return f"last {self.samples} samples: {', '.join(parts)}{warnings}{inputs}"
 
 
 def z_threshold(false_alarm: float, features: int) -> float:
@@ -120,18 +170,37 @@ class ReferenceFreeMonitor:
             alert too; by default they are only reported (`status.input_drift`).
         on_alert: "log" (warning on the `qat.monitor` logger once per crossing), "raise" (DriftError) or a
             function called with the status at each crossing.
+        alert_on: "accuracy" (the estimated accuracy fell by at least `min_accuracy_drop`, significantly; drift is
+            a warning: `status.drift`, logged once per crossing), "drift" (the drift test, as before the
+            estimate existed) or "both"; default: "accuracy" when the profile holds the estimate, else "drift".
+        min_accuracy_drop: least estimated drop of accuracy (0.02 = 2 points) that alerts.
+        accuracy_score: the ATC score, "negative_entropy" (ATC-NE) or "confidence" (max softmax).
     """
 
     def __init__(self, model: nn.Module, profile: CalibrationProfile, window: int = 500, min_samples: int = 100,
                  false_alarm: float = 1e-3, min_shift: float = 0.02, check_every: int = 128, sample_every: int = 1,
                  alert_on_input: bool = False, on_alert: Union[str, Callable[[ReferenceFreeStatus], None]] = "log",
-                 top: int = 3) -> None:
+                 top: int = 3, alert_on: Optional[str] = None, min_accuracy_drop: float = 0.02,
+                 accuracy_score: str = "negative_entropy") -> None:
         if window < 1 or not 1 <= min_samples <= window:
             raise ValueError(f"need window >= 1 and 1 <= min_samples <= window, got {window}, {min_samples}")
         if not 0 < false_alarm < 1 or min_shift < 0:
             raise ValueError(f"false_alarm must lie in (0, 1) and min_shift be >= 0, got {false_alarm}, {min_shift}")
         if not (callable(on_alert) or on_alert in ("raise", "log")):
             raise ValueError(f"on_alert must be 'raise', 'log' or a function, got {on_alert!r}")
+        if alert_on not in (None, *ALERT_ON):
+            raise ValueError(f"alert_on must be one of {ALERT_ON}, got {alert_on!r}")
+        if accuracy_score not in SCORES:
+            raise ValueError(f"accuracy_score must be one of {SCORES}, got {accuracy_score!r}")
+        self.estimate = profile.accuracy
+        if self.estimate is not None and accuracy_score not in self.estimate.thresholds:
+            self.estimate = None
+        if alert_on in ("accuracy", "both") and self.estimate is None:
+            raise ValueError(f"alert_on={alert_on!r} needs the profile's accuracy estimate (labelled validation "
+                             "data at export); this profile has none: use alert_on='drift'")
+        self.alert_on = alert_on or ("accuracy" if self.estimate is not None else "drift")
+        self.min_accuracy_drop, self.accuracy_score = min_accuracy_drop, accuracy_score
+        self.accuracy_threshold = NormalDist().inv_cdf(1 - false_alarm)  # one-sided z of the accuracy test
         self.model, self.profile, self.alert_on_input = model, profile, alert_on_input
         self.window, self.min_samples, self.min_shift, self.on_alert, self.top = (
             window, min_samples, min_shift, on_alert, top)
@@ -143,15 +212,17 @@ class ReferenceFreeMonitor:
         self.names = [name for name in profile.channels]
         width = profile.bins + 3  # bins + 2 shares, clip rate
         self._columns = {name: slice(i * width, (i + 1) * width) for i, name in enumerate(self.names)}
-        self._rows = torch.zeros(window, width * len(self.names), dtype=torch.float64)
+        self._hit_column = width * len(self.names)  # the ATC hits, after the channels' features
+        self._rows = torch.zeros(window, self._hit_column + 1, dtype=torch.float64)
         expected = [profile.channels[name].expected() for name in self.names]  # (mean, sd) per channel
         self._expected_mean = torch.stack([mean for mean, _ in expected])  # (C, bins + 3)
         self._expected_sd = torch.stack([sd for _, sd in expected]).clamp_min(1 / max(1, profile.samples))
-        self._neutral = self._expected_mean.reshape(1, -1)
+        share = self.estimate.thresholds[accuracy_score].share if self.estimate is not None else 0.0
+        self._neutral = torch.cat([self._expected_mean.reshape(-1), torch.tensor([share], dtype=torch.float64)])[None]
         self._sum = torch.zeros(self._rows.shape[1], dtype=torch.float64)
         self.threshold = z_threshold(false_alarm, len(self.names) * (profile.bins + 3))
-        self._next, self._count, self._was_alerting = 0, 0, False
-        self._last = ReferenceFreeStatus(0, self.threshold)
+        self._next, self._count, self._was_alerting, self._was_drifting = 0, 0, False, False
+        self._last = self._empty_status()
         missing = sorted(set(self.names) - set(self.taps.bounds) - {"output.confidence", "output.entropy"})
         if missing:
             LOGGER.warning("profiled channels not found in the model (not monitored): %s", ", ".join(missing[:5]))
@@ -165,7 +236,7 @@ class ReferenceFreeMonitor:
         from qat.export import load
 
         model = load(path, kernel_backend=kernel_backend).eval()
-        profile = read_profile(path)
+        profile = stored = read_profile(path)
         if profile is None and clean is None:
             raise ProfileMissingError(
                 f"{path} has no calibration profile (metadata key {KEY_PROFILE}: files exported before qat "
@@ -174,6 +245,8 @@ class ReferenceFreeMonitor:
                 "or re-export the run with `qat export`")
         if clean is not None:
             profile = build_profile(model, clean, bins=profile.bins if profile else 16)
+            if profile.accuracy is None and stored is not None:  # unlabelled clean data: the file's fit stays
+                profile.accuracy = stored.accuracy
         return cls(model, profile, **options)
 
     def close(self) -> None:
@@ -214,17 +287,24 @@ class ReferenceFreeMonitor:
         logits = torch.cat(self._pending_outputs)
         self._pending_outputs, self._pending_samples = [], 0
         rows = {**self.taps.take(logits.shape[0]), **output_rows(logits, self.profile.bins, moments=False)}
+        if self.estimate is not None:
+            values = output_values(logits)  # (B, rows, classes); the estimate exists for one row per sample
+            rows[ACCURACY_ROWS] = self.estimate.hits(values.reshape(-1, values.shape[-1]), self.accuracy_score) \
+                .reshape(values.shape[0], -1).mean(1, keepdim=True)
         return self.add_rows(rows)
 
     def add_rows(self, rows: dict[str, Tensor]) -> ReferenceFreeStatus:
         """Add per-sample feature rows ({channel: (samples, bins + 3 or more)}: shares, clip rate, ...; see
-        qat.monitor.profile.feature_rows) and check: what `update` does after the hooks (also for replaying
-        recorded traffic)."""
+        qat.monitor.profile.feature_rows; ACCURACY_ROWS: (samples, 1) whether each sample's score reaches the ATC
+        threshold, `estimate.hits`) and check: what `update` does after the hooks (also for replaying recorded
+        traffic)."""
         samples = next(iter(rows.values())).shape[0]
         block = self._neutral.repeat(samples, 1)  # a channel without rows this batch: no evidence either way
         for name in self.names:
             if name in rows:
                 block[:, self._columns[name]] = rows[name][:, : self.profile.bins + 3].double()
+        if ACCURACY_ROWS in rows:
+            block[:, self._hit_column] = rows[ACCURACY_ROWS].reshape(samples).double()
         block = block[-self.window:]
         positions = (self._next + torch.arange(block.shape[0])) % self.window
         # a running sum over the window: small ops only (a reduction over the whole window runs multithreaded
@@ -241,8 +321,8 @@ class ReferenceFreeMonitor:
 
     def reset(self) -> None:
         """Forget the window."""
-        self._next, self._count, self._was_alerting = 0, 0, False
-        self._last = ReferenceFreeStatus(0, self.threshold)
+        self._next, self._count, self._was_alerting, self._was_drifting = 0, 0, False, False
+        self._last = self._empty_status()
         self._pending_outputs, self._pending_samples = [], 0
         self.taps.pending = {}
         self._rows.zero_()
@@ -253,9 +333,9 @@ class ReferenceFreeMonitor:
         """Each channel's test over the current window (see the module docstring)."""
         n, m = self._count, self.profile.samples
         if n == 0:
-            return ReferenceFreeStatus(0, self.threshold)
+            return self._empty_status()
         bins = self.profile.bins
-        means = (self._sum / n).reshape(len(self._columns), bins + 3)  # (C, shares + clip rate)
+        means = (self._sum[: self._hit_column] / n).reshape(len(self._columns), bins + 3)  # (C, shares + clip rate)
         delta = (means - self._expected_mean).abs()
         z = delta / (self._expected_sd * math.sqrt(1 / n + 1 / max(1, m)))
         z = torch.where(delta >= self.min_shift, z, torch.zeros_like(z)).nan_to_num(0.0)
@@ -272,9 +352,38 @@ class ReferenceFreeMonitor:
         scores.sort(key=lambda score: (-score.z, -score.psi))
         moved = [s for s in scores if s.z > self.threshold] if n >= self.min_samples else []
         is_input = {name for name, c in self.profile.channels.items() if c.kind == "input"}
-        alerting = [s for s in moved if self.alert_on_input or s.name not in is_input]
+        drift = [str(s) for s in moved if self.alert_on_input or s.name not in is_input][: self.top]
         inputs = [str(s) for s in moved if s.name in is_input and not self.alert_on_input]
-        return ReferenceFreeStatus(n, self.threshold, scores, [str(s) for s in alerting[: self.top]], inputs)
+        status = ReferenceFreeStatus(n, self.threshold, scores, [], inputs, drift)
+        self._estimate_accuracy(status, float(self._sum[self._hit_column]))
+        status.alerts = ([status.accuracy_text()] if status.accuracy_alert else []) + \
+            (drift if self.alert_on in ("drift", "both") else [])
+        return status
+
+    def _empty_status(self) -> ReferenceFreeStatus:
+        accuracy = None if self.estimate is None else self.estimate.validation_accuracy
+        return ReferenceFreeStatus(0, self.threshold, validation_accuracy=accuracy)
+
+    def _estimate_accuracy(self, status: ReferenceFreeStatus, hits: float) -> None:
+        """Fill in the ATC estimate of the window's accuracy and the accuracy alert (see the module docstring)."""
+        if self.estimate is None:
+            return
+        n, m = status.samples, max(1, self.estimate.samples)
+        a, s = self.estimate.validation_accuracy, self.estimate.thresholds[self.accuracy_score].share
+        hits = min(max(hits, 0.0), float(n))  # the running sum's rounding
+        drop = s - hits / n
+        low, high = wilson_interval(hits, n)
+        p0 = min(max(s, 1 / (m + 1)), m / (m + 1))
+        z = drop / math.sqrt(p0 * (1 - p0) * (1 / n + 1 / m))
+        status.validation_accuracy, status.accuracy_drop, status.accuracy_z = a, drop, z
+        status.estimated_accuracy = min(1.0, max(0.0, a - drop))
+        status.accuracy_interval = (min(1.0, max(0.0, a - s + low)), min(1.0, max(0.0, a - s + high)))
+        status.accuracy_alert = self.alert_on in ("accuracy", "both") and n >= self.min_samples and \
+            drop >= self.min_accuracy_drop and z > self.accuracy_threshold
 
     def _alert(self, status: ReferenceFreeStatus) -> None:
         self._was_alerting = signal_alert(status, self.on_alert, self._was_alerting, f"qat.monitor: {status}")
+        warned = status.drifting and self.alert_on == "accuracy"
+        if warned and not self._was_drifting:
+            LOGGER.warning("drift (warning, not alerting): %s", "; ".join(status.drift))
+        self._was_drifting = warned

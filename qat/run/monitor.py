@@ -1,10 +1,13 @@
-"""`qat monitor FILE DATA`: run a batch of production inputs through a qat file and test its drift against the
-file's calibration profile (qat.monitor.reference_free), without the float model.
+"""`qat monitor FILE DATA`: run a batch of production inputs through a qat file, estimate its accuracy without
+labels (ATC, when the file's calibration profile holds the fit) and test its drift against the profile
+(qat.monitor.reference_free), without the float model.
 
 DATA is a tensor file of model inputs (.pt / .pth holding a tensor, a tuple whose first item is one, or a dict
 with `inputs` / `input_ids` / `x`; .npy; .npz with one array) or a recipe YAML, whose data module's evaluation
-split is read (the test split when it has one, else validation). Prints each alert's onset (sample index and the
-layers that moved) and the last window's status; exit status 0 without drift, 1 with drift, 2 on an error.
+split is read (the test split when it has one, else validation). Prints each alert's onset (sample index, the
+estimated accuracy, the layers that moved) and the last window's status; exit status 0 without an alert, 1 with
+one (by default an estimated accuracy drop when the profile has the estimate, else drift; `--alert-on`), 2 on an
+error.
 
 Example:
     $ qat monitor runs/digits/model.safetensors traffic.pt --window 500
@@ -91,18 +94,31 @@ def run_monitor(args: argparse.Namespace) -> int:
     """Handler of `qat monitor`: 0 without drift, 1 with drift, 2 on an error."""
     options = {"window": args.window, "min_samples": min(args.min_samples, args.window),
                "false_alarm": args.false_alarm, "min_shift": args.min_shift, "alert_on_input": args.alert_on_input,
-               "check_every": args.check_every, "sample_every": args.sample_every}
+               "check_every": args.check_every, "sample_every": args.sample_every,
+               "alert_on": None if args.alert_on == "auto" else args.alert_on,
+               "min_accuracy_drop": args.min_accuracy_drop, "accuracy_score": args.accuracy_score}
     try:
         status, onsets = monitor_file(args.file, args.data, args.clean, args.batch_size, **options)
     except (ProfileMissingError, ValueError, FileNotFoundError) as err:
         print(f"qat monitor: error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"alerts": [{"samples": n, "layers": s.layers, "status": str(s)} for n, s in onsets],
-                          "last": {"samples": status.samples, "alerting": status.alerting, "layers": status.layers,
+        print(json.dumps({"alerts": [{"samples": n, **_accuracy_json(s), "layers": s.layers, "status": str(s)}
+                                     for n, s in onsets],
+                          "last": {"samples": status.samples, "alerting": status.alerting, **_accuracy_json(status),
+                                   "drifting": status.drifting, "layers": status.layers,
                                    "input_drift": status.input_drift, "status": str(status)}}, indent=2))
     else:
         for seen, alert in onsets:
-            print(f"drift after {seen} samples: {', '.join(alert.layers)}")
+            what = [f"accuracy falling ({alert.accuracy_text()})"] if alert.accuracy_alert else []
+            drifted = [line.split(" (")[0] for line in alert.alerts if line in alert.drift]
+            what += [f"drift: {', '.join(drifted)}"] if drifted else []
+            print(f"alert after {seen} samples: {'; '.join(what)}")
         print(status)
     return 1 if onsets else 0
+
+
+def _accuracy_json(status: ReferenceFreeStatus) -> dict:
+    return {"accuracy_alert": status.accuracy_alert, "estimated_accuracy": status.estimated_accuracy,
+            "accuracy_interval": status.accuracy_interval, "validation_accuracy": status.validation_accuracy,
+            "accuracy_drop": status.accuracy_drop}

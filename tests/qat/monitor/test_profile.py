@@ -93,4 +93,9 @@ def test_a_run_export_writes_the_profile_of_its_validation_data(tmp_path) -> Non
     report = export_trained(prepared_model(), path, ARCHITECTURE, "hash", _ValidationData(inputs))
     profile = read_profile(path)
     assert profile is not None and profile.samples == 300 and report.file_bytes == path.stat().st_size
-    assert profile.to_json() == build_profile(qat.load(path), [inputs]).to_json()
+    labelled = _ValidationData(inputs).val_dataloader()  # the export saw the labels: the accuracy estimate's fit
+    assert profile.accuracy is not None and profile.accuracy.samples == 300
+    assert profile.to_json() == build_profile(qat.load(path), labelled).to_json()
+    unlabelled = build_profile(qat.load(path), [inputs])  # bare inputs: the same statistics, no estimate
+    assert unlabelled.accuracy is None and "accuracy" not in unlabelled.to_json()
+    assert unlabelled.to_json() == {k: v for k, v in profile.to_json().items() if k != "accuracy"}
