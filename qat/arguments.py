@@ -180,8 +180,9 @@ def add_monitor_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "monitor", help="estimate accuracy without labels and test production inputs for drift against the file's "
                         "calibration profile (no float model)",
-        description="Run DATA through a qat file, estimate its accuracy without labels (ATC: the share of samples "
-                    "whose confidence reaches the threshold fit on labelled validation data at export) and compare "
+        description="Run DATA through a qat file, estimate its accuracy without labels (by default the validation "
+                    "accuracy minus the drop of the mean confidence, DoC; fit on labelled validation data at export) "
+                    "and compare "
                     "clip rates, activation histograms and output confidence / entropy with the calibration profile "
                     "stored at export; prints the alerts, the estimated accuracy and the layers that moved. Exit 0: "
                     "no alert, 1: an alert (by default an estimated accuracy drop; drift for a profile without the "
@@ -207,8 +208,9 @@ def add_monitor_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                              "the profile holds the estimate, else drift; drift is otherwise reported as a warning)")
     parser.add_argument("--min-accuracy-drop", type=float, default=0.02,
                         help="least estimated accuracy drop that alerts, as a fraction (default 0.02 = 2 points)")
-    parser.add_argument("--accuracy-score", choices=("negative_entropy", "confidence"), default="negative_entropy",
-                        help="the ATC score (default negative_entropy)")
+    parser.add_argument("--estimator", choices=("doc", "atc_mc", "atc_ne"), default="doc",
+                        help="label-free accuracy estimator: difference of confidences (default), or ATC with the "
+                             "max softmax / negative entropy score")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per forward (default 64)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser

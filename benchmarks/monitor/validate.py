@@ -7,10 +7,14 @@ For a run directory (its model.safetensors, recipe.yaml), this
   - records once, per image, the monitor's per-sample features (hooks on the loaded model) and the logits, for
     the clean stream and for each shift of it (Gaussian noise, brightness, contrast: qat.eval.robustness) and,
     with --other-data, another data set of the same shape (its labels mean something else: no accuracy);
-  - replays: per shift, `--trials` fresh monitors fed random batches of the shifted images (with replacement)
+  - fits the label-free accuracy estimate (ATC, qat.monitor.accuracy) on the profile images and their labels, as
+    the export does with validation data;
+  - replays, once per alert kind (the accuracy alert with each ATC score, negative entropy and confidence; the
+    drift test): per shift, `--trials` fresh monitors fed random batches of the shifted images (with replacement)
     until an alert or 500 samples: detection rate within 500 and median samples to the alert; on clean data one
     long stream of `--clean-samples` samples: alert onsets per 10,000 samples;
-  - prints a markdown table: accuracy drop of each shift, detection rate, median samples to alert.
+  - prints a markdown table: the true accuracy drop of each shift, the ATC estimate of it on the whole shifted
+    set, the accuracy alert's detection rate and median samples to it, the drift test's detection rate.
 
     .venv/bin/python -m benchmarks.monitor.validate RUN_DIR [--profile-samples 180] [--limit 600]
         [--other-data qat.data.Mnist5kDataModule] [--min-shift 0.02] [--false-alarm 1e-3] [--cache FILE.pt]
@@ -20,6 +24,7 @@ For a run directory (its model.safetensors, recipe.yaml), this
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -32,8 +37,9 @@ import qat
 from benchmarks import record as record_module
 from qat.data.loading import report_loader
 from qat.eval.robustness import photometric
+from qat.monitor.accuracy import ESTIMATORS, AccuracyEstimate
 from qat.monitor.profile import ActivationTaps, CalibrationProfile, output_rows, profile_from_rows
-from qat.monitor.reference_free import ReferenceFreeMonitor, ReferenceFreeStatus
+from qat.monitor.reference_free import ACCURACY_ROWS, ReferenceFreeMonitor, ReferenceFreeStatus
 from qat.recipe import load_recipe
 from qat.run.models import instantiate
 
@@ -99,7 +105,8 @@ def replay(monitor: ReferenceFreeMonitor, rows: dict[str, Tensor], samples: int,
     def on_alert(status: ReferenceFreeStatus) -> None:
         if status.alerting:
             onsets.append(seen)
-            leaders[status.layers[0]] = leaders.get(status.layers[0], 0) + 1
+            first = status.layers[0] if status.layers else "(accuracy only)"
+            leaders[first] = leaders.get(first, 0) + 1
 
     monitor.on_alert = on_alert
     while seen < samples:
@@ -122,16 +129,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=20, help="samples per monitor update in the replays")
     parser.add_argument("--clean-samples", type=int, default=100_000)
     parser.add_argument("--min-shift", type=float, default=0.02, help="the monitor's min_shift")
+    parser.add_argument("--min-accuracy-drop", type=float, default=0.02, help="the monitor's min_accuracy_drop")
     parser.add_argument("--false-alarm", type=float, default=1e-3, help="the monitor's false_alarm per check")
     parser.add_argument("--cache", type=Path, help="recorded features and logits: read when it exists, else written")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    logging.getLogger("qat.monitor").setLevel(logging.ERROR)  # the replays cross thousands of drift warnings
     start = time.time()
     model = qat.load(args.run_dir / "model.safetensors").eval()
     if args.cache is not None and args.cache.exists():
         recorded = torch.load(args.cache, weights_only=False)
+        if "clean_logits" not in recorded:
+            raise SystemExit(f"{args.cache}: recorded before the accuracy estimate (no logits); give a new --cache")
     else:
         recorded = record(model, args)
         if args.cache is not None:
@@ -149,11 +160,12 @@ def record(model: torch.nn.Module, args: argparse.Namespace) -> dict:
     profile_idx, stream_idx = order[: args.profile_samples], order[args.profile_samples:]
     bins = 16
     taps = ActivationTaps(model, bins)
-    profile_rows, _ = record_rows(model, taps, images[profile_idx], bins)
+    profile_rows, profile_logits = record_rows(model, taps, images[profile_idx], bins)
     bounds = {name: (*taps.bounds[name], taps.lengths[name], "input" if name in taps.inputs else "activation")
               for name in taps.bounds}
     bounds.update({name: (0.0, 1.0, 1, name.split(".")[-1]) for name in ("output.confidence", "output.entropy")})
-    profile = profile_from_rows(profile_rows, bounds, bins)
+    estimate = AccuracyEstimate.fit(profile_logits, labels[profile_idx])  # as the export does with validation labels
+    profile = profile_from_rows(profile_rows, bounds, bins, accuracy=estimate)
     taps.close()
     taps = ActivationTaps(model, bins, names=profile.channels, moments=False)
     clean_x, clean_y = images[stream_idx], labels[stream_idx]
@@ -166,37 +178,74 @@ def record(model: torch.nn.Module, args: argparse.Namespace) -> dict:
     shifted = {}
     for name, (x, y) in sets.items():
         rows, logits = record_rows(model, taps, x, bins)
-        shifted[name] = (rows, None if y is None else float((logits.argmax(-1) == y).float().mean()))
+        shifted[name] = (rows, None if y is None else float((logits.argmax(-1) == y).float().mean()), logits)
     taps.close()
     return {"profile": profile.to_json(), "profile_samples": len(profile_idx), "clean": clean_rows,
-            "clean_samples": len(stream_idx), "clean_accuracy": clean_acc, "shifted": shifted}
+            "clean_logits": clean_logits, "clean_samples": len(stream_idx), "clean_accuracy": clean_acc,
+            "shifted": shifted}
 
 
 def analyse(model: torch.nn.Module, recorded: dict, args: argparse.Namespace, seconds: float) -> str:
-    """Replays of the recorded features through a monitor with the arguments' settings: the markdown table."""
+    """Replays of the recorded features through monitors with the arguments' settings: the markdown table."""
     profile = CalibrationProfile.from_json(recorded["profile"])
-    monitor = ReferenceFreeMonitor(model, profile, window=500, min_samples=100, min_shift=args.min_shift,
-                                   false_alarm=args.false_alarm)
+    estimate = profile.accuracy
+    modes = {f"accuracy ({name})": {"alert_on": "accuracy", "estimator": name} for name in ESTIMATORS}
+    modes["drift"] = {"alert_on": "drift"}
+    monitors = {mode: ReferenceFreeMonitor(model, profile, window=500, min_samples=100, min_shift=args.min_shift,
+                                           false_alarm=args.false_alarm, min_accuracy_drop=args.min_accuracy_drop,
+                                           **options) for mode, options in modes.items()}
+
+    def with_hits(rows: dict, logits: Tensor, mode: str) -> dict:
+        name = modes[mode].get("estimator")
+        return {**rows, ACCURACY_ROWS: estimate.values(logits, name)[:, None]} if name else rows
+
+    def estimated_drop(logits: Tensor, name: str) -> float:  # on the whole set: validation mean - mean
+        return estimate.baseline(name) - float(estimate.values(logits, name).mean())
+
     generator = torch.Generator().manual_seed(1)
-    onsets = replay(monitor, recorded["clean"], args.clean_samples, args.batch, generator, stop_at_alert=False,
-                    leaders=(clean_leaders := {}))
     clean_acc = recorded["clean_accuracy"]
-    lines = [f"profile: {recorded['profile_samples']} clean images; clean stream: {recorded['clean_samples']} images "
-             f"(accuracy {100 * clean_acc:.1f} %), replayed with replacement, {args.batch} samples per check; "
-             f"z threshold {monitor.threshold:.2f} (false_alarm {args.false_alarm:g} per check, "
-             f"{len(monitor.names)} channels), min_shift {args.min_shift}", "",
-             f"clean: {len(onsets)} alert onsets in {args.clean_samples:,} samples = "
-             f"{10_000 * len(onsets) / args.clean_samples:.2f} per 10,000 samples{_leaders(clean_leaders, ' (')}", "",
-             "| data | accuracy drop (points) | detected within 500 samples | median samples to alert | "
-             "channels alerting (most often first) |", "| --- | ---: | ---: | ---: | --- |"]
-    for name, (rows, accuracy) in recorded["shifted"].items():
+    drift = monitors["drift"]
+    lines = [f"profile: {recorded['profile_samples']} clean images (validation accuracy "
+             f"{100 * estimate.validation_accuracy:.1f} %; ATC thresholds: negative entropy "
+             f"{estimate.thresholds['negative_entropy'].threshold:.4f}, confidence "
+             f"{estimate.thresholds['confidence'].threshold:.4f}; mean confidence {estimate.mean_confidence:.4f}, "
+             f"sd {estimate.confidence_sd:.4f}); clean stream: {recorded['clean_samples']} images "
+             f"(accuracy {100 * clean_acc:.1f} %), replayed with replacement, {args.batch} samples per check; drift: "
+             f"z threshold {drift.threshold:.2f} (false_alarm {args.false_alarm:g} per check, {len(drift.names)} "
+             f"channels), min_shift {args.min_shift}; accuracy alert: estimated drop >= {args.min_accuracy_drop} and "
+             f"z > {drift.accuracy_threshold:.2f} (one-sided, false_alarm {args.false_alarm:g} per check)", ""]
+    for mode, monitor in monitors.items():
+        leaders: dict = {}
+        onsets = replay(monitor, with_hits(recorded["clean"], recorded["clean_logits"], mode), args.clean_samples,
+                        args.batch, generator, stop_at_alert=False, leaders=leaders)
+        lines.append(f"clean, {mode} alert: {len(onsets)} alert onsets in {args.clean_samples:,} samples = "
+                     f"{10_000 * len(onsets) / args.clean_samples:.2f} per 10,000 samples"
+                     f"{_leaders(leaders, ' (') if mode == 'drift' else ''}")
+    clean_est = " / ".join(f"{100 * estimated_drop(recorded['clean_logits'], name):+.1f}" for name in ESTIMATORS)
+    names = " / ".join(ESTIMATORS)
+    lines += ["", f"clean stream: true accuracy {100 * clean_acc:.1f} % vs {100 * estimate.validation_accuracy:.1f} "
+              f"% validation ({100 * (estimate.validation_accuracy - clean_acc):+.1f} points); estimated drop "
+              f"{clean_est} ({names})", "",
+              f"| data | accuracy drop (points) | estimated drop {names} | "
+              + " | ".join(f"{name} alert within 500; median samples" for name in ESTIMATORS)
+              + " | drift within 500 (warning) | drift channels (most often first) |",
+              "| --- | ---: | ---: | " + "---: | " * len(ESTIMATORS) + "---: | --- |"]
+    for name, (rows, accuracy, logits) in recorded["shifted"].items():
         drop = "n/a (other labels)" if accuracy is None else f"{100 * (clean_acc - accuracy):.1f}"
-        firsts, leaders = [], {}
-        for _ in range(args.trials):
-            found = replay(monitor, rows, 500, args.batch, generator, stop_at_alert=True, leaders=leaders)
-            firsts += found[:1]
-        median = f"{statistics.median(firsts):.0f}" if firsts else "-"
-        lines.append(f"| {name} | {drop} | {100 * len(firsts) / args.trials:.0f} % | {median} | {_leaders(leaders)} |")
+        estimated = " / ".join(f"{100 * estimated_drop(logits, name):.1f}" for name in ESTIMATORS)
+        cells, drift_leaders = [], {}
+        for mode, monitor in monitors.items():
+            firsts, leaders = [], {}
+            shifted_rows = with_hits(rows, logits, mode)
+            for _ in range(args.trials):
+                found = replay(monitor, shifted_rows, 500, args.batch, generator, stop_at_alert=True, leaders=leaders)
+                firsts += found[:1]
+            median = f"{statistics.median(firsts):.0f}" if firsts else "-"
+            rate = f"{100 * len(firsts) / args.trials:.0f} %"
+            cells.append(rate if mode == "drift" else f"{rate}; {median}")
+            if mode == "drift":
+                drift_leaders = leaders
+        lines.append(f"| {name} | {drop} | {estimated} | {' | '.join(cells)} | {_leaders(drift_leaders)} |")
     lines += ["", f"{record_module.cpu_line()}; torch {torch.__version__}; features recorded in {seconds:.0f} s"]
     return "\n".join(lines)
 

@@ -1,22 +1,24 @@
-"""Label-free accuracy estimate: Average Thresholded Confidence (ATC; Garg et al., ICLR 2022, "Leveraging
-unlabeled data to predict out-of-distribution performance").
+"""Label-free accuracy estimates from the output's confidence, fit on the labelled validation samples the
+calibration profile is taken on (qat.monitor.profile); three published estimators:
 
-On the labelled validation samples the calibration profile is taken on (qat.monitor.profile), find the
-score threshold t such that the share of samples scoring at least t equals the validation accuracy a
-(k of m correct: t is the k-th highest score). In production, the estimated accuracy of a window is the
-share of its samples scoring at least t. Two scores are stored: the confidence (max softmax) and the
-negative normalized entropy -H(p) / ln(classes) (the paper's ATC-NE, which it found better). Ties at t
-(a float32 softmax saturates at 1.0) can make the validation share s exceed a, so the estimate is taken
-relative to it:
+- DoC, difference of confidences (Guillory et al., ICCV 2021, "Predicting with confidence on unseen
+  distributions"): estimated drop = mean confidence (max softmax) on validation - mean on the window;
+  estimated accuracy = validation accuracy - drop.
+- ATC, average thresholded confidence (Garg et al., ICLR 2022, "Leveraging unlabeled data to predict
+  out-of-distribution performance"): on the validation samples, find the score threshold t such that the
+  share of samples scoring at least t equals the validation accuracy a (k of m correct: t is the k-th
+  highest score); in production the estimated accuracy is the share of the window's samples scoring at
+  least t. Scores: the confidence (ATC-MC) or the negative normalized entropy -H(p) / ln(classes) (ATC-NE,
+  which the paper found better). Ties at t (a float32 softmax saturates at 1.0) can make the validation
+  share s exceed a, so the estimate is taken relative to it: estimated accuracy = a + (window share - s),
+  drop = s - window share (exactly ATC when there are no ties, s = a).
 
-    estimated accuracy = a + (window share - s),    estimated drop = s - window share
-
-(exactly ATC when there are no ties, s = a). The test of the accuracy alert (qat.monitor.reference_free)
-compares the window share with s, two binomial proportions (n window samples, m validation samples).
+Each is "the window's mean of a per-sample value, against its validation mean" (`values`, `baseline`), which the
+monitor's accuracy test compares as two sample means (qat.monitor.reference_free).
 
 Example:
-    >>> estimate = AccuracyEstimate.fit(confidence, entropy, correct)   # validation: per-sample tensors
-    >>> estimate.hits(logits, "negative_entropy").mean()                 # a window's share above t
+    >>> estimate = AccuracyEstimate.fit(validation_logits, validation_targets)
+    >>> estimate.baseline("doc") - estimate.values(window_logits, "doc").mean()   # the estimated drop
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from torch import Tensor
 
 ESTIMATE_VERSION = 1
 SCORES = ("confidence", "negative_entropy")
+ESTIMATORS = ("doc", "atc_mc", "atc_ne")  # difference of confidences; ATC with the confidence / negative entropy
+ATC_SCORES = {"atc_mc": "confidence", "atc_ne": "negative_entropy"}
 
 
 def atc_threshold(scores: Tensor, correct: Tensor) -> float:
@@ -64,12 +68,14 @@ class Threshold:
 
 @dataclass
 class AccuracyEstimate:
-    """What the profile stores for the estimate (docs/FORMAT.md, key `accuracy` of the profile)."""
+    """What the profile stores for the estimates (docs/FORMAT.md, key `accuracy` of the profile): the validation
+    accuracy, the mean and sd of the confidence (DoC) and each ATC score's threshold."""
 
     samples: int  # labelled validation samples
     validation_accuracy: float
+    mean_confidence: float
+    confidence_sd: float
     thresholds: dict[str, Threshold] = field(default_factory=dict)
-    method: str = "ATC"
     version: int = ESTIMATE_VERSION
 
     @classmethod
@@ -81,26 +87,54 @@ class AccuracyEstimate:
         for name in SCORES:
             t = atc_threshold(scores[name], correct)
             thresholds[name] = Threshold(t, float((scores[name].double() >= t).double().mean()))
-        return cls(int(correct.numel()), float(correct.double().mean()), thresholds)
+        confidence = scores["confidence"].double()
+        return cls(int(correct.numel()), float(correct.double().mean()), float(confidence.mean()),
+                   float(confidence.std(unbiased=False)), thresholds)
+
+    def values(self, logits: Tensor, estimator: str = "doc") -> Tensor:
+        """(B,) float64 per-sample values whose window mean the estimator compares with `baseline`: the confidence
+        (DoC), or 1 / 0 whether the sample's score reaches the ATC threshold."""
+        scores = sample_scores(logits)
+        if estimator == "doc":
+            return scores["confidence"].double()
+        score = ATC_SCORES[estimator]
+        return (scores[score].double() >= self.thresholds[score].threshold).double()
 
     def hits(self, logits: Tensor, score: str = "negative_entropy") -> Tensor:
-        """(B,) float64 1 / 0: whether each sample's `score` reaches the threshold."""
+        """(B,) float64 1 / 0: whether each sample's ATC `score` reaches its threshold."""
         return (sample_scores(logits)[score].double() >= self.thresholds[score].threshold).double()
 
+    def baseline(self, estimator: str = "doc") -> float:
+        """The validation samples' mean of `values`: estimated drop = baseline - the window's mean."""
+        return self.mean_confidence if estimator == "doc" else self.thresholds[ATC_SCORES[estimator]].share
+
+    def null_variance(self, estimator: str = "doc") -> float:
+        """The per-sample variance of `values` on clean data for the accuracy test: the validation share's
+        binomial p0 (1 - p0) (ATC) or the confidence's variance (DoC), at least the binomial one of
+        p0 = m / (m + 1) (a sample may fall below all m validation ones; it also tames the confidence's
+        heavy lower tail)."""
+        m = max(1, self.samples)
+        low = m / (m + 1) ** 2
+        if estimator == "doc":
+            return max(self.confidence_sd ** 2, low)
+        p0 = min(max(self.baseline(estimator), 1 / (m + 1)), m / (m + 1))
+        return p0 * (1 - p0)
+
     def to_json(self) -> dict:
-        return {"version": self.version, "method": self.method, "samples": self.samples,
-                "validation_accuracy": self.validation_accuracy,
+        return {"version": self.version, "samples": self.samples, "validation_accuracy": self.validation_accuracy,
+                "confidence": {"mean": self.mean_confidence, "sd": self.confidence_sd},
                 "thresholds": {name: {"threshold": t.threshold, "share": t.share}
                                for name, t in self.thresholds.items()}}
 
     @classmethod
     def from_json(cls, value: Any) -> Optional[AccuracyEstimate]:
-        """The estimate, or None when `value` is one this qat does not read (a newer version, another method)."""
-        if not isinstance(value, dict) or value.get("version") != ESTIMATE_VERSION or value.get("method") != "ATC":
+        """The estimate, or None when `value` is one this qat does not read (a newer version)."""
+        if not isinstance(value, dict) or value.get("version") != ESTIMATE_VERSION:
             return None
         thresholds = {name: Threshold(float(t["threshold"]), float(t["share"]))
                       for name, t in value["thresholds"].items()}
-        return cls(int(value["samples"]), float(value["validation_accuracy"]), thresholds)
+        return cls(int(value["samples"]), float(value["validation_accuracy"]), float(value["confidence"]["mean"]),
+                   float(value["confidence"]["sd"]), thresholds)
 
 
 def classification_targets(batch: Any, samples: int) -> Optional[Tensor]:

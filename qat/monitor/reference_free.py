@@ -17,21 +17,24 @@ The PSI of each histogram is reported beside (effect size). The quantizer of the
 (kind "input") measures data drift and only reports it unless `alert_on_input`.
 
 Drift is not a loss of accuracy (a brightness shift the model shrugs off moves its first layers), so when the
-profile holds the label-free accuracy estimate (qat.monitor.accuracy: ATC, fit on the labelled validation
+profile holds the fit of the label-free accuracy estimate (qat.monitor.accuracy, from the labelled validation
 samples of the profile) the monitor alerts on that instead and keeps the drift test as a warning
-(`alert_on="accuracy"`, the default then; "drift" or "both" otherwise). Per window it reports the estimated
-accuracy a + (share - s) with a 95 % Wilson interval of the window share, and the estimated drop
-d = s - share (share: of the window's samples whose score reaches the ATC threshold; s: the validation
-samples' share, a: their accuracy). The accuracy alert fires when
+(`alert_on="accuracy"`, the default then; "drift" or "both" otherwise). The estimator (`estimator`): "doc"
+(difference of confidences, the default: it tracked the true drop best in benchmarks/monitor/validation.md),
+"atc_mc" or "atc_ne" (ATC with the confidence / the negative entropy). Each is the window mean of a per-sample
+value v (the confidence; or 1 / 0, whether the sample's score reaches the ATC threshold) against its validation
+mean b: estimated drop d = b - mean(v), estimated accuracy a - d (a: the validation accuracy), with a 95 %
+interval over the window's samples (Wilson for ATC's shares, normal with the window's sd for DoC). The accuracy
+alert fires when
 
-    d >= min_accuracy_drop   and   d / sqrt(p0 (1 - p0) (1/n + 1/m)) > Phi^-1(1 - false_alarm)
+    d >= min_accuracy_drop   and   d / sqrt(v0 (1/n + 1/m)) > Phi^-1(1 - false_alarm)
 
-with p0 = s kept within [1/(m+1), m/(m+1)] (a validation share of 1 still leaves a chance per sample of
-scoring below the lowest validation score, 1/(m+1)): the drop is significant against the clean-data null
-(window and validation shares equal; one-sided, `false_alarm` per check) and at least the drop that matters
-(the effect size, as `min_shift` is for drift). Requiring instead that the whole interval of d lie above
-min_accuracy_drop would miss most true drops of 2-4 points within 500 samples (the sd of d is about 1 point
-there). The hooks keep a
+with v0 the per-sample variance of v on validation, at least p0 (1 - p0) for p0 = m / (m + 1) (a sample
+may fall below all m validation ones): the drop is significant against the clean-data null (the window and
+the validation samples from one distribution; one-sided, `false_alarm` per check) and at least the drop that
+matters (the effect size, as `min_shift` is for drift). Requiring instead that the whole interval of d lie
+above min_accuracy_drop would miss most true drops of 2-4 points within 500 samples (the sd of d is about 1
+point there). The hooks keep a
 strided copy of each activation; the histograms and the test run every `check_every` samples, over all
 pending samples at once; `sample_every` k looks at every k-th sample only. Validated figures (detection,
 false alarms, overhead): benchmarks/monitor/validation.md, overhead.md.
@@ -55,7 +58,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from qat.monitor.accuracy import SCORES, wilson_interval
+from qat.monitor.accuracy import ESTIMATORS, wilson_interval
 from qat.monitor.drift import signal_alert
 from qat.monitor.profile import (
     KEY_PROFILE,
@@ -69,7 +72,7 @@ from qat.monitor.profile import (
 )
 
 LOGGER = logging.getLogger("qat.monitor")
-ACCURACY_ROWS = "output.above_threshold"  # add_rows key: per sample 1 / 0, its score reaches the ATC threshold
+ACCURACY_ROWS = "output.accuracy_value"  # add_rows key: per sample the estimator's value (AccuracyEstimate.values)
 ALERT_ON = ("accuracy", "drift", "both")
 
 
@@ -103,7 +106,7 @@ class ReferenceFreeStatus:
     input_drift: list[str] = field(default_factory=list)  # input channels past the threshold (not alerting)
     drift: list[str] = field(default_factory=list)  # the other channels past the threshold, alerting or not
     estimated_accuracy: Optional[float] = None  # None: the profile has no accuracy estimate (or no samples yet)
-    accuracy_interval: Optional[tuple[float, float]] = None  # 95 % (Wilson, over the window's samples)
+    accuracy_interval: Optional[tuple[float, float]] = None  # 95 %, over the window's samples
     validation_accuracy: Optional[float] = None
     accuracy_drop: Optional[float] = None  # estimated: validation minus production, in [0, 1] units
     accuracy_z: Optional[float] = None  # the drop's z against the clean-data null
@@ -174,14 +177,15 @@ class ReferenceFreeMonitor:
             a warning: `status.drift`, logged once per crossing), "drift" (the drift test, as before the
             estimate existed) or "both"; default: "accuracy" when the profile holds the estimate, else "drift".
         min_accuracy_drop: least estimated drop of accuracy (0.02 = 2 points) that alerts.
-        accuracy_score: the ATC score, "negative_entropy" (ATC-NE) or "confidence" (max softmax).
+        estimator: the accuracy estimator, "doc" (difference of confidences), "atc_mc" or "atc_ne" (ATC with the
+            max softmax / negative entropy score).
     """
 
     def __init__(self, model: nn.Module, profile: CalibrationProfile, window: int = 500, min_samples: int = 100,
                  false_alarm: float = 1e-3, min_shift: float = 0.02, check_every: int = 128, sample_every: int = 1,
                  alert_on_input: bool = False, on_alert: Union[str, Callable[[ReferenceFreeStatus], None]] = "log",
                  top: int = 3, alert_on: Optional[str] = None, min_accuracy_drop: float = 0.02,
-                 accuracy_score: str = "negative_entropy") -> None:
+                 estimator: str = "doc") -> None:
         if window < 1 or not 1 <= min_samples <= window:
             raise ValueError(f"need window >= 1 and 1 <= min_samples <= window, got {window}, {min_samples}")
         if not 0 < false_alarm < 1 or min_shift < 0:
@@ -190,16 +194,14 @@ class ReferenceFreeMonitor:
             raise ValueError(f"on_alert must be 'raise', 'log' or a function, got {on_alert!r}")
         if alert_on not in (None, *ALERT_ON):
             raise ValueError(f"alert_on must be one of {ALERT_ON}, got {alert_on!r}")
-        if accuracy_score not in SCORES:
-            raise ValueError(f"accuracy_score must be one of {SCORES}, got {accuracy_score!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.estimate = profile.accuracy
-        if self.estimate is not None and accuracy_score not in self.estimate.thresholds:
-            self.estimate = None
         if alert_on in ("accuracy", "both") and self.estimate is None:
             raise ValueError(f"alert_on={alert_on!r} needs the profile's accuracy estimate (labelled validation "
                              "data at export); this profile has none: use alert_on='drift'")
         self.alert_on = alert_on or ("accuracy" if self.estimate is not None else "drift")
-        self.min_accuracy_drop, self.accuracy_score = min_accuracy_drop, accuracy_score
+        self.min_accuracy_drop, self.estimator = min_accuracy_drop, estimator
         self.accuracy_threshold = NormalDist().inv_cdf(1 - false_alarm)  # one-sided z of the accuracy test
         self.model, self.profile, self.alert_on_input = model, profile, alert_on_input
         self.window, self.min_samples, self.min_shift, self.on_alert, self.top = (
@@ -212,13 +214,14 @@ class ReferenceFreeMonitor:
         self.names = [name for name in profile.channels]
         width = profile.bins + 3  # bins + 2 shares, clip rate
         self._columns = {name: slice(i * width, (i + 1) * width) for i, name in enumerate(self.names)}
-        self._hit_column = width * len(self.names)  # the ATC hits, after the channels' features
-        self._rows = torch.zeros(window, self._hit_column + 1, dtype=torch.float64)
+        self._value_column = width * len(self.names)  # the estimator's value and its square, after the channels
+        self._rows = torch.zeros(window, self._value_column + 2, dtype=torch.float64)
         expected = [profile.channels[name].expected() for name in self.names]  # (mean, sd) per channel
         self._expected_mean = torch.stack([mean for mean, _ in expected])  # (C, bins + 3)
         self._expected_sd = torch.stack([sd for _, sd in expected]).clamp_min(1 / max(1, profile.samples))
-        share = self.estimate.thresholds[accuracy_score].share if self.estimate is not None else 0.0
-        self._neutral = torch.cat([self._expected_mean.reshape(-1), torch.tensor([share], dtype=torch.float64)])[None]
+        base = self.estimate.baseline(estimator) if self.estimate is not None else 0.0
+        self._neutral = torch.cat([self._expected_mean.reshape(-1),
+                                   torch.tensor([base, base * base], dtype=torch.float64)])[None]
         self._sum = torch.zeros(self._rows.shape[1], dtype=torch.float64)
         self.threshold = z_threshold(false_alarm, len(self.names) * (profile.bins + 3))
         self._next, self._count, self._was_alerting, self._was_drifting = 0, 0, False, False
@@ -289,14 +292,14 @@ class ReferenceFreeMonitor:
         rows = {**self.taps.take(logits.shape[0]), **output_rows(logits, self.profile.bins, moments=False)}
         if self.estimate is not None:
             values = output_values(logits)  # (B, rows, classes); the estimate exists for one row per sample
-            rows[ACCURACY_ROWS] = self.estimate.hits(values.reshape(-1, values.shape[-1]), self.accuracy_score) \
+            rows[ACCURACY_ROWS] = self.estimate.values(values.reshape(-1, values.shape[-1]), self.estimator) \
                 .reshape(values.shape[0], -1).mean(1, keepdim=True)
         return self.add_rows(rows)
 
     def add_rows(self, rows: dict[str, Tensor]) -> ReferenceFreeStatus:
         """Add per-sample feature rows ({channel: (samples, bins + 3 or more)}: shares, clip rate, ...; see
-        qat.monitor.profile.feature_rows; ACCURACY_ROWS: (samples, 1) whether each sample's score reaches the ATC
-        threshold, `estimate.hits`) and check: what `update` does after the hooks (also for replaying recorded
+        qat.monitor.profile.feature_rows; ACCURACY_ROWS: (samples, 1) the accuracy estimator's per-sample value,
+        `estimate.values`) and check: what `update` does after the hooks (also for replaying recorded
         traffic)."""
         samples = next(iter(rows.values())).shape[0]
         block = self._neutral.repeat(samples, 1)  # a channel without rows this batch: no evidence either way
@@ -304,7 +307,8 @@ class ReferenceFreeMonitor:
             if name in rows:
                 block[:, self._columns[name]] = rows[name][:, : self.profile.bins + 3].double()
         if ACCURACY_ROWS in rows:
-            block[:, self._hit_column] = rows[ACCURACY_ROWS].reshape(samples).double()
+            value = rows[ACCURACY_ROWS].reshape(samples).double()
+            block[:, self._value_column], block[:, self._value_column + 1] = value, value * value
         block = block[-self.window:]
         positions = (self._next + torch.arange(block.shape[0])) % self.window
         # a running sum over the window: small ops only (a reduction over the whole window runs multithreaded
@@ -335,7 +339,7 @@ class ReferenceFreeMonitor:
         if n == 0:
             return self._empty_status()
         bins = self.profile.bins
-        means = (self._sum[: self._hit_column] / n).reshape(len(self._columns), bins + 3)  # (C, shares + clip rate)
+        means = (self._sum[: self._value_column] / n).reshape(len(self._columns), bins + 3)  # (C, shares + clip rate)
         delta = (means - self._expected_mean).abs()
         z = delta / (self._expected_sd * math.sqrt(1 / n + 1 / max(1, m)))
         z = torch.where(delta >= self.min_shift, z, torch.zeros_like(z)).nan_to_num(0.0)
@@ -355,7 +359,7 @@ class ReferenceFreeMonitor:
         drift = [str(s) for s in moved if self.alert_on_input or s.name not in is_input][: self.top]
         inputs = [str(s) for s in moved if s.name in is_input and not self.alert_on_input]
         status = ReferenceFreeStatus(n, self.threshold, scores, [], inputs, drift)
-        self._estimate_accuracy(status, float(self._sum[self._hit_column]))
+        self._estimate_accuracy(status, float(self._sum[self._value_column]), float(self._sum[self._value_column + 1]))
         status.alerts = ([status.accuracy_text()] if status.accuracy_alert else []) + \
             (drift if self.alert_on in ("drift", "both") else [])
         return status
@@ -364,20 +368,23 @@ class ReferenceFreeMonitor:
         accuracy = None if self.estimate is None else self.estimate.validation_accuracy
         return ReferenceFreeStatus(0, self.threshold, validation_accuracy=accuracy)
 
-    def _estimate_accuracy(self, status: ReferenceFreeStatus, hits: float) -> None:
-        """Fill in the ATC estimate of the window's accuracy and the accuracy alert (see the module docstring)."""
+    def _estimate_accuracy(self, status: ReferenceFreeStatus, total: float, squares: float) -> None:
+        """Fill in the estimate of the window's accuracy and the accuracy alert (see the module docstring)."""
         if self.estimate is None:
             return
         n, m = status.samples, max(1, self.estimate.samples)
-        a, s = self.estimate.validation_accuracy, self.estimate.thresholds[self.accuracy_score].share
-        hits = min(max(hits, 0.0), float(n))  # the running sum's rounding
-        drop = s - hits / n
-        low, high = wilson_interval(hits, n)
-        p0 = min(max(s, 1 / (m + 1)), m / (m + 1))
-        z = drop / math.sqrt(p0 * (1 - p0) * (1 / n + 1 / m))
+        a, base = self.estimate.validation_accuracy, self.estimate.baseline(self.estimator)
+        mean = min(max(total / n, 0.0), 1.0)  # the running sum's rounding
+        drop = base - mean
+        if self.estimator == "doc":
+            half = 1.959963984540054 * math.sqrt(max(0.0, squares / n - mean * mean) / n)
+            low, high = mean - half, mean + half
+        else:
+            low, high = wilson_interval(mean * n, n)
+        z = drop / math.sqrt(self.estimate.null_variance(self.estimator) * (1 / n + 1 / m))
         status.validation_accuracy, status.accuracy_drop, status.accuracy_z = a, drop, z
         status.estimated_accuracy = min(1.0, max(0.0, a - drop))
-        status.accuracy_interval = (min(1.0, max(0.0, a - s + low)), min(1.0, max(0.0, a - s + high)))
+        status.accuracy_interval = (min(1.0, max(0.0, a - base + low)), min(1.0, max(0.0, a - base + high)))
         status.accuracy_alert = self.alert_on in ("accuracy", "both") and n >= self.min_samples and \
             drop >= self.min_accuracy_drop and z > self.accuracy_threshold
 

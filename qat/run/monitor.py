@@ -96,7 +96,7 @@ def run_monitor(args: argparse.Namespace) -> int:
                "false_alarm": args.false_alarm, "min_shift": args.min_shift, "alert_on_input": args.alert_on_input,
                "check_every": args.check_every, "sample_every": args.sample_every,
                "alert_on": None if args.alert_on == "auto" else args.alert_on,
-               "min_accuracy_drop": args.min_accuracy_drop, "accuracy_score": args.accuracy_score}
+               "min_accuracy_drop": args.min_accuracy_drop, "estimator": args.estimator}
     try:
         status, onsets = monitor_file(args.file, args.data, args.clean, args.batch_size, **options)
     except (ProfileMissingError, ValueError, FileNotFoundError) as err:

@@ -45,6 +45,11 @@ def test_fit_on_hand_made_logits() -> None:
     again = AccuracyEstimate.from_json(estimate.to_json())
     assert again == estimate
     assert AccuracyEstimate.from_json({**estimate.to_json(), "version": 2}) is None  # a newer fit: unavailable
+    confidence = torch.sigmoid(margins).double()
+    assert estimate.mean_confidence == pytest.approx(float(confidence.mean()))
+    assert estimate.confidence_sd == pytest.approx(float(confidence.std(unbiased=False)))
+    assert estimate.values(logits, "doc").tolist() == pytest.approx(confidence.tolist())
+    assert estimate.values(logits, "atc_mc").tolist() == [1, 1, 1, 0, 0, 0] and estimate.baseline("atc_mc") == 0.5
 
 
 def test_classification_targets_of_loader_batches() -> None:
@@ -62,12 +67,12 @@ def _monitor_with(exported: dict, estimate: AccuracyEstimate | None, **options) 
     return ReferenceFreeMonitor(qat.load(exported["with"]), profile, on_alert=lambda s: None, **options)
 
 
-HAND_MADE = AccuracyEstimate(samples=1000, validation_accuracy=0.9,
+HAND_MADE = AccuracyEstimate(samples=1000, validation_accuracy=0.9, mean_confidence=0.85, confidence_sd=0.1,
                              thresholds={"negative_entropy": Threshold(-0.5, 0.88), "confidence": Threshold(0.6, 0.9)})
 
 
 def test_the_estimate_on_a_hand_made_window(exported: dict) -> None:
-    with _monitor_with(exported, HAND_MADE, min_samples=100) as monitor:
+    with _monitor_with(exported, HAND_MADE, min_samples=100, estimator="atc_ne") as monitor:
         hits = torch.tensor([1.0] * 70 + [0.0] * 30)[:, None]  # 70 of 100 reach the threshold (validation: 88 %)
         status = monitor.add_rows({ACCURACY_ROWS: hits})
         assert status.samples == 100 and status.validation_accuracy == 0.9
@@ -86,6 +91,22 @@ def test_the_estimate_on_a_hand_made_window(exported: dict) -> None:
         status = monitor.add_rows({ACCURACY_ROWS: torch.ones(200, 1)})
         assert status.accuracy_drop == pytest.approx(-0.12) and status.estimated_accuracy == 1.0
         assert not status.alerting and str(status).startswith("last 200 samples: ok (estimated accuracy 100.0 %")
+
+
+def test_the_doc_estimate_on_a_hand_made_window(exported: dict) -> None:
+    with _monitor_with(exported, HAND_MADE, min_samples=100) as monitor:  # estimator="doc", the default
+        confidence = torch.tensor([0.9] * 50 + [0.5] * 50)[:, None]  # mean 0.7 vs 0.85 on validation, sd 0.2
+        status = monitor.add_rows({ACCURACY_ROWS: confidence})
+        assert status.accuracy_drop == pytest.approx(0.15) and status.estimated_accuracy == pytest.approx(0.75)
+        half = 1.959963984540054 * 0.2 / 10
+        assert status.accuracy_interval == pytest.approx((0.75 - half, 0.75 + half))
+        assert status.accuracy_z == pytest.approx(0.15 / math.sqrt(0.01 * (1 / 100 + 1 / 1000)))
+        assert status.accuracy_alert
+        monitor.reset()  # a drop of 1.5 points: under min_accuracy_drop, no alert
+        status = monitor.add_rows({ACCURACY_ROWS: torch.full((100, 1), 0.835, dtype=torch.float64)})
+        assert status.accuracy_drop == pytest.approx(0.015) and not status.accuracy_alert
+    low = AccuracyEstimate(samples=100, validation_accuracy=1.0, mean_confidence=0.99, confidence_sd=0.0)
+    assert low.null_variance("doc") == pytest.approx(100 / 101 ** 2)  # the floor: p0 = m / (m + 1)
 
 
 def test_old_profiles_without_the_estimate(exported: dict) -> None:
@@ -108,7 +129,7 @@ def _recorded(model: torch.nn.Module, x: torch.Tensor, estimate: AccuracyEstimat
         if scale_layer else None
     logits = model(x)
     rows = {**taps.take(len(x)), **output_rows(logits, 16, moments=False)}
-    rows[ACCURACY_ROWS] = estimate.hits(logits)[:, None]
+    rows[ACCURACY_ROWS] = estimate.values(logits, "atc_mc")[:, None]
     taps.close()
     if handle is not None:
         handle.remove()
@@ -129,7 +150,8 @@ def test_alert_on_an_accuracy_drop_not_on_a_harmless_drift(exported: dict) -> No
     assert estimate.validation_accuracy == pytest.approx(0.9, abs=0.002)
     clean = digits_like(500, generator)
     faded = clean * 0.05  # nearly blank images (a failing camera): the model's confidence falls, an ATC drop
-    with _monitor_with(exported, estimate, min_samples=100) as monitor:
+    # the test model's softmax is nearly uniform (confidence ~0.125): the mean confidence hardly moves, ATC does
+    with _monitor_with(exported, estimate, min_samples=100, estimator="atc_mc") as monitor:
         assert monitor.alert_on == "accuracy"
         status = monitor.add_rows(_recorded(model, clean, estimate))
         assert not status.alerting and abs(status.accuracy_drop) < 0.04, status
@@ -143,7 +165,7 @@ def test_alert_on_an_accuracy_drop_not_on_a_harmless_drift(exported: dict) -> No
         monitor.reset()
         status = monitor.add_rows(_recorded(model, faded, estimate))
         assert status.accuracy_alert and status.alerting and status.accuracy_drop > 0.1, status
-    with _monitor_with(exported, estimate, alert_on="both") as monitor:  # drift alerts again when asked
+    with _monitor_with(exported, estimate, alert_on="both", estimator="atc_mc") as monitor:  # drift alerts if asked
         assert monitor.add_rows(harmless).alerting
 
 
@@ -164,9 +186,9 @@ def test_cli_alerts_on_the_estimated_accuracy(exported: dict, tmp_path, capsys) 
     clean, faded = tmp_path / "clean.pt", tmp_path / "faded.pt"
     torch.save(digits_like(300, generator), clean)
     torch.save(digits_like(300, generator) * 0.05, faded)  # nearly blank images
-    assert main(["monitor", str(labelled), str(clean)]) == 0
+    assert main(["monitor", str(labelled), str(clean), "--estimator", "atc_mc"]) == 0
     assert "ok (estimated accuracy" in capsys.readouterr().out
-    assert main(["monitor", str(labelled), str(faded), "--batch-size", "100"]) == 1
+    assert main(["monitor", str(labelled), str(faded), "--batch-size", "100", "--estimator", "atc_mc"]) == 1
     assert "alert after 200 samples: accuracy falling (estimated accuracy" in capsys.readouterr().out
     assert main(["monitor", str(exported["with"]), str(faded), "--alert-on", "accuracy"]) == 2  # no estimate
     assert "needs the profile's accuracy estimate" in capsys.readouterr().err
