@@ -12,6 +12,7 @@ package `kernels`.
     cpu.py          CPU paths (torch's int4pack kernel; exact dequantize + matmul; cached bf16)
     blocked.py      CPU path for large M: tiles of rows dequantized into a reused buffer + dense GEMM
     small_m.py      CPU path for few rows: compiled AVX512-BF16 kernel, weights dequantized in registers
+    gemv_f32.py     CPU path for few rows of fp32 x on AVX2: codes dequantized in registers, fp32 FMAs
     native.py       builds and loads the compiled CPU code in csrc/ on first use (None without a compiler)
     autotune.py     measured CPU choice per (dtype, shape, M bucket), cached in-process
     triton_int4.py  fused Triton GEMV / GEMM kernels for CUDA (also run by Triton's interpreter)

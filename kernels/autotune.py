@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import choices_file
-from .names import CPU_BLOCKED, CPU_INT4PACK, CPU_INT8_ACT, CPU_SMALL_M
+from .names import CPU_BLOCKED, CPU_GEMV_F32, CPU_INT4PACK, CPU_INT8_ACT, CPU_SMALL_M
 from .weights import PackedInt4Weight
 
 AUTOTUNE_ENV_VAR = "QAT_KERNEL_AUTOTUNE"
@@ -38,6 +38,9 @@ AUTOTUNE_CALLS = 2  # timed calls per candidate after the warm-up call
 # measured crossovers, benchmarks/kernels/int4-cpu-all-m.md.
 STATIC_INT4PACK_MAX_M = {torch.float32: 128, torch.bfloat16: 128, torch.float16: 128}
 STATIC_SMALL_M_ROWS = range(8, 17)  # where the static rule prefers cpu_small_m (when it is a candidate)
+# Up to this M the static rule prefers cpu_gemv_f32 (an AVX2 CPU's float kernel: 1.5-3x int4pack at M = 1-4 on
+# SmolLM2 and 4096-wide layers, benchmarks/kernels/gemv_f32_avx2.md)
+STATIC_GEMV_F32_MAX_M = 4
 
 _CHOICES: dict[tuple, str] = {}
 
@@ -72,11 +75,13 @@ def measured_choices() -> dict[tuple, str]:
 
 def static_choice(x: Tensor, candidates: Sequence[str]) -> str:
     """The deterministic rule: cpu_int8_act where it is a candidate (its policy allowed it: the fastest at every M
-    measured here), else cpu_small_m for STATIC_SMALL_M_ROWS, else int4pack up to STATIC_INT4PACK_MAX_M rows, else
-    the first blocked candidate."""
+    measured here), else cpu_gemv_f32 up to STATIC_GEMV_F32_MAX_M rows, else cpu_small_m for STATIC_SMALL_M_ROWS,
+    else int4pack up to STATIC_INT4PACK_MAX_M rows, else the first blocked candidate."""
     if CPU_INT8_ACT in candidates:
         return CPU_INT8_ACT
     rows = x.numel() // x.shape[-1] if x.dim() else 0
+    if CPU_GEMV_F32 in candidates and rows <= STATIC_GEMV_F32_MAX_M:
+        return CPU_GEMV_F32
     if CPU_SMALL_M in candidates and rows in STATIC_SMALL_M_ROWS:
         return CPU_SMALL_M
     blocked = [name for name in candidates if name.startswith(CPU_BLOCKED)]  # cpu_blocked, cpu_blocked_bf16

@@ -27,17 +27,19 @@ import torch.nn.functional as F
 
 from . import autotune
 from .dispatch import AUTO, SMALL_M_MAX_ROWS, blocked_backend, cpu_candidates, int4_linear_prepared
+from .gemv_f32 import MAX_ROWS as GEMV_F32_MAX_ROWS
+from .gemv_f32 import gemv_f32_unsupported
 from .int8_act import int8_act_unsupported
-from .names import CPU_INT4PACK, CPU_INT8_ACT, CPU_SMALL_M
+from .names import CPU_GEMV_F32, CPU_INT4PACK, CPU_INT8_ACT, CPU_SMALL_M
 from .progress import update
 from .reference import dequantize_int4
 from .small_m import small_m_unsupported
 from .timing import DENSE, Layer, copies_needed, make_layer, time_methods
 from .weights import PackedInt4Weight
 
-SUMMARY_HEADER = ("| x | M | dense ms | int4pack | blocked | small_m | int8_act | auto (dispatch) | auto picks "
-                  "| auto, fastest call | auto spread |")
-COLUMNS = ("int4pack", "blocked", "small_m", "int8_act")
+SUMMARY_HEADER = ("| x | M | dense ms | int4pack | blocked | small_m | gemv_f32 | int8_act | auto (dispatch) "
+                  "| auto picks | auto, fastest call | auto spread |")
+COLUMNS = ("int4pack", "blocked", "small_m", "gemv_f32", "int8_act")
 
 
 def summary_methods(dtype: torch.dtype) -> dict[str, Callable]:
@@ -46,7 +48,8 @@ def summary_methods(dtype: torch.dtype) -> dict[str, Callable]:
         return lambda x, layer: int4_linear_prepared(x, layer.weight, backend=name)
 
     return {"int4pack": backend(CPU_INT4PACK), "blocked": backend(blocked_backend(dtype)),
-            "small_m": backend(CPU_SMALL_M), "int8_act": backend(CPU_INT8_ACT), "auto": backend(None)}
+            "small_m": backend(CPU_SMALL_M), "gemv_f32": backend(CPU_GEMV_F32), "int8_act": backend(CPU_INT8_ACT),
+            "auto": backend(None)}
 
 
 def _small_m_runs(x: torch.Tensor, weight: PackedInt4Weight) -> bool:
@@ -58,7 +61,12 @@ def _int8_act_runs(x: torch.Tensor, weight: PackedInt4Weight) -> bool:
     return int8_act_unsupported(x, weight) is None
 
 
-RUNS_HERE = {"small_m": _small_m_runs, "int8_act": _int8_act_runs}  # columns timed only where they can run
+def _gemv_f32_runs(x: torch.Tensor, weight: PackedInt4Weight) -> bool:
+    return x.shape[0] <= GEMV_F32_MAX_ROWS and gemv_f32_unsupported(x, weight) is None
+
+
+# columns timed only where they can run
+RUNS_HERE = {"small_m": _small_m_runs, "gemv_f32": _gemv_f32_runs, "int8_act": _int8_act_runs}
 
 
 def summary_rows(n: int, k: int, dtype: torch.dtype, args: argparse.Namespace) -> list[dict]:

@@ -31,7 +31,7 @@ import torch
 
 ENV_VAR = "QAT_KERNEL_CHOICES"
 OFF = "off"
-_KERNEL_SOURCES = ("autotune.py", "blocked.py", "cpu.py", "int8_act.py", "small_m.py", "native.py")
+_KERNEL_SOURCES = ("autotune.py", "blocked.py", "cpu.py", "gemv_f32.py", "int8_act.py", "small_m.py", "native.py")
 
 
 def _cpu_signature() -> str:

@@ -24,6 +24,7 @@ fallback); an unknown name raises listing the available ones. Backends (their na
     cpu_small_m     compiled AVX512-BF16 kernel for few rows (small_m.py; needs a C++ compiler), bf16 compute
     cpu_int8_act    x rounded to int8 per block of 32 k, integer dot products with the codes (int8_act.py;
                     AVX512-VNNI or AVX2, compiled), documented error bound
+    cpu_gemv_f32    compiled AVX2 kernel for few rows: codes dequantized in registers, fp32 FMAs (gemv_f32.py)
     triton          fused Triton kernels on CUDA: GEMV / GEMM / dequant+dense by M
     triton_gemv     the split-K GEMV kernel alone (any M)
     triton_gemm     the fused tensor-core GEMM kernel alone (any M)
@@ -31,7 +32,8 @@ fallback); an unknown name raises listing the available ones. Backends (their na
 Automatic choice: CUDA -> `triton` if importable, else `dequant`. CPU -> the fastest of
 `cpu_int4pack` (when its kernel is available and the group size is a multiple of 32), the
 blocked path (`cpu_blocked` for bf16 x, `cpu_blocked_bf16` for fp32 / fp16 x) and, up to
-SMALL_M_MAX_ROWS rows, `cpu_small_m` (where it could be built), and `cpu_int8_act` where
+SMALL_M_MAX_ROWS rows, `cpu_small_m` (where it could be built), up to gemv_f32.MAX_ROWS rows
+`cpu_gemv_f32` (AVX2 CPUs), and `cpu_int8_act` where
 its policy allows int8 activations (bf16 x by default; QAT_INT8_ACTIVATIONS), measured on
 the first call of each (dtype, shape, power-of-two bucket of M) and cached (autotune.py;
 QAT_KERNEL_AUTOTUNE=0: a fixed crossover in M instead); `dequant` (exact) when int4pack
@@ -54,11 +56,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import autotune, blocked, cpu, int8_act, small_m
+from . import autotune, blocked, cpu, gemv_f32, int8_act, small_m
 from .names import (
     CPU_BF16_CACHED,
     CPU_BLOCKED,
     CPU_BLOCKED_BF16,
+    CPU_GEMV_F32,
     CPU_INT4PACK,
     CPU_INT8_ACT,
     CPU_SMALL_M,
@@ -175,6 +178,8 @@ BACKENDS: dict[str, Backend] = {
                 prepare=lambda w: w.form(FLOAT_QPARAMS, float_qparams)),
         Backend(CPU_INT8_ACT, int8_act.linear_int8_act, int8_act.int8_act_unsupported,
                 prepare=lambda w: w.form(int8_act.FORM, int8_act.vnni_form)),
+        Backend(CPU_GEMV_F32, gemv_f32.linear_gemv_f32, gemv_f32.gemv_f32_unsupported,
+                prepare=lambda w: w.form(int8_act.FORM, int8_act.vnni_form)),
         Backend(
             CPU_INT4PACK,
             cpu.linear_int4pack,
@@ -228,6 +233,8 @@ def cpu_candidates(x: Tensor, weight: PackedInt4Weight) -> list[str]:
     names = (CPU_INT4PACK, blocked_backend(x.dtype))
     if x.numel() // weight.in_features <= SMALL_M_MAX_ROWS:
         names += (CPU_SMALL_M,)
+    if x.numel() // weight.in_features <= gemv_f32.MAX_ROWS:
+        names += (CPU_GEMV_F32,)
     if int8_act.allowed_for(x.dtype):
         names += (CPU_INT8_ACT,)
     return [name for name in names if BACKENDS[name].unsupported(x, weight) is None]
@@ -305,6 +312,8 @@ def bind(x: Tensor, weight: PackedInt4Weight, backend: Optional[str] = None) -> 
         return cpu.int4pack_bound(weight, bias, plain_rows=x.dim() == 2 and x.is_contiguous())
     if name == CPU_INT8_ACT:
         return int8_act.int8_act_bound(weight, bias)
+    if name == CPU_GEMV_F32:
+        return gemv_f32.gemv_f32_bound(weight, bias)
     return lambda inputs: run(inputs, weight, bias)
 
 

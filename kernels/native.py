@@ -36,7 +36,7 @@ import torch
 SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name
                 for name in ("bindings.cpp", "dequant_tile.cpp", "small_m_bf16.cpp", "int8_act_gemm.cpp",
                              "int8_act_avx2.cpp", "fake_quant.cpp",
-                             "decode_ops.cpp"))
+                             "decode_ops.cpp", "gemv_f32_avx2.cpp"))
 ENV_DISABLE = "QAT_NATIVE"
 ENV_BUILD_DIR = "QAT_NATIVE_BUILD_DIR"
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")

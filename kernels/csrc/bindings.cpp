@@ -13,6 +13,9 @@ at::Tensor int8_act_gemm(const at::Tensor& q, const at::Tensor& sx, const at::Te
 at::Tensor int8_act_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                            const at::Tensor& zeros, int64_t n, int64_t block);
 bool int8_act_available();
+at::Tensor int4_gemv_f32(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                         const at::Tensor& zeros, int64_t n);
+bool gemv_f32_avx2_supported();
 at::Tensor residual_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
                              double eps);
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cache, const at::Tensor& cos,
@@ -29,6 +32,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_act_gemm", &int8_act_gemm, "int4 codes x int8 activations (AVX512-VNNI or AVX2), float32 out");
   m.def("int8_act_linear", &int8_act_linear, "quantize_activations + int8_act_gemm in one call, float32 out");
   m.def("int8_act_available", &int8_act_available, "whether int8_act_gemm was compiled in");
+  m.def("int4_gemv_f32", &int4_gemv_f32, "int4 codes x float32 rows (AVX2, codes dequantized in registers)");
+  m.def("gemv_f32_available", &gemv_f32_avx2_supported, "whether int4_gemv_f32 can run on this CPU");
   m.def("residual_rms_norm", &residual_rms_norm, "x += delta in place, then RMS norm times weight (float32)");
   m.def("decode_attention", &decode_attention, "rotary, KV cache write and attention of one token (float32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up output (float32)");

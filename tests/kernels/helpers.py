@@ -223,3 +223,22 @@ def int8_activation_bound(x: Tensor, packed: Tensor, scales: Tensor, zeros: Opti
     unit = UNIT_ROUNDOFF[x.dtype if x.dtype in UNIT_ROUNDOFF else torch.float32]
     reference = error_bound(x, packed, scales, zeros, group_size, bias, Tolerance(unit, 3.0, 0.0, "see above"))
     return rounding * (1 + 2 * x.shape[-1] * UNIT_ROUNDOFF[torch.float32]) + reference
+
+
+# The AVX2 float path (kernels/gemv_f32.py): per group sum (code - zero) * x in fp32 (code - zero exact, FMAs), then
+# times the scale in one FMA into y; x of any dtype is taken in fp32 exactly and y is cast to x's dtype once.
+TOLERANCES |= {
+    ("cpu_gemv_f32", torch.float32): Tolerance(
+        UNIT_ROUNDOFF[torch.float32], 2.0, 0.0,
+        "the reference rounds each weight (code - zero) * scale once (1 unit of |x||W|), this kernel rounds "
+        "nothing before its sums; sums in another order (last term, the scale applied per group inside it); "
+        "1 unit of margin for y's rounding",
+    ),
+    ("cpu_gemv_f32", torch.bfloat16): Tolerance(
+        BF16, 3.0, 0.0, "the reference rounds W to bf16 (1 unit) and y to bf16, as this kernel rounds y (2 units)",
+    ),
+    ("cpu_gemv_f32", torch.float16): Tolerance(
+        UNIT_ROUNDOFF[torch.float16], 3.0, 0.0,
+        "the reference rounds W to fp16 (1 unit) and y to fp16, as this kernel rounds y (2 units)",
+    ),
+}

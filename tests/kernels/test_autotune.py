@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qat.kernels import autotune, cpu, int8_act, small_m
+from qat.kernels import autotune, cpu, gemv_f32, int8_act, small_m
 from qat.kernels.dispatch import BACKENDS, ENV_VAR, SMALL_M_MAX_ROWS, choose_backend, cpu_candidates, int4_linear
 from qat.kernels.weights import PackedInt4Weight
 
@@ -39,6 +39,8 @@ def test_dispatch_picks_a_backend_that_runs_for_every_combination(tune, x_dtype,
             else {"dequant"}
         if group % 32 == 0 and x_dtype == torch.bfloat16:
             expected.add("cpu_int8_act")  # the default policy allows int8 activations for bf16 x
+        if group % 32 == 0 and rows <= gemv_f32.MAX_ROWS:
+            expected.add("cpu_gemv_f32")
         if not cpu.int4pack_available():
             expected = {"dequant"}
         assert name in expected, (name, group)
@@ -51,10 +53,14 @@ def test_candidates_depend_on_dtype_group_size_and_rows():
     blocked_f32 = ["cpu_blocked_bf16"] if with_int4pack else []
     blocked_bf16 = ["cpu_blocked"] if with_int4pack else []
     few = ["cpu_small_m"] if with_int4pack and small_m.small_m_unsupported(torch.randn(1, 128), weight) is None else []
-    assert cpu_candidates(torch.randn(1, 128), weight) == [*with_int4pack, *blocked_f32, *few]
+    gemv = ["cpu_gemv_f32"] if with_int4pack and gemv_f32.gemv_f32_unsupported(torch.randn(1, 128), weight) is None \
+        else []  # up to gemv_f32.MAX_ROWS rows
+    assert cpu_candidates(torch.randn(1, 128), weight) == [*with_int4pack, *blocked_f32, *few, *gemv]
     int8 = ["cpu_int8_act"] if with_int4pack and int8_act.int8_act_unsupported(torch.randn(1, 128), weight) is None \
         else []  # bf16 x only, by the default policy
-    assert cpu_candidates(torch.randn(1, 128).bfloat16(), weight) == [*with_int4pack, *blocked_bf16, *few, *int8]
+    assert cpu_candidates(torch.randn(1, 128).bfloat16(), weight) == [*with_int4pack, *blocked_bf16, *few, *gemv,
+                                                                       *int8]
+    assert cpu_candidates(torch.randn(gemv_f32.MAX_ROWS + 1, 128), weight) == [*with_int4pack, *blocked_f32, *few]
     assert cpu_candidates(torch.randn(SMALL_M_MAX_ROWS, 128), weight) == [*with_int4pack, *blocked_f32, *few]
     assert cpu_candidates(torch.randn(SMALL_M_MAX_ROWS + 1, 128), weight) == [*with_int4pack, *blocked_f32]
     assert cpu_candidates(torch.randn(SMALL_M_MAX_ROWS + 1, 128).bfloat16(), weight) == [
@@ -101,7 +107,10 @@ def test_autotune_off_uses_the_static_rule_without_timing(monkeypatch):
     limit = autotune.STATIC_INT4PACK_MAX_M[torch.float32]
     assert choose_backend(torch.randn(limit, 128), weight) == "cpu_int4pack"
     assert choose_backend(torch.randn(limit + 1, 128), weight) == "cpu_blocked_bf16"
-    for rows in (1, 7, 17, SMALL_M_MAX_ROWS):
+    gemv = gemv_f32.gemv_f32_unsupported(torch.zeros(1, 128), weight) is None  # an AVX2 CPU's float kernel
+    for rows in (1, autotune.STATIC_GEMV_F32_MAX_M):
+        assert choose_backend(torch.randn(rows, 128), weight) == ("cpu_gemv_f32" if gemv else "cpu_int4pack")
+    for rows in (autotune.STATIC_GEMV_F32_MAX_M + 1, 7, 17, SMALL_M_MAX_ROWS):
         assert choose_backend(torch.randn(rows, 128), weight) == "cpu_int4pack"
     for rows in autotune.STATIC_SMALL_M_ROWS:
         assert choose_backend(torch.randn(rows, 128), weight) == "cpu_small_m"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from qat.kernels import cpu, dispatch, int8_act
+from qat.kernels import cpu, dispatch, gemv_f32, int8_act
 from qat.kernels.dispatch import BACKENDS, ENV_VAR, choose_backend, int4_linear, int4_linear_prepared, prepare_weights
 from qat.kernels.reference import int4_linear_reference
 from qat.kernels.weights import PackedInt4Weight, cached_weight
@@ -27,7 +27,7 @@ def layer():
 def test_unknown_backend_lists_the_available_ones(layer, monkeypatch):
     x = torch.randn(2, 128)
     listing = (r"unknown int4 kernel backend 'tinygemm'.*available: auto, cpu_bf16_cached, cpu_blocked, "
-               r"cpu_blocked_bf16, cpu_int4pack, cpu_int8_act, cpu_small_m, dequant")
+               r"cpu_blocked_bf16, cpu_gemv_f32, cpu_int4pack, cpu_int8_act, cpu_small_m, dequant")
     with pytest.raises(ValueError, match=listing):
         int4_linear(x, *layer, backend="tinygemm")
     monkeypatch.setenv(ENV_VAR, "nope")
@@ -54,9 +54,12 @@ def test_automatic_choice_on_cpu(monkeypatch):
     """Autotuning off: the static rule; group sizes int4pack cannot run stay on the exact `dequant`."""
     monkeypatch.setenv("QAT_KERNEL_AUTOTUNE", "0")
     packed, scales, zeros = make_layer(32, 128, 32)
-    x = torch.randn(1, 128)
+    x, weight = torch.randn(1, 128), PackedInt4Weight(packed, scales, zeros, 32)
     expected = "cpu_int4pack" if cpu.int4pack_available() else "dequant"
-    assert choose_backend(x, PackedInt4Weight(packed, scales, zeros, 32)) == expected
+    assert choose_backend(torch.randn(5, 128), weight) == expected
+    if cpu.int4pack_available() and gemv_f32.gemv_f32_unsupported(x, weight) is None:
+        expected = "cpu_gemv_f32"  # an AVX2 CPU's float kernel for 1-4 rows
+    assert choose_backend(x, weight) == expected
     if cpu.int4pack_available():
         assert choose_backend(torch.randn(129, 128), PackedInt4Weight(packed, scales, zeros, 32)) == "cpu_blocked_bf16"
     packed16, scales16, zeros16 = make_layer(32, 128, 16)
