@@ -24,11 +24,11 @@ Stored in the int4 file under the metadata key `qat.calibration_profile` (docs/F
      "clip_rate": c, "clip_sd": s, "mean": mu, "std": sigma}}}
 
 With labelled validation batches `(inputs, class targets)` and logits of one row per sample (classification),
-the profile also stores the fit of the label-free accuracy estimate (qat.monitor.accuracy: ATC, the validation
-accuracy and each score's threshold) under the optional key `accuracy`:
+the profile also stores the fit of the label-free accuracy estimators (qat.monitor.accuracy: the validation
+accuracy, the confidence's mean and sd for DoC, each ATC score's threshold) under the optional key `accuracy`:
 
-    "accuracy": {"version": 1, "method": "ATC", "samples": m, "validation_accuracy": a,
-                 "thresholds": {"confidence": {"threshold": t, "share": s}, "negative_entropy": {...}}}
+    "accuracy": {"version": 1, "samples": m, "validation_accuracy": a, "confidence": {"mean": c, "sd": s},
+                 "thresholds": {"confidence": {"threshold": t, "share": q}, "negative_entropy": {...}}}
 
 A profile without it (older files, unlabelled data) still reads; the monitor then reports the estimate as
 unavailable. The profile's own `version` stays 1: the key is optional and older readers ignore it.
@@ -311,7 +311,7 @@ class CalibrationProfile:
     channels: dict[str, ChannelProfile] = field(default_factory=dict)
     version: int = PROFILE_VERSION
     max_values: int = MAX_VALUES  # values per sample and layer looked at: the monitor must use the same
-    accuracy: Optional[AccuracyEstimate] = None  # the label-free accuracy estimate's fit (absent: unavailable)
+    accuracy: Optional[AccuracyEstimate] = None  # the label-free accuracy estimators' fit (absent: unavailable)
 
     def to_json(self) -> dict:
         value = {"version": self.version, "samples": self.samples, "bins": self.bins, "max_values": self.max_values,
@@ -366,7 +366,7 @@ def collect_rows(model: nn.Module, batches: Iterable[Any], bins: int = DEFAULT_B
                  ) -> tuple[dict[str, Tensor], dict[str, tuple], Optional[AccuracyEstimate]]:
     """Run `model` (eval mode) over `batches` (loader batches or input tensors) up to `max_samples`
     samples: ({channel: (samples, bins + 5) per-sample features}, {channel: (low, high, values per sample,
-    kind)}, the ATC accuracy estimate (qat.monitor.accuracy) when every batch carried class targets for
+    kind)}, the accuracy estimators' fit (qat.monitor.accuracy) when every batch carried class targets for
     logits of one row per sample, else None)."""
     was_training = model.training
     model.eval()
@@ -407,8 +407,9 @@ def collect_rows(model: nn.Module, batches: Iterable[Any], bins: int = DEFAULT_B
 
 def build_profile(model: nn.Module, batches: Iterable[Any], bins: int = DEFAULT_BINS, max_samples: int = 1024,
                   max_values: int = MAX_VALUES) -> CalibrationProfile:
-    """The calibration profile of `model` on clean `batches` (at most `max_samples` samples); with the ATC
-    accuracy estimate's validation accuracy and thresholds when the batches are `(inputs, class targets)`."""
+    """The calibration profile of `model` on clean `batches` (at most `max_samples` samples); with the accuracy
+    estimators' fit (validation accuracy, mean confidence, ATC thresholds) when the batches are `(inputs, class
+    targets)`."""
     rows, bounds, estimate = collect_rows(model, batches, bins, max_samples, max_values)
     return profile_from_rows(rows, bounds, bins, max_values, estimate)
 
