@@ -18,7 +18,8 @@ nearest-neighbour agreement within the domain's sentences (`qat.eval.metrics`, a
 bits per weight with every stored tensor counted (8 * bytes / the float model's parameter count); the wall time
 the tool took to quantize.
 
-Usage (a few minutes on two cores):
+Usage (a quarter of an hour on one core; the sections can run apart, e.g. the peers while the recipe trains,
+`--skip qat-file`, and its file's rows after, `--skip qat torchao onnxruntime`):
     .venv/bin/python -m benchmarks.peers.minilm --file runs/minilm_w4_kd/version_0/model.safetensors \\
         [--recipe recipes/minilm_w4_kd.yaml] [--groups 128 64] [--skip NAME ...] \\
         [--output benchmarks/peers/minilm.md] [recipe overrides, e.g. 'data.args.eval_corpora=[debian:licenses]']
@@ -205,8 +206,16 @@ def qat_rows(ctx: Context) -> Iterator[Encoder | Failed]:
     variants = (*QAT_PTQ, ("qat GPTQ, embedding tables float", [FLOAT_EMBEDDINGS]))
     for label, path, seconds, settings in qat_ptq_files(ctx, variants):
         yield qat_file_encoder(label, path, seconds, settings)
+
+
+def qat_file_rows(ctx: Context) -> Iterator[Encoder | Failed]:
+    """The recipe's int4 file (GPTQ start, QAT + KD) in `qat.load`, and exported to ONNX, run by ONNX Runtime."""
     yield qat_file_encoder("qat recipe file (QAT + KD)", ctx.file, run_seconds(ctx.file),
                            f"{Path(ctx.recipe_path).name}; quantize time: the run's training (summary.json)")
+    from benchmarks.peers import onnxruntime_peer as ort
+
+    yield attempt("qat recipe file -> ONNX, in ONNX Runtime", _qat_onnx, ort, ctx.file, ctx.work / "qat.onnx",
+                  torch.get_num_threads())
 
 
 def torchao_rows(ctx: Context) -> Iterator[Encoder | Failed]:
@@ -226,7 +235,7 @@ def _torchao_ptq(tao, ctx: Context, label: str, group: int, algorithm: str) -> E
 
 
 def onnxruntime_rows(ctx: Context) -> Iterator[Encoder | Failed]:
-    """ONNX Runtime's MatMulNBits quantizer on the float ONNX encoder, and qat's own ONNX export of its file."""
+    """ONNX Runtime's MatMulNBits quantizer on the float ONNX encoder."""
     from benchmarks.peers import onnxruntime_peer as ort
 
     threads = torch.get_num_threads()
@@ -239,8 +248,6 @@ def onnxruntime_rows(ctx: Context) -> Iterator[Encoder | Failed]:
         label = f"ONNX Runtime MatMulNBits {algorithm.upper()} g{group}" + (", embeddings too" if embedding else "")
         out = ctx.work / f"ort-{algorithm}-{group}{'-emb' if embedding else ''}.onnx"
         yield attempt(label, _ort_quantized, ort, float_onnx, out, label, (algorithm, group, embedding), threads)
-    out = ctx.work / "qat.onnx"
-    yield attempt("qat recipe file -> ONNX, in ONNX Runtime", _qat_onnx, ort, ctx.file, out, threads)
 
 
 def ort_settings(groups: Sequence[int]) -> list[tuple[str, int, bool]]:
@@ -266,7 +273,7 @@ def _qat_onnx(ort, file: Path, out: Path, threads: int) -> Encoder:
 
 
 SECTIONS: dict[str, Callable[[Context], Iterator[Encoder | Failed]]] = {
-    "qat": qat_rows, "torchao": torchao_rows, "onnxruntime": onnxruntime_rows}
+    "qat": qat_rows, "qat-file": qat_file_rows, "torchao": torchao_rows, "onnxruntime": onnxruntime_rows}
 
 
 def run_section(name: str, ctx: Context) -> list[EmbeddingRow | Failed]:
