@@ -195,7 +195,8 @@ def add_monitor_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--window", type=int, default=500, help="samples per test window (default 500)")
     parser.add_argument("--min-samples", type=int, default=100, help="no alert before this many (default 100)")
     parser.add_argument("--false-alarm", type=float, default=1e-3,
-                        help="false-alarm probability per check, Bonferroni over all features (default 1e-3)")
+                        help="false-alarm probability per check of the drift test (Bonferroni over all features) "
+                             "and of the accuracy test (one-sided; default 1e-3)")
     parser.add_argument("--min-shift", type=float, default=0.02,
                         help="least move of a histogram share / clip rate that alerts (default 0.02)")
     parser.add_argument("--check-every", type=int, default=128, help="test once this many samples are pending "

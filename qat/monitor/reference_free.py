@@ -1,4 +1,4 @@
-"""Drift without a float model: production statistics against the file's calibration profile.
+"""Accuracy and drift without a float model or labels: production statistics against the file's calibration profile.
 
 `ReferenceFreeMonitor` hooks every activation quantizer of a deployed model (qat.monitor.profile),
 keeps the per-sample features of the last `window` samples (bin shares of the values in code units,
@@ -43,7 +43,7 @@ Example:
     >>> monitor = ReferenceFreeMonitor.from_file("model.safetensors", on_alert="log")
     >>> for batch in production:
     ...     status = monitor.update(monitor.model(batch))    # the hooks saw the forward
-    >>> status.alerting, status.layers[:3]
+    >>> status.estimated_accuracy, status.accuracy_drop, status.alerting, status.layers[:3]
 """
 
 from __future__ import annotations
