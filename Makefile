@@ -10,6 +10,10 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 WHEELS ?= $(HOME)/.cache/qat/wheels/$(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | sha1sum | cut -c1-12)
 LLAMA_STAMP := $(VENV)/.llama-cpp-installed
 
+# `make test` prints its 15 slowest tests (the suite's time budget is 15 minutes on the 2-core CI machine);
+# PYTEST_ARGS="..." replaces that, e.g. PYTEST_ARGS="-x tests/kernels".
+PYTEST_ARGS ?= --durations=15
+
 # Fashion-MNIST (qat.data.FashionMNISTDataModule) is Debian's dataset-fashion-mnist package.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 

@@ -39,7 +39,7 @@ AUTOTUNE_CALLS = 2  # timed calls per candidate after the warm-up call
 STATIC_INT4PACK_MAX_M = {torch.float32: 128, torch.bfloat16: 128, torch.float16: 128}
 STATIC_SMALL_M_ROWS = range(8, 17)  # where the static rule prefers cpu_small_m (when it is a candidate)
 # Up to this M the static rule prefers cpu_gemv_f32 (an AVX2 CPU's float kernel: 1.5-3x int4pack at M = 1-4 on
-# SmolLM2 and 4096-wide layers, benchmarks/kernels/gemv_f32_avx2.md)
+# SmolLM2 and 4096-wide layers, benchmarks/kernels/int4-cpu-avx2.md)
 STATIC_GEMV_F32_MAX_M = 4
 
 _CHOICES: dict[tuple, str] = {}

@@ -10,7 +10,7 @@ the formula). This is the scheme llama.cpp runs for every Q4 x Q8_0 product and 
 MatMulNBits at accuracy level 4. CPUs with AVX2 but no AVX-512 VNNI run the same numbers through
 vpmaddubsw / vpmaddwd (kernels/csrc/int8_act_avx2.cpp): the only fast path such CPUs have for M = 1,
 where it streams the 4-bit codes at several times the speed of any float path
-(benchmarks/kernels/int8_act_avx2.md).
+(benchmarks/kernels/int4-cpu-avx2.md).
 
 Numbers: the only new error is x's rounding to int8, at most half a step (sx / 2) per element,
 so |y - y_ref| <= sum over blocks of sx / 2 * sum |w| over the block, plus fp32 rounding

@@ -3,7 +3,7 @@
 // A decode step multiplies one row of x with every weight once: memory streams 0.5 byte per weight and the
 // arithmetic is one multiply-add per weight. torch's CPU int4 kernel (aten's int4pack, the float path of
 // AVX2 CPUs so far) spends several times longer per weight than the 4-bit stream takes (benchmarks/kernels/
-// gemv_f32_avx2.md); this kernel turns the codes into floats with three instructions per 8 weights.
+// int4-cpu-avx2.md); this kernel turns the codes into floats with three instructions per 8 weights.
 //
 // Numbers: per group g of row n, acc = sum_k (c[n, k] - z[n, g]) * x[k] in fp32 (c - z exact, FMA: one rounding
 // per step, two chains: the low-nibble and the high-nibble k of each chunk), then y += fl(s[n, g] * acc) in fp32
