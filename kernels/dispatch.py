@@ -310,10 +310,11 @@ def bind(x: Tensor, weight: PackedInt4Weight, backend: Optional[str] = None) -> 
     run, bias = _checked(x, weight, name).run, weight.bias
     if name == CPU_INT4PACK:
         return cpu.int4pack_bound(weight, bias, plain_rows=x.dim() == 2 and x.is_contiguous())
+    float_rows = x.dim() == 2 and x.is_contiguous() and x.dtype == torch.float32
     if name == CPU_INT8_ACT:
-        return int8_act.int8_act_bound(weight, bias)
+        return int8_act.int8_act_bound(weight, bias, plain_rows=float_rows)
     if name == CPU_GEMV_F32:
-        return gemv_f32.gemv_f32_bound(weight, bias)
+        return gemv_f32.gemv_f32_bound(weight, bias, plain_rows=float_rows)
     return lambda inputs: run(inputs, weight, bias)
 
 

@@ -51,11 +51,18 @@ def linear_gemv_f32(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] 
     return _apply(x, weight.form(FORM, vnni_form), weight.in_features, weight.out_features, bias)
 
 
-def gemv_f32_bound(weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Callable[[Tensor], Tensor]:
+def gemv_f32_bound(weight: PackedInt4Weight, bias: Optional[Tensor] = None,
+                   plain_rows: bool = False) -> Callable[[Tensor], Tensor]:
     """`linear_gemv_f32(·, weight, bias)` with the form fetched once, for one layer called per token (the weights
-    must not be written while the returned function is in use)."""
+    must not be written while the returned function is in use). `plain_rows`: every x will be a contiguous
+    float32 (M, K) tensor, so the call goes straight to the kernel."""
     form: VnniForm = weight.form(FORM, vnni_form)
     bias32 = None if bias is None else bias.float()
+    if plain_rows:
+        kernel, n = native_module().int4_gemv_f32, weight.out_features
+        if bias32 is None:
+            return lambda x: kernel(x, form.codes, form.scales, form.zeros, n)
+        return lambda x: kernel(x, form.codes, form.scales, form.zeros, n).add_(bias32)
     return lambda x: _apply(x, form, weight.in_features, weight.out_features, bias32)
 
 

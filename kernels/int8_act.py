@@ -132,14 +132,21 @@ def linear_int8_act(x: Tensor, weight: PackedInt4Weight, bias: Optional[Tensor] 
     return _apply(x, weight.form(FORM, vnni_form), weight.in_features, weight.out_features, bias)
 
 
-def int8_act_bound(weight: PackedInt4Weight, bias: Optional[Tensor] = None) -> Callable[[Tensor], Tensor]:
+def int8_act_bound(weight: PackedInt4Weight, bias: Optional[Tensor] = None,
+                   plain_rows: bool = False) -> Callable[[Tensor], Tensor]:
     """`linear_int8_act(·, weight, bias)` with the form fetched once, for one layer called per token.
 
     Skips the cached-form lookup (and its stale-weight check) of each call: the weights must not be
-    written while the returned function is in use.
+    written while the returned function is in use. `plain_rows`: every x will be a contiguous float32
+    (M, K) tensor, so the call goes straight to the kernel (a decode step's projection: 3 us instead of 12).
     """
     form: VnniForm = weight.form(FORM, vnni_form)
     bias32 = None if bias is None else bias.float()
+    if plain_rows:
+        kernel, n = native_module().int8_act_linear, weight.out_features
+        if bias32 is None:
+            return lambda x: kernel(x, form.codes, form.scales, form.zeros, n, BLOCK)
+        return lambda x: kernel(x, form.codes, form.scales, form.zeros, n, BLOCK).add_(bias32)
     return lambda x: _apply(x, form, weight.in_features, weight.out_features, bias32)
 
 

@@ -158,3 +158,11 @@ def test_policy_decides_which_activations_automatic_dispatch_may_round_to_int8(m
     monkeypatch.setenv(int8_act.ENV_VAR, "sometimes")
     with pytest.raises(ValueError, match=r"QAT_INT8_ACTIVATIONS='sometimes'.*bf16, all, off"):
         dispatch.cpu_candidates(torch.zeros(64, 256, dtype=torch.bfloat16), weight)
+
+
+def test_the_bound_call_equals_the_dispatched_one_for_plain_and_other_rows():
+    packed, scales, zeros = make_layer(50, 192, 64, seed=9)
+    weight = PackedInt4Weight(packed, scales, zeros, 64, torch.randn(50))
+    for x in (torch.randn(1, 192), torch.randn(2, 3, 192), torch.randn(1, 192).bfloat16()):  # kernel direct, reshaped
+        run = dispatch.bind(x, weight, backend="cpu_int8_act")
+        assert torch.equal(run(x), dispatch.int4_linear_prepared(x, weight, backend="cpu_int8_act"))
