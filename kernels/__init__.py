@@ -13,6 +13,7 @@ package `kernels`.
     blocked.py      CPU path for large M: tiles of rows dequantized into a reused buffer + dense GEMM
     small_m.py      CPU path for few rows: compiled AVX512-BF16 kernel, weights dequantized in registers
     gemv_f32.py     CPU path for few rows of fp32 x on AVX2: codes dequantized in registers, fp32 FMAs
+    int8_act.py     CPU path with x rounded to int8 per 32 k: integer dot products (AVX512-VNNI or AVX2)
     native.py       builds and loads the compiled CPU code in csrc/ on first use (None without a compiler)
     autotune.py     measured CPU choice per (dtype, shape, M bucket), cached in-process
     triton_int4.py  fused Triton GEMV / GEMM kernels for CUDA (also run by Triton's interpreter)
