@@ -114,8 +114,7 @@ def _compiled_ops(dtype: torch.dtype, device: torch.device) -> Optional[Any]:
     """The compiled decode-step operations (kernels/csrc/decode_ops.cpp) where they apply: float32 on the CPU."""
     if dtype != torch.float32 or device.type != "cpu":
         return None
-    module = native_module()
-    return module if module is not None and hasattr(module, "decode_attention") else None
+    return native_module()
 
 
 def _float32_rows(call: Callable[[Tensor], Tensor], x: Tensor) -> bool:
@@ -258,8 +257,9 @@ class LlamaDecoder:
             probes = [probe for calls, layer in zip(layers, self.layers, strict=True)
                       for probe in ((calls.qkv, hidden), (calls.o_proj, attended), (calls.gate_up, hidden),
                                     (calls.down_proj, like(layer.gate_up.sizes[0])))]
-            if self._ops is not None and not all(_float32_rows(call, x) for call, x in probes):
-                self._ops = None  # a projection returns another dtype or layout: the tensor ops handle that
+            halves = all(layer.gate_up.sizes == [layer.gate_up.sizes[0]] * 2 for layer in self.layers)
+            if self._ops is not None and not (halves and all(_float32_rows(call, x) for call, x in probes)):
+                self._ops = None  # another dtype or layout, or gate | up of unequal widths: the tensor ops
         return self._decode
 
     @torch.inference_mode()
