@@ -3,7 +3,7 @@
 `native_module()` returns the built module, or None where it cannot be had: no C++ compiler,
 a failed build (the reason is printed once, to stderr), or QAT_NATIVE=0. Callers keep their
 torch-only path for None, so the package still imports and runs with torch alone (the device
-image, a machine without a compiler). The build takes ~30 s once per machine and torch
+image, a machine without a compiler). The build takes 1-3 minutes (2 cores) once per machine and torch
 version; the library is cached under $QAT_NATIVE_BUILD_DIR (default
 ~/.cache/qat/native/<python>-<torch>), in a folder per version of the sources. Each use marks its
 folder as used; folders of other source versions unused for `STALE_DAYS` days are deleted at the next build.
@@ -112,7 +112,7 @@ def native_module() -> Optional[ModuleType]:
     os.utime(directory)  # marks this source version as in use (see prune_stale_builds)
     if not (directory / f"{name}.so").exists():
         prune_stale_builds(directory)
-        print(f"qat.kernels: compiling the CPU kernels (kernels/csrc) into {directory}, once: 30-60 s",
+        print(f"qat.kernels: compiling the CPU kernels (kernels/csrc) into {directory}, once: 1-3 minutes",
               file=sys.stderr)
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])  # the venv's ninja, unactivated
