@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kv-cache", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--accuracy-level", type=int, default=0,
+                        help="with --kv-cache: MatMulNBits accuracy_level (4: ONNX Runtime's int8 activations)")
     args = parser.parse_args(argv)
     import onnxruntime
 
@@ -80,7 +82,7 @@ def decode_with_cache(args: argparse.Namespace) -> None:
     from qat.hf.generate import decoder_for, tokenizer_for
 
     start = time.perf_counter()
-    report = export_onnx_with_cache(args.file, args.out)
+    report = export_onnx_with_cache(args.file, args.out, accuracy_level=args.accuracy_level)
     exported = time.perf_counter() - start
     session = onnx_session(args.out, threads=args.threads)
     model = qat.load(args.file)
