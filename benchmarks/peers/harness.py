@@ -25,11 +25,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks import record
 from qat.tasks.classification import IGNORE
 
 Logits = Callable[[Sequence[int]], Tensor]  # token ids of one block -> (T, vocab) float32 logits
@@ -156,6 +158,16 @@ def settings_list(rows: Sequence) -> str:
     that has `.label` and `.settings`; failed rows are left out: the table carries their error)."""
     return "\n".join(f"- **{row.candidate.label}**: {row.candidate.settings}" for row in rows
                      if not isinstance(row, Failed) and row.candidate.settings)
+
+
+def write_record(title: str, seconds: float, table: str, rows: Sequence, output: Optional[str]) -> None:
+    """Print a peers record (title, machine and command, the table, every candidate's settings) and write it to
+    `output` when given."""
+    text = "\n".join([f"# {title}", "", record.header(seconds), "", table, "", "Settings:", "", settings_list(rows),
+                      ""])
+    print(text)
+    if output:
+        print(f"wrote {record.write(output, text)}")
 
 
 def qat_file_bytes(path) -> int:

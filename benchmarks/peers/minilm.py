@@ -41,8 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks import record
-from benchmarks.peers.harness import Failed, duration, parameter_count, qat_file_bytes, settings_list, tensor_bytes
+from benchmarks.peers.harness import Failed, duration, parameter_count, qat_file_bytes, tensor_bytes, write_record
 from benchmarks.peers.smollm2 import QAT_PTQ, qat_ptq_files, run_seconds
 from qat.data.loading import calibration_loader, validation_loaders
 from qat.distill.embedding import mean_pool
@@ -326,12 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         ctx = Context(args.recipe, args.file, work, overrides, args.groups)
         rows = [row for name in SECTIONS if name not in args.skip for row in run_section(name, ctx)]
-    text = "\n".join(["# all-MiniLM-L6-v2: qat beside the tools users pick instead", "",
-                      record.header(time.perf_counter() - started), "",
-                      markdown_table(ctx.reference, rows), "", "Settings:", "", settings_list(rows), ""])
-    print(text)
-    if args.output:
-        print(f"wrote {record.write(args.output, text)}")
+    write_record("all-MiniLM-L6-v2: qat beside the tools users pick instead", time.perf_counter() - started,
+                 markdown_table(ctx.reference, rows), rows, args.output)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import record
 from benchmarks.peers.harness import (
     Candidate,
     Failed,
@@ -44,8 +43,8 @@ from benchmarks.peers.harness import (
     Row,
     markdown_table,
     qat_file_bytes,
-    settings_list,
     torch_candidate,
+    write_record,
 )
 from qat.data.loading import calibration_loader, validation_loaders
 from qat.export import export_model, load
@@ -314,12 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         ctx = Context(args.recipe, args.file, args.tokens, work, overrides, args.also)
         rows = [row for name in SECTIONS if name not in args.skip for row in run_section(name, ctx)]
-    text = "\n".join(["# SmolLM2-135M: qat beside the tools users pick instead", "",
-                      record.header(time.perf_counter() - started), "",
-                      markdown_table(ctx.reference, rows), "", "Settings:", "", settings_list(rows), ""])
-    print(text)
-    if args.output:
-        print(f"wrote {record.write(args.output, text)}")
+    write_record("SmolLM2-135M: qat beside the tools users pick instead", time.perf_counter() - started,
+                 markdown_table(ctx.reference, rows), rows, args.output)
 
 
 if __name__ == "__main__":

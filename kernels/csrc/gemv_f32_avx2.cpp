@@ -34,6 +34,10 @@
 #define QAT_GEMV_AVX2 0
 #endif
 
+// The weight form's checks, shared with int8_act_gemm (int8_act_gemm.cpp).
+void check_vnni_form(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros, int64_t n,
+                     int64_t k);
+
 bool gemv_f32_avx2_supported() {
 #if QAT_GEMV_AVX2
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -167,19 +171,12 @@ at::Tensor int4_gemv_f32(const at::Tensor& x, const at::Tensor& codes, const at:
                          const at::Tensor& zeros, int64_t n) {
   TORCH_CHECK(gemv_f32_avx2_supported(), "int4_gemv_f32 needs a CPU with AVX2, FMA and F16C");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x must be contiguous float32 (M, K)");
-  const int64_t m = x.size(0), k = x.size(1), panels = (n + 15) / 16;
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() &&
-                  codes.sizes() == at::IntArrayRef({panels, k / 8, 64}) && k % 8 == 0,
-              "codes must be contiguous uint8 (ceil(N / 16), K / 8, 64)");
+  const int64_t m = x.size(0), k = x.size(1);
+  check_vnni_form(codes, scales, zeros, n, k);
   const at::ScalarType scale_type = scales.scalar_type();
-  TORCH_CHECK((scale_type == at::kFloat || scale_type == at::kBFloat16 || scale_type == at::kHalf) &&
-                  scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == panels && scales.size(2) == 16,
-              "scales must be contiguous float32, bfloat16 or float16 (ceil(N / 16), G, 16)");
   const int64_t groups = scales.size(1);
   TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups) % 8 == 0, "K = ", k, " must split into ", groups,
               " groups of a multiple of 8");
-  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
-              "zeros must be contiguous uint8 shaped like scales");
   at::Tensor out = at::empty({m, n}, x.options());
 #if QAT_GEMV_AVX2
   if (m > 0)

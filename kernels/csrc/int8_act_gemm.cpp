@@ -203,6 +203,22 @@ void quantize_row(const T* x, int64_t k, int64_t block, int8_t* q, float* sx, in
 
 bool int8_act_available() { return QAT_INT8_ACT_AVX512 || int8_act_avx2_supported(); }
 
+// The weight form kernels/int8_act.py `vnni_form` builds, as int8_act_gemm and int4_gemv_f32 (gemv_f32_avx2.cpp)
+// read it: codes uint8 (P, K / 8, 64), scales float32 / bfloat16 / float16 and zeros uint8 (P, G, 16), P = ceil(N / 16).
+void check_vnni_form(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros, int64_t n,
+                     int64_t k) {
+  const int64_t panels = (n + 15) / 16;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && k % 8 == 0 &&
+                  codes.sizes() == at::IntArrayRef({panels, k / 8, 64}),
+              "codes must be contiguous uint8 (ceil(N / 16), K / 8, 64)");
+  const at::ScalarType scale_type = scales.scalar_type();
+  TORCH_CHECK((scale_type == at::kFloat || scale_type == at::kBFloat16 || scale_type == at::kHalf) &&
+                  scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == panels && scales.size(2) == 16,
+              "scales must be contiguous float32, bfloat16 or float16 (ceil(N / 16), G, 16)");
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
+              "zeros must be contiguous uint8 shaped like scales");
+}
+
 // x bfloat16 or float32 (M, K) contiguous, block a multiple of 16 dividing K. Returns (q int8 (M, K), sx float32
 // (M, K / block), qsum int32 (M, K / block)), as kernels/int8_act.py `quantize_activations_reference` defines them.
 std::vector<at::Tensor> quantize_activations(const at::Tensor& x, int64_t block) {
@@ -246,25 +262,18 @@ at::Tensor int8_act_gemm(const at::Tensor& q, const at::Tensor& sx, const at::Te
                          const at::Tensor& scales, const at::Tensor& zeros, int64_t n, int64_t block) {
   TORCH_CHECK(int8_act_available(), "int8_act_gemm needs AVX2 + FMA + F16C or a build with AVX-512 VNNI");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2, "q must be contiguous int8 (M, K)");
-  const int64_t m = q.size(0), k = q.size(1), panels = (n + 15) / 16;
+  const int64_t m = q.size(0), k = q.size(1);
   TORCH_CHECK(block > 0 && block % 8 == 0 && k % block == 0, "block must be a multiple of 8 dividing K = ", k,
               ", got ", block);
   TORCH_CHECK(sx.scalar_type() == at::kFloat && sx.is_contiguous() && sx.sizes() == at::IntArrayRef({m, k / block}),
               "sx must be contiguous float32 (M, K / block)");
   TORCH_CHECK(qsum.scalar_type() == at::kInt && qsum.is_contiguous() && qsum.sizes() == sx.sizes(),
               "qsum must be contiguous int32 (M, K / block)");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() &&
-                  codes.sizes() == at::IntArrayRef({panels, k / 8, 64}),
-              "codes must be contiguous uint8 (ceil(N / 16), K / 8, 64)");
+  check_vnni_form(codes, scales, zeros, n, k);
   const at::ScalarType scale_type = scales.scalar_type();
-  TORCH_CHECK((scale_type == at::kFloat || scale_type == at::kBFloat16 || scale_type == at::kHalf) &&
-                  scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == panels && scales.size(2) == 16,
-              "scales must be contiguous float32, bfloat16 or float16 (ceil(N / 16), G, 16)");
   const int64_t groups = scales.size(1);
   TORCH_CHECK(groups > 0 && (k / block) % groups == 0, "the ", k / block, " blocks must split evenly into ", groups,
               " groups");
-  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
-              "zeros must be contiguous uint8 shaped like scales");
   at::Tensor out = at::empty({m, n}, q.options().dtype(at::kFloat));
 #if !QAT_INT8_ACT_AVX512
   if (m > 0)

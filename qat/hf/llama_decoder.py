@@ -157,6 +157,7 @@ class LlamaDecoder:
         self.window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
         self.dtype, self.device = dtype, body.norm.weight.device
         self.layers = [_layer(layer, dtype) for layer in body.layers]
+        self._next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]  # after each layer
         self.head = fuse_linears([model.lm_head])
         self._decode: Optional[tuple[list[_DecodeCalls], Callable[[Tensor], Tensor]]] = None
         self._ops = _compiled_ops(dtype, self.device) if fused_ops else None
@@ -227,9 +228,8 @@ class LlamaDecoder:
         ops, position = self._ops, self.length
         cos, sin = self.cos[position], self.sin[position]
         x = self.embed(torch.tensor([token], device=self.device)).to(self.dtype).clone()  # (1, H), updated in place
-        norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
         normed = ops.residual_rms_norm(x, None, self.layers[0].input_norm.weight, self.layers[0].input_norm.eps)
-        for layer, calls, cache, next_norm in zip(self.layers, layers, self.cache, norms, strict=True):
+        for layer, calls, cache, next_norm in zip(self.layers, layers, self.cache, self._next_norms, strict=True):
             attended = ops.decode_attention(calls.qkv(normed), cache, cos, sin, position, self.heads, self.kv_heads,
                                             self.scale)
             normed = ops.residual_rms_norm(x, calls.o_proj(attended), layer.post_norm.weight, layer.post_norm.eps)
